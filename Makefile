@@ -1,0 +1,28 @@
+# `make run` and `make test` set up .venv from scratch when it is missing (or pyproject.toml changed).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tandem-installed
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: run test setup bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,train]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m serving.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m bench.model_speed
+
+clean:
+	rm -rf $(VENV) .pytest_cache

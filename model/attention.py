@@ -1,0 +1,87 @@
+"""Multi-head Latent Attention (MLA) with two paths over the same latent keys.
+
+* naive    — decompress the latent `c` to per-head K/V with `kv_b_proj`, then ordinary attention (prefill, the
+             teacher-forced forward);
+* absorbed — fold `kv_b_proj` into the query (q·W_uk) and the output (·W_uv), so attention reads only the latent
+             cache of `kv_lora_rank + qk_rope_head_dim` values per token (decode).
+
+The layer does not own a cache. It produces each new token's latent (`latents`), the caller writes it wherever
+its cache lives (contiguous, paged, none) and hands back the keys to attend to (`attend`). That keeps one
+attention implementation for every cache layout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import RMSNorm, param, rms_norm
+from model.rope import apply_rope
+
+_NEG_INF = -1e30  # finite: a fully-masked row (padding) gives a uniform softmax instead of NaN
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        K, R, V, L = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        self.cfg = cfg
+        if cfg.q_lora_rank:
+            Q = cfg.q_lora_rank
+            self.q_a_proj = param(rngs, (D, Q), ("embed", "q_lora"), dtype)
+            self.q_a_layernorm = RMSNorm(Q, "q_lora", 1e-6, rngs=rngs, dtype=dtype)
+            self.q_b_proj = param(rngs, (Q, H, K + R), ("q_lora", "heads", "qk_head"), dtype)
+        else:
+            self.q_proj = param(rngs, (D, H, K + R), ("embed", "heads", "qk_head"), dtype)
+        self.kv_a_proj_with_mqa = param(rngs, (D, L + R), ("embed", "kv_latent"), dtype)
+        self.kv_a_layernorm = RMSNorm(L, "kv_lora", 1e-6, rngs=rngs, dtype=dtype)
+        self.kv_b_proj = param(rngs, (L, H, K + V), ("kv_lora", "heads", "kv_head"), dtype)
+        self.o_proj = param(rngs, (H, V, D), ("heads", "v_head", "embed"), dtype)
+
+    def queries(self, x_BTD, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """q_nope [B,T,H,K] and roped q_rope [B,T,H,R]."""
+        cfg = self.cfg
+        if cfg.q_lora_rank:
+            q_BTQ = self.q_a_layernorm(jnp.einsum("btd,dq->btq", x_BTD, self.q_a_proj[...]))
+            q_BTHX = jnp.einsum("btq,qhx->bthx", q_BTQ, self.q_b_proj[...])
+        else:
+            q_BTHX = jnp.einsum("btd,dhx->bthx", x_BTD, self.q_proj[...])
+        q_nope_BTHK = q_BTHX[..., : cfg.qk_nope_head_dim]
+        q_rope_BTHR = apply_rope(q_BTHX[..., cfg.qk_nope_head_dim:], cos, sin, cfg.rope_interleave)
+        return q_nope_BTHK, q_rope_BTHR
+
+    def latents(self, x_BTD, cos, sin) -> jax.Array:
+        """What the cache stores per token: [normed kv latent (L) | roped shared key (R)] = [B,T,C]."""
+        cfg = self.cfg
+        kv_BTX = jnp.einsum("btd,dx->btx", x_BTD, self.kv_a_proj_with_mqa[...])
+        c_BTL = rms_norm(kv_BTX[..., : cfg.kv_lora_rank], self.kv_a_layernorm.weight[...],
+                         self.kv_a_layernorm.eps)
+        k_rope_BTR = apply_rope(kv_BTX[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
+        return jnp.concatenate([c_BTL, k_rope_BTR], axis=-1)
+
+    def attend(self, q_nope_BTHK, q_rope_BTHR, kv_BSC, mask_BTS, *, absorbed: bool) -> jax.Array:
+        """Attention of the queries over latent keys kv_BSC where mask_BTS is true; returns [B,T,D]."""
+        cfg = self.cfg
+        L, K = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        c_BSL, k_rope_BSR = kv_BSC[..., :L], kv_BSC[..., L:]
+        w_uk_LHK = self.kv_b_proj[..., :K]
+        w_uv_LHV = self.kv_b_proj[..., K:]
+        rope_scores = jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)
+        if absorbed:
+            q_lat_BTHL = jnp.einsum("bthk,lhk->bthl", q_nope_BTHK, w_uk_LHK)
+            scores_BHTS = jnp.einsum("bthl,bsl->bhts", q_lat_BTHL, c_BSL) + rope_scores
+        else:
+            k_nope_BSHK = jnp.einsum("bsl,lhk->bshk", c_BSL, w_uk_LHK)
+            scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK) + rope_scores
+        scores_BHTS = scores_BHTS.astype(jnp.float32) * cfg.softmax_scale
+        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, _NEG_INF)
+        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(kv_BSC.dtype)
+        if absorbed:
+            o_lat_BTHL = jnp.einsum("bhts,bsl->bthl", probs_BHTS, c_BSL)
+            o_BTHV = jnp.einsum("bthl,lhv->bthv", o_lat_BTHL, w_uv_LHV)
+        else:
+            v_BSHV = jnp.einsum("bsl,lhv->bshv", c_BSL, w_uv_LHV)
+            o_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
+        return jnp.einsum("bthv,hvd->btd", o_BTHV, self.o_proj[...])
