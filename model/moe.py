@@ -71,6 +71,9 @@ class MoE(nnx.Module):
         self.experts_gate_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), dtype)
         self.experts_up_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), dtype)
         self.experts_down_proj = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), dtype)
+        # Expert-parallel dispatch (sharding/): a hashable callable with `routed_experts`' signature, or None
+        # for the local grouped matmul. Set by `sharding` when the model is placed on a mesh with an `ep` axis.
+        self.dispatch = None
         self.shared_experts = (MLP(D, F * cfg.n_shared_experts, rngs=rngs, dtype=dtype, axis="mlp")
                                if cfg.n_shared_experts else None)
 
@@ -86,8 +89,9 @@ class MoE(nnx.Module):
         w_NX, idx_NX, _ = self.router(x_ND)
         # Tokens routed to each expert in this call, for load balancing during training and load metrics.
         self.sow(nnx.Intermediate, "expert_counts", jnp.bincount(idx_NX.reshape(-1), length=self.cfg.n_routed_experts))
-        y_ND = routed_experts(x_ND, w_NX, idx_NX, self.experts_gate_proj[...], self.experts_up_proj[...],
-                              self.experts_down_proj[...])
+        experts = routed_experts if self.dispatch is None else self.dispatch
+        y_ND = experts(x_ND, w_NX, idx_NX, self.experts_gate_proj[...], self.experts_up_proj[...],
+                       self.experts_down_proj[...])
         y_BTD = y_ND.reshape(B, T, D)
         if self.shared_experts is not None:
             y_BTD = y_BTD + self.shared_experts(x_BTD)
