@@ -87,8 +87,11 @@ class MoE(nnx.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         w_NX, idx_NX, _ = self.router(x_ND)
-        # Tokens routed to each expert in this call, for load balancing during training and load metrics.
-        self.sow(nnx.Intermediate, "expert_counts", jnp.bincount(idx_NX.reshape(-1), length=self.cfg.n_routed_experts))
+        # Tokens routed to each expert in this call (load balancing in training, load metrics). Recorded only
+        # under `nnx.capture(fn, nnx.Intermediate)`, so plain calls neither warn nor grow the module.
+        if hasattr(self, "__captures__"):
+            self.sow(nnx.Intermediate, "expert_counts",
+                     jnp.bincount(idx_NX.reshape(-1), length=self.cfg.n_routed_experts))
         experts = routed_experts if self.dispatch is None else self.dispatch
         y_ND = experts(x_ND, w_NX, idx_NX, self.experts_gate_proj[...], self.experts_up_proj[...],
                        self.experts_down_proj[...])
