@@ -1,0 +1,68 @@
+"""Put a model on a mesh: every weight on its logical sharding, expert dispatch on every MoE layer.
+
+    mesh = topology.allocate("decode", dp=2, ep=4)
+    model = shard_model(model, mesh, DECODE_RULES)        # in place; returns the model
+    tokens = jax.device_put(tokens_BT, data_sharding(("batch", "seq"), tokens_BT.shape, mesh, DECODE_RULES))
+    logits = jax.jit(lambda m, t: m(t))(model, tokens)   # GSPMD for dp/tp, shard_map + all_to_all for ep
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from model.moe import MoE
+from sharding.moe_ep import EPDispatch
+from sharding.rules import AxisRules, DECODE_RULES, logical_sharding
+
+
+def expert_dispatch(mesh: Mesh, rules: AxisRules, capacity_factor: float = 2.0) -> EPDispatch | None:
+    """The EPDispatch for `mesh` under `rules`, or None when the rules put experts on no mesh axis > 1."""
+    ep = tuple(a for a in rules.mesh_axes("experts") if mesh.shape.get(a, 1) > 1)
+    if not ep:
+        return None
+    ffn = tuple(a for a in rules.mesh_axes("expert_mlp") if mesh.shape.get(a, 1) > 1)
+    return EPDispatch(mesh, axis=ep, ffn_axis=ffn or None, capacity_factor=capacity_factor)
+
+
+def install_dispatch(model: nnx.Module, dispatch: EPDispatch | None) -> None:
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, MoE):
+            node.dispatch = dispatch
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: AxisRules = DECODE_RULES, *,
+                capacity_factor: float = 2.0) -> nnx.Module:
+    """Place every variable of `model` on `logical_sharding(its axes, mesh, rules)` and install `EPDispatch` on
+    each MoE layer when the experts are split over the mesh. In place; returns `model`."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable):
+            axes = node.get_metadata().get("axes")
+            try:
+                sharding = logical_sharding(axes, mesh, rules)
+            except ValueError as e:
+                raise type(e)(f"{'.'.join(map(str, path))}: {e}") from None
+            node.value = jax.device_put(node.value, sharding)
+    install_dispatch(model, expert_dispatch(mesh, rules, capacity_factor))
+    return model
+
+
+def data_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: AxisRules = DECODE_RULES
+                  ) -> NamedSharding:
+    """Sharding of an activation/input with logical `axes` (e.g. ('batch', 'seq')) and `shape`. Unlike weights,
+    inputs come in any size: mesh axes that do not divide their dimension are dropped (that dimension is then
+    split over fewer devices, or replicated)."""
+    spec = rules.spec(tuple(axes), mesh)
+    parts = []
+    for dim, part in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+        kept, size = [], 1
+        for a in names:
+            if dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        parts.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return NamedSharding(mesh, PartitionSpec(*parts))

@@ -1,0 +1,188 @@
+"""Expert parallelism: token dispatch to the experts' owners and back by `all_to_all`, inside `jax.shard_map`.
+
+`EPDispatch` has `model.moe.routed_experts`' signature and is installed as `MoE.dispatch` (see
+`sharding.apply.shard_model`). Per device, inside the shard_map:
+
+  1. tokens: each device holds its slice of the token rows. Rows are split over every mesh axis except the one
+     that splits each expert's FFN width (`ffn_axis`, tp): those devices compute partial sums for the *same*
+     rows, added by a psum at the end.
+  2. bucket: each token copy (token, chosen expert) goes to the expert-shard owning that expert. Buckets have a
+     fixed capacity C rows per destination (`capacity_factor` x the mean load, at most the worst case), because
+     `ragged_all_to_all` does not exist on XLA:CPU and fixed shapes compile once.
+  3. all_to_all(tiled) sends bucket s to shard s; the local experts run as one grouped matmul
+     (`model.moe.expert_ffn`) over the received rows; a second all_to_all returns the results to the senders,
+     which weight and sum each token's copies.
+  4. overflow: if any bucket on any device would exceed C, *every* device takes the exact path instead (one
+     `lax.cond` on a globally reduced flag, so collectives match): all_gather the tokens of the ep group, each
+     shard runs its local experts on every copy routed to them, psum_scatter the sums back. No token is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from model.moe import expert_ffn, routed_experts
+
+
+def _axes(mesh: Mesh, axes) -> tuple[str, ...]:
+    """Mesh axes (str or tuple) restricted to those the mesh has with size > 1, in the given order."""
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def _local_experts(x_MD, e_M, n_local: int, gate_EDF, up_EDF, down_EFD):
+    """Rows x_MD through local expert e_M (0..n_local-1; -1 = empty slot -> 0): one sorted grouped matmul."""
+    key_M = jnp.where(e_M >= 0, e_M, n_local)                  # empty slots sort last, outside every group
+    order = jnp.argsort(key_M, stable=True)
+    sizes_E = jnp.bincount(key_M, length=n_local + 1)[:n_local].astype(jnp.int32)
+    y_sorted = expert_ffn(x_MD[order], sizes_E, gate_EDF, up_EDF, down_EFD)
+    y_MD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    return jnp.where((e_M >= 0)[:, None], y_MD, jnp.zeros((), y_MD.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class EPDispatch:
+    """Expert-parallel `routed_experts` over `mesh`: experts split over `axis`, each expert's FFN width over
+    `ffn_axis` (None: whole experts), `capacity_factor` x mean load rows per (sender, destination) bucket."""
+
+    mesh: Mesh
+    axis: str | tuple[str, ...] = "ep"
+    ffn_axis: str | tuple[str, ...] | None = "tp"
+    capacity_factor: float = 2.0
+
+    def __post_init__(self):
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
+        ep, ffn = _axes(self.mesh, self.axis), _axes(self.mesh, self.ffn_axis)
+        if set(ep) & set(ffn):
+            raise ValueError(f"expert axes {ep} and FFN axes {ffn} share a mesh axis")
+        named = [self.axis] if isinstance(self.axis, str) else list(self.axis)
+        named += [] if self.ffn_axis is None else [self.ffn_axis] if isinstance(self.ffn_axis, str) else list(
+            self.ffn_axis)
+        unknown = [a for a in named if a not in self.mesh.shape]
+        if unknown:
+            raise ValueError(f"EPDispatch axes {unknown} are not mesh axes; mesh axes: {self.mesh.axis_names}")
+
+    # ---- static layout --------------------------------------------------------------------------------------
+    @property
+    def expert_axes(self) -> tuple[str, ...]:
+        return _axes(self.mesh, self.axis)
+
+    @property
+    def ffn_axes(self) -> tuple[str, ...]:
+        return _axes(self.mesh, self.ffn_axis)
+
+    @property
+    def token_axes(self) -> tuple[str, ...]:
+        """Mesh axes the token rows are split over: all but the FFN-width axes (in mesh order)."""
+        return tuple(a for a in self.mesh.axis_names if self.mesh.shape[a] > 1 and a not in self.ffn_axes)
+
+    @property
+    def n_shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.expert_axes)
+
+    @property
+    def n_token_shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.token_axes)
+
+    def rows_per_device(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.n_token_shards)
+
+    def capacity(self, n_tokens: int, n_experts: int, top_k: int) -> int:
+        """Bucket rows per destination shard for `n_tokens` rows in total: capacity_factor x mean, clipped to
+        [1, worst case] where worst case = every local row sends min(top_k, experts per shard) copies."""
+        n = self.rows_per_device(n_tokens)
+        worst = n * min(top_k, n_experts // self.n_shards)
+        return int(min(max(1, math.ceil(self.capacity_factor * n * top_k / self.n_shards)), worst))
+
+    def bucket_loads(self, idx_NX, n_experts: int) -> np.ndarray:
+        """Host-side: copies each device would put in each destination bucket, [token shards, n_shards]
+        (padding rows excluded). Overflow <=> any entry > capacity(...)."""
+        idx = np.asarray(idx_NX)
+        N = idx.shape[0]
+        n = self.rows_per_device(N)
+        dest = idx // (n_experts // self.n_shards)
+        loads = np.zeros((self.n_token_shards, self.n_shards), np.int64)
+        for t in range(self.n_token_shards):
+            d = dest[t * n:(t + 1) * n].ravel()
+            loads[t] = np.bincount(d, minlength=self.n_shards)
+        return loads
+
+    # ---- the dispatch ---------------------------------------------------------------------------------------
+    def __call__(self, x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD):
+        N, D = x_ND.shape
+        X = idx_NX.shape[1]
+        E = gate_EDF.shape[0]
+        S = self.n_shards
+        if S == 1:  # nothing to dispatch on this mesh: the local grouped matmul (GSPMD shards the FFN width)
+            return routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD)
+        if E % S:
+            raise ValueError(f"{E} experts do not split over {S} expert shards (mesh axes {self.expert_axes})")
+        n = self.rows_per_device(N)
+        pad = n * self.n_token_shards - N
+        valid_N = jnp.arange(N + pad) < N
+        if pad:
+            x_ND = jnp.pad(x_ND, ((0, pad), (0, 0)))
+            w_NX = jnp.pad(w_NX, ((0, pad), (0, 0)))
+            idx_NX = jnp.pad(idx_NX, ((0, pad), (0, 0)))
+        C = self.capacity(N, E, X)
+        ep, ffn, tok = self.expert_axes, self.ffn_axes, self.token_axes
+        all_axes = tuple(a for a in self.mesh.axis_names if self.mesh.shape[a] > 1)
+        E_l = E // S
+        ffn_spec = ffn if ffn else None
+
+        def body(x_nD, w_nX, idx_nX, valid_n, gate, up, down):
+            me = lax.axis_index(ep) if ep else 0
+            dest_nX = jnp.where(valid_n[:, None], idx_nX // E_l, S)        # S = "no bucket" (padding rows)
+            dest_M = dest_nX.reshape(-1)
+            onehot_MS = dest_M[:, None] == jnp.arange(S)[None, :]
+            pos_M = jnp.take_along_axis(jnp.cumsum(onehot_MS, 0), jnp.minimum(dest_M, S - 1)[:, None], 1)[:, 0] - 1
+            loads_S = onehot_MS.sum(0)
+            overflow = lax.pmax((loads_S.max() > C).astype(jnp.int32), all_axes) if all_axes else loads_S.max() > C
+
+            def capacity_path(x_nD):
+                with jax.named_scope("ep_capacity"):
+                    keep_M = dest_M < S
+                    slot_M = jnp.where(keep_M, dest_M * C + pos_M, S * C)  # S*C: a dump row, cut off below
+                    x_MD = jnp.repeat(x_nD, X, axis=0)
+                    send_x = jnp.zeros((S * C + 1, D), x_nD.dtype).at[slot_M].set(x_MD)[: S * C]
+                    send_e = jnp.full((S * C + 1,), -1, jnp.int32).at[slot_M].set(
+                        (idx_nX.reshape(-1) % E_l).astype(jnp.int32))[: S * C]
+                    recv_x = lax.all_to_all(send_x.reshape(S, C, D), ep, 0, 0, tiled=True)
+                    recv_e = lax.all_to_all(send_e.reshape(S, C), ep, 0, 0, tiled=True)
+                    y = _local_experts(recv_x.reshape(S * C, D), recv_e.reshape(-1), E_l, gate, up, down)
+                    back = lax.all_to_all(y.reshape(S, C, D), ep, 0, 0, tiled=True).reshape(S * C, D)
+                    y_MD = back[jnp.minimum(slot_M, S * C - 1)]
+                    scale_M = jnp.where(keep_M, w_nX.reshape(-1), 0).astype(y_MD.dtype)
+                    return (y_MD * scale_M[:, None]).reshape(-1, X, D).sum(1)
+
+            def exact_path(x_nD):
+                with jax.named_scope("ep_fallback"):
+                    xg = lax.all_gather(x_nD, ep, tiled=True)                   # [S*n, D]
+                    ig = lax.all_gather(idx_nX, ep, tiled=True)
+                    wg = lax.all_gather(w_nX, ep, tiled=True)
+                    vg = lax.all_gather(valid_n, ep, tiled=True)
+                    mine = (ig // E_l == me) & vg[:, None]
+                    e_M = jnp.where(mine, ig - me * E_l, -1).reshape(-1)
+                    y = _local_experts(jnp.repeat(xg, X, axis=0), e_M, E_l, gate, up, down)
+                    scale_M = jnp.where(mine, wg, 0).reshape(-1).astype(y.dtype)
+                    part = (y * scale_M[:, None]).reshape(-1, X, D).sum(1)
+                    return lax.psum_scatter(part, ep, scatter_dimension=0, tiled=True)
+
+            out = lax.cond(overflow > 0, exact_path, capacity_path, x_nD)
+            return lax.psum(out, ffn) if ffn else out
+
+        tok_spec = P(tok or None)
+        f = jax.shard_map(body, mesh=self.mesh,
+                          in_specs=(tok_spec, tok_spec, tok_spec, tok_spec, P(ep or None, None, ffn_spec),
+                                    P(ep or None, None, ffn_spec), P(ep or None, ffn_spec, None)),
+                          out_specs=tok_spec)
+        y_ND = f(x_ND, w_NX, idx_NX, valid_N, gate_EDF, up_EDF, down_EFD)
+        return y_ND[:N] if pad else y_ND
