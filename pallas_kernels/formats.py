@@ -29,6 +29,7 @@ Real NVFP4 checkpoints (e.g. NVIDIA ModelOpt ``weight`` uint8 ``[out, in/2]``, `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Literal
 
@@ -162,9 +163,14 @@ def quantize(w: Float[Array, "... K N"], fmt: Format = "nvfp4") -> QuantizedTens
     (eagerly, or when the jitted computation runs). Leading axes (e.g. experts) get their own tensor scale.
     """
     _check_fmt(fmt)
-    if w.ndim < 2:
-        raise ValueError(f"quantize needs a [..., K, N] weight, got shape {w.shape}")
+    if jnp.ndim(w) < 2:
+        raise ValueError(f"quantize needs a [..., K, N] weight, got shape {jnp.shape(w)}")
     _reject_non_finite(w)
+    return _quantize(jnp.asarray(w), fmt)
+
+
+@functools.partial(jax.jit, static_argnames="fmt")
+def _quantize(w: Array, fmt: str) -> QuantizedTensor:
     B = BLOCK_SIZE[fmt]
     shape = tuple(int(d) for d in w.shape)
     *lead, K, N = shape
@@ -193,6 +199,7 @@ def quantize(w: Float[Array, "... K N"], fmt: Format = "nvfp4") -> QuantizedTens
     return QuantizedTensor(pack_fp4(codes), scales, ts, fmt, shape)
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(qt: QuantizedTensor, dtype: jnp.dtype = jnp.float32) -> Array:
     """Weight ``[..., K, N]`` from a QuantizedTensor: ``code * block_scale * tensor_scale`` (computed in f32)."""
     B = qt.block_size
@@ -203,6 +210,7 @@ def dequantize(qt: QuantizedTensor, dtype: jnp.dtype = jnp.float32) -> Array:
     return (vals * s).reshape(*lead, Kp, N)[..., :K, :].astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize_unscaled(qt: QuantizedTensor, dtype: jnp.dtype = jnp.bfloat16) -> Array:
     """``code * block_scale`` (no tensor scale), K padded to ``padded_K``: exact in bf16 (a 2-bit code times an
     e4m3 / power-of-two scale). The matmuls multiply by the tensor scale after the fp32-accumulated dot."""
@@ -221,3 +229,20 @@ def fp4_nbytes(shape: tuple[int, ...], fmt: Format) -> int:
     Kp = -(-K // B) * B
     nlead = int(np.prod(lead)) if lead else 1
     return nlead * (Kp // 2 * N + Kp // B * N + 4)
+
+
+def from_nvfp4_checkpoint(weight: UInt8[Array, "... N K2"], weight_scale: Array, weight_scale_2: Array,
+                          in_features: int | None = None) -> QuantizedTensor:
+    """A QuantizedTensor from NVFP4 checkpoint tensors stored torch-style ``[out, in]`` (NVIDIA ModelOpt /
+    HF ``weight`` uint8 ``[..., N, K/2]`` with the even K element in the low nibble, ``weight_scale`` e4m3
+    ``[..., N, K/16]``, ``weight_scale_2`` fp32 per tensor). Only the last two axes are transposed: no re-quantization.
+    ``in_features`` (K) defaults to ``2 * weight.shape[-1]``."""
+    codes = jnp.swapaxes(jnp.asarray(weight, jnp.uint8), -1, -2)
+    scales = jnp.swapaxes(jnp.asarray(weight_scale).astype(jnp.float8_e4m3fn), -1, -2)
+    K = in_features or codes.shape[-2] * 2
+    if scales.shape[-2] * 16 != codes.shape[-2] * 2:
+        raise ValueError(f"weight_scale {weight_scale.shape} does not match weight {weight.shape} (one scale per 16)")
+    lead = codes.shape[:-2]
+    ts = jnp.asarray(weight_scale_2, jnp.float32)
+    ts = jnp.full(lead, ts.reshape(()), jnp.float32) if ts.size == 1 else ts.reshape(lead)
+    return QuantizedTensor(codes, scales, ts, "nvfp4", (*lead, K, codes.shape[-1]))
