@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import checkpoints
 import hf_reference
@@ -55,7 +56,7 @@ def test_absorbed_attention_equals_naive(hf_pair):
         logits, _, state = model.forward(ids, pos, cache=cache, state=state, absorbed=absorbed)
         outs.append((np.asarray(logits), np.asarray(state)))
     np.testing.assert_allclose(outs[0][0], outs[1][0], atol=2e-5, rtol=0)
-    np.testing.assert_array_equal(outs[0][1], outs[1][1])  # both write the same latents
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=2e-5, rtol=0)  # same latents written
     np.testing.assert_allclose(outs[0][0], np.asarray(model(ids)), atol=2e-5, rtol=0)
 
 
@@ -64,12 +65,20 @@ def test_greedy_with_cache_equals_teacher_forced_argmax(hf_pair):
     prompts = [[3, 14, 15, 9, 2, 6], [5, 35], [8, 9, 7, 9, 3, 2, 3, 8, 4]]
     n_new = 10
     got = greedy_generate(model, prompts, n_new)
-    for prompt, new in zip(prompts, got):
-        seq = list(prompt)
-        for _ in range(n_new):  # rollout with the full teacher-forced forward, no cache
-            logits = model(jnp.asarray([seq], jnp.int32))
-            seq.append(int(jnp.argmax(logits[0, -1])))
-        assert new == seq[len(prompt):]
+    # Rollout with the teacher-forced forward (no cache) on a fixed padded buffer: causal attention makes the
+    # logits at t independent of the padding after t, so one compiled forward serves every step.
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
+    buf = np.zeros((len(prompts), max(map(len, prompts)) + n_new), np.int32)
+    lens = np.array([len(p) for p in prompts])
+    for b, p in enumerate(prompts):
+        buf[b, : len(p)] = p
+    for step in range(n_new):
+        logits = np.asarray(forward(params, jnp.asarray(buf)))
+        rows = np.arange(len(prompts))
+        buf[rows, lens + step] = logits[rows, lens + step - 1].argmax(-1)
+    for b, new in enumerate(got):
+        assert new == buf[b, lens[b]: lens[b] + n_new].tolist()
 
 
 def test_greedy_rejects_bad_arguments(hf_pair):
