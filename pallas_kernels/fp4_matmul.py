@@ -87,6 +87,7 @@ def _pad_last(x: jax.Array, size: int) -> jax.Array:
     return x if x.shape[-1] == size else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
+@functools.partial(jax.jit, static_argnames="out_dtype")
 def _xla_matmul(x_MK, w: QuantizedTensor, out_dtype) -> jax.Array:
     cd = _compute_dtype(x_MK)
     w_KN = dequantize_unscaled(w, cd)
@@ -95,6 +96,7 @@ def _xla_matmul(x_MK, w: QuantizedTensor, out_dtype) -> jax.Array:
     return (acc * w.tensor_scale).astype(out_dtype)
 
 
+@functools.partial(jax.jit, static_argnames="out_dtype")
 def _xla_batched(x_ECK, w: QuantizedTensor, out_dtype) -> jax.Array:
     cd = _compute_dtype(x_ECK)
     w_EKN = dequantize_unscaled(w, cd)
@@ -109,6 +111,7 @@ def _row_expert(group_sizes_E: jax.Array, M: int) -> jax.Array:
     return jnp.searchsorted(ends, jnp.arange(M, dtype=ends.dtype), side="right")
 
 
+@functools.partial(jax.jit, static_argnames="out_dtype")
 def _xla_grouped(x_MK, w: QuantizedTensor, group_sizes_E, out_dtype) -> jax.Array:
     cd = _compute_dtype(x_MK)
     w_EKN = dequantize_unscaled(w, cd)
@@ -134,14 +137,16 @@ def _decode_codes(c):
 
 
 def _decode_scales(s, fmt: str):
-    """Raw scale bytes (uint8) -> block scale * 2**14 in f32 (the 2**14 undoes _decode_codes' factor).
+    """Raw scale bytes (uint8) -> f32: for nvfp4 the block scale * 2**14 (folding in the 2**14 that undoes
+    _decode_codes' factor; e4m3 * 2**14 <= 448 * 2**14 cannot overflow); for mxfp4 the exact block scale (an
+    e8m0 scale times 2**14 could overflow f32, so there the code is rescaled instead, see _dequant_tile).
     e4m3fn: bits << 7 form an f16 worth value * 2**-8 (bias 7 -> 15; subnormals too); sign/NaN are never stored.
     e8m0: byte << 23 is the f32 2**(byte - 127) (byte 0, 2**-127, flushes to 0)."""
     s = s.astype(jnp.int32)
     if fmt == "nvfp4":
         f = jax.lax.bitcast_convert_type(((s & 0x7F) << 7).astype(jnp.uint16), jnp.float16).astype(jnp.float32)
         return f * (2.0**8 * _E2M1_F16_FACTOR)
-    return jax.lax.bitcast_convert_type(s << 23, jnp.float32) * _E2M1_F16_FACTOR
+    return jax.lax.bitcast_convert_type(s << 23, jnp.float32)
 
 
 def _dequant_tile(c_u8, s_u8, fmt: str, dtype):
@@ -152,9 +157,10 @@ def _dequant_tile(c_u8, s_u8, fmt: str, dtype):
     sc = _decode_scales(s_u8, fmt)
     sc = jnp.broadcast_to(sc[:, None, :], (sb, bk2 // sb, bn)).reshape(bk2, bn)
     c = c_u8.astype(jnp.int32)
-    lo = (_decode_codes(c & 0xF) * sc).astype(dtype)
-    hi = (_decode_codes(c >> 4) * sc).astype(dtype)
-    return lo, hi
+    lo, hi = _decode_codes(c & 0xF), _decode_codes(c >> 4)
+    if fmt == "mxfp4":  # exact e2m1 values first, so that code * 2**(b-127) is exact over the whole e8m0 range
+        lo, hi = lo * _E2M1_F16_FACTOR, hi * _E2M1_F16_FACTOR
+    return (lo * sc).astype(dtype), (hi * sc).astype(dtype)
 
 
 def _bmm_kernel(xe_ref, xo_ref, c_ref, s_ref, ts_ref, o_ref, *, fmt: str, bk: int, nk: int):
@@ -220,6 +226,7 @@ def _compiler_params(interpret: bool):
     return None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=3)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "bm", "bn", "bk"))
 def _pallas_batched(x_ECK, w: QuantizedTensor, out_dtype, interpret: bool, bm=None, bn=None, bk=None):
     E, C, K = x_ECK.shape
     bm, bn, bk = _tiles(C, w.N, w.padded_K, w.fmt, bm, bn, bk)
@@ -296,6 +303,7 @@ def _group_work_items(group_sizes_E: jax.Array, M: int, bm: int) -> tuple[jax.Ar
     return g, r0.astype(jnp.int32), r1.astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "bm", "bn", "bk"))
 def _pallas_grouped(x_MK, w: QuantizedTensor, group_sizes_E, out_dtype, interpret: bool, bm=None, bn=None, bk=None):
     M, K = x_MK.shape
     E = w.shape[0]
