@@ -29,7 +29,7 @@ def save(model: DeepseekV3, path: str | os.PathLike) -> None:
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
         raise FileExistsError(f"orbax checkpoint directory {path} already exists; choose a new path")
-    state = nnx.state(model).to_pure_dict()
+    state = nnx.to_pure_dict(nnx.state(model))
     meta = {_CONFIG_KEY: model.cfg.to_hf_dict(), "dtype": str(jax.numpy.dtype(model.dtype))}
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(path, state, custom_metadata=meta)
@@ -78,15 +78,15 @@ def restore(path: str | os.PathLike, like: DeepseekV3 | ModelConfig | None = Non
         sharding_of = lambda axes: logical_sharding(axes, mesh, rules)
 
     target = jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct(v.value.shape, v.value.dtype, sharding=sharding_of(v.get_metadata().get("axes"))),
+        lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=sharding_of(v.get_metadata().get("axes"))),
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    target = nnx.State(target).to_pure_dict() if not isinstance(target, dict) else target
+    target = nnx.to_pure_dict(target)
     try:
         values = ocp.StandardCheckpointer().restore(path, target)
     except (ValueError, KeyError) as e:
         raise ValueError(f"orbax checkpoint {path} does not match a {cfg.num_hidden_layers}-layer model of this "
                          f"config: {e}") from e
-    state.replace_by_pure_dict(values)
+    nnx.replace_by_pure_dict(state, values)
     model = nnx.merge(graphdef, state)
     if mesh is not None:
         from sharding.apply import expert_dispatch, install_dispatch

@@ -45,7 +45,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: AxisRules = DECODE_RULES, 
                 sharding = logical_sharding(axes, mesh, rules)
             except ValueError as e:
                 raise type(e)(f"{'.'.join(map(str, path))}: {e}") from None
-            node.value = jax.device_put(node.value, sharding)
+            node.set_value(jax.device_put(node.get_value(), sharding))
     install_dispatch(model, expert_dispatch(mesh, rules, capacity_factor))
     return model
 
