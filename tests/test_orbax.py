@@ -76,3 +76,27 @@ def test_restore_into_a_different_architecture_fails_clearly(saved):
     other = model.preset("tiny").replace(num_hidden_layers=2)
     with pytest.raises(ValueError, match="does not match"):
         orbax_io.restore(path, other)
+
+
+def test_hf_checkpoint_loads_onto_shardings_and_round_trips_to_another_mesh(tmp_path):
+    pytest.importorskip("transformers")
+    import checkpoints
+    import hf_reference
+
+    hf_dir = tmp_path / "hf"
+    hf_reference.build(str(hf_dir), seed=5)
+    topo = Topology.preset("cpu:8/2")
+    prefill = topo.allocate("prefill", ep=2, tp=2)
+    m = checkpoints.load(hf_dir, dtype=jnp.float32, mesh=prefill, rules=PREFILL_RULES)
+    for path, var in nnx.iter_graph(m):                       # every weight already on its own sharding
+        if isinstance(var, nnx.Variable):
+            want = logical_sharding(var.get_metadata().get("axes"), prefill, PREFILL_RULES)
+            assert var.get_value().sharding == want, path
+    plain = checkpoints.load(hf_dir, dtype=jnp.float32)
+    orbax_io.save(m, tmp_path / "orbax")
+    decode = topo.allocate("decode", dp=2, ep=2)
+    r = orbax_io.restore(tmp_path / "orbax", mesh=decode, rules=DECODE_RULES)
+    assert r.layers[1].mlp.experts_up_proj[...].sharding.mesh == decode
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, m.cfg.vocab_size, (4, 6)), jnp.int32)
+    fwd = jax.jit(lambda m, t: m(t))
+    np.testing.assert_allclose(np.asarray(fwd(r, tokens)), np.asarray(fwd(plain, tokens)), atol=1e-5, rtol=0)
