@@ -1,0 +1,120 @@
+"""Sampling parameters (validated on the host) and the sampler that runs inside the compiled steps.
+
+Reproducibility: the random key of the token that will sit at absolute position p of a request is
+`fold_in(PRNGKey(seed), p)`. It depends on nothing else — not on the batch the request shares, its slot, the
+chunking of its prompt or the number of decode steps per dispatch — so a seeded request gives the same tokens
+alone or under load, colocated or disaggregated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding controls (vLLM names and meanings).
+
+    temperature 0 = greedy; top_k 0 or -1 = off; top_p 1 = off; seed None = a random seed; stop = strings that end
+    the output (not included in it); stop_token_ids end it too; the checkpoint's EOS ends it unless ignore_eos.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {why}")
+
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.max_tokens, (int, np.integer)) or isinstance(self.max_tokens, bool) \
+                or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or not np.isfinite(self.temperature) \
+                or self.temperature < 0:
+            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < -1:
+            bad("top_k", "must be an integer >= 0 (0 or -1 = no limit)")
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**31):
+            bad("seed", "must be None or an integer in [0, 2**31)")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+        if any(not isinstance(t, (int, np.integer)) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative token ids")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "must be a bool")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def resolved_seed(self) -> int:
+        return self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stop"], d["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
+        return d
+
+
+def sampling_arrays(params: Sequence[SamplingParams | None], seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    """Host-side per-row arrays fed to the compiled sampler (rows without a request get greedy defaults)."""
+    n = len(params)
+    out = {"temperature": np.zeros(n, np.float32), "top_k": np.zeros(n, np.int32),
+           "top_p": np.ones(n, np.float32), "seed": np.zeros(n, np.int32)}
+    for i, (p, s) in enumerate(zip(params, seeds)):
+        if p is None:
+            continue
+        out["temperature"][i] = p.temperature
+        out["top_k"][i] = max(p.top_k, 0)
+        out["top_p"][i] = p.top_p
+        out["seed"][i] = s
+    return out
+
+
+def sample(logits_BW: jax.Array, positions_B: jax.Array, temperature_B, top_k_B, top_p_B, seed_B) -> jax.Array:
+    """Next token per row: greedy where temperature == 0, else temperature / top-k / top-p sampling with the
+    key of (seed, position). Runs inside jit; all arguments are per-row arrays."""
+    logits_BW = logits_BW.astype(jnp.float32)
+    W = logits_BW.shape[-1]
+    greedy_B = jnp.argmax(logits_BW, axis=-1).astype(jnp.int32)
+    t_B = jnp.where(temperature_B > 0, temperature_B, 1.0)
+    scaled_BW = logits_BW / t_B[:, None]
+    sorted_BW = jnp.sort(scaled_BW, axis=-1)[:, ::-1]
+    # top-k: keep values >= the k-th largest (k = 0 -> all)
+    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, W), W)
+    kth_B = jnp.take_along_axis(sorted_BW, (k_B - 1)[:, None], axis=-1)[:, 0]
+    # top-p over the top-k survivors: keep the smallest prefix whose probability reaches p
+    sorted_masked_BW = jnp.where(jnp.arange(W)[None, :] < k_B[:, None], sorted_BW, -jnp.inf)
+    probs_BW = jax.nn.softmax(sorted_masked_BW, axis=-1)
+    before_BW = jnp.cumsum(probs_BW, axis=-1) - probs_BW  # mass strictly before each sorted entry
+    keep_sorted_BW = (before_BW < top_p_B[:, None]) & (jnp.arange(W)[None, :] < k_B[:, None])
+    n_keep_B = jnp.maximum(keep_sorted_BW.sum(-1), 1)
+    pth_B = jnp.take_along_axis(sorted_BW, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
+    threshold_B = jnp.maximum(kth_B, pth_B)
+    masked_BW = jnp.where(scaled_BW >= threshold_B[:, None], scaled_BW, -jnp.inf)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seed_B, positions_B)
+    drawn_B = jax.vmap(jax.random.categorical)(keys, masked_BW).astype(jnp.int32)
+    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
