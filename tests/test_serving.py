@@ -1,0 +1,212 @@
+"""The serving engine as a user sees it: `LLM.generate` over paged caches, colocated and disaggregated.
+
+Correctness gates: greedy through the engine == teacher-forced argmax; disaggregated == colocated token for
+token (two mesh pairs); staggered arrivals == one request at a time; pages all come back after aborts; no
+compilation on the request path.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import checkpoints
+import hf_reference
+from serving import LLM, EngineConfig, SamplingParams
+
+EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
+                  decode_steps=3)
+PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 40],  # > largest bucket: chunked
+           [3, 1, 4], [9, 2, 6, 5, 35, 8, 9, 7, 9]]
+N_NEW = 8
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("serving_ckpt"))
+    hf_reference.build(path, dict(num_hidden_layers=2, max_position_embeddings=128), seed=11)
+    return checkpoints.load(path, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="session")
+def colocated(model):
+    llm = LLM(model=model, engine_config=EC)
+    yield llm
+    llm.close()
+
+
+def _argmax_rollout(model, prompts, n_new):
+    graphdef, params = nnx.split(model)
+    fwd = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
+    buf = np.zeros((len(prompts), max(map(len, prompts)) + n_new), np.int32)
+    lens = np.array([len(p) for p in prompts])
+    for b, p in enumerate(prompts):
+        buf[b, : len(p)] = p
+    rows = np.arange(len(prompts))
+    for step in range(n_new):
+        logits = np.asarray(fwd(params, jnp.asarray(buf)))
+        buf[rows, lens + step] = logits[rows, lens + step - 1].argmax(-1)
+    return [buf[b, lens[b]: lens[b] + n_new].tolist() for b in rows]
+
+
+def _check_pages(llm):
+    for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
+        a = eng.allocator
+        a.check()
+        assert a.free == a.total and a.used == 0 and a.leased == 0, (eng.name, a.free, a.used, a.leased)
+
+
+def test_greedy_through_engine_equals_teacher_forced_argmax(colocated, model):
+    outs = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+    assert [o.token_ids for o in outs] == _argmax_rollout(model, PROMPTS, N_NEW)
+    assert all(o.finish_reason == "length" for o in outs)
+    _check_pages(colocated)
+
+
+@pytest.mark.parametrize("prefill_mesh,decode_mesh", [("tp=2", "ep=4"), ("tp=1", "dp=2,ep=2")])
+def test_disaggregated_equals_colocated(colocated, model, prefill_mesh, decode_mesh):
+    params = [SamplingParams(max_tokens=N_NEW), SamplingParams(max_tokens=N_NEW, temperature=0.8, top_p=0.9,
+                                                              seed=123), SamplingParams(max_tokens=5)]
+    want = colocated.generate(PROMPTS, params)
+    with LLM(model=model, engine_config=EC, mode="disagg", prefill_mesh=prefill_mesh,
+             decode_mesh=decode_mesh) as llm:
+        assert llm.prefill_engine.mesh.devices.size + llm.decode_engine.mesh.devices.size <= 8
+        assert not set(llm.prefill_engine.mesh.devices.flat) & set(llm.decode_engine.mesh.devices.flat)
+        got = llm.generate(PROMPTS, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert all(o.metrics.ttft_s > 0 and o.metrics.prefill_s > 0 for o in got)
+        _check_pages(llm)
+
+
+def test_staggered_arrivals_equal_one_at_a_time(colocated):
+    params = SamplingParams(max_tokens=N_NEW, temperature=0.7, seed=5)
+    alone = [colocated.generate([p], params)[0].token_ids for p in PROMPTS]
+    reqs = []
+    for p in PROMPTS:  # a new request joins after every step, while the others are mid-prefill or decoding
+        reqs.append(colocated.submit(p, params))
+        colocated.step()
+    while colocated.scheduler.has_work():
+        colocated.step()
+    assert [r.output_ids for r in reqs] == alone
+    _check_pages(colocated)
+
+
+def test_aborts_release_every_page(colocated):
+    sp = SamplingParams(max_tokens=30)
+    reqs = [colocated.submit(p, sp) for p in PROMPTS * 3]  # 9 requests; batch limit 4: some wait
+    colocated.step()
+    colocated.step()
+    waiting = [r for r in reqs if r.status.value == "waiting"]
+    running = [r for r in reqs if r.status.value == "running"]
+    assert waiting and running
+    colocated.abort(waiting[0].id)
+    colocated.abort(running[0].id)
+    while colocated.scheduler.has_work():
+        colocated.step()
+    assert {r.finish_reason for r in (waiting[0], running[0])} == {"abort"}
+    assert all(r.status.value == "finished" for r in reqs)
+    _check_pages(colocated)
+
+
+def test_admission_is_bounded_by_free_pages(model):
+    small = EngineConfig(page_size=8, num_pages=9, max_model_len=64, prefill_buckets=(8, 16),
+                         decode_buckets=(2, 4), decode_steps=3)  # 8 usable pages: one 20+30-token request at a time
+    with LLM(model=model, engine_config=small) as llm:
+        reqs = [llm.submit(PROMPTS[0], SamplingParams(max_tokens=30)) for _ in range(3)]
+        llm.step()
+        assert sum(r.status.value == "waiting" for r in reqs) == 2
+        while llm.scheduler.has_work():
+            llm.step()
+            assert llm.decode_engine.allocator.used <= llm.decode_engine.allocator.total
+        assert [r.finish_reason for r in reqs] == ["length"] * 3
+        assert reqs[0].output_ids == reqs[1].output_ids == reqs[2].output_ids
+        _check_pages(llm)
+
+
+def test_no_compilation_on_the_request_path(colocated):
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
+    colocated.generate(PROMPTS + [[7] * 40], [SamplingParams(max_tokens=N_NEW, temperature=t, top_k=k, seed=1)
+                                              for t, k in ((0, 0), (1.0, 5), (0.5, 0), (0, 0))])
+    assert compiles == []
+
+
+def test_streaming_events_add_up_to_the_outputs(colocated):
+    events = list(colocated.generate_stream(PROMPTS, SamplingParams(max_tokens=N_NEW)))
+    per_req = {}
+    for ev in events:
+        per_req.setdefault(ev.request.id, []).extend(ev.new_token_ids)
+    assert len(per_req) == len(PROMPTS)
+    for rid, toks in per_req.items():
+        req = colocated.scheduler.requests[rid]
+        assert toks == req.output_ids and len(toks) == N_NEW
+    assert sum(ev.finished for ev in events) == len(PROMPTS)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(colocated):
+    a = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW, temperature=1.0, seed=7))
+    b = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW, temperature=1.0, seed=7))
+    c = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW, temperature=1.0, seed=8))
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+    greedy = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+    top1 = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW, temperature=1.5, top_k=1, seed=3))
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    from serving.sampling import sample
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    pos = jnp.arange(4000)
+    ones = jnp.ones(4000)
+    draw = lambda k, p: np.asarray(sample(logits, pos, ones, jnp.full(4000, k, jnp.int32), jnp.full(4000, p),
+                                          jnp.zeros(4000, jnp.int32)))
+    free = np.bincount(draw(0, 1.0), minlength=4) / 4000
+    assert np.abs(free - [0.5, 0.3, 0.15, 0.05]).max() < 0.03  # plain temperature-1 sampling
+    assert set(draw(2, 1.0)) == {0, 1}
+    assert set(draw(0, 0.7)) == {0, 1}   # 0.5 < 0.7 <= 0.8: the first two tokens
+    assert set(draw(0, 0.5)) == {0}
+
+
+def test_stop_token_ids_max_tokens_and_ignore_eos(colocated, model):
+    greedy = colocated.generate([PROMPTS[1]], SamplingParams(max_tokens=N_NEW))[0].token_ids
+    stop_at = greedy[3]
+    first = greedy.index(stop_at)
+    out = colocated.generate([PROMPTS[1]], SamplingParams(max_tokens=N_NEW, stop_token_ids=[stop_at]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == greedy[: first + 1]
+    out = colocated.generate([PROMPTS[1]], SamplingParams(max_tokens=2))[0]
+    assert out.finish_reason == "length" and out.token_ids == greedy[:2]
+    # Pretend greedy[2] is the checkpoint's EOS: it ends the output unless ignore_eos.
+    saved = colocated.scheduler.eos_ids
+    colocated.scheduler.eos_ids = (greedy[2],)
+    try:
+        out = colocated.generate([PROMPTS[1]], SamplingParams(max_tokens=N_NEW))[0]
+        assert out.finish_reason == "stop" and out.token_ids == greedy[: greedy.index(greedy[2]) + 1]
+        out = colocated.generate([PROMPTS[1]], SamplingParams(max_tokens=N_NEW, ignore_eos=True))[0]
+        assert out.finish_reason == "length" and out.token_ids == greedy
+    finally:
+        colocated.scheduler.eos_ids = saved
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")),
+                                         ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("seed", -1),
+                                         ("stop", [""]), ("stop_token_ids", [-3]), ("ignore_eos", "yes")])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_bad_prompts_raise_clear_errors(colocated):
+    with pytest.raises(ValueError, match="empty prompt"):
+        colocated.generate([[]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        colocated.generate([[1, 10_000]])
+    with pytest.raises(ValueError, match="max_model_len"):
+        colocated.generate([[1] * 64])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        colocated.generate(["some text"])
+    with pytest.raises(ValueError, match="unknown sampling field"):
+        SamplingParams.from_dict({"temprature": 1.0})
