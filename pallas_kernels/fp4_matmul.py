@@ -2,7 +2,7 @@
 
 Public API::
 
-    fp4_matmul(x_MK, w, *, impl=None, out_dtype=None) -> [M, N]              # x @ dequant(w), w: [K, N]
+    fp4_matmul(x_MK, w, *, impl=None, out_dtype=None) -> [M, N]              # x @ dequant(w), w: [K, N]; x [..., K] ok
     fp4_batched_matmul(x_ECK, w, *, impl=None, out_dtype=None) -> [E, C, N]  # fixed capacity per expert, w: [E, K, N]
     fp4_grouped_matmul(x_MK, w, group_sizes_E, *, impl=None, out_dtype=None) -> [M, N]
         # == jax.lax.ragged_dot(x, dequant(w), group_sizes): rows of x sorted by expert, group_sizes[e] rows for
@@ -331,17 +331,21 @@ def _pallas_grouped(x_MK, w: QuantizedTensor, group_sizes_E, out_dtype, interpre
 # ----------------------------------------------------------------------------------------------------------
 
 
-def fp4_matmul(x_MK: Float[Array, "M K"], w: QuantizedTensor, *, impl: Impl | None = None,
-               out_dtype: jnp.dtype | None = None, **tiles) -> Float[Array, "M N"]:
-    """``x @ dequantize(w)`` for an FP4 weight ``w`` of logical shape [K, N]; fp32 accumulation.
-    ``tiles`` (bm, bn, bk) override the Pallas tile sizes."""
+def fp4_matmul(x_MK: Float[Array, "*M K"], w: QuantizedTensor, *, impl: Impl | None = None,
+               out_dtype: jnp.dtype | None = None, **tiles) -> Float[Array, "*M N"]:
+    """``x @ dequantize(w)`` for an FP4 weight ``w`` of logical shape [K, N]; fp32 accumulation. x may have any
+    leading dims (e.g. [B, S, K]). ``tiles`` (bm, bn, bk) override the Pallas tile sizes."""
     _check_w(x_MK, w, 2)
     impl = _resolve_impl(impl)
     out_dtype = out_dtype or x_MK.dtype
+    lead = x_MK.shape[:-1]
+    x2 = x_MK.reshape(-1, w.K)
     if impl == "xla":
-        return _xla_matmul(x_MK, w, out_dtype)
-    w3 = QuantizedTensor(w.codes[None], w.scales[None], w.tensor_scale.reshape(1), w.fmt, (1, *w.shape))
-    return _pallas_batched(x_MK[None], w3, out_dtype, impl == "pallas_interpret", **tiles)[0]
+        y = _xla_matmul(x2, w, out_dtype)
+    else:
+        w3 = QuantizedTensor(w.codes[None], w.scales[None], w.tensor_scale.reshape(1), w.fmt, (1, *w.shape))
+        y = _pallas_batched(x2[None], w3, out_dtype, impl == "pallas_interpret", **tiles)[0]
+    return y.reshape(*lead, w.N)
 
 
 def fp4_batched_matmul(x_ECK: Float[Array, "E C K"], w: QuantizedTensor, *, impl: Impl | None = None,

@@ -117,6 +117,15 @@ def test_dense_bf16_output():
     np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=0, atol=np.abs(ref).max() * 2.0**-8)
 
 
+def test_dense_leading_dims():
+    qt, w = _qw("nvfp4", (64, 32))
+    x = _x(4, (2, 3, 64))
+    for impl in ("xla", "pallas_interpret"):
+        y = fp4_matmul(x, qt, impl=impl, out_dtype=jnp.float32)
+        assert y.shape == (2, 3, 32)
+        _assert_close(y, _ref(x, w))
+
+
 def test_dense_f32_activations_and_jit():
     qt, w = _qw("nvfp4", (64, 32))
     x = jnp.asarray(np.random.default_rng(7).normal(size=(3, 64)), jnp.float32)
