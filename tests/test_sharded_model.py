@@ -60,9 +60,10 @@ def test_routing_is_not_degenerate(reference, tokens):
 
 
 @pytest.mark.parametrize("dp,ep,tp,rules", [
-    (1, 1, 2, DECODE_RULES), (1, 1, 4, DECODE_RULES),
-    (1, 2, 1, DECODE_RULES), (1, 4, 1, DECODE_RULES), (1, 8, 1, DECODE_RULES),
-    (2, 4, 1, DECODE_RULES), (1, 4, 2, DECODE_RULES), (2, 2, 2, PREFILL_RULES),
+    (1, 1, 2, DECODE_RULES),                              # TP only: no expert dispatch
+    (1, 2, 4, DECODE_RULES), (1, 4, 2, DECODE_RULES),     # ep=2 with tp=4, ep=4 with tp=2
+    (1, 8, 1, DECODE_RULES), (2, 4, 1, DECODE_RULES),     # ep=8; dp x ep
+    (2, 2, 2, PREFILL_RULES),                             # the prefill layout (sequence over ep)
 ], ids=lambda v: v.name if hasattr(v, "name") else str(v))
 def test_sharded_forward_equals_single_device(reference, tokens, ref_logits, dp, ep, tp, rules):
     mesh = _mesh(dp, ep, tp)
