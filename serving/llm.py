@@ -53,9 +53,12 @@ class RequestOutput:
     metrics: RequestMetrics
 
     def to_dict(self) -> dict:
+        """The batch job's output line: id, text, token_ids, finish_reason, error, metrics."""
         d = dataclasses.asdict(self)
         d.pop("prompt_token_ids")
-        return d
+        d["id"] = d.pop("request_id")
+        d["metrics"].pop("arrival_s")  # a process-local clock reading: meaningless in a file
+        return {"id": d.pop("id"), **d}
 
 
 def _metrics(r: Request) -> RequestMetrics:

@@ -1,0 +1,232 @@
+"""Offline batch job: JSONL prompts in, JSONL completions out; resumable.
+
+    python -m serving.batch --input prompts.jsonl --output out.jsonl [--checkpoint DIR]
+        [--mode disagg|colocated] [--prefill_devices N --decode_devices M] [--flagfile FILE]
+
+Input line: {"id": "q1", "prompt": "text" | "prompt_token_ids": [..], <SamplingParams fields>...}
+(`id` defaults to "line-N"). Output line per input line: {"id", "text", "token_ids", "finish_reason",
+"metrics"} or {"id", "line", "error"} for a malformed or invalid input. A rerun skips every id already in the
+output (a torn last line from a kill is cut off first), so nothing is lost or duplicated. Ends with a summary
+of TTFT / TPOT / ITL percentiles and throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+_INPUT = flags.DEFINE_string("input", None, "input JSONL file")
+_OUTPUT = flags.DEFINE_string("output", None, "output JSONL file (appended to; existing ids are skipped)")
+_CKPT = flags.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint dir (default: the shipped model)")
+_MODE = flags.DEFINE_enum("mode", "disagg", ["disagg", "colocated"], "PD disaggregation or one mesh for both")
+_PREFILL_DEVICES = flags.DEFINE_integer("prefill_devices", 1, "devices of the prefill pool (disagg)")
+_DECODE_DEVICES = flags.DEFINE_integer("decode_devices", 1, "devices of the decode pool")
+_PREFILL_MESH = flags.DEFINE_string("prefill_mesh", None, "prefill mesh, e.g. 'tp=2' (default: tp over "
+                                    "--prefill_devices)")
+_DECODE_MESH = flags.DEFINE_string("decode_mesh", None, "decode mesh, e.g. 'ep=4' or 'dp=2,ep=2' (default: ep "
+                                   "over --decode_devices)")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "default max_tokens for lines that do not set it")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "default temperature for lines that do not set it")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size (tokens)")
+_NUM_PAGES = flags.DEFINE_integer("num_pages", 512, "KV pages per engine")
+_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 512, "prompt + generated tokens per request")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "largest decode batch (buckets are powers of two up to it)")
+_PRINT = flags.DEFINE_bool("print_outputs", False, "print each completion as it finishes")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "start the output file afresh instead of resuming")
+_PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+
+
+def read_done_ids(path: str) -> set[str]:
+    """Ids already written to `path`; a torn last line (killed mid-write) is cut off."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        logging.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - keep)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    done = set()
+    for line in data[:keep].splitlines():
+        if line.strip():
+            done.add(str(json.loads(line)["id"]))
+    return done
+
+
+@dataclasses.dataclass
+class Item:
+    line: int
+    id: str
+    prompt: object | None = None
+    params: object | None = None
+    error: str | None = None
+
+
+def parse_line(n: int, raw: str, defaults: dict) -> Item:
+    from serving.sampling import SamplingParams
+
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return Item(n, f"line-{n}", error=f"line {n}: malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(d, dict):
+        return Item(n, f"line-{n}", error=f"line {n}: expected a JSON object, got {type(d).__name__}")
+    rid = str(d.pop("id", f"line-{n}"))
+    if ("prompt" in d) == ("prompt_token_ids" in d):
+        return Item(n, rid, error=f"line {n}: give exactly one of 'prompt' (text) or 'prompt_token_ids'")
+    prompt = d.pop("prompt", None)
+    if prompt is None:
+        prompt = d.pop("prompt_token_ids")
+    elif not isinstance(prompt, str):
+        return Item(n, rid, error=f"line {n}: 'prompt' must be a string")
+    sp = dict(defaults)
+    sp.update(d.pop("sampling", {}) if isinstance(d.get("sampling"), dict) else {})
+    sp.update(d)
+    try:
+        params = SamplingParams.from_dict(sp)
+    except (ValueError, TypeError) as e:
+        return Item(n, rid, error=f"line {n}: {e}")
+    return Item(n, rid, prompt, params)
+
+
+def _pct(xs, q):
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
+
+
+def summarize(outputs, duration: float, n_devices: int, n_decode_devices: int) -> str:
+    ok = [o for o in outputs if o.finish_reason in ("stop", "length")]
+    ttft = [o.metrics.ttft_s for o in ok if o.metrics.ttft_s is not None]
+    tpot = [o.metrics.tpot_s for o in ok if o.metrics.tpot_s is not None]
+    itl = [x for o in ok for x in o.metrics.itl_s]
+    out_toks = sum(o.metrics.output_tokens for o in ok)
+    in_toks = sum(o.metrics.prompt_tokens for o in ok)
+    lines = [f"requests: {len(ok)} completed, {len(outputs) - len(ok)} failed/aborted; {duration:.2f} s",
+             f"throughput: {out_toks / duration:.1f} output tok/s, {(in_toks + out_toks) / duration:.1f} total tok/s, "
+             f"{(in_toks + out_toks) / duration / n_devices:.1f} tok/s/device ({n_devices} devices), "
+             f"{out_toks / duration / n_decode_devices:.1f} output tok/s/decode-device"]
+    for name, xs in (("TTFT", ttft), ("TPOT", tpot), ("ITL", itl)):
+        lines.append(f"{name:5s} ms: mean {np.mean(xs) * 1e3 if xs else float('nan'):8.2f}  "
+                     f"p50 {_pct(xs, 50) * 1e3:8.2f}  p90 {_pct(xs, 90) * 1e3:8.2f}  p99 {_pct(xs, 99) * 1e3:8.2f}")
+    return "\n".join(lines)
+
+
+def default_mesh(kind: str, n: int, cfg) -> str:
+    """tp over heads for prefill, ep over experts for decode — when they divide; else data parallel."""
+    if kind == "prefill":
+        return f"tp={n}" if cfg.num_attention_heads % n == 0 else f"dp={n}"
+    return f"ep={n}" if cfg.n_routed_experts % n == 0 else f"dp={n}"
+
+
+def run(argv_unused=None) -> int:
+    from serving.engine import EngineConfig
+    from serving.llm import LLM, output_of
+    from model.config import ModelConfig
+    from serving.llm import DEFAULT_CHECKPOINT
+
+    if not _INPUT.value or not _OUTPUT.value:
+        raise app.UsageError("--input and --output are required")
+    if not os.path.exists(_INPUT.value):
+        raise app.UsageError(f"--input {_INPUT.value} does not exist")
+    ckpt = _CKPT.value or DEFAULT_CHECKPOINT
+    mcfg = ModelConfig.from_hf(ckpt)
+    if _OVERWRITE.value and os.path.exists(_OUTPUT.value):
+        os.remove(_OUTPUT.value)
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+    done = read_done_ids(_OUTPUT.value)
+    defaults = {"max_tokens": _MAX_TOKENS.value, "temperature": _TEMPERATURE.value}
+    items, seen = [], set(done)
+    with open(_INPUT.value) as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            it = parse_line(n, raw, defaults)
+            if it.id in done:
+                continue
+            if it.id in seen and it.error is None:
+                it.error = f"line {n}: duplicate id {it.id!r}"
+            seen.add(it.id)
+            items.append(it)
+    if done:
+        print(f"resuming: {len(done)} ids already in {_OUTPUT.value}, {len(items)} to go", flush=True)
+
+    buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < _MAX_BATCH.value) + (_MAX_BATCH.value,)
+    ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=_MAX_MODEL_LEN.value,
+                      decode_buckets=buckets, decode_steps=_DECODE_STEPS.value)
+    disagg = _MODE.value == "disagg"
+    dmesh = _DECODE_MESH.value or default_mesh("decode", _DECODE_DEVICES.value, mcfg)
+    pmesh = (_PREFILL_MESH.value or default_mesh("prefill", _PREFILL_DEVICES.value, mcfg)) if disagg else None
+    t0 = time.perf_counter()
+    llm = LLM(ckpt, mode=_MODE.value, prefill_mesh=pmesh, decode_mesh=dmesh, engine_config=ec)
+    n_dec = llm.decode_engine.mesh.devices.size
+    n_dev = n_dec + (llm.prefill_engine.mesh.devices.size if disagg else 0)
+    print(f"model {ckpt}: {_MODE.value}, decode mesh {dmesh}" + (f", prefill mesh {pmesh}" if disagg else "")
+          + f"; engines ready in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    progress = None
+    if _PROGRESS.value:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(items), unit="req", file=sys.stderr, dynamic_ncols=True)
+    outputs = []
+    out = open(_OUTPUT.value, "a")
+
+    def write(obj):
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+        if progress is not None:
+            progress.update(1)
+
+    by_id = {}
+    t_start = time.perf_counter()
+    pending = list(items)
+    window = 4 * ec.max_batch  # requests in flight at once: bounded memory for any input size
+    try:
+        while pending or llm.scheduler.has_work():
+            while pending and len(by_id) < window:
+                it = pending.pop(0)
+                if it.error is None:
+                    try:
+                        req = llm.make_request(it.prompt, it.params, request_id=it.id)
+                        llm.scheduler.add(req)
+                        by_id[it.id] = it
+                        continue
+                    except ValueError as e:
+                        it.error = f"line {it.line}: {e}"
+                write({"id": it.id, "line": it.line, "error": it.error})
+            for ev in llm.step():
+                if ev.finished and ev.request.id in by_id:
+                    o = output_of(ev.request)
+                    outputs.append(o)
+                    by_id.pop(o.request_id)
+                    write(o.to_dict())
+                    if _PRINT.value:
+                        msg = o.text if llm.tokenizer else o.token_ids
+                        (progress.write if progress else print)(f"[{o.request_id}] {msg!r} ({o.finish_reason})")
+    finally:
+        out.close()
+        if progress is not None:
+            progress.close()
+        llm.close()
+    duration = time.perf_counter() - t_start
+    if outputs:
+        print(summarize(outputs, duration, n_dev, n_dec), flush=True)
+    pages = llm.page_stats()
+    print("KV pages after drain: " + ", ".join(f"{k}: {v['free']}/{v['total']} free" for k, v in pages.items()))
+    return 0
+
+
+def main(argv):
+    del argv
+    return run()
+
+
+if __name__ == "__main__":
+    app.run(main)
