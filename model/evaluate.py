@@ -1,0 +1,133 @@
+"""Held-out evaluation of an HF-layout checkpoint: perplexity (f32 and bf16 compute) and the MTP head's t+2 accuracy.
+
+    python -m model.evaluate --checkpoint assets/shakespeare-moe --text assets/shakespeare-moe/heldout_sample.txt
+    python -m model.evaluate --checkpoint assets/shakespeare-moe --text FILE --max_tokens 20000 --context 128
+
+The checkpoint is loaded through `checkpoints.load` (once per compute dtype) and the tokenizer from its
+`tokenizer.json`. The text is tokenized as one document (`bos` + tokens) and cut into consecutive windows of
+`--context` inputs; each window is fed from position 0 (no state carried across windows), so every scored token sees
+between 0 and context-1 tokens of context — the setting the shipped model was trained in.
+
+Reported per dtype:
+  * perplexity = exp(mean next-token NLL) over every token after the first;
+  * main head top-1 accuracy for t+1;
+  * MTP top-1 accuracy for t+2: the MTP module gets h_t and the true token t+1 and predicts t+2 (as in training);
+  * unigram baseline for t+2: always predict the most frequent token of the evaluated text (an oracle unigram,
+    so a generous baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def load_tokenizer(checkpoint: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(checkpoint, "tokenizer.json"))
+
+
+def encode(tok, text: str, bos_id: int | None) -> np.ndarray:
+    ids = tok.encode(text).ids
+    return np.asarray(([bos_id] if bos_id is not None else []) + ids, dtype=np.int32)
+
+
+@partial(jax.jit, static_argnums=0)
+def _window_stats(graphdef, state, tokens_BT):
+    """Sums over the window of: next-token NLL, t+1 hits, t+2 MTP hits (with counts of scored positions)."""
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    B, T = tokens_BT.shape
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, hidden, _ = model.forward(tokens_BT, pos)
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(lp, tokens_BT[:, 1:, None], -1).sum()
+    hit1 = (logits[:, :-1].argmax(-1) == tokens_BT[:, 1:]).sum()
+    if len(model.mtp) == 0 or T < 3:
+        return nll, hit1, jnp.int32(0)
+    mtp_logits, _, _ = model.mtp_forward(hidden[:, :-2], tokens_BT[:, 1:-1], pos[:, :-2])
+    hit2 = (mtp_logits.argmax(-1) == tokens_BT[:, 2:]).sum()
+    return nll, hit1, hit2
+
+
+def evaluate(model, ids: np.ndarray, context: int = 128, batch: int = 8) -> dict:
+    """Perplexity, t+1 and MTP t+2 top-1 accuracy of `model` over token ids `ids` in windows of `context` inputs.
+
+    Windows overlap by one token so every token after the first is scored once for t+1; the t+2 target of a window's
+    last two positions is scored in the next window.
+    """
+    from flax import nnx
+
+    if len(ids) < 3:
+        raise ValueError("need at least 3 tokens")
+    graphdef, state = nnx.split(model)
+    starts = list(range(0, len(ids) - 1, context))
+    full = [s for s in starts if s + context + 1 <= len(ids)]
+    tail = [s for s in starts if s not in full]
+    nll = hit1 = hit2 = n1 = n2 = 0
+    for group, length in ((full, context + 1), (tail, None)):
+        for i in range(0, len(group), batch):
+            chunk = group[i:i + batch]
+            L = length or len(ids) - chunk[0]
+            x = np.stack([ids[s:s + L] for s in chunk])
+            a, b, c = _window_stats(graphdef, state, jnp.asarray(x))
+            nll, hit1, hit2 = nll + float(a), hit1 + int(b), hit2 + int(c)
+            n1 += x.shape[0] * (L - 1)
+            n2 += x.shape[0] * max(L - 2, 0)
+    # Unigram baseline for t+2: the most frequent target token, scored over the same t+2 targets.
+    targets = np.concatenate([ids[s + 2:min(s + context + 1, len(ids))] for s in starts])
+    uni = np.bincount(targets).max() / max(len(targets), 1)
+    return {"tokens_scored": n1, "nll": nll / n1, "perplexity": float(np.exp(nll / n1)), "top1_t+1": hit1 / n1,
+            "mtp_top1_t+2": (hit2 / n2) if n2 and len(model.mtp) else None, "mtp_positions": n2,
+            "unigram_top1_t+2": float(uni)}
+
+
+def main(argv=None):
+    import argparse
+
+    import checkpoints
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="HF-layout checkpoint directory (with tokenizer.json)")
+    ap.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
+    ap.add_argument("--max_tokens", type=int, default=0, help="score only the first N tokens (0: all)")
+    ap.add_argument("--context", type=int, default=128, help="inputs per window")
+    ap.add_argument("--batch", type=int, default=8, help="windows per forward")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, comma-separated")
+    ap.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    cfg = json.load(open(os.path.join(args.checkpoint, "config.json")))
+    tok = load_tokenizer(args.checkpoint)
+    with open(args.text, encoding="utf-8") as f:
+        ids = encode(tok, f.read(), cfg.get("bos_token_id"))
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    print(f"checkpoint {args.checkpoint}; text {args.text}: {len(ids)} tokens; context {args.context}")
+    results = {}
+    for name in args.dtypes.split(","):
+        t0 = time.time()
+        model = checkpoints.load(args.checkpoint, dtype=getattr(jnp, name))
+        r = evaluate(model, ids, args.context, args.batch)
+        r["seconds"] = round(time.time() - t0, 2)
+        results[name] = r
+        mtp = "n/a" if r["mtp_top1_t+2"] is None else f"{r['mtp_top1_t+2']:.4f}"
+        print(f"{name:>8}: perplexity {r['perplexity']:.3f} (nll {r['nll']:.4f}) over {r['tokens_scored']} tokens; "
+              f"top-1 t+1 {r['top1_t+1']:.4f}; MTP top-1 t+2 {mtp} (unigram baseline "
+              f"{r['unigram_top1_t+2']:.4f}); {r['seconds']}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
