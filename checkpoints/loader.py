@@ -5,6 +5,12 @@ then has a *plan*: which checkpoint tensors it is made of and how (transpose to 
 experts, dequantize block-fp8). Every tensor is read from its memory map, converted, checked against the declared
 shape and placed straight onto its device(s) before the next one is read, so host memory holds about one tensor
 at a time. Every checkpoint tensor must be consumed by some plan: leftovers are reported as unexpected.
+
+FP4 (`quant="nvfp4" | "mxfp4"`, optionally `"+dense"`): the routed-expert stacks (and with `+dense` the dense MLPs
+and shared experts) are quantized one stack at a time as they are read, and kept packed (`QuantizedTensor`
+values in the model's variables) on their devices. A checkpoint written by `python -m checkpoints.quantize` (or an
+NVIDIA ModelOpt NVFP4 one: `weight` uint8 + `weight_scale` + `weight_scale_2`) loads its packed tensors as they
+are, without re-quantizing; see docs/fp4.md ("Quantized checkpoints").
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from typing import Callable
 
 import jax
@@ -23,6 +30,8 @@ from flax import nnx
 from checkpoints.safetensors_io import Checkpoint, CheckpointError, dtype_name
 from model.config import ModelConfig
 from model.deepseek import DeepseekV3
+from pallas_kernels import formats
+from pallas_kernels.formats import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +156,113 @@ def dequantize_block_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int,
     return w.astype(np.float32) * s
 
 
+# ---- FP4 ----------------------------------------------------------------------------------------------------------
+QUANT_FORMATS = ("nvfp4", "mxfp4")
+QUANT_CHOICES = (None, "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense")
+QUANT_METHOD = "tandem_fp4"  # config.json quantization_config.quant_method of checkpoints.quantize's output
+_EXPERT_TARGET = re.compile(r"(^|\.)mlp\.experts_(gate|up|down)_proj$")
+_DENSE_TARGET = re.compile(r"(^|\.)mlp\.(shared_experts\.)?(gate|up|down)_proj$")
+
+
+def parse_quant(quant: str | None) -> tuple[str | None, bool]:
+    """`quant` -> (format or None, also quantize the dense MLPs and shared experts)."""
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"quant={quant!r} is not a supported quantization; expected one of "
+                         f"{[q for q in QUANT_CHOICES if q]} (or None for the checkpoint's own weights): 'nvfp4' / "
+                         "'mxfp4' quantize the routed experts, '+dense' also the dense MLPs and shared experts")
+    if quant is None:
+        return None, False
+    fmt, _, extra = quant.partition("+")
+    return fmt, extra == "dense"
+
+
+def quantized_target(name: str, dense: bool) -> bool:
+    """Whether Tandem parameter `name` ('layers.3.mlp.experts_gate_proj') is quantized under this option."""
+    return bool(_EXPERT_TARGET.search(name) or (dense and _DENSE_TARGET.search(name)))
+
+
+def _scale_names(weight_name: str) -> tuple[str, str]:
+    base = weight_name[: -len("weight")]
+    return base + "weight_scale", base + "weight_scale_2"
+
+
+def _is_packed(ckpt: Checkpoint, name: str) -> bool:
+    return name in ckpt and ckpt.dtype(name) == np.dtype(np.uint8) and _scale_names(name)[0] in ckpt
+
+
+def _packed_format(ckpt: Checkpoint, name: str) -> str:
+    sname = _scale_names(name)[0]
+    dt = ckpt.dtype(sname)
+    if dt == np.dtype(ml_dtypes.float8_e4m3fn):
+        return "nvfp4"
+    if dt == np.dtype(ml_dtypes.float8_e8m0fnu):
+        return "mxfp4"
+    raise CheckpointError(f"tensor {sname!r} in {ckpt.file_of(sname)} has dtype {dtype_name(dt)}; an FP4 block "
+                          "scale must be F8_E4M3 (nvfp4) or F8_E8M0 (mxfp4)")
+
+
+def read_packed(ckpt: Checkpoint, names: tuple[str, ...], shape: tuple[int, ...], stacked: bool) -> QuantizedTensor:
+    """A QuantizedTensor of logical `shape` ([E, K, N] when `stacked`, else [K, N]) from FP4 checkpoint tensors in
+    HF orientation: per name `weight` uint8 [N, Kp/2] (even K element in the low nibble), `weight_scale`
+    [N, Kp/B] (e4m3: nvfp4, e8m0: mxfp4), `weight_scale_2` fp32 scalar (nvfp4; absent = 1). No re-quantization."""
+    fmt = _packed_format(ckpt, names[0])
+    B = formats.BLOCK_SIZE[fmt]
+    K, N = shape[-2], shape[-1]
+    Kp = -(-K // B) * B
+    codes, scales, ts = [], [], []
+    for n in names:
+        sname, s2name = _scale_names(n)
+        if _packed_format(ckpt, n) != fmt:
+            raise CheckpointError(f"tensor {n!r}: FP4 format differs from {names[0]!r} ({fmt}) in the same stack")
+        c, sc = ckpt.get(n), ckpt.get(sname)
+        if c.shape != (N, Kp // 2) or sc.shape != (N, Kp // B):
+            raise CheckpointError(f"FP4 tensor {n!r} in {ckpt.file_of(n)}: weight {list(c.shape)} / weight_scale "
+                                  f"{list(sc.shape)}, expected [{N}, {Kp // 2}] / [{N}, {Kp // B}] ({fmt}) for a "
+                                  f"[in={K}, out={N}] weight")
+        t = ckpt.get(s2name).astype(np.float32) if s2name in ckpt else np.ones((), np.float32)
+        if t.size != 1:
+            raise CheckpointError(f"tensor {s2name!r} has shape {list(t.shape)}; expected one fp32 tensor scale")
+        codes.append(c), scales.append(sc), ts.append(t.reshape(()))
+    if stacked:
+        c, sc, t = np.stack(codes), np.stack(scales), np.stack(ts)
+    else:
+        c, sc, t = codes[0], scales[0], ts[0]
+    if fmt == "nvfp4":  # NVIDIA ModelOpt's layout is exactly this
+        return formats.from_nvfp4_checkpoint(c, sc, t, in_features=K)
+    return QuantizedTensor(jnp.asarray(np.swapaxes(c, -1, -2)), jnp.asarray(np.swapaxes(sc, -1, -2)),
+                           jnp.asarray(t, jnp.float32), fmt, tuple(shape))
+
+
+def _dequantize_packed(ckpt: Checkpoint, name: str) -> np.ndarray:
+    """A packed FP4 tensor where the model keeps a plain weight (e.g. attention in a ModelOpt checkpoint):
+    dequantized to float32 [out, in]."""
+    N, k2 = ckpt.shape(name)
+    qt = read_packed(ckpt, (name,), (2 * k2, N), stacked=False)
+    return np.asarray(formats.dequantize(qt)).T
+
+
+def checkpoint_quant(path: str) -> dict | None:
+    """The `quantization_config` of an FP4 checkpoint (ours or ModelOpt NVFP4), else None."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            q = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    if q.get("quant_method") == QUANT_METHOD:
+        return q
+    if q.get("quant_method") == "modelopt" and str(q.get("quant_algo", "")).upper() == "NVFP4":
+        return {**q, "format": "nvfp4"}
+    return None
+
+
 def _read(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> np.ndarray:
     if name not in ckpt:
         raise CheckpointError(f"tensor {name!r} is missing from the checkpoint at {ckpt.path}")
     dt = ckpt.dtype(name)
+    if _is_packed(ckpt, name):
+        return _dequantize_packed(ckpt, name)
     if dt not in _FLOAT_SOURCES:
         raise CheckpointError(f"tensor {name!r} in {ckpt.file_of(name)} has dtype {dtype_name(dt)}; expected a "
                               f"float weight (F32, F16, BF16 or F8_E4M3 with weight_scale_inv)")
@@ -175,11 +287,14 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
     weights are dequantized on load). The router and its correction bias always stay float32. The MTP module is
     loaded when the checkpoint has `model.layers.{num_hidden_layers}.*`; otherwise the model has none.
     `mesh`/`rules` place each weight onto its sharding as it is read (see `sharding.rules`).
+
+    quant: None, "nvfp4" or "mxfp4" (the routed experts; "+dense" also the dense MLPs and shared experts).
+    Quantized weights are `QuantizedTensor`s (packed codes + block scales + tensor scales), quantized one stack at
+    a time and placed like the weight. A quantized checkpoint (`python -m checkpoints.quantize`, or ModelOpt
+    NVFP4) loads packed as stored; `quant` may then be None or must name the checkpoint's format.
     """
     path = os.fspath(path)
-    if quant is not None:
-        raise ValueError(f"quant={quant!r}: FP4 quantization on load is not available yet (no quantizer in this "
-                         "build); load without quant")
+    fmt, dense = parse_quant(quant)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = ModelConfig.from_hf(path)
@@ -193,6 +308,14 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
         cfg = cfg.replace(num_nextn_predict_layers=n_mtp)
     dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype(ckpt)
     block = _block_size(path)
+    stored = checkpoint_quant(path)
+    if stored is not None:
+        if fmt is not None and fmt != stored.get("format"):
+            raise ValueError(f"quant={quant!r} but the checkpoint at {path} is already quantized to "
+                             f"{stored.get('format')!r}; load it with quant=None (or {stored.get('format')!r})")
+        if fmt is None and str(stored.get("modules", "")).endswith("+dense"):
+            dense = True
+        fmt = stored.get("format")
 
     abstract = nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(abstract)
@@ -208,7 +331,8 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
         raise CheckpointError(f"checkpoint at {path} is missing {len(missing)} tensor(s): "
                               + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
     copies = _mtp_copies(cfg)
-    scales = {k for k in ckpt.keys() if k.endswith(".weight_scale_inv")}
+    scales = {k for k in ckpt.keys() if k.endswith((".weight_scale_inv", ".weight_scale", ".weight_scale_2",
+                                                    ".input_scale"))}  # input_scale: FP4 activations, unused
     unexpected = sorted(set(ckpt.keys()) - needed - set(copies) - scales)
     if unexpected:
         raise CheckpointError(f"checkpoint at {path} has {len(unexpected)} unexpected tensor(s) for this config, "
@@ -225,20 +349,29 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
     for key, var in flat.items():
         name = ".".join(map(str, key))
         p = plan[name]
-        arr = p.build([_read(ckpt, s, block) for s in p.sources])
         want = tuple(var.value.shape)
+        axes = var.get_metadata().get("axes")
+        # Stored packed (our quantized checkpoints, ModelOpt NVFP4) where the model can hold FP4: load as stored.
+        if quantized_target(name, True) and p.build in (_t, _stack_t) and all(_is_packed(ckpt, s)
+                                                                               for s in p.sources):
+            var.value = place(read_packed(ckpt, p.sources, want, stacked=p.build is _stack_t), axes)
+            continue
+        arr = p.build([_read(ckpt, s, block) for s in p.sources])
         if arr.shape != want:
             src = p.sources[0]
             raise CheckpointError(f"tensor {src!r} in {ckpt.file_of(src)} has shape {list(ckpt.shape(src))}, "
                                   f"which does not fit {name} {list(want)} for this config")
-        var.value = place(arr.astype(var.value.dtype), var.get_metadata().get("axes"))
+        if fmt is not None and quantized_target(name, dense):  # one stack at a time, kept packed
+            var.value = place(formats.quantize(jnp.asarray(arr, jnp.float32), fmt), axes)
+        else:
+            var.value = place(arr.astype(var.value.dtype), axes)
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     return model
 
 
 def _placer(mesh, rules):
     if mesh is None:
-        return lambda arr, axes: jnp.asarray(arr)
-    from sharding.rules import logical_sharding
+        return lambda value, axes: jax.tree.map(jnp.asarray, value)
+    from sharding.apply import variable_sharding
 
-    return lambda arr, axes: jax.device_put(arr, logical_sharding(axes, mesh, rules))
+    return lambda value, axes: jax.device_put(value, variable_sharding(value, axes, mesh, rules))

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.formats import QuantizedTensor
+
 
 class Buffer(nnx.Variable):
     """A non-trainable model array (e.g. the router's `e_score_correction_bias`); optimizers skip it."""
@@ -29,6 +31,25 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
     else:
         raise ValueError(f"unknown init {init!r}")
     return kind(value, axes=tuple(axes))
+
+
+def matmul(x_MK: jax.Array, w_KN) -> jax.Array:
+    """``x[..., K] @ w[K, N]`` for a plain weight or an FP4 `QuantizedTensor` (packed; `fp4_matmul`)."""
+    if isinstance(w_KN, QuantizedTensor):
+        from pallas_kernels.fp4_matmul import fp4_matmul
+
+        return fp4_matmul(x_MK, w_KN)
+    return jnp.einsum("...k,kn->...n", x_MK, w_KN)
+
+
+def grouped_matmul(x_MK: jax.Array, w_EKN, group_sizes_E: jax.Array) -> jax.Array:
+    """``lax.ragged_dot(x, w, group_sizes)`` (rows sorted by expert) for a plain [E, K, N] weight or an FP4
+    `QuantizedTensor` (`fp4_grouped_matmul`, same semantics). Layers call this and never branch on dtype."""
+    if isinstance(w_EKN, QuantizedTensor):
+        from pallas_kernels.fp4_matmul import fp4_grouped_matmul
+
+        return fp4_grouped_matmul(x_MK, w_EKN, group_sizes_E)
+    return jax.lax.ragged_dot(x_MK, w_EKN, group_sizes_E)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -56,6 +77,7 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (hidden, dim), (axis, "embed"), dtype)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        g_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate_proj[...])
-        u_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up_proj[...])
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(g_BTF) * u_BTF, self.down_proj[...])
+        # get_value(): a weight is an array or, in a quantized model, an FP4 QuantizedTensor (see `matmul`).
+        g_BTF = matmul(x_BTD, self.gate_proj.get_value())
+        u_BTF = matmul(x_BTD, self.up_proj.get_value())
+        return matmul(jax.nn.silu(g_BTF) * u_BTF, self.down_proj.get_value())

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import MLP, Buffer, param
+from model.layers import MLP, Buffer, grouped_matmul, param
 
 
 def route(logits_NE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -43,10 +43,11 @@ def route(logits_NE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) -> tuple[ja
 
 
 def expert_ffn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD) -> jax.Array:
-    """SwiGLU of rows x_MD sorted by expert, group_sizes_E rows per expert: one grouped matmul per weight."""
-    g_MF = jax.lax.ragged_dot(x_MD, gate_EDF, group_sizes_E)
-    u_MF = jax.lax.ragged_dot(x_MD, up_EDF, group_sizes_E)
-    return jax.lax.ragged_dot(jax.nn.silu(g_MF) * u_MF, down_EFD, group_sizes_E)
+    """SwiGLU of rows x_MD sorted by expert, group_sizes_E rows per expert: one grouped matmul per weight.
+    Weights are [E, K, N] arrays or FP4 `QuantizedTensor`s (`model.layers.grouped_matmul` handles both)."""
+    g_MF = grouped_matmul(x_MD, gate_EDF, group_sizes_E)
+    u_MF = grouped_matmul(x_MD, up_EDF, group_sizes_E)
+    return grouped_matmul(jax.nn.silu(g_MF) * u_MF, down_EFD, group_sizes_E)
 
 
 def routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD) -> jax.Array:
@@ -93,8 +94,8 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, "expert_counts",
                      jnp.bincount(idx_NX.reshape(-1), length=self.cfg.n_routed_experts))
         experts = routed_experts if self.dispatch is None else self.dispatch
-        y_ND = experts(x_ND, w_NX, idx_NX, self.experts_gate_proj[...], self.experts_up_proj[...],
-                       self.experts_down_proj[...])
+        y_ND = experts(x_ND, w_NX, idx_NX, self.experts_gate_proj.get_value(), self.experts_up_proj.get_value(),
+                       self.experts_down_proj.get_value())  # arrays, or QuantizedTensors in a quantized model
         y_BTD = y_ND.reshape(B, T, D)
         if self.shared_experts is not None:
             y_BTD = y_BTD + self.shared_experts(x_BTD)

@@ -15,8 +15,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.moe import MoE
+from pallas_kernels.formats import QuantizedTensor
 from sharding.moe_ep import EPDispatch
-from sharding.rules import AxisRules, DECODE_RULES, logical_sharding
+from sharding.rules import AxisRules, DECODE_RULES, RulesError, logical_sharding
 
 
 def expert_dispatch(mesh: Mesh, rules: AxisRules, capacity_factor: float = 2.0) -> EPDispatch | None:
@@ -34,6 +35,26 @@ def install_dispatch(model: nnx.Module, dispatch: EPDispatch | None) -> None:
             node.dispatch = dispatch
 
 
+def variable_sharding(value, axes, mesh: Mesh, rules: AxisRules | None = None):
+    """The sharding of a variable's value: `logical_sharding(axes)` for an array; for an FP4 `QuantizedTensor`
+    of logical axes (..., K, N) a QuantizedTensor of shardings: codes [..., Kp/2, N] and block scales
+    [..., Kp/B, N] are split like the weight (the packed K axis keeps K's logical name), the tensor scales [...]
+    like its leading axes. A split K axis must give every shard whole blocks."""
+    if not isinstance(value, QuantizedTensor):
+        return logical_sharding(axes, mesh, rules)
+    s = logical_sharding(axes, mesh, rules)
+    ts = logical_sharding(None if axes is None else tuple(axes)[:-2], mesh, rules)
+    k_part = (tuple(s.spec) + (None,) * len(value.shape))[len(value.shape) - 2]
+    names = () if k_part is None else (k_part,) if isinstance(k_part, str) else tuple(k_part)
+    n = 1
+    for a in names:
+        n *= mesh.shape[a]
+    if n > 1 and (value.K % (value.block_size * n) or value.scales.shape[-2] % n):
+        raise RulesError(f"FP4 weight of shape {value.shape} ({value.fmt}, blocks of {value.block_size} along K): "
+                         f"K={value.K} does not split into whole blocks over mesh axes {names} ({n} shards)")
+    return QuantizedTensor(s, s, ts, value.fmt, value.shape)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: AxisRules = DECODE_RULES, *,
                 capacity_factor: float = 2.0) -> nnx.Module:
     """Place every variable of `model` on `logical_sharding(its axes, mesh, rules)` and install `EPDispatch` on
@@ -42,7 +63,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: AxisRules = DECODE_RULES, 
         if isinstance(node, nnx.Variable):
             axes = node.get_metadata().get("axes")
             try:
-                sharding = logical_sharding(axes, mesh, rules)
+                sharding = variable_sharding(node.get_value(), axes, mesh, rules)
             except ValueError as e:
                 raise type(e)(f"{'.'.join(map(str, path))}: {e}") from None
             node.set_value(jax.device_put(node.get_value(), sharding))

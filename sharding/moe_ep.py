@@ -29,6 +29,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from model.moe import expert_ffn, routed_experts
+from pallas_kernels.formats import QuantizedTensor
 
 
 def _axes(mesh: Mesh, axes) -> tuple[str, ...]:
@@ -37,11 +38,31 @@ def _axes(mesh: Mesh, axes) -> tuple[str, ...]:
     return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
+def _weight_spec(w, spec: P):
+    """shard_map spec of an expert weight: `spec` for an array; for an FP4 QuantizedTensor the same spec for its
+    codes and block scales and the expert axis for its per-expert tensor scales."""
+    if isinstance(w, QuantizedTensor):
+        return QuantizedTensor(spec, spec, P(spec[0]), w.fmt, w.shape)
+    return spec
+
+
+def _local_weight(w):
+    """Inside shard_map: a QuantizedTensor's static logical shape is the global one; give it this shard's
+    (experts and N from the local arrays; K is the global K unless the packed K axis was split)."""
+    if not isinstance(w, QuantizedTensor):
+        return w
+    *lead, k2, n = w.codes.shape
+    B = w.block_size
+    K = w.K if 2 * k2 == -(-w.K // B) * B else 2 * k2
+    return QuantizedTensor(w.codes, w.scales, w.tensor_scale, w.fmt, (*lead, K, n))
+
+
 def _local_experts(x_MD, e_M, n_local: int, gate_EDF, up_EDF, down_EFD):
     """Rows x_MD through local expert e_M (0..n_local-1; -1 = empty slot -> 0): one sorted grouped matmul."""
     key_M = jnp.where(e_M >= 0, e_M, n_local)                  # empty slots sort last, outside every group
     order = jnp.argsort(key_M, stable=True)
     sizes_E = jnp.bincount(key_M, length=n_local + 1)[:n_local].astype(jnp.int32)
+    gate_EDF, up_EDF, down_EFD = map(_local_weight, (gate_EDF, up_EDF, down_EFD))  # arrays or FP4 weights
     y_sorted = expert_ffn(x_MD[order], sizes_E, gate_EDF, up_EDF, down_EFD)
     y_MD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
     return jnp.where((e_M >= 0)[:, None], y_MD, jnp.zeros((), y_MD.dtype))
@@ -181,8 +202,10 @@ class EPDispatch:
 
         tok_spec = P(tok or None)
         f = jax.shard_map(body, mesh=self.mesh,
-                          in_specs=(tok_spec, tok_spec, tok_spec, tok_spec, P(ep or None, None, ffn_spec),
-                                    P(ep or None, None, ffn_spec), P(ep or None, ffn_spec, None)),
+                          in_specs=(tok_spec, tok_spec, tok_spec, tok_spec,
+                                    _weight_spec(gate_EDF, P(ep or None, None, ffn_spec)),
+                                    _weight_spec(up_EDF, P(ep or None, None, ffn_spec)),
+                                    _weight_spec(down_EFD, P(ep or None, ffn_spec, None))),
                           out_specs=tok_spec)
         y_ND = f(x_ND, w_NX, idx_NX, valid_N, gate_EDF, up_EDF, down_EFD)
         return y_ND[:N] if pad else y_ND
