@@ -1,0 +1,468 @@
+"""A PD worker process: one JAX process, one Engine, a KV transfer server and a ZeroMQ control endpoint.
+
+    python -m serving.worker --role=prefill --port=7101 --checkpoint=DIR [--devices=1 --mesh=tp=1]
+    python -m serving.worker --role=decode  --port=7201 --checkpoint=DIR
+
+Roles (see docs/pd_multiprocess.md):
+- prefill: `prefill` -> run the prompt, *lease* its pages, offer the latent pages + hidden state on the transport
+  under the router's uuid, answer `offered` (layout, checksums, first token). The lease ends on `release` (ack),
+  on expiry (`--lease_s`), or on `abort`; the pages go back to the free list then.
+- decode: `decode` with an offer -> pull it (into the offered layout, bounded by `--pull_timeout_s`), verify the
+  checksums, reshard onto the decode mesh, hand it to the continuous-batching Scheduler; without an offer ->
+  prefill locally (colocated path). New tokens stream back as `tokens` messages.
+
+One thread runs the control loop and the engine; pulls run on their own threads. Bad messages are answered with
+`error` and logged; the worker stays up. After every iteration the page invariant free + used + leased == total
+is checked (exported in `health_ok`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid as uuidlib
+
+import numpy as np
+
+log = logging.getLogger("serving.worker")
+
+
+@dataclasses.dataclass
+class Lease:
+    uuid: int
+    rid: str
+    pages: list[int]
+    expiry: float
+    ident: bytes
+
+
+class Worker:
+    def __init__(self, role: str, engine, *, host: str = "127.0.0.1", port: int = 0, transport=None,
+                 token: str | None = None, lease_s: float = 30.0, pull_timeout_s: float = 20.0,
+                 verify_checksums: bool = True, eos_ids=(), fault_pull_delay_s: float = 0.0):
+        import zmq
+
+        from serving.scheduler import Scheduler
+        from serving.transfer import make_transport
+
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role={role!r}: expected 'prefill' or 'decode'")
+        self.role, self.engine, self.token = role, engine, token
+        self.lease_s, self.pull_timeout_s, self.verify = lease_s, pull_timeout_s, verify_checksums
+        self.fault_pull_delay_s = fault_pull_delay_s
+        self.transport = transport or make_transport("jax", host)
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        if port:
+            self.sock.bind(f"tcp://{host}:{port}")
+        else:
+            port = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.address = f"{host}:{port}"
+        self.incarnation = uuidlib.uuid4().hex[:12]
+        self.metrics = collections.Counter()
+        self.invariant_ok = True
+        self._stop = threading.Event()
+        # prefill role
+        self._jobs: collections.deque = collections.deque()
+        self.leases: dict[int, Lease] = {}
+        # decode role
+        self.scheduler = Scheduler(engine, None, eos_ids=eos_ids) if role == "decode" else None
+        self._owner: dict[str, bytes] = {}
+        self._pulls: dict[str, dict] = {}              # rid -> pending pull state
+        self._pulled: queue.Queue = queue.Queue()
+
+    # ---- wire -----------------------------------------------------------------------------------------------------
+    def send(self, ident: bytes, type_: str, **fields) -> None:
+        import zmq
+
+        from serving.protocol import encode_message
+
+        try:
+            self.sock.send_multipart([ident, encode_message(type_, self.token, **fields)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # peer gone / HWM: the router's timeouts cover a lost message
+            log.warning("send %s to %r failed: %s", type_, ident, e)
+
+    def _recv_all(self) -> None:
+        import zmq
+
+        from serving.protocol import ProtocolError, decode_message
+
+        for _ in range(256):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident = frames[0]
+            if len(frames) != 2:
+                self.metrics["rejected_malformed"] += 1
+                log.warning("rejected malformed message from %r: %d frames", ident, len(frames))
+                self.send(ident, "error", error=f"malformed message: expected 1 frame, got {len(frames) - 1}",
+                          kind="malformed")
+                continue
+            try:
+                msg = decode_message(frames[1], self.token)
+                self._handle(ident, msg)
+            except ProtocolError as e:
+                self.metrics[f"rejected_{e.kind}"] += 1
+                log.warning("rejected message from %r: %s", ident, e)
+                self.send(ident, "error", error=str(e), kind=e.kind)
+            except Exception as e:  # a handler bug on one message never takes the worker down
+                self.metrics["handler_errors"] += 1
+                log.exception("handling a message from %r failed", ident)
+                self.send(ident, "error", error=f"{type(e).__name__}: {e}", kind="internal",
+                          rid=msg.get("rid") if isinstance(msg, dict) else None)
+
+    # ---- state ----------------------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        a = self.engine.allocator
+        load = {"queued": len(self._jobs), "leases": len(self.leases)}
+        if self.scheduler is not None:
+            s = self.scheduler
+            load.update(running=len(s.running), waiting=len(s.waiting) + len(s._ready) + len(s.prefilling),
+                        pulling=len(self._pulls))
+        ec, mc = self.engine.cfg, self.engine.model_cfg
+        return dict(role=self.role, worker=self.address, incarnation=self.incarnation, ready=True,
+                    pages={"free": a.free, "used": a.used, "leased": a.leased, "total": a.total},
+                    invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
+                    engine={"page_size": ec.page_size, "max_model_len": ec.max_model_len,
+                            "cache_shape": list(self.engine.cache_shape), "cache_dtype": str(self.engine.cache.dtype),
+                            "vocab_size": mc.vocab_size, "eos_ids": list(mc.eos_token_ids),
+                            "transport": self.transport.name, "transfer_addr": self.transport.address})
+
+    def _make_request(self, msg: dict, limit: int | None = None):
+        from serving.protocol import ProtocolError, sampling_from_wire
+        from serving.scheduler import Request
+
+        prompt = np.asarray(msg["prompt"], np.int32)
+        ec, vocab = self.engine.cfg, self.engine.model_cfg.vocab_size
+        if not 0 < len(prompt) < ec.max_model_len:
+            raise ProtocolError("malformed", f"prompt of {len(prompt)} tokens (max_model_len {ec.max_model_len})")
+        if prompt.min() < 0 or prompt.max() >= vocab:
+            raise ProtocolError("malformed", f"prompt token ids outside the vocabulary [0, {vocab})")
+        params = sampling_from_wire(msg["sampling"])
+        if params.seed is None:
+            raise ProtocolError("malformed", "sampling.seed must be resolved by the router")
+        limit = ec.max_model_len - len(prompt) if limit is None else min(limit, ec.max_model_len - len(prompt))
+        if limit < 1:
+            raise ProtocolError("malformed", f"limit {limit}: nothing to generate")
+        return Request(id=msg["rid"], prompt_ids=prompt, params=params, seed=params.seed, limit=limit)
+
+    # ---- dispatch -------------------------------------------------------------------------------------------------
+    def _handle(self, ident: bytes, msg: dict) -> None:
+        from serving.protocol import ProtocolError
+
+        t = msg["type"]
+        if t in ("health", "stats"):
+            self.send(ident, "health_ok", **self.health())
+        elif t == "abort":
+            self._abort(msg["rid"])
+        elif self.role == "prefill" and t == "prefill":
+            req = self._make_request(msg)
+            if any(l.uuid == msg["uuid"] for l in self.leases.values()):
+                raise ProtocolError("malformed", f"uuid {msg['uuid']} is already offered")
+            self._jobs.append((ident, req, msg["uuid"]))
+        elif self.role == "prefill" and t == "release":
+            self._end_lease(msg["uuid"], consumed=bool(msg.get("consumed", True)), why="release")
+            self.send(ident, "released", uuid=msg["uuid"])
+        elif self.role == "decode" and t == "decode":
+            self._start_decode(ident, msg)
+        else:
+            raise ProtocolError("malformed", f"{t!r} is not a request a {self.role} worker serves")
+
+    def _abort(self, rid: str) -> None:
+        self.metrics["aborts"] += 1
+        if self.role == "prefill":
+            self._jobs = collections.deque(j for j in self._jobs if j[1].id != rid)
+            for l in [l for l in self.leases.values() if l.rid == rid]:
+                self._end_lease(l.uuid, consumed=False, why="abort")
+        else:
+            p = self._pulls.get(rid)
+            if p is not None:
+                p["aborted"] = True
+            self.scheduler.abort(rid)
+            self._owner.pop(rid, None)
+
+    # ---- prefill role ---------------------------------------------------------------------------------------------
+    def _prefill_one(self) -> None:
+        from serving.transfer import layout_of, offerable, page_checksums
+
+        ident, req, uuid = self._jobs[0]
+        eng = self.engine
+        n = eng.pages_needed(len(req.prompt_ids))
+        if n > eng.allocator.total:
+            self._jobs.popleft()
+            self.send(ident, "error", rid=req.id, error=f"prompt needs {n} pages; the prefill cache has "
+                      f"{eng.allocator.total}", kind="capacity")
+            return
+        if not eng.allocator.can_allocate(n):
+            return  # saturated: leases must end (ack / expiry) first
+        self._jobs.popleft()
+        pages = eng.allocator.allocate(n)
+        try:
+            t0 = time.perf_counter()
+            out = eng.prefill(req.prompt_ids, pages, req.sampling_row())
+            prefix = eng.extract(pages, len(req.prompt_ids), out)
+            arrays = [offerable(prefix.pages), offerable(prefix.hidden)]
+            sums = page_checksums(np.asarray(arrays[0]))
+            prefill_s = time.perf_counter() - t0
+            eng.allocator.lease(pages)
+            self.transport.offer(uuid, arrays)
+        except Exception as e:
+            eng.allocator.release(pages)
+            log.exception("prefill of %s failed", req.id)
+            self.send(ident, "error", rid=req.id, error=f"prefill failed: {e}", kind="prefill")
+            return
+        self.leases[uuid] = Lease(uuid, req.id, pages, time.monotonic() + self.lease_s, ident)
+        self.metrics["offers"] += 1
+        offer = {"transport": self.transport.name, "addr": self.transport.address, "uuid": uuid,
+                 "arrays": [layout_of(a) for a in arrays], "n_pages": prefix.n_pages, "length": prefix.length,
+                 "first_token": int(prefix.first_token), "checksums": sums, "prefill_s": prefill_s,
+                 "draft": int(prefix.draft), "draft_q": None if prefix.draft_q is None else
+                 np.asarray(prefix.draft_q, np.float32).tobytes(),
+                 "lease_s": self.lease_s, "worker": self.address}
+        self.send(ident, "offered", rid=req.id, uuid=uuid, offer=offer)
+
+    def _end_lease(self, uuid: int, consumed: bool, why: str) -> None:
+        l = self.leases.pop(uuid, None)
+        if l is None:
+            return
+        self.transport.release(uuid, consumed=consumed)
+        self.engine.allocator.release(l.pages)   # drops the lease and frees the pages
+        self.metrics[f"leases_ended_{why}"] += 1
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for l in [l for l in self.leases.values() if l.expiry <= now]:
+            log.warning("lease of offer %d (%s) expired unacknowledged: pages %s back to the free list", l.uuid,
+                        l.rid, l.pages)
+            self._end_lease(l.uuid, consumed=False, why="expired")
+
+    # ---- decode role ----------------------------------------------------------------------------------------------
+    def _start_decode(self, ident: bytes, msg: dict) -> None:
+        from serving.protocol import ProtocolError
+
+        req = self._make_request(msg, msg["limit"])
+        rid = req.id
+        if rid in self._owner:
+            raise ProtocolError("malformed", f"request {rid!r} is already in flight here")
+        offer = msg.get("offer")
+        self._owner[rid] = ident
+        if offer is None:
+            self.metrics["local_prefills"] += 1
+            self.scheduler.add(req)
+        else:
+            if not isinstance(offer, dict):
+                raise ProtocolError("malformed", "'offer' must be a map")
+            missing = [k for k in ("addr", "uuid", "arrays", "n_pages", "length", "first_token", "checksums")
+                       if k not in offer]
+            if missing:
+                self._owner.pop(rid, None)
+                raise ProtocolError("malformed", f"offer lacks {missing}")
+            if offer.get("transport", self.transport.name) != self.transport.name:
+                self._owner.pop(rid, None)
+                raise ProtocolError("malformed", f"offer over {offer.get('transport')!r}; this worker speaks "
+                                    f"{self.transport.name!r}")
+            state = {"aborted": False}
+            self._pulls[rid] = state
+            threading.Thread(target=self._pull, args=(req, offer, state), name=f"pull-{rid}", daemon=True).start()
+        self.send(ident, "accepted", rid=rid)
+
+    def _pull(self, req, offer: dict, state: dict) -> None:
+        """Pull thread: transport -> offered layout -> checksum -> reshard onto the decode mesh."""
+        from serving.engine import Prefix
+        from serving.transfer import spec_from_wire, verify_pages
+
+        t0 = time.perf_counter()
+        try:
+            if self.fault_pull_delay_s:
+                time.sleep(self.fault_pull_delay_s)  # fault injection (tests): widen the transfer window
+            specs = [spec_from_wire(d) for d in offer["arrays"]]
+            pages, hidden = self.transport.pull(offer["addr"], int(offer["uuid"]), specs, self.pull_timeout_s)
+            if self.verify:
+                verify_pages(np.asarray(pages), offer["checksums"])
+            want = (self.engine.cache_shape[0], pages.shape[1], *self.engine.cache_shape[2:])
+            if tuple(pages.shape) != want or pages.shape[1] not in self.engine.cfg.transfer_buckets:
+                raise ValueError(f"offered pages {list(pages.shape)} do not fit this cache (want {list(want)})")
+            dq = offer.get("draft_q")
+            prefix = self.engine.receive(Prefix(pages, int(offer["n_pages"]), int(offer["length"]),
+                                                int(offer["first_token"]), hidden, int(offer.get("draft") or 0),
+                                                None if dq is None else np.frombuffer(dq, np.float32).copy()))
+            self._pulled.put((req, offer, prefix, None, time.perf_counter() - t0))
+        except Exception as e:
+            self._pulled.put((req, offer, None, f"{type(e).__name__}: {e}", time.perf_counter() - t0))
+
+    def _drain_pulls(self) -> None:
+        while True:
+            try:
+                req, offer, prefix, err, dt = self._pulled.get_nowait()
+            except queue.Empty:
+                return
+            state = self._pulls.pop(req.id, {"aborted": True})
+            ident = self._owner.get(req.id)
+            if err is not None:
+                self.metrics["pull_failures"] += 1
+                if "checksum" in err:
+                    self.metrics["checksum_failures"] += 1
+                log.warning("pull of %s failed: %s", req.id, err)
+            else:
+                self.metrics["pulls"] += 1
+            if state["aborted"] or ident is None:
+                continue
+            self.send(ident, "pulled", rid=req.id, uuid=int(offer["uuid"]), ok=err is None, error=err,
+                      transfer_s=dt, prefill_s=offer.get("prefill_s"))
+            if err is None:
+                req.prefill_start = time.perf_counter() - dt
+                req.prefill_end = time.perf_counter()
+                self.scheduler.add_prefilled(req, prefix)
+            else:
+                self._owner.pop(req.id, None)
+
+    def _decode_step(self) -> None:
+        for ev in self.scheduler.step():
+            rid = ev.request.id
+            ident = self._owner.get(rid)
+            if ident is not None:
+                r = ev.request
+                self.send(ident, "tokens", rid=rid, tokens=[int(t) for t in ev.new_token_ids],
+                          finished=ev.finished, reason=r.finish_reason if ev.finished else None, error=r.error)
+            if ev.finished:
+                self._owner.pop(rid, None)
+                self.scheduler.requests.pop(rid, None)
+
+    # ---- loop -----------------------------------------------------------------------------------------------------
+    def busy(self) -> bool:
+        if self.role == "prefill":
+            return bool(self._jobs) and self.engine.allocator.can_allocate(
+                self.engine.pages_needed(len(self._jobs[0][1].prompt_ids)))
+        return self.scheduler.has_work() or not self._pulled.empty()
+
+    def serve_forever(self) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(0 if self.busy() else 10):
+                self._recv_all()
+            if self.role == "prefill":
+                if self._jobs:
+                    self._prefill_one()
+                self._expire_leases()
+            else:
+                self._drain_pulls()
+                if self.scheduler.has_work():
+                    self._decode_step()
+            try:
+                self.engine.allocator.check()
+            except AssertionError as e:
+                if self.invariant_ok:
+                    log.critical("page invariant violated (free, used, leased, total) = %s", e)
+                self.invariant_ok = False
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.transport.close()
+
+
+# ---- process entry point -----------------------------------------------------------------------------------------
+def _flags():
+    from absl import flags
+
+    f = flags
+    f.DEFINE_enum("role", None, ["prefill", "decode"], "worker role")
+    f.DEFINE_string("host", "127.0.0.1", "address to bind the control endpoint and the transfer server")
+    f.DEFINE_integer("port", 0, "control port (0: pick a free one; printed on the READY line)")
+    f.DEFINE_integer("transfer_port", 0, "KV transfer server port (0: pick a free one)")
+    f.DEFINE_enum("transport", "jax", ["jax", "tcp"], "KV data plane: jax.experimental.transfer or plain TCP")
+    f.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint dir (default: the shipped model)")
+    f.DEFINE_integer("devices", 1, "CPU devices of this process (jax_num_cpu_devices; ignored on GPU/TPU)")
+    f.DEFINE_string("mesh", None, "engine mesh, e.g. 'tp=2' (default: tp over --devices for prefill, ep for "
+                    "decode)")
+    f.DEFINE_integer("page_size", 16, "KV page size (tokens)")
+    f.DEFINE_integer("num_pages", 512, "KV pages of this engine")
+    f.DEFINE_integer("max_model_len", 512, "prompt + generated tokens per request")
+    f.DEFINE_list("prefill_buckets", ["16", "32", "64", "128"], "prefill chunk lengths")
+    f.DEFINE_list("decode_buckets", ["1", "2", "4", "8", "16"], "decode batch sizes")
+    f.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
+    f.DEFINE_float("lease_s", 30.0, "an offered KV lease expires after this many seconds without an ack")
+    f.DEFINE_float("pull_timeout_s", 20.0, "a KV pull that takes longer fails")
+    f.DEFINE_bool("verify_checksums", True, "verify per-page checksums of pulled KV")
+    f.DEFINE_string("token_file", None, "file holding the shared-secret token (default: $TANDEM_TOKEN if set)")
+    f.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache (faster restarts)")
+    f.DEFINE_float("fault_pull_delay_s", 0.0, "fault injection for tests: wait this long before each pull")
+    return flags.FLAGS
+
+
+def read_token(path: str | None) -> str | None:
+    if path:
+        with open(path) as f:
+            return f.read().strip() or None
+    return os.environ.get("TANDEM_TOKEN") or None
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    import jax
+
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", FLAGS.devices)  # before the backend starts; CPU only
+    if FLAGS.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    import jax.numpy as jnp
+
+    import checkpoints
+    from serving.engine import Engine, EngineConfig
+    from serving.llm import DEFAULT_CHECKPOINT, parse_mesh_spec
+    from serving.transfer import make_transport
+    from sharding.rules import DECODE_RULES, PREFILL_RULES
+    from sharding.topology import Topology
+
+    t0 = time.perf_counter()
+    role = FLAGS.role
+    ckpt = FLAGS.checkpoint or DEFAULT_CHECKPOINT
+    model = checkpoints.load(ckpt, dtype=jnp.float32)
+    ec = EngineConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, max_model_len=FLAGS.max_model_len,
+                      prefill_buckets=tuple(int(b) for b in FLAGS.prefill_buckets),
+                      decode_buckets=tuple(int(b) for b in FLAGS.decode_buckets), decode_steps=FLAGS.decode_steps)
+    n = len(jax.devices())   # tp over heads for prefill, ep over experts for decode, when they divide
+    ok = model.cfg.num_attention_heads % n == 0 if role == "prefill" else model.cfg.n_routed_experts % n == 0
+    mesh_spec = FLAGS.mesh or (f"{'tp' if role == 'prefill' else 'ep'}={n}" if ok else f"dp={n}")
+    mesh = Topology.from_devices().allocate(role, **parse_mesh_spec(mesh_spec))
+    engine = Engine(model, ec, mesh=mesh, rules=PREFILL_RULES if role == "prefill" else DECODE_RULES, name=role)
+    token = read_token(FLAGS.token_file)
+    transport = make_transport(FLAGS.transport, FLAGS.host, FLAGS.transfer_port, token)
+    w = Worker(role, engine, host=FLAGS.host, port=FLAGS.port, transport=transport, token=token,
+               lease_s=FLAGS.lease_s, pull_timeout_s=FLAGS.pull_timeout_s, verify_checksums=FLAGS.verify_checksums,
+               eos_ids=model.cfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s)
+    print("TANDEM_WORKER_READY " + json.dumps({"role": role, "control": w.address, "transfer": transport.address,
+                                               "mesh": mesh_spec, "startup_s": round(time.perf_counter() - t0, 2)}),
+          flush=True)
+    try:
+        w.serve_forever()
+    finally:
+        w.close()
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _flags()
+    app.run(main)

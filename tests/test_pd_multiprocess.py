@@ -1,0 +1,374 @@
+"""Multi-process PD: worker processes on 127.0.0.1, the router, leases, checksums, auth and fault tolerance.
+
+Workers are real `python -m serving.worker` processes (1 CPU device each) sharing one small checkpoint and a
+persistent compilation cache; readiness is a control-plane health reply (bounded), never a sleep. Every fault
+test bounds the time until every request has finished or failed with a reason.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import checkpoints
+import hf_reference
+from serving import LLM, EngineConfig, SamplingParams
+from serving.protocol import decode_message, encode_message
+from serving.router import RouterConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKEN = "test-secret-token"
+EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
+                  decode_steps=3)
+PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 40],  # > largest bucket: chunked
+           [3, 1, 4], [9, 2, 6, 5, 35, 8, 9, 7, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+N_NEW = 8
+XLA_CACHE = os.environ.get("TANDEM_TEST_XLA_CACHE", os.path.expanduser("~/.cache/tandem/xla_test_cache"))
+BOUND_S = 50.0   # every request of a fault test ends (finished or failed with a reason) within this
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, role, ckpt, tmp, *extra, port=None):
+        self.role, self.port = role, port or _free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "serving.worker", f"--role={role}", f"--port={self.port}",
+                     f"--checkpoint={ckpt}", "--page_size=8", "--num_pages=48", "--max_model_len=64",
+                     "--prefill_buckets=8,16", "--decode_buckets=2,4", "--decode_steps=3", "--lease_s=15",
+                     "--pull_timeout_s=5", f"--compilation_cache_dir={XLA_CACHE}", *extra]
+        self.log = os.path.join(tmp, f"{role}-{self.port}.log")
+        self.start()
+
+    def start(self):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", TANDEM_TOKEN=TOKEN,
+                   PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+        self.p = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=open(self.log, "a"),
+                                  stderr=subprocess.STDOUT)
+
+    def kill(self):
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(timeout=10)
+
+    def tail(self):
+        with open(self.log) as f:
+            return f.read()[-3000:]
+
+
+def control(addr, msg_type, token=TOKEN, raw=None, timeout=10.0, **fields):
+    """One request/reply on a fresh DEALER (a test acting as a router); returns the decoded reply."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{addr}")
+    try:
+        if raw is not None:
+            s.send_multipart(raw) if isinstance(raw, list) else s.send(raw)
+        else:
+            s.send(encode_message(msg_type, token, **fields))
+        if not s.poll(int(timeout * 1000)):
+            raise TimeoutError(f"{addr}: no reply to {msg_type or 'raw message'} within {timeout}s")
+        return decode_message(s.recv(), TOKEN)
+    finally:
+        s.close(0)
+
+
+def wait_ready(procs, timeout=150.0):
+    end = time.monotonic() + timeout
+    for w in procs:
+        while True:
+            if w.p.poll() is not None:
+                raise RuntimeError(f"{w.role} worker {w.addr} exited ({w.p.returncode}):\n{w.tail()}")
+            try:
+                rep = control(w.addr, "health", timeout=1.0)   # a bounded wait for the reply, then re-ask
+                assert rep["type"] == "health_ok" and rep["role"] == w.role
+                break
+            except TimeoutError:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"{w.role} worker {w.addr} not ready in {timeout}s:\n{w.tail()}")
+
+
+def check_drained(addrs):
+    for a in addrs:
+        h = control(a, "stats")
+        p = h["pages"]
+        assert h["invariant_ok"], (a, p)
+        assert p["free"] + p["used"] + p["leased"] == p["total"], (a, p)
+        assert p["free"] == p["total"] and p["leased"] == 0 and p["used"] == 0, (a, p)
+
+
+def router_cfg(**kw):
+    base = dict(token=TOKEN, heartbeat_s=0.25, dead_after_s=2.0, step_timeout_s=20.0, max_retries=2,
+                unavailable_timeout_s=30.0)
+    base.update(kw)
+    return RouterConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("pd_ckpt"))
+    hf_reference.build(path, dict(num_hidden_layers=2, max_position_embeddings=128), seed=11)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(ckpt, tmp_path_factory):
+    """1 prefill + 2 decode workers, started in parallel (shared by the module)."""
+    tmp = str(tmp_path_factory.mktemp("pd_run"))
+    procs = {"P": Proc("prefill", ckpt, tmp), "D1": Proc("decode", ckpt, tmp), "D2": Proc("decode", ckpt, tmp)}
+    procs["tmp"] = tmp
+    yield procs
+    for k, w in procs.items():
+        if k != "tmp" and w.p.poll() is None:
+            w.kill()
+
+
+@pytest.fixture(scope="module")
+def colocated(ckpt, cluster):
+    """The in-process colocated reference (built while the workers compile)."""
+    model = checkpoints.load(ckpt, dtype=jnp.float32)
+    llm = LLM(model=model, engine_config=EC)
+    wait_ready([w for k, w in cluster.items() if k != "tmp"])
+    yield llm
+    llm.close()
+
+
+def test_1p1d_equals_colocated(cluster, colocated):
+    P, D = cluster["P"], cluster["D1"]
+    params = [SamplingParams(max_tokens=N_NEW), SamplingParams(max_tokens=N_NEW, temperature=0.8, top_p=0.9,
+                                                              seed=123), SamplingParams(max_tokens=5),
+              SamplingParams(max_tokens=N_NEW)]
+    want = colocated.generate(PROMPTS, params)
+    with LLM(workers=[P.addr, D.addr], router_config=router_cfg()) as llm:
+        got = llm.generate(PROMPTS, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+        m = llm.backend.snapshot()["metrics"]
+        assert m["remote_prefills"] == len(PROMPTS) and m["transfers"] == len(PROMPTS), m
+        assert m.get("local_prefills", 0) == 0 and m.get("retries", 0) == 0, m
+        for o in got:
+            assert o.metrics.ttft_s > 0 and o.metrics.transfer_s > 0 and o.metrics.queue_s >= 0
+    check_drained([P.addr, D.addr])
+
+
+def test_short_prompts_prefill_locally(cluster, colocated):
+    P, D = cluster["P"], cluster["D1"]
+    want = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+    with LLM(workers=[P.addr, D.addr], router_config=router_cfg(local_prefill_threshold=9)) as llm:
+        got = llm.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+        m = llm.backend.snapshot()["metrics"]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert m["local_prefills"] == 2 and m["remote_prefills"] == 2, m   # the 3- and 9-token prompts stay local
+    check_drained([P.addr, D.addr])
+
+
+def test_1p2d_concurrent_load(cluster, colocated):
+    P, D1, D2 = cluster["P"], cluster["D1"], cluster["D2"]
+    prompts = [PROMPTS[i % len(PROMPTS)] + [i + 1] for i in range(12)]
+    want = colocated.generate(prompts, SamplingParams(max_tokens=N_NEW))
+    with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:
+        t0 = time.perf_counter()
+        got = llm.generate(prompts, SamplingParams(max_tokens=N_NEW))
+        dt = time.perf_counter() - t0
+        m = llm.backend.snapshot()["metrics"]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert m["transfers"] == len(prompts) and m.get("retries", 0) == 0, m
+    assert dt < BOUND_S
+    check_drained([P.addr, D1.addr, D2.addr])
+
+
+def test_load_spreads_over_both_decode_workers(cluster):
+    P, D1, D2 = cluster["P"], cluster["D1"], cluster["D2"]
+    with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:
+        reqs = [llm.submit(PROMPTS[i % 4], SamplingParams(max_tokens=N_NEW)) for i in range(8)]
+        for _ in llm._stream(reqs):
+            pass
+        assert all(r.finish_reason == "length" for r in reqs)
+        decoders = [r.workers[-1] for r in reqs]
+    assert set(decoders) == {D1.addr, D2.addr}, decoders
+    assert max(decoders.count(D1.addr), decoders.count(D2.addr)) <= 6, decoders
+
+
+def test_malformed_and_unauthenticated_messages_are_rejected(cluster):
+    for w in (cluster["P"], cluster["D1"]):
+        before = control(w.addr, "stats")["metrics"]
+        rep = control(w.addr, None, raw=b"\xc1\xff not msgpack")
+        assert rep["type"] == "error" and rep["kind"] == "malformed" and "not msgpack" in rep["error"]
+        rep = control(w.addr, None, raw=msgpack.packb([1, 2, 3]))
+        assert rep["type"] == "error" and rep["kind"] == "malformed" and "expected a map" in rep["error"]
+        rep = control(w.addr, None, raw=[b"a", b"b"])
+        assert rep["type"] == "error" and rep["kind"] == "malformed" and "frame" in rep["error"]
+        rep = control(w.addr, None, raw=msgpack.packb({"v": 1, "type": "prefill", "token": TOKEN, "rid": "x"}))
+        assert rep["type"] == "error" and "lacks field 'prompt'" in rep["error"]
+        rep = control(w.addr, "health", token="wrong")
+        assert rep["type"] == "error" and rep["kind"] == "unauthenticated"
+        rep = control(w.addr, "health", token=None)
+        assert rep["type"] == "error" and rep["kind"] == "unauthenticated"
+        rep = control(w.addr, "prefill" if w.role == "prefill" else "decode", rid="y", prompt=[1, 10_000],
+                      sampling={"seed": 1}, uuid=5, limit=4)
+        assert rep["type"] == "error" and "outside the vocabulary" in rep["error"]
+        after = control(w.addr, "stats")           # still up, and it counted every rejection
+        assert after["type"] == "health_ok"
+        m = after["metrics"]
+        assert m.get("rejected_malformed", 0) - before.get("rejected_malformed", 0) == 5
+        assert m.get("rejected_unauthenticated", 0) - before.get("rejected_unauthenticated", 0) == 2
+    rep = control(cluster["D1"].addr, "decode", rid="z", prompt=[1, 2, 3], sampling={"seed": 1}, limit=4,
+                  offer={"addr": "127.0.0.1:1"})
+    assert rep["type"] == "error" and "offer lacks" in rep["error"]
+    check_drained([cluster["P"].addr, cluster["D1"].addr])
+
+
+def test_checksum_detects_a_corrupted_page(cluster):
+    from serving.transfer import ChecksumError, TcpTransport, page_checksums, verify_pages
+
+    # data plane, in process: the bytes on the wire are corrupted after the checksums were taken
+    pages = np.random.default_rng(0).standard_normal((2, 4, 8, 24)).astype(np.float32)
+    sums = page_checksums(pages)
+    bad = pages.copy()
+    bad[1, 2, 5, 7] = np.nextafter(bad[1, 2, 5, 7], np.float32(np.inf))   # one ulp of one value of page 2
+    a, b = TcpTransport(), TcpTransport()
+    a.offer_host(7, [bad])
+    (got,) = b.pull_host(a.address, 7, timeout_s=5)
+    with pytest.raises(ChecksumError, match=r"page\(s\) \[2\]"):
+        verify_pages(got, sums)
+    verify_pages(pages, sums)
+    a.close(), b.close()
+    # end to end: a decode worker verifies what it pulled against the checksums in the control message
+    P, D = cluster["P"], cluster["D1"]
+    off = control(P.addr, "prefill", rid="cs#0", prompt=PROMPTS[0], sampling={"seed": 3, "max_tokens": 4},
+                  uuid=424242)
+    assert off["type"] == "offered"
+    assert control(P.addr, "stats")["pages"]["leased"] == 3          # leased until acknowledged
+    offer = dict(off["offer"])
+    offer["checksums"] = list(offer["checksums"])
+    offer["checksums"][1] ^= 1 << 7
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{D.addr}")
+    s.send(encode_message("decode", TOKEN, rid="cs#0", prompt=PROMPTS[0], sampling={"seed": 3, "max_tokens": 4},
+                          limit=4, offer=offer))
+    replies = []
+    while not any(r["type"] == "pulled" for r in replies):
+        assert s.poll(20_000), replies
+        replies.append(decode_message(s.recv(), TOKEN))
+    s.close(0)
+    pulled = [r for r in replies if r["type"] == "pulled"][0]
+    assert not pulled["ok"] and "checksum mismatch on page(s) [1]" in pulled["error"]
+    assert control(D.addr, "stats")["metrics"]["checksum_failures"] >= 1
+    assert control(P.addr, "release", uuid=424242, consumed=True)["type"] == "released"
+    check_drained([P.addr, D.addr])
+
+
+def test_unacknowledged_lease_expires(ckpt, cluster, colocated):
+    P = cluster["P"]
+    off = control(P.addr, "prefill", rid="lease#0", prompt=PROMPTS[2], sampling={"seed": 1}, uuid=515151)
+    assert off["type"] == "offered" and control(P.addr, "stats")["pages"]["leased"] == 2
+    # nobody acknowledges; an abort (router's view: peer death) ends the lease at once
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.connect(f"tcp://{P.addr}")
+    s.send(encode_message("abort", TOKEN, rid="lease#0"))
+    s.close(linger=1000)
+    end = time.monotonic() + 10
+    while control(P.addr, "stats")["pages"]["leased"]:
+        assert time.monotonic() < end
+    h = control(P.addr, "stats")
+    assert h["metrics"]["leases_ended_abort"] >= 1
+    check_drained([P.addr])
+
+
+def _greedy_long(colocated, prompts, n):
+    return colocated.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+
+
+def test_kill_prefill_mid_transfer_then_restart_rejoins(ckpt, cluster, colocated):
+    tmp = cluster["tmp"]
+    Pk = Proc("prefill", ckpt, tmp)
+    Ds = Proc("decode", ckpt, tmp, "--fault_pull_delay_s=1.5")   # widens the transfer window
+    cluster["Pk"], cluster["Ds"] = Pk, Ds
+    wait_ready([Pk, Ds])
+    sp = SamplingParams(max_tokens=N_NEW, ignore_eos=True)
+    want = colocated.generate(PROMPTS, sp)
+    with LLM(workers=[Pk.addr, Ds.addr], router_config=router_cfg(step_timeout_s=10.0)) as llm:
+        t0 = time.monotonic()
+        reqs = [llm.submit(p, sp) for p in PROMPTS]
+        llm.backend.wait_until(lambda s: any(r["state"] == "transferring" for r in s["requests"].values()), 30)
+        Pk.kill()                                       # offers made, pulls not done: mid-transfer
+        for _ in llm._stream(reqs):
+            assert time.monotonic() - t0 < BOUND_S
+        for r, w in zip(reqs, want):
+            assert r.finish_reason in ("length", "error"), (r.finish_reason, r.error)
+            if r.finish_reason == "length":
+                assert r.output_ids == w.token_ids      # re-prefilled (locally: no prefill worker left)
+            else:
+                assert "gave up" in r.error or "transfer" in r.error, r.error
+        assert sum(r.finish_reason == "length" for r in reqs) == len(reqs)   # retries suffice here
+        snap = llm.backend.snapshot()
+        assert snap["metrics"]["retries"] >= 1 and not snap["workers"][Pk.addr]["alive"]
+        check_drained([Ds.addr])
+        # the prefill worker restarts on the same port, rejoins and takes traffic again
+        Pk.start()
+        llm.backend.wait_until(lambda s: s["workers"][Pk.addr]["alive"], 120)
+        before = llm.backend.snapshot()["metrics"]["remote_prefills"]
+        outs = llm.generate(PROMPTS, sp)
+        assert [o.token_ids for o in outs] == [w.token_ids for w in want]
+        assert llm.backend.snapshot()["metrics"]["remote_prefills"] - before == len(PROMPTS)
+    check_drained([Pk.addr, Ds.addr])
+
+
+def test_kill_decode_mid_generation_migrates(ckpt, cluster, colocated):
+    P, D1, D2 = cluster["P"], cluster["D1"], cluster["D2"]
+    n = 40
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS]
+    want = _greedy_long(colocated, prompts, n)
+    with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:
+        t0 = time.monotonic()
+        reqs = [llm.submit(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p in prompts]
+        llm.backend.wait_until(lambda s: any(r["decode"] == D1.addr and r["tokens"] >= 4 and r["state"] ==
+                                             "decoding" for r in s["requests"].values()), 40)
+        D1.kill()
+        for _ in llm._stream(reqs):
+            assert time.monotonic() - t0 < BOUND_S
+        assert time.monotonic() - t0 < BOUND_S
+        migrated = [r for r in reqs if len(set(r.workers) & {D1.addr}) and r.workers[-1] != D1.addr]
+        assert migrated, [r.workers for r in reqs]
+        for r, w in zip(reqs, want):
+            assert r.finish_reason == "length", (r.finish_reason, r.error)
+            assert r.output_ids == w.token_ids           # continued from prompt + generated tokens
+        assert llm.backend.snapshot()["metrics"]["worker_deaths"] >= 1
+        check_drained([P.addr, D2.addr])
+        D1.start()
+        llm.backend.wait_until(lambda s: s["workers"][D1.addr]["alive"], 120)
+        reqs = [llm.submit(PROMPTS[i % 4], SamplingParams(max_tokens=N_NEW)) for i in range(6)]
+        for _ in llm._stream(reqs):
+            pass
+        assert D1.addr in {r.workers[-1] for r in reqs}   # the restarted worker takes traffic
+    check_drained([P.addr, D1.addr, D2.addr])
+
+
+def test_no_worker_ends_with_a_clear_error(cluster):
+    from serving.router import Router
+
+    dead = f"127.0.0.1:{_free_port()}"
+
+    r = Router([dead], router_cfg(unavailable_timeout_s=1.0))
+    try:
+        r.submit("lonely", [1, 2, 3], {"seed": 1, "max_tokens": 2})
+        evs = []
+        end = time.monotonic() + 10
+        while not evs and time.monotonic() < end:
+            evs = r.events(1.0)
+        assert evs and evs[0]["finished"] and evs[0]["reason"] == "error"
+        assert "no decode worker available" in evs[0]["error"]
+    finally:
+        r.close()
