@@ -38,6 +38,7 @@ _NUM_PAGES = flags.DEFINE_integer("num_pages", 512, "KV pages per engine")
 _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 512, "prompt + generated tokens per request")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "largest decode batch (buckets are powers of two up to it)")
+_MTP = flags.DEFINE_bool("mtp", False, "speculative decoding with the checkpoint's MTP module (k = 1)")
 _PRINT = flags.DEFINE_bool("print_outputs", False, "print each completion as it finishes")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "start the output file afresh instead of resuming")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
@@ -112,6 +113,10 @@ def summarize(outputs, duration: float, n_devices: int, n_decode_devices: int) -
              f"throughput: {out_toks / duration:.1f} output tok/s, {(in_toks + out_toks) / duration:.1f} total tok/s, "
              f"{(in_toks + out_toks) / duration / n_devices:.1f} tok/s/device ({n_devices} devices), "
              f"{out_toks / duration / n_decode_devices:.1f} output tok/s/decode-device"]
+    proposed = sum(o.metrics.spec_proposed for o in ok)
+    if proposed:
+        lines.append(f"MTP acceptance: {sum(o.metrics.spec_accepted for o in ok) / proposed:.1%} of {proposed} "
+                     "drafts")
     for name, xs in (("TTFT", ttft), ("TPOT", tpot), ("ITL", itl)):
         lines.append(f"{name:5s} ms: mean {np.mean(xs) * 1e3 if xs else float('nan'):8.2f}  "
                      f"p50 {_pct(xs, 50) * 1e3:8.2f}  p90 {_pct(xs, 90) * 1e3:8.2f}  p99 {_pct(xs, 99) * 1e3:8.2f}")
@@ -159,7 +164,7 @@ def run(argv_unused=None) -> int:
 
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < _MAX_BATCH.value) + (_MAX_BATCH.value,)
     ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=_MAX_MODEL_LEN.value,
-                      decode_buckets=buckets, decode_steps=_DECODE_STEPS.value)
+                      decode_buckets=buckets, decode_steps=_DECODE_STEPS.value, mtp=_MTP.value)
     disagg = _MODE.value == "disagg"
     dmesh = _DECODE_MESH.value or default_mesh("decode", _DECODE_DEVICES.value, mcfg)
     pmesh = (_PREFILL_MESH.value or default_mesh("prefill", _PREFILL_DEVICES.value, mcfg)) if disagg else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.deepseek import DeepseekV3
 from serving.kv_cache import SCRATCH_PAGE, PageAllocator, PagedCache, pages_for
-from serving.sampling import sample
+from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class EngineConfig:
     max_model_len: int = 512                   # prompt + generated tokens per request
     prefill_buckets: tuple[int, ...] = (16, 32, 64, 128)   # chunk lengths; longer prompts are chunked
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)     # batch sizes; the largest is the batch limit
-    decode_steps: int = 4                      # tokens per row per decode dispatch
+    decode_steps: int = 4                      # decode steps per dispatch (each emits 1, or 1-2 with MTP)
+    mtp: bool = False                          # speculative decoding with the model's MTP module (k = 1)
     cache_dtype: str | None = None             # default: the model's dtype
 
     def __post_init__(self):
@@ -78,7 +80,24 @@ class Prefix:
     n_pages: int
     length: int               # prompt tokens
     first_token: int
-    hidden: jax.Array         # [D] hidden state of the last prompt token (MTP drafts from it)
+    hidden: jax.Array         # [D] hidden state of the last prompt token
+    draft: int = 0            # MTP: the drafted token after first_token (0 without MTP)
+    draft_q: np.ndarray | None = None   # MTP: the distribution it was drawn from [W]
+
+
+class PrefillOut(typing.NamedTuple):
+    token: int                # the first generated token
+    hidden: jax.Array         # hidden state of the last prompt token [D]
+    draft: int                # MTP draft of the token after `token` (0 without MTP)
+    draft_q: np.ndarray | None   # the draft's distribution [W] (None without MTP)
+
+
+class DecodeOut(typing.NamedTuple):
+    tokens: list[list[int]]   # per row, the tokens this dispatch emitted (decode_steps, or up to 2x with MTP)
+    proposed: np.ndarray      # [n] MTP drafts verified per row (0 without MTP)
+    accepted: np.ndarray      # [n] of those, accepted
+    drafts: np.ndarray | None     # [n] next drafts (MTP)
+    draft_q: np.ndarray | None    # [n, W] their distributions (MTP)
 
 
 @dataclasses.dataclass
@@ -89,6 +108,8 @@ class DecodeBatch:
     positions: np.ndarray     # [n] int32: its position
     page_tables: np.ndarray   # [n, pages_per_seq] int32
     sampling: dict[str, np.ndarray]   # temperature/top_k/top_p/seed, [n] each
+    drafts: np.ndarray | None = None      # MTP: [n] draft token for the position after `tokens`
+    draft_q: np.ndarray | None = None     # MTP: [n, W] the distributions they were drawn from
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -113,6 +134,9 @@ class Engine:
             self._replicated = NamedSharding(mesh, PartitionSpec())
         else:
             self._replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        if cfg.mtp and not model.cfg.num_nextn_predict_layers:
+            raise ValueError("EngineConfig.mtp=True but the model has no MTP module (the checkpoint has no "
+                             f"model.layers.{model.cfg.num_hidden_layers}.* tensors)")
         self.graphdef, self.params = nnx.split(model)
         mc = model.cfg
         dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
@@ -124,7 +148,10 @@ class Engine:
         self._compile()
 
     # ---- compiled functions (pure; traced once per bucket at start-up) -------------------------------------------
-    def _prefill_fn(self, params, cache, tokens_T, start, length, page_table_P, temperature, top_k, top_p, seed):
+    def _prefill_fn(self, params, cache, tokens_T, start, length, next_token, page_table_P, temperature, top_k,
+                    top_p, seed):
+        """One chunk: tokens at start..start+length-1. `next_token` is the prompt token after the chunk (-1 if
+        this is the last chunk: then the sampled token takes its place for the MTP pass)."""
         model = nnx.merge(self.graphdef, params)
         T = tokens_T.shape[0]
         positions_T = start + jnp.arange(T, dtype=jnp.int32)
@@ -135,23 +162,61 @@ class Engine:
         logits_W, hidden_D = logits_BTW[0, last], hidden_BTD[0, last]
         token = sample(logits_W[None], (start + length)[None], temperature[None], top_k[None], top_p[None],
                        seed[None])[0]
-        return token, hidden_D, cache
+        W = logits_BTW.shape[-1]
+        if not self.cfg.mtp:
+            return token, hidden_D, jnp.int32(0), jnp.zeros((W,), jnp.float32), cache
+        # MTP over the chunk: position t sees (h_t, x_{t+1}); fills the MTP layer's cache and drafts x_{n+1}.
+        follow = jnp.where(next_token >= 0, next_token, token)
+        next_T = jnp.concatenate([tokens_T[1:], jnp.zeros((1,), tokens_T.dtype)])
+        next_T = jnp.where(jnp.arange(T) == last, follow, next_T)
+        m_logits, _, cache = model.mtp_forward(hidden_BTD, next_T[None], positions_T[None], cache=layout,
+                                               state=cache)
+        q_W = token_probs(m_logits[0, last][None], temperature[None], top_k[None], top_p[None])[0]
+        draft = draw(q_W[None], keys_for(seed[None], (start + length + 1)[None], stream=3))[0]
+        return token, hidden_D, draft, q_W, cache
 
-    def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed):
+    def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed,
+                   drafts_B, q_BW):
         model = nnx.merge(self.graphdef, params)
         valid_B1 = (page_tables_BP[:, :1] != SCRATCH_PAGE)  # padding rows have an all-scratch page table
+        layout = PagedCache(page_tables_BP, valid_B1)
 
         def step(carry, _):
             cache, tok_B, pos_B = carry
-            layout = PagedCache(page_tables_BP, valid_B1)
             logits, hidden, cache = model.forward(tok_B[:, None], pos_B[:, None], cache=layout, state=cache,
                                                   absorbed=True)
             nxt_B = sample(logits[:, 0], pos_B + 1, temperature, top_k, top_p, seed)
-            return (cache, nxt_B, pos_B + 1), (nxt_B, hidden[:, 0])
+            return (cache, nxt_B, pos_B + 1), nxt_B
 
-        (cache, _, _), (toks_SB, hid_SBD) = jax.lax.scan(step, (cache, tokens_B, positions_B), None,
-                                                          length=self.cfg.decode_steps)
-        return toks_SB.T, hid_SBD[-1], cache
+        def spec_step(carry, _):
+            """Verify the draft at pos+1 with the main model (T = 2), then draft again with the MTP module."""
+            cache, tok_B, pos_B, d_B, q_BW = carry
+            toks_BT = jnp.stack([tok_B, d_B], 1)
+            pos_BT = jnp.stack([pos_B, pos_B + 1], 1)
+            layout2 = PagedCache(page_tables_BP, jnp.broadcast_to(valid_B1, pos_BT.shape))
+            logits, hidden_BTD, cache = model.forward(toks_BT, pos_BT, cache=layout2, state=cache, absorbed=True)
+            p0 = token_probs(logits[:, 0], temperature, top_k, top_p)
+            p1 = token_probs(logits[:, 1], temperature, top_k, top_p)
+            t1_B, ok_B = speculative_accept(p0, q_BW, d_B, keys_for(seed, pos_B + 1, stream=1),
+                                            keys_for(seed, pos_B + 1, stream=2))
+            bonus_B = draw(p1, keys_for(seed, pos_B + 2))
+            # MTP at pos (h_pos, t1) drafts pos+2 if rejected; at pos+1 (h_pos+1, bonus) drafts pos+3 if accepted
+            m_logits, _, cache = model.mtp_forward(hidden_BTD, jnp.stack([t1_B, bonus_B], 1), pos_BT,
+                                                   cache=layout2, state=cache, absorbed=True)
+            new_pos_B = pos_B + jnp.where(ok_B, 2, 1)
+            q_new_BW = jnp.where(ok_B[:, None], token_probs(m_logits[:, 1], temperature, top_k, top_p),
+                                 token_probs(m_logits[:, 0], temperature, top_k, top_p))
+            d_new_B = draw(q_new_BW, keys_for(seed, new_pos_B + 1, stream=3))
+            new_tok_B = jnp.where(ok_B, bonus_B, t1_B)
+            return (cache, new_tok_B, new_pos_B, d_new_B, q_new_BW), (jnp.stack([t1_B, bonus_B], 1), ok_B)
+
+        S = self.cfg.decode_steps
+        if not self.cfg.mtp:
+            (cache, _, _), toks_SB = jax.lax.scan(step, (cache, tokens_B, positions_B), None, length=S)
+            return toks_SB.T, jnp.zeros_like(toks_SB.T, dtype=bool), drafts_B, q_BW, cache
+        (cache, _, _, d_B, q_BW), (toks_SB2, ok_SB) = jax.lax.scan(
+            spec_step, (cache, tokens_B, positions_B, drafts_B, q_BW), None, length=S)
+        return toks_SB2.transpose(1, 0, 2), ok_SB.T, d_B, q_BW, cache
 
     def _extract_fn(self, cache, pages_N):
         return cache[:, pages_N]
@@ -169,17 +234,18 @@ class Engine:
         P = cfg.pages_per_seq
         scalar = lambda dt: self._sds((), dt)
         samp_row = (scalar(f32), scalar(i32), scalar(f32), scalar(i32))
+        self._q_width = self.model_cfg.vocab_size if cfg.mtp else 1  # draft distributions exist only with MTP
         self._prefill_exe = {}
         for T in cfg.prefill_buckets:
             self._prefill_exe[T] = jax.jit(self._prefill_fn, donate_argnums=(1,)).lower(
-                self.params, cache_sds, self._sds((T,), i32), scalar(i32), scalar(i32), self._sds((P,), i32),
-                *samp_row).compile()
+                self.params, cache_sds, self._sds((T,), i32), scalar(i32), scalar(i32), scalar(i32),
+                self._sds((P,), i32), *samp_row).compile()
         self._decode_exe = {}
         for B in cfg.decode_buckets:
             vec = lambda dt: self._sds((B,), dt)
             self._decode_exe[B] = jax.jit(self._decode_fn, donate_argnums=(1,)).lower(
                 self.params, cache_sds, vec(i32), vec(i32), self._sds((B, P), i32),
-                vec(f32), vec(i32), vec(f32), vec(i32)).compile()
+                vec(f32), vec(i32), vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32)).compile()
         self._extract_exe, self._insert_exe = {}, {}
         L, _, Z, C = self.cache_shape
         for n in cfg.transfer_buckets:
@@ -206,28 +272,32 @@ class Engine:
         return out
 
     def prefill_chunk(self, prompt: np.ndarray, chunk: tuple[int, int, int], pages: list[int],
-                      sampling: dict[str, np.ndarray]) -> tuple[int, jax.Array]:
-        """Run one chunk of `prompt` (all tokens so far are in `pages`); returns the token sampled after it."""
+                      sampling: dict[str, np.ndarray]) -> PrefillOut:
+        """Run one chunk of `prompt` (all tokens before it are already in `pages`); returns the token sampled
+        after it (meaningful after the last chunk) and, with MTP, the draft of the one after that."""
         start, n, T = chunk
         toks = np.zeros(T, np.int32)
         toks[:n] = prompt[start:start + n]
-        token, hidden, self.cache = self._prefill_exe[T](
-            self.params, self.cache, toks, np.int32(start), np.int32(n), self.page_table(pages),
+        nxt = int(prompt[start + n]) if start + n < len(prompt) else -1
+        token, hidden, draft, q, self.cache = self._prefill_exe[T](
+            self.params, self.cache, toks, np.int32(start), np.int32(n), np.int32(nxt), self.page_table(pages),
             np.float32(sampling["temperature"]), np.int32(sampling["top_k"]), np.float32(sampling["top_p"]),
             np.int32(sampling["seed"]))
-        return token, hidden
+        return PrefillOut(int(token), hidden, int(draft), np.asarray(q) if self.cfg.mtp else None)
 
-    def prefill(self, prompt: np.ndarray, pages: list[int], sampling: dict[str, np.ndarray]) -> tuple[int, jax.Array]:
-        """All chunks of `prompt`; returns (first generated token, hidden state of the last prompt token)."""
+    def prefill(self, prompt: np.ndarray, pages: list[int], sampling: dict[str, np.ndarray]) -> PrefillOut:
+        """All chunks of `prompt` into `pages`: the first generated token (and MTP draft)."""
         for chunk in self.prefill_chunks(len(prompt)):
-            token, hidden = self.prefill_chunk(prompt, chunk, pages, sampling)
-        return int(token), hidden
+            out = self.prefill_chunk(prompt, chunk, pages, sampling)
+        return out
 
-    def extract(self, pages: list[int], length: int, first_token: int, hidden: jax.Array) -> Prefix:
+    def extract(self, pages: list[int], length: int, out: PrefillOut) -> Prefix:
+        """The request's latent pages (all layers, MTP's included) and first token, ready to move."""
         n = _bucket(len(pages), self.cfg.transfer_buckets)
         ids = np.full(n, SCRATCH_PAGE, np.int32)
         ids[: len(pages)] = pages
-        return Prefix(self._extract_exe[n](self.cache, ids), len(pages), length, first_token, hidden)
+        return Prefix(self._extract_exe[n](self.cache, ids), len(pages), length, out.token, out.hidden,
+                      out.draft, out.draft_q)
 
     def receive(self, prefix: Prefix) -> Prefix:
         """Move a Prefix produced on another mesh onto this engine's devices (device_put reshards)."""
@@ -241,16 +311,23 @@ class Engine:
         ids[: prefix.n_pages] = pages[: prefix.n_pages]
         self.cache = self._insert_exe[n](self.cache, ids, prefix.pages)
 
-    def generate(self, batch: DecodeBatch) -> tuple[np.ndarray, jax.Array]:
-        """`decode_steps` tokens for each row: ([n, decode_steps] int32 on the host, last hidden [B, D])."""
+    def generate(self, batch: DecodeBatch) -> DecodeOut:
+        """One dispatch of `decode_steps` steps for every row (with MTP each step emits 1 or 2 tokens)."""
         n = len(batch.tokens)
         B = _bucket(n, self.cfg.decode_buckets)
         pad = lambda a, v=0: np.concatenate([a, np.full((B - n,) + a.shape[1:], v, a.dtype)]) if B > n else a
         s = batch.sampling
-        toks, hidden, self.cache = self._decode_exe[B](
+        drafts = batch.drafts if batch.drafts is not None else np.zeros(n, np.int32)
+        q = batch.draft_q if batch.draft_q is not None else np.zeros((n, self._q_width), np.float32)
+        toks, ok, d, q, self.cache = self._decode_exe[B](
             self.params, self.cache, pad(batch.tokens), pad(batch.positions), pad(batch.page_tables, SCRATCH_PAGE),
-            pad(s["temperature"]), pad(s["top_k"]), pad(s["top_p"], 1.0), pad(s["seed"]))
-        return np.asarray(toks)[:n], hidden
+            pad(s["temperature"]), pad(s["top_k"]), pad(s["top_p"], 1.0), pad(s["seed"]), pad(drafts),
+            pad(q))
+        toks, ok = np.asarray(toks)[:n], np.asarray(ok)[:n]
+        if not self.cfg.mtp:
+            return DecodeOut(toks.tolist(), np.zeros(n, np.int64), np.zeros(n, np.int64), None, None)
+        rows = [[t for step, a in zip(tr, ar) for t in (step if a else step[:1])] for tr, ar in zip(toks, ok)]
+        return DecodeOut(rows, np.full(n, self.cfg.decode_steps), ok.sum(1), np.asarray(d)[:n], np.asarray(q)[:n])
 
     # ---- introspection --------------------------------------------------------------------------------------------
     def decode_cost(self, batch: int | None = None) -> dict:

@@ -40,6 +40,13 @@ class RequestMetrics:
     prefill_s: float | None       # prefill start -> first token ready on the decode side (incl. transfer)
     prompt_tokens: int
     output_tokens: int
+    spec_proposed: int = 0        # MTP drafts verified
+    spec_accepted: int = 0        # MTP drafts accepted
+    transfer_s: float | None = None   # multi-process PD: KV pull + checksum + reshard (part of prefill_s)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
 
 
 @dataclasses.dataclass
@@ -71,7 +78,8 @@ def _metrics(r: Request) -> RequestMetrics:
         arrival_s=r.arrival, ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, itl_s=list(np.diff(times).tolist()),
         queue_s=None if r.prefill_start is None else r.prefill_start - r.arrival,
         prefill_s=(None if r.prefill_start is None or r.prefill_end is None else r.prefill_end - r.prefill_start),
-        prompt_tokens=len(r.prompt_ids), output_tokens=n)
+        prompt_tokens=len(r.prompt_ids), output_tokens=n, spec_proposed=r.spec_proposed,
+        spec_accepted=r.spec_accepted, transfer_s=getattr(r, "transfer_s", None))
 
 
 def output_of(r: Request) -> RequestOutput:
@@ -106,12 +114,22 @@ class Tokenizer:
 
 
 class LLM:
+    def __new__(cls, *args, workers=None, router=None, **kwargs):
+        """`LLM(workers=["host:port", ...])` or `LLM(router="host:port")`: the same API over worker processes
+        (serving.router.RemoteLLM; see docs/pd_multiprocess.md)."""
+        if workers is not None or router is not None:
+            from serving.router import RemoteLLM
+
+            return RemoteLLM(*args, workers=workers, router=router, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, checkpoint: str | None = None, *, model=None, tokenizer: Tokenizer | None = None,
                  mode: str = "colocated", prefill_mesh: str | None = None, decode_mesh: str = "ep=1",
                  engine_config: EngineConfig | None = None, prefill_config: EngineConfig | None = None,
-                 quant: str | None = None, dtype=None, topology=None):
+                 quant: str | None = None, dtype=None, topology=None, mtp: bool | None = None):
         """mode: "colocated" (one mesh prefills and decodes) or "disagg" (prefill on its own mesh and thread).
-        prefill_mesh / decode_mesh: 'dp=..,ep=..,tp=..' over disjoint devices (default prefill 'tp=1')."""
+        prefill_mesh / decode_mesh: 'dp=..,ep=..,tp=..' over disjoint devices (default prefill 'tp=1').
+        mtp: speculative decoding with the checkpoint's MTP module (overrides engine_config.mtp)."""
         import jax.numpy as jnp
 
         import checkpoints
@@ -130,6 +148,10 @@ class LLM:
                 tokenizer = Tokenizer(tok_path)
         self.model, self.tokenizer, self.mode = model, tokenizer, mode
         self.engine_config = engine_config or EngineConfig()
+        if mtp is not None:
+            self.engine_config = dataclasses.replace(self.engine_config, mtp=mtp)
+        if prefill_config is not None:
+            prefill_config = dataclasses.replace(prefill_config, mtp=self.engine_config.mtp)
         topo = topology or Topology.from_devices()
         self.topology = topo
         dec = parse_mesh_spec(decode_mesh)

@@ -94,12 +94,11 @@ def sampling_arrays(params: Sequence[SamplingParams | None], seeds: Sequence[int
     return out
 
 
-def sample(logits_BW: jax.Array, positions_B: jax.Array, temperature_B, top_k_B, top_p_B, seed_B) -> jax.Array:
-    """Next token per row: greedy where temperature == 0, else temperature / top-k / top-p sampling with the
-    key of (seed, position). Runs inside jit; all arguments are per-row arrays."""
+def token_probs(logits_BW: jax.Array, temperature_B, top_k_B, top_p_B) -> jax.Array:
+    """The distribution each row samples from [B, W]: one-hot argmax where temperature == 0, else
+    softmax(logits / T) restricted to the top-k and then to the smallest top-p prefix, renormalised."""
     logits_BW = logits_BW.astype(jnp.float32)
     W = logits_BW.shape[-1]
-    greedy_B = jnp.argmax(logits_BW, axis=-1).astype(jnp.int32)
     t_B = jnp.where(temperature_B > 0, temperature_B, 1.0)
     scaled_BW = logits_BW / t_B[:, None]
     sorted_BW = jnp.sort(scaled_BW, axis=-1)[:, ::-1]
@@ -107,14 +106,52 @@ def sample(logits_BW: jax.Array, positions_B: jax.Array, temperature_B, top_k_B,
     k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, W), W)
     kth_B = jnp.take_along_axis(sorted_BW, (k_B - 1)[:, None], axis=-1)[:, 0]
     # top-p over the top-k survivors: keep the smallest prefix whose probability reaches p
-    sorted_masked_BW = jnp.where(jnp.arange(W)[None, :] < k_B[:, None], sorted_BW, -jnp.inf)
-    probs_BW = jax.nn.softmax(sorted_masked_BW, axis=-1)
-    before_BW = jnp.cumsum(probs_BW, axis=-1) - probs_BW  # mass strictly before each sorted entry
-    keep_sorted_BW = (before_BW < top_p_B[:, None]) & (jnp.arange(W)[None, :] < k_B[:, None])
-    n_keep_B = jnp.maximum(keep_sorted_BW.sum(-1), 1)
+    in_k_BW = jnp.arange(W)[None, :] < k_B[:, None]
+    probs_sorted_BW = jax.nn.softmax(jnp.where(in_k_BW, sorted_BW, -jnp.inf), axis=-1)
+    before_BW = jnp.cumsum(probs_sorted_BW, axis=-1) - probs_sorted_BW  # mass strictly before each entry
+    n_keep_B = jnp.maximum(((before_BW < top_p_B[:, None]) & in_k_BW).sum(-1), 1)
     pth_B = jnp.take_along_axis(sorted_BW, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
     threshold_B = jnp.maximum(kth_B, pth_B)
-    masked_BW = jnp.where(scaled_BW >= threshold_B[:, None], scaled_BW, -jnp.inf)
-    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seed_B, positions_B)
-    drawn_B = jax.vmap(jax.random.categorical)(keys, masked_BW).astype(jnp.int32)
-    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+    probs_BW = jax.nn.softmax(jnp.where(scaled_BW >= threshold_B[:, None], scaled_BW, -jnp.inf), axis=-1)
+    greedy_BW = jax.nn.one_hot(jnp.argmax(logits_BW, axis=-1), W, dtype=jnp.float32)
+    return jnp.where((temperature_B > 0)[:, None], probs_BW, greedy_BW)
+
+
+def keys_for(seed_B, positions_B, stream: int = 0) -> jax.Array:
+    """One key per row from (seed, position, stream); stream separates the draws of one position."""
+    def one(s, p):
+        k = jax.random.fold_in(jax.random.PRNGKey(s), p)
+        return k if stream == 0 else jax.random.fold_in(k, stream)
+    return jax.vmap(one)(seed_B, positions_B)
+
+
+def draw(probs_BW: jax.Array, keys) -> jax.Array:
+    """A token per row from probs (exactly the argmax for one-hot rows)."""
+    logp_BW = jnp.where(probs_BW > 0, jnp.log(jnp.maximum(probs_BW, 1e-38)), -jnp.inf)
+    drawn_B = jax.vmap(jax.random.categorical)(keys, logp_BW).astype(jnp.int32)
+    is_onehot_B = probs_BW.max(-1) >= 1.0
+    return jnp.where(is_onehot_B, jnp.argmax(probs_BW, -1).astype(jnp.int32), drawn_B)
+
+
+def sample(logits_BW: jax.Array, positions_B: jax.Array, temperature_B, top_k_B, top_p_B, seed_B) -> jax.Array:
+    """Next token per row: greedy where temperature == 0, else temperature / top-k / top-p sampling with the
+    key of (seed, position). Runs inside jit; all arguments are per-row arrays."""
+    return draw(token_probs(logits_BW, temperature_B, top_k_B, top_p_B), keys_for(seed_B, positions_B))
+
+
+def speculative_accept(p_BW, q_BW, draft_B, keys_accept, keys_resample) -> tuple[jax.Array, jax.Array]:
+    """Distribution-preserving verification of one draft token per row (Leviathan et al. / Chen et al.).
+
+    The draft d ~ q is kept with probability min(1, p(d)/q(d)); otherwise the token is drawn from
+    max(p - q, 0) renormalised. The result is distributed exactly as p. With one-hot p and q (greedy) this is
+    "keep d iff d == argmax p, else argmax p". Returns (token [B], accepted [B] bool).
+    """
+    rows = jnp.arange(p_BW.shape[0])
+    p_d, q_d = p_BW[rows, draft_B], q_BW[rows, draft_B]
+    u_B = jax.vmap(lambda k: jax.random.uniform(k))(keys_accept)
+    accepted_B = u_B * q_d < p_d
+    residual_BW = jnp.maximum(p_BW - q_BW, 0.0)
+    mass_B = residual_BW.sum(-1, keepdims=True)
+    residual_BW = jnp.where(mass_B > 0, residual_BW / jnp.maximum(mass_B, 1e-30), p_BW)
+    resampled_B = draw(residual_BW, keys_resample)
+    return jnp.where(accepted_B, draft_B, resampled_B), accepted_B

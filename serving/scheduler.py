@@ -55,6 +55,10 @@ class Request:
     finish_reason: str | None = None                                    # stop | length | abort | error
     error: str | None = None
     aborted: bool = False
+    draft: int = 0                                # MTP: drafted token after the last one
+    draft_q: np.ndarray | None = None             # MTP: its distribution
+    spec_proposed: int = 0                        # MTP drafts verified
+    spec_accepted: int = 0                        # ... and accepted
     # metrics
     prefill_start: float | None = None
     prefill_end: float | None = None
@@ -93,11 +97,12 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._lock = threading.Lock()
         self._events: list[Event] = []
+        # prefixes ready for decode: from the prefill thread, or from another process (`add_prefilled`)
+        self._ready: collections.deque[tuple[Request, Prefix | None, str | None]] = collections.deque()
+        self._ready_cv = threading.Condition()
+        self._in_prefill = 0
         if prefill is not None:
             self._to_prefill: queue.Queue[Request | None] = queue.Queue()
-            self._ready: collections.deque[tuple[Request, Prefix | None, str | None]] = collections.deque()
-            self._in_prefill = 0
-            self._ready_cv = threading.Condition()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._prefill_loop, name="prefill", daemon=True)
             self._thread.start()
@@ -113,6 +118,17 @@ class Scheduler:
             else:
                 self._in_prefill += 1
                 self._to_prefill.put(req)
+
+    def add_prefilled(self, req: Request, prefix: Prefix | None, error: str | None = None) -> None:
+        """A request prefilled elsewhere (another process): `prefix` is already on the decode engine's devices.
+        It joins the ready queue and is inserted by `step()` when its decode pages are free."""
+        with self._lock:
+            if req.id in self.requests and self.requests[req.id].status != Status.FINISHED:
+                raise ValueError(f"request id {req.id!r} is already in flight")
+            self.requests[req.id] = req
+            req.status = Status.PREFILLING
+            self._ready.append((req, prefix, error))
+        self._ready_cv_notify()
 
     def abort(self, request_id: str) -> None:
         """End a request now; its pages are released at once (or when its prefill returns)."""
@@ -134,10 +150,7 @@ class Scheduler:
 
     def has_work(self) -> bool:
         with self._lock:
-            busy = bool(self.waiting or self.prefilling or self.running)
-            if self.prefill is not None:
-                busy = busy or self._in_prefill > 0 or bool(self._ready)
-            return busy
+            return bool(self.waiting or self.prefilling or self.running or self._ready) or self._in_prefill > 0
 
     def close(self) -> None:
         if self.prefill is not None:
@@ -150,7 +163,7 @@ class Scheduler:
         if self.prefill is None:
             self._admit_colocated()
             self._prefill_one_chunk()
-        else:
+        if self._ready:
             self._insert_ready()
         if self.running:
             self._decode()
@@ -183,13 +196,14 @@ class Scheduler:
         if req.prefill_start is None:
             req.prefill_start = time.perf_counter()
         chunk = req.chunks.pop(0)
-        token, _ = self.decode.prefill_chunk(req.prompt_ids, chunk, req.pages, req.sampling_row())
+        out = self.decode.prefill_chunk(req.prompt_ids, chunk, req.pages, req.sampling_row())
         if not req.chunks:
             req.prefill_end = time.perf_counter()
+            req.draft, req.draft_q = out.draft, out.draft_q
             with self._lock:
                 if req in self.prefilling:  # else aborted meanwhile (already finished)
                     self.prefilling.remove(req)
-                    self._start_running(req, int(token))
+                    self._start_running(req, out.token)
 
     def _start_running(self, req: Request, first_token: int) -> None:
         req.status = Status.RUNNING
@@ -204,12 +218,19 @@ class Scheduler:
             positions=np.array([r.position for r in rows], np.int32),
             page_tables=np.stack([self.decode.page_table(r.pages) for r in rows]),
             sampling=sampling_arrays([r.params for r in rows], [r.seed for r in rows]))
-        toks, _ = self.decode.generate(batch)
+        if self.decode.cfg.mtp:
+            batch.drafts = np.array([r.draft for r in rows], np.int32)
+            batch.draft_q = np.stack([r.draft_q for r in rows])
+        out = self.decode.generate(batch)
         now = time.perf_counter()
         with self._lock:
-            for r, t in zip(rows, toks):
+            for i, r in enumerate(rows):
                 if r.status == Status.RUNNING:  # not aborted meanwhile
-                    self._append(r, t.tolist(), now)
+                    if out.drafts is not None:
+                        r.draft, r.draft_q = int(out.drafts[i]), out.draft_q[i]
+                        r.spec_proposed += int(out.proposed[i])
+                        r.spec_accepted += int(out.accepted[i])
+                    self._append(r, out.tokens[i], now)
 
     # ---- token bookkeeping: stops, limits, text -------------------------------------------------------------------
     def _append(self, req: Request, tokens: list[int], now: float) -> None:
@@ -269,8 +290,8 @@ class Scheduler:
                     pages = self._wait_pages(eng, n)
                     try:
                         req.prefill_start = time.perf_counter()
-                        first, hidden = eng.prefill(req.prompt_ids, pages, req.sampling_row())
-                        prefix = eng.extract(pages, len(req.prompt_ids), first, hidden)
+                        out = eng.prefill(req.prompt_ids, pages, req.sampling_row())
+                        prefix = eng.extract(pages, len(req.prompt_ids), out)
                     finally:
                         eng.allocator.release(pages)
                     prefix = self.decode.receive(prefix)      # device_put onto the decode mesh
@@ -315,4 +336,5 @@ class Scheduler:
                 self._ready.popleft()
                 req.pages = self.decode.allocator.allocate(n)
                 self.decode.insert(prefix, req.pages)
+                req.draft, req.draft_q = prefix.draft, prefix.draft_q
                 self._start_running(req, prefix.first_token)

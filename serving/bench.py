@@ -1,0 +1,181 @@
+"""Serving benchmark, every comparison measured in the same run:
+
+1. decode throughput at batch 1 and 16: Tandem's engine vs `transformers` `generate()` on the same checkpoint;
+2. TTFT / TPOT of those runs;
+3. mixed load — long prompts arriving while short requests decode: p99 TPOT/ITL disaggregated vs colocated;
+4. achieved FLOP/s of the decode step (XLA cost analysis / measured time) vs this machine's matmul peak.
+
+    python -m serving.bench [--checkpoint DIR] [--new_tokens 64] [--skip_hf]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+from absl import app, flags
+
+_CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint (default: the shipped model)")
+_NEW = flags.DEFINE_integer("new_tokens", 64, "tokens generated per request in the throughput runs")
+_PROMPT = flags.DEFINE_integer("prompt_len", 16, "prompt tokens in the throughput runs")
+_BATCHES = flags.DEFINE_list("batches", ["1", "16"], "batch sizes")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "decode steps per dispatch")
+_SKIP_HF = flags.DEFINE_bool("skip_hf", False, "skip the transformers baseline")
+_MIXED = flags.DEFINE_bool("mixed", True, "run the mixed-load disaggregated vs colocated comparison")
+_LONG = flags.DEFINE_integer("long_prompt", 448, "prompt tokens of the long requests in the mixed load")
+
+
+def _pct(xs, q):
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def matmul_peak_flops() -> float:
+    """Best-of-5 f32 matmul FLOP/s of this machine (one jitted 1024^3 dot)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def tandem_throughput(llm, prompts, new_tokens):
+    from serving import SamplingParams
+
+    sp = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts, sp)  # warm caches / allocator paths
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    dt = time.perf_counter() - t0
+    n = sum(len(o.token_ids) for o in outs)
+    return n / dt, outs
+
+
+def hf_throughput(hf, prompts, new_tokens):
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    with torch.no_grad():
+        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        t0 = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0)
+        dt = time.perf_counter() - t0
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0] / dt
+
+
+def mixed_load(llm, vocab, long_len, n_short=8, short_new=96, n_long=4):
+    """Short requests decode; after they start, long prompts arrive one per scheduler step."""
+    from serving import SamplingParams
+
+    rng = np.random.default_rng(0)
+    short = [rng.integers(2, vocab, 8).tolist() for _ in range(n_short)]
+    long = [rng.integers(2, vocab, long_len).tolist() for _ in range(n_long)]
+    sp_short = SamplingParams(max_tokens=short_new, ignore_eos=True)
+    sp_long = SamplingParams(max_tokens=8, ignore_eos=True)
+    reqs = [llm.submit(p, sp_short) for p in short]
+    while not all(r.output_ids for r in reqs):
+        llm.step()
+    for p in long:
+        llm.submit(p, sp_long)
+        llm.step()
+        llm.step()
+    while llm.scheduler.has_work():
+        llm.step()
+    from serving.llm import output_of
+
+    outs = [output_of(r) for r in reqs]
+    tpot = [o.metrics.tpot_s for o in outs if o.metrics.tpot_s]
+    itl = [x for o in outs for x in o.metrics.itl_s]
+    return tpot, itl
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    import checkpoints
+    from serving import LLM, EngineConfig
+    from serving.llm import DEFAULT_CHECKPOINT
+
+    path = _CKPT.value or DEFAULT_CHECKPOINT
+    model = checkpoints.load(path, dtype=jnp.float32)
+    V = model.cfg.vocab_size
+    batches = [int(b) for b in _BATCHES.value]
+    N, T = _NEW.value, _PROMPT.value
+    max_len = 512
+    ec = EngineConfig(page_size=16, num_pages=1024, max_model_len=max_len, prefill_buckets=(16, 64, 128),
+                      decode_buckets=tuple(sorted(set(batches) | {max(batches)})), decode_steps=_DECODE_STEPS.value)
+    print(f"checkpoint {path}; {os.cpu_count()} CPU cores, jax {jax.__version__}, devices {len(jax.devices())}")
+    peak = matmul_peak_flops()
+    print(f"matmul peak (f32 1024^3, measured now): {peak / 1e9:.1f} GFLOP/s")
+
+    llm = LLM(model=model, engine_config=ec)
+    rng = np.random.default_rng(0)
+    hf = None
+    if not _SKIP_HF.value:
+        import torch
+        from transformers import DeepseekV3ForCausalLM
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    print(f"\n{'batch':>5} {'tandem tok/s':>13} {'hf tok/s':>10} {'ratio':>7} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12}"
+          f" {'decode GFLOP/s':>15} {'of peak':>8}")
+    for B in batches:
+        prompts = [rng.integers(2, V, T).tolist() for _ in range(B)]
+        tok_s, outs = tandem_throughput(llm, prompts, N)
+        hf_tok_s = hf_throughput(hf, prompts, N) if hf is not None else float("nan")
+        ttft = [o.metrics.ttft_s for o in outs]
+        tpot = [o.metrics.tpot_s for o in outs if o.metrics.tpot_s]
+        # achieved FLOP/s of one decode dispatch at this bucket: XLA's flop count / median dispatch time
+        eng = llm.decode_engine
+        cost = eng.decode_cost(B)
+        from serving.engine import DecodeBatch
+        from serving.sampling import sampling_arrays
+
+        pages = eng.allocator.allocate(eng.pages_needed(T + N) * B)
+        per = eng.pages_needed(T + N)
+        batch = DecodeBatch(np.full(B, 3, np.int32), np.full(B, T, np.int32),
+                            np.stack([eng.page_table(pages[i * per:(i + 1) * per]) for i in range(B)]),
+                            sampling_arrays([None] * B, [0] * B))
+        eng.generate(batch)
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            eng.generate(batch)
+            ts.append(time.perf_counter() - t0)
+        eng.allocator.release(pages)
+        achieved = cost["flops"] / statistics.median(ts)
+        print(f"{B:5d} {tok_s:13.1f} {hf_tok_s:10.1f} {tok_s / hf_tok_s:6.2f}x {_pct(ttft, 50) * 1e3:12.2f} "
+              f"{_pct(tpot, 50) * 1e3:12.3f} {achieved / 1e9:15.2f} {achieved / peak:7.1%}")
+    llm.close()
+
+    if _MIXED.value:
+        print(f"\nmixed load: 8 short requests decoding 96 tokens; 4 prompts of {_LONG.value} tokens arrive meanwhile")
+        res = {}
+        for mode, kw in (("colocated", {}), ("disagg", dict(prefill_mesh="tp=1", decode_mesh="ep=1"))):
+            ecm = EngineConfig(page_size=16, num_pages=512, max_model_len=max_len, prefill_buckets=(16, 64, 128),
+                               decode_buckets=(4, 8, 16), decode_steps=_DECODE_STEPS.value)
+            with LLM(model=model, engine_config=ecm, mode=mode, **kw) as m:
+                mixed_load(m, V, _LONG.value)  # warm-up pass
+                tpot, itl = mixed_load(m, V, _LONG.value)
+            res[mode] = (tpot, itl)
+            print(f"{mode:10s} TPOT p50 {_pct(tpot, 50) * 1e3:7.2f} ms  p99 {_pct(tpot, 99) * 1e3:7.2f} ms   "
+                  f"ITL p50 {_pct(itl, 50) * 1e3:7.2f} ms  p99 {_pct(itl, 99) * 1e3:7.2f} ms")
+        r_tpot = _pct(res["disagg"][0], 99) / _pct(res["colocated"][0], 99)
+        r_itl = _pct(res["disagg"][1], 99) / _pct(res["colocated"][1], 99)
+        print(f"disagg / colocated: p99 TPOT {r_tpot:.2f}x, p99 ITL {r_itl:.2f}x")
+
+
+if __name__ == "__main__":
+    app.run(main)
