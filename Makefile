@@ -16,13 +16,15 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m serving.demo
+	$(PY) -m serving.batch --input assets/prompts.jsonl --output runs/make_run.jsonl --overwrite \
+	    --mode disagg --prefill_devices 2 --decode_devices 4 --print_outputs --noprogress
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) -m bench.model_speed
+	$(PY) -m serving.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -38,6 +38,8 @@ _NUM_PAGES = flags.DEFINE_integer("num_pages", 512, "KV pages per engine")
 _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 512, "prompt + generated tokens per request")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "largest decode batch (buckets are powers of two up to it)")
+_ROUTER = flags.DEFINE_string("router", None, "send the job to a running router (python -m serving.router) at "
+                              "host:port; the workers own the engines and --checkpoint only gives the tokenizer")
 _MTP = flags.DEFINE_bool("mtp", False, "speculative decoding with the checkpoint's MTP module (k = 1)")
 _PRINT = flags.DEFINE_bool("print_outputs", False, "print each completion as it finishes")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "start the output file afresh instead of resuming")
@@ -141,7 +143,7 @@ def run(argv_unused=None) -> int:
     if not os.path.exists(_INPUT.value):
         raise app.UsageError(f"--input {_INPUT.value} does not exist")
     ckpt = _CKPT.value or DEFAULT_CHECKPOINT
-    mcfg = ModelConfig.from_hf(ckpt)
+    mcfg = None if _ROUTER.value else ModelConfig.from_hf(ckpt)
     if _OVERWRITE.value and os.path.exists(_OUTPUT.value):
         os.remove(_OUTPUT.value)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
@@ -166,6 +168,8 @@ def run(argv_unused=None) -> int:
     ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=_MAX_MODEL_LEN.value,
                       decode_buckets=buckets, decode_steps=_DECODE_STEPS.value, mtp=_MTP.value)
     disagg = _MODE.value == "disagg"
+    if _ROUTER.value:
+        return _run_job(items, ec, *_remote_llm())
     dmesh = _DECODE_MESH.value or default_mesh("decode", _DECODE_DEVICES.value, mcfg)
     pmesh = (_PREFILL_MESH.value or default_mesh("prefill", _PREFILL_DEVICES.value, mcfg)) if disagg else None
     t0 = time.perf_counter()
@@ -174,6 +178,22 @@ def run(argv_unused=None) -> int:
     n_dev = n_dec + (llm.prefill_engine.mesh.devices.size if disagg else 0)
     print(f"model {ckpt}: {_MODE.value}, decode mesh {dmesh}" + (f", prefill mesh {pmesh}" if disagg else "")
           + f"; engines ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    return _run_job(items, ec, llm, n_dev, n_dec)
+
+
+def _remote_llm():
+    """--router: a client of a running router; device counts are the workers' (one line per worker)."""
+    from serving.llm import LLM
+
+    llm = LLM(_CKPT.value, router=_ROUTER.value)
+    workers = {a: w for a, w in llm.backend.info["workers"].items() if w["alive"]}
+    n_dec = max(1, sum(w["role"] == "decode" for w in workers.values()))
+    print(f"router {_ROUTER.value}: {len(workers)} live workers ({n_dec} decode)", flush=True)
+    return llm, max(1, len(workers)), n_dec
+
+
+def _run_job(items, ec, llm, n_dev, n_dec) -> int:
+    from serving.llm import output_of
 
     progress = None
     if _PROGRESS.value:
@@ -190,6 +210,7 @@ def run(argv_unused=None) -> int:
             progress.update(1)
 
     by_id = {}
+    by_id_all = {it.id: it for it in items}
     t_start = time.perf_counter()
     pending = list(items)
     window = 4 * ec.max_batch  # requests in flight at once: bounded memory for any input size
@@ -213,8 +234,9 @@ def run(argv_unused=None) -> int:
                     by_id.pop(o.request_id)
                     write(o.to_dict())
                     if _PRINT.value:
-                        msg = o.text if llm.tokenizer else o.token_ids
-                        (progress.write if progress else print)(f"[{o.request_id}] {msg!r} ({o.finish_reason})")
+                        src = by_id_all[o.request_id].prompt
+                        msg = f"{src!r} -> {o.text!r}" if llm.tokenizer else f"{src} -> {o.token_ids}"
+                        (progress.write if progress else print)(f"[{o.request_id}] {msg} ({o.finish_reason})")
     finally:
         out.close()
         if progress is not None:
