@@ -724,6 +724,11 @@ class RemoteLLM:
                 ready_timeout_s)
             self.engine_info = next(w["info"]["engine"] for w in snap["workers"].values()
                                     if w["alive"] and w["role"] == "decode")
+            try:   # give the others a few heartbeats to answer too (a worker that is down joins when it's up)
+                self.backend.wait_until(lambda s: all(w["alive"] for w in s["workers"].values()),
+                                        2 * cfg.heartbeat_s + 2.0)
+            except TimeoutError:
+                pass
         else:
             self.backend = RouterClient(router, token)
             self.engine_info = self.backend.info.get("engine")
@@ -740,6 +745,7 @@ class RemoteLLM:
         self._detok.detokenize = tokenizer.decode if tokenizer else None
         self._detok.eos_ids, self._detok.running, self._detok._events = (), [], []
         self.prefill_engine = self.decode_engine = None
+        self._closed_pages = None
 
     # ---- requests ---------------------------------------------------------------------------------------------------
     def make_request(self, prompt, params, request_id: str | None = None):
@@ -857,11 +863,20 @@ class RemoteLLM:
         return [output_of(r) for r in reqs]
 
     def page_stats(self) -> dict:
+        """{worker: {free, used, leased, total}} of every live worker (the last view once closed)."""
+        if self._closed_pages is not None:
+            return self._closed_pages
         snap = self.backend.snapshot()
-        return {a: w["info"].get("pages") for a, w in snap["workers"].items() if w.get("info")}
+        return {a: w["info"]["pages"] for a, w in snap["workers"].items()
+                if w.get("alive") and (w.get("info") or {}).get("pages")}
 
     def close(self) -> None:
-        self.backend.close()
+        if self._closed_pages is None:
+            try:
+                self._closed_pages = self.page_stats()
+            except Exception:  # the router may be gone: nothing to report
+                self._closed_pages = {}
+            self.backend.close()
 
     def __enter__(self):
         return self

@@ -109,7 +109,7 @@ def check_drained(addrs):
 
 
 def router_cfg(**kw):
-    base = dict(token=TOKEN, heartbeat_s=0.25, dead_after_s=2.0, step_timeout_s=20.0, max_retries=2,
+    base = dict(token=TOKEN, heartbeat_s=0.25, dead_after_s=5.0, step_timeout_s=20.0, max_retries=2,
                 unavailable_timeout_s=30.0)
     base.update(kw)
     return RouterConfig(**base)
@@ -177,13 +177,15 @@ def test_1p2d_concurrent_load(cluster, colocated):
     P, D1, D2 = cluster["P"], cluster["D1"], cluster["D2"]
     prompts = [PROMPTS[i % len(PROMPTS)] + [i + 1] for i in range(12)]
     want = colocated.generate(prompts, SamplingParams(max_tokens=N_NEW))
-    with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:
+    with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg(max_prefill_inflight=2)) as llm:
         t0 = time.perf_counter()
         got = llm.generate(prompts, SamplingParams(max_tokens=N_NEW))
         dt = time.perf_counter() - t0
         m = llm.backend.snapshot()["metrics"]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert m["transfers"] == len(prompts) and m.get("retries", 0) == 0, m
+    # 12 at once against a prefill pool that takes 2: the overflow prefills on the decode workers (saturation)
+    assert m["transfers"] + m["local_prefills"] == len(prompts) and m.get("retries", 0) == 0, m
+    assert m["transfers"] >= 2 and m["local_prefills"] >= 1, m
     assert dt < BOUND_S
     check_drained([P.addr, D1.addr, D2.addr])
 
