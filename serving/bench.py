@@ -25,6 +25,9 @@ _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "decode steps per dispat
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "skip the transformers baseline")
 _MIXED = flags.DEFINE_bool("mixed", True, "run the mixed-load disaggregated vs colocated comparison")
 _LONG = flags.DEFINE_integer("long_prompt", 448, "prompt tokens of the long requests in the mixed load")
+_MTP = flags.DEFINE_bool("mtp", True, "compare decode with and without MTP speculation (needs an MTP layer)")
+_MTP_TEXT = flags.DEFINE_string("mtp_prompts", None, "text file whose lines are prompts for the MTP run (default: "
+                                "the bundled make-run prompts when a tokenizer exists, else random tokens)")
 
 
 def _pct(xs, q):
@@ -99,6 +102,48 @@ def mixed_load(llm, vocab, long_len, n_short=8, short_new=96, n_long=4):
     return tpot, itl
 
 
+def mtp_compare(model, batches, new_tokens, max_len):
+    """Decode tok/s with and without MTP speculation on the same prompts (greedy), and the acceptance rate."""
+    import json
+
+    from serving import LLM, EngineConfig, SamplingParams
+    from serving.llm import DEFAULT_CHECKPOINT, Tokenizer
+
+    prompts = None
+    tok_path = os.path.join(_CKPT.value or DEFAULT_CHECKPOINT, "tokenizer.json")
+    if os.path.exists(tok_path):
+        tok = Tokenizer(tok_path)
+        if _MTP_TEXT.value:
+            lines = [ln for ln in open(_MTP_TEXT.value).read().splitlines() if ln.strip()]
+        else:
+            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            lines = [json.loads(ln)["prompt"] for ln in open(os.path.join(here, "assets", "prompts.jsonl"))]
+        prompts = [tok.encode(x) for x in lines]
+    else:
+        rng = np.random.default_rng(1)
+        prompts = [rng.integers(2, model.cfg.vocab_size, 12).tolist() for _ in range(8)]
+    print(f"\nMTP speculative decoding (k=1), greedy, {new_tokens} new tokens per request")
+    print(f"{'batch':>5} {'tok/s no MTP':>13} {'tok/s MTP':>10} {'speed-up':>9} {'acceptance':>11} {'same tokens':>12}")
+    for B in batches:
+        ps = (prompts * (B // len(prompts) + 1))[:B]
+        sp = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        res = {}
+        for mtp in (False, True):
+            ec = EngineConfig(page_size=16, num_pages=1024, max_model_len=max_len, prefill_buckets=(16, 64, 128),
+                              decode_buckets=(B,), decode_steps=_DECODE_STEPS.value, mtp=mtp)
+            with LLM(model=model, engine_config=ec) as llm:
+                llm.generate(ps, sp)
+                t0 = time.perf_counter()
+                outs = llm.generate(ps, sp)
+                dt = time.perf_counter() - t0
+            res[mtp] = (sum(len(o.token_ids) for o in outs) / dt, outs)
+        prop = sum(o.metrics.spec_proposed for o in res[True][1])
+        acc = sum(o.metrics.spec_accepted for o in res[True][1]) / max(prop, 1)
+        same = [o.token_ids for o in res[True][1]] == [o.token_ids for o in res[False][1]]
+        print(f"{B:5d} {res[False][0]:13.1f} {res[True][0]:10.1f} {res[True][0] / res[False][0]:8.2f}x "
+              f"{acc:10.1%} {str(same):>12}")
+
+
 def main(argv):
     del argv
     import jax
@@ -139,7 +184,7 @@ def main(argv):
         tpot = [o.metrics.tpot_s for o in outs if o.metrics.tpot_s]
         # achieved FLOP/s of one decode dispatch at this bucket: XLA's flop count / median dispatch time
         eng = llm.decode_engine
-        cost = eng.decode_cost(B)
+        cost = eng.decode_cost(B, eng.window_for(np.full(B, T)))
         from serving.engine import DecodeBatch
         from serving.sampling import sampling_arrays
 
@@ -159,6 +204,9 @@ def main(argv):
         print(f"{B:5d} {tok_s:13.1f} {hf_tok_s:10.1f} {tok_s / hf_tok_s:6.2f}x {_pct(ttft, 50) * 1e3:12.2f} "
               f"{_pct(tpot, 50) * 1e3:12.3f} {achieved / 1e9:15.2f} {achieved / peak:7.1%}")
     llm.close()
+
+    if _MTP.value and model.cfg.num_nextn_predict_layers:
+        mtp_compare(model, batches, N, max_len)
 
     if _MIXED.value:
         print(f"\nmixed load: 8 short requests decoding 96 tokens; 4 prompts of {_LONG.value} tokens arrive meanwhile")

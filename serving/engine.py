@@ -42,6 +42,9 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)     # batch sizes; the largest is the batch limit
     decode_steps: int = 4                      # decode steps per dispatch (each emits 1, or 1-2 with MTP)
     mtp: bool = False                          # speculative decoding with the model's MTP module (k = 1)
+    # Attention windows of decode, in pages: a dispatch attends over the smallest window that holds every row's
+    # positions (short requests do not pay for max_model_len). Default: pages_per_seq / 4, / 2 and all of it.
+    decode_windows: tuple[int, ...] | None = None
     cache_dtype: str | None = None             # default: the model's dtype
 
     def __post_init__(self):
@@ -57,6 +60,16 @@ class EngineConfig:
     @property
     def pages_per_seq(self) -> int:
         return self.max_model_len // self.page_size
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        if self.decode_windows is not None:
+            w = tuple(self.decode_windows)
+            if sorted(set(w)) != list(w) or w[-1] != self.pages_per_seq or w[0] < 1:
+                raise ValueError(f"decode_windows={w} must increase and end at pages_per_seq={self.pages_per_seq}")
+            return w
+        P = self.pages_per_seq
+        return tuple(sorted({max(1, P // 4), max(1, P // 2), P}))
 
     @property
     def max_batch(self) -> int:
@@ -242,10 +255,11 @@ class Engine:
                 self._sds((P,), i32), *samp_row).compile()
         self._decode_exe = {}
         for B in cfg.decode_buckets:
-            vec = lambda dt: self._sds((B,), dt)
-            self._decode_exe[B] = jax.jit(self._decode_fn, donate_argnums=(1,)).lower(
-                self.params, cache_sds, vec(i32), vec(i32), self._sds((B, P), i32),
-                vec(f32), vec(i32), vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32)).compile()
+            for Pw in cfg.windows:
+                vec = lambda dt: self._sds((B,), dt)
+                self._decode_exe[B, Pw] = jax.jit(self._decode_fn, donate_argnums=(1,)).lower(
+                    self.params, cache_sds, vec(i32), vec(i32), self._sds((B, Pw), i32),
+                    vec(f32), vec(i32), vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32)).compile()
         self._extract_exe, self._insert_exe = {}, {}
         L, _, Z, C = self.cache_shape
         for n in cfg.transfer_buckets:
@@ -311,16 +325,24 @@ class Engine:
         ids[: prefix.n_pages] = pages[: prefix.n_pages]
         self.cache = self._insert_exe[n](self.cache, ids, prefix.pages)
 
+    def window_for(self, positions: np.ndarray) -> int:
+        """The decode window (pages) for rows at `positions`: every position the dispatch writes (MTP: up to 2
+        per step, plus the draft) must fall inside it."""
+        reach = int(np.max(positions)) + self.cfg.decode_steps * (2 if self.cfg.mtp else 1) + 1
+        return _bucket(min(pages_for(reach, self.cfg.page_size), self.cfg.pages_per_seq), self.cfg.windows)
+
     def generate(self, batch: DecodeBatch) -> DecodeOut:
         """One dispatch of `decode_steps` steps for every row (with MTP each step emits 1 or 2 tokens)."""
         n = len(batch.tokens)
         B = _bucket(n, self.cfg.decode_buckets)
+        Pw = self.window_for(batch.positions)
         pad = lambda a, v=0: np.concatenate([a, np.full((B - n,) + a.shape[1:], v, a.dtype)]) if B > n else a
         s = batch.sampling
         drafts = batch.drafts if batch.drafts is not None else np.zeros(n, np.int32)
         q = batch.draft_q if batch.draft_q is not None else np.zeros((n, self._q_width), np.float32)
-        toks, ok, d, q, self.cache = self._decode_exe[B](
-            self.params, self.cache, pad(batch.tokens), pad(batch.positions), pad(batch.page_tables, SCRATCH_PAGE),
+        toks, ok, d, q, self.cache = self._decode_exe[B, Pw](
+            self.params, self.cache, pad(batch.tokens), pad(batch.positions),
+            pad(batch.page_tables[:, :Pw], SCRATCH_PAGE),
             pad(s["temperature"]), pad(s["top_k"]), pad(s["top_p"], 1.0), pad(s["seed"]), pad(drafts),
             pad(q))
         toks, ok = np.asarray(toks)[:n], np.asarray(ok)[:n]
@@ -330,10 +352,10 @@ class Engine:
         return DecodeOut(rows, np.full(n, self.cfg.decode_steps), ok.sum(1), np.asarray(d)[:n], np.asarray(q)[:n])
 
     # ---- introspection --------------------------------------------------------------------------------------------
-    def decode_cost(self, batch: int | None = None) -> dict:
-        """XLA's cost analysis of one decode dispatch (flops, bytes accessed) for a batch bucket."""
+    def decode_cost(self, batch: int | None = None, window: int | None = None) -> dict:
+        """XLA's cost analysis of one decode dispatch (flops, bytes accessed) for a batch and window bucket."""
         B = batch or self.cfg.decode_buckets[-1]
-        ca = self._decode_exe[B].cost_analysis()
+        ca = self._decode_exe[B, window or self.cfg.windows[-1]].cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)),
                 "steps": self.cfg.decode_steps, "batch": B}
