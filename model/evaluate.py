@@ -40,50 +40,55 @@ def encode(tok, text: str, bos_id: int | None) -> np.ndarray:
 
 
 @partial(jax.jit, static_argnums=0)
-def _window_stats(graphdef, state, tokens_BT):
-    """Sums over the window of: next-token NLL, t+1 hits, t+2 MTP hits (with counts of scored positions)."""
+def _window_stats(graphdef, state, tokens_BT, valid_B):
+    """Sums over the windows (row b holds valid_B[b] real tokens, then padding) of: next-token NLL, t+1 hits and
+    t+2 MTP hits. Padding sits after the real tokens, so causal attention keeps it out of every scored position."""
     from flax import nnx
 
     model = nnx.merge(graphdef, state)
     B, T = tokens_BT.shape
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     logits, hidden, _ = model.forward(tokens_BT, pos)
+    m1 = pos[:, 1:] < valid_B[:, None]                 # target t+1 is a real token
     lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-    nll = -jnp.take_along_axis(lp, tokens_BT[:, 1:, None], -1).sum()
-    hit1 = (logits[:, :-1].argmax(-1) == tokens_BT[:, 1:]).sum()
+    nll = -(jnp.take_along_axis(lp, tokens_BT[:, 1:, None], -1)[..., 0] * m1).sum()
+    hit1 = ((logits[:, :-1].argmax(-1) == tokens_BT[:, 1:]) & m1).sum()
     if len(model.mtp) == 0 or T < 3:
         return nll, hit1, jnp.int32(0)
+    m2 = pos[:, 2:] < valid_B[:, None]                 # target t+2 is a real token
     mtp_logits, _, _ = model.mtp_forward(hidden[:, :-2], tokens_BT[:, 1:-1], pos[:, :-2])
-    hit2 = (mtp_logits.argmax(-1) == tokens_BT[:, 2:]).sum()
+    hit2 = ((mtp_logits.argmax(-1) == tokens_BT[:, 2:]) & m2).sum()
     return nll, hit1, hit2
 
 
 def evaluate(model, ids: np.ndarray, context: int = 128, batch: int = 8) -> dict:
     """Perplexity, t+1 and MTP t+2 top-1 accuracy of `model` over token ids `ids` in windows of `context` inputs.
 
-    Windows overlap by one token so every token after the first is scored once for t+1; the t+2 target of a window's
-    last two positions is scored in the next window.
+    Windows of context + 1 tokens overlap by one token, so every token after the first is scored once for t+1; for
+    t+2, each window scores its targets 2..context (one target per window boundary is skipped). The last window and
+    the last batch are
+    padded (and masked), so one compiled shape serves the whole text.
     """
     from flax import nnx
 
     if len(ids) < 3:
         raise ValueError("need at least 3 tokens")
     graphdef, state = nnx.split(model)
+    L = context + 1
     starts = list(range(0, len(ids) - 1, context))
-    full = [s for s in starts if s + context + 1 <= len(ids)]
-    tail = [s for s in starts if s not in full]
     nll = hit1 = hit2 = n1 = n2 = 0
-    for group, length in ((full, context + 1), (tail, None)):
-        for i in range(0, len(group), batch):
-            chunk = group[i:i + batch]
-            L = length or len(ids) - chunk[0]
-            x = np.stack([ids[s:s + L] for s in chunk])
-            a, b, c = _window_stats(graphdef, state, jnp.asarray(x))
-            nll, hit1, hit2 = nll + float(a), hit1 + int(b), hit2 + int(c)
-            n1 += x.shape[0] * (L - 1)
-            n2 += x.shape[0] * max(L - 2, 0)
+    for i in range(0, len(starts), batch):
+        x = np.zeros((batch, L), np.int32)
+        valid = np.zeros((batch,), np.int32)
+        for r, s in enumerate(starts[i:i + batch]):
+            w = ids[s:s + L]
+            x[r, : len(w)], valid[r] = w, len(w)
+            n1 += len(w) - 1
+            n2 += max(len(w) - 2, 0)
+        a, b, c = _window_stats(graphdef, state, jnp.asarray(x), jnp.asarray(valid))
+        nll, hit1, hit2 = nll + float(a), hit1 + int(b), hit2 + int(c)
     # Unigram baseline for t+2: the most frequent target token, scored over the same t+2 targets.
-    targets = np.concatenate([ids[s + 2:min(s + context + 1, len(ids))] for s in starts])
+    targets = np.concatenate([ids[s + 2:s + L] for s in starts])
     uni = np.bincount(targets).max() / max(len(targets), 1)
     return {"tokens_scored": n1, "nll": nll / n1, "perplexity": float(np.exp(nll / n1)), "top1_t+1": hit1 / n1,
             "mtp_top1_t+2": (hit2 / n2) if n2 and len(model.mtp) else None, "mtp_positions": n2,
