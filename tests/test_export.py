@@ -8,7 +8,6 @@ values); bf16 storage loads as the bf16 cast of the weights with the router kept
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -61,7 +60,7 @@ def test_round_trip_f32_is_exact(tmp_path, tiny_model):
     N = cfg.num_hidden_layers
     # HF names and [out, in] layouts.
     assert tensors["lm_head.weight"].shape == (cfg.vocab_size, cfg.hidden_size)
-    assert tensors[f"model.layers.1.mlp.experts.7.down_proj.weight"].shape == (cfg.hidden_size,
+    assert tensors["model.layers.1.mlp.experts.7.down_proj.weight"].shape == (cfg.hidden_size,
                                                                                 cfg.moe_intermediate_size)
     assert tensors[f"model.layers.{N}.eh_proj.weight"].shape == (cfg.hidden_size, 2 * cfg.hidden_size)
     assert f"model.layers.{N}.shared_head.norm.weight" in tensors

@@ -1,15 +1,13 @@
 """tools/train_tiny: one jitted training step on a micro config, and the whole tool end to end on a few KB of text.
 
-Specification: a step lowers the loss-bearing parameters (they change, the loss is finite), the aux-loss-free bias
+Specification: training steps update every parameter with a finite loss (main + λ·MTP), the aux-loss-free bias
 update moves every MoE layer's `e_score_correction_bias` (MTP block included) against the load, the dense expert
 dispatch used for training computes the same function as the model's ragged one, and the tool is deterministic for
 a seed and writes an HF checkpoint that `checkpoints.load` reads.
 """
 
 import json
-import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,24 +29,29 @@ def _text(seed: int, n_words: int = 1500) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The one-step test uses the end-to-end test's shapes and settings, so the two share one compiled step.
+VOCAB, SEQ, BATCH = 300, 16, 2
+OPT = dict(steps=2, lr=1e-3, warmup=1, weight_decay=0.1)
+
+
 def test_one_train_step_micro():
-    cfg = train_tiny.micro_config(vocab_size=64, seq_len=16)
+    cfg = train_tiny.micro_config(vocab_size=VOCAB, seq_len=SEQ)
     from model import DeepseekV3
 
     model = DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
     train_tiny.set_dispatch(model, train_tiny.dense_experts)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt, _ = train_tiny.make_optimizer(steps=10, lr=1e-2, warmup=1, weight_decay=0.1)
+    opt, _ = train_tiny.make_optimizer(**OPT)
     opt_state = opt.init(params)
     step = train_tiny.build_train_step(graphdef, opt, mtp_weight=0.3, gamma=1e-3)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 18)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ + 2)), jnp.int32)
     p1, r1, opt_state_1, m = step(params, rest, opt_state, tokens)
     assert np.isfinite(float(m["loss"]))
     np.testing.assert_allclose(float(m["loss"]), float(m["main"]) + 0.3 * float(m["mtp"]), rtol=1e-5)
     moe_layers = (cfg.num_hidden_layers - cfg.first_k_dense_replace) + cfg.num_nextn_predict_layers
     loads = np.asarray(m["loads"])
     assert loads.shape == (moe_layers, cfg.n_routed_experts)
-    assert (loads.sum(1) == 4 * 16 * cfg.num_experts_per_tok).all()  # every token copy counted once
+    assert (loads.sum(1) == BATCH * SEQ * cfg.num_experts_per_tok).all()  # every token copy counted once
     b0 = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(rest) if k[-1] == "e_score_correction_bias"}
     b1 = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(r1) if k[-1] == "e_score_correction_bias"}
     assert len(b1) == moe_layers and any(k[0] == "mtp" for k in b1)
@@ -67,22 +70,23 @@ def test_one_train_step_micro():
 
 
 def test_dense_dispatch_matches_ragged():
-    from model import DeepseekV3
+    from model.moe import route, routed_experts
 
-    cfg = train_tiny.micro_config(vocab_size=64, seq_len=16)
-    model = DeepseekV3(cfg, rngs=nnx.Rngs(1), dtype=jnp.float32)
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 10)), jnp.int32)
-    ref = np.asarray(model(ids))
-    train_tiny.set_dispatch(model, train_tiny.dense_experts)
-    np.testing.assert_allclose(np.asarray(model(ids)), ref, rtol=1e-5, atol=1e-6)
+    cfg = train_tiny.micro_config(vocab_size=VOCAB, seq_len=SEQ)
+    rng = np.random.default_rng(1)
+    E, D, F, N = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, 40
+    r = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    x, gate, up, down = r(N, D), r(E, D, F) / np.sqrt(D), r(E, D, F) / np.sqrt(D), r(E, F, D) / np.sqrt(F)
+    w, idx = route(r(N, E), 0.3 * r(E), cfg)
+    np.testing.assert_allclose(np.asarray(train_tiny.dense_experts(x, w, idx, gate, up, down)),
+                               np.asarray(routed_experts(x, w, idx, gate, up, down)), rtol=1e-5, atol=1e-5)
 
 
 def test_tool_end_to_end_deterministic(tmp_path):
     import checkpoints
 
     plays = {f"play_{i}": _text(i) for i in range(3)}
-    kw = dict(steps=2, seed=3, batch=2, seq_len=16, lr=1e-3, warmup=1, weight_decay=0.1, mtp_weight=0.3,
-              bias_gamma=1e-3, vocab_size=300, config="micro", store_dtype="bfloat16", experts="dense",
+    kw = dict(seed=3, batch=BATCH, seq_len=SEQ, mtp_weight=0.3, bias_gamma=1e-3, vocab_size=VOCAB, **OPT, config="micro", store_dtype="bfloat16", experts="dense",
               data_dir=str(tmp_path / "data"), log_every=1, eval_every=0, eval_tokens=0, plays=plays,
               log=lambda s: None)
     s1 = train_tiny.train(str(tmp_path / "a"), **kw)
@@ -91,6 +95,6 @@ def test_tool_end_to_end_deterministic(tmp_path):
         assert open(tmp_path / "a" / f, "rb").read() == open(tmp_path / "b" / f, "rb").read(), f
     assert [h["loss"] for h in s1["history"]] == [h["loss"] for h in s2["history"]]
     model = checkpoints.load(tmp_path / "a")
-    assert model.cfg.num_nextn_predict_layers == 1 and model.cfg.vocab_size == 300
+    assert model.cfg.num_nextn_predict_layers == 1 and model.cfg.vocab_size == VOCAB
     gen = json.load(open(tmp_path / "a" / "generation_config.json"))
     assert gen["eos_token_id"] == 1

@@ -18,6 +18,7 @@ Deterministic for a given seed: fixed init seed, fixed data order (numpy Generat
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -165,6 +166,7 @@ def set_dispatch(model, fn) -> None:
             m.dispatch = fn
 
 
+@functools.lru_cache(maxsize=8)  # same settings -> same optimizer object -> compiled steps are reused
 def make_optimizer(steps: int, lr: float, warmup: int, weight_decay: float):
     import optax
 
@@ -191,6 +193,7 @@ def losses(model, tokens_BT2):
     return main, mtp
 
 
+@functools.lru_cache(maxsize=8)
 def build_train_step(graphdef, optimizer, mtp_weight: float, gamma: float):
     import jax
     import jax.numpy as jnp
@@ -224,6 +227,7 @@ def build_train_step(graphdef, optimizer, mtp_weight: float, gamma: float):
     return step
 
 
+@functools.lru_cache(maxsize=8)
 def build_eval(graphdef):
     import jax
     import jax.numpy as jnp
