@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tandem-installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# Persistent XLA cache: the second `make run` skips most compilation.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
 .PHONY: run test setup bench clean
 
@@ -17,7 +21,7 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m serving.batch --input assets/prompts.jsonl --output runs/make_run.jsonl --overwrite \
-	    --mode disagg --prefill_devices 2 --decode_devices 4 --print_outputs --noprogress
+	    --mode disagg --prefill_devices 2 --decode_devices 4 --max_batch 8 --print_outputs --noprogress
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -27,4 +31,4 @@ bench: $(STAMP)
 	$(PY) -m serving.bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cache

@@ -35,7 +35,8 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "default max_tokens for lin
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "default temperature for lines that do not set it")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size (tokens)")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", 512, "KV pages per engine")
-_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 512, "prompt + generated tokens per request")
+_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the model's "
+                                      "max_position_embeddings, at most 1024)")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "largest decode batch (buckets are powers of two up to it)")
 _ROUTER = flags.DEFINE_string("router", None, "send the job to a running router (python -m serving.router) at "
@@ -165,7 +166,8 @@ def run(argv_unused=None) -> int:
         print(f"resuming: {len(done)} ids already in {_OUTPUT.value}, {len(items)} to go", flush=True)
 
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < _MAX_BATCH.value) + (_MAX_BATCH.value,)
-    ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=_MAX_MODEL_LEN.value,
+    max_len = _MAX_MODEL_LEN.value or min(1024, mcfg.max_position_embeddings) // _PAGE_SIZE.value * _PAGE_SIZE.value
+    ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len,
                       decode_buckets=buckets, decode_steps=_DECODE_STEPS.value, mtp=_MTP.value)
     disagg = _MODE.value == "disagg"
     if _ROUTER.value:

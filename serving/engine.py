@@ -135,9 +135,17 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
 class Engine:
     """Owns one mesh: the model's weights placed on it, the paged cache, the compiled steps."""
 
+    ROLES = frozenset({"prefill", "decode", "send", "receive"})
+
     def __init__(self, model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None = None, rules=None,
-                 name: str = "engine"):
-        self.cfg, self.name, self.mesh = cfg, name, mesh
+                 name: str = "engine", roles=ROLES):
+        """roles: which executables to compile — "prefill", "decode", "send" (extract a Prefix), "receive"
+        (insert one). A disaggregated prefill engine needs {prefill, send}, its decode engine {decode, receive},
+        a colocated one {prefill, decode}."""
+        roles = frozenset(roles)
+        if not roles or roles - self.ROLES:
+            raise ValueError(f"roles={sorted(roles)}: choose from {sorted(self.ROLES)}")
+        self.cfg, self.name, self.mesh, self.roles = cfg, name, mesh, roles
         self.model_cfg = model.cfg
         if mesh is not None:
             from sharding.apply import shard_model
@@ -249,12 +257,12 @@ class Engine:
         samp_row = (scalar(f32), scalar(i32), scalar(f32), scalar(i32))
         self._q_width = self.model_cfg.vocab_size if cfg.mtp else 1  # draft distributions exist only with MTP
         self._prefill_exe = {}
-        for T in cfg.prefill_buckets:
+        for T in (cfg.prefill_buckets if "prefill" in self.roles else ()):
             self._prefill_exe[T] = jax.jit(self._prefill_fn, donate_argnums=(1,)).lower(
                 self.params, cache_sds, self._sds((T,), i32), scalar(i32), scalar(i32), scalar(i32),
                 self._sds((P,), i32), *samp_row).compile()
         self._decode_exe = {}
-        for B in cfg.decode_buckets:
+        for B in (cfg.decode_buckets if "decode" in self.roles else ()):
             for Pw in cfg.windows:
                 vec = lambda dt: self._sds((B,), dt)
                 self._decode_exe[B, Pw] = jax.jit(self._decode_fn, donate_argnums=(1,)).lower(
@@ -263,12 +271,15 @@ class Engine:
         self._extract_exe, self._insert_exe = {}, {}
         L, _, Z, C = self.cache_shape
         for n in cfg.transfer_buckets:
-            self._extract_exe[n] = jax.jit(self._extract_fn).lower(cache_sds, self._sds((n,), i32)).compile()
-            self._insert_exe[n] = jax.jit(self._insert_fn, donate_argnums=(0,)).lower(
-                cache_sds, self._sds((n,), i32), self._sds((L, n, Z, C), self.cache.dtype)).compile()
+            if "send" in self.roles:
+                self._extract_exe[n] = jax.jit(self._extract_fn).lower(cache_sds, self._sds((n,), i32)).compile()
+            if "receive" in self.roles:
+                self._insert_exe[n] = jax.jit(self._insert_fn, donate_argnums=(0,)).lower(
+                    cache_sds, self._sds((n,), i32), self._sds((L, n, Z, C), self.cache.dtype)).compile()
         self.compile_seconds = time.perf_counter() - t0
         log.info("%s: compiled %d prefill, %d decode, %d transfer executables in %.1fs", self.name,
-                 len(self._prefill_exe), len(self._decode_exe), 2 * len(self._extract_exe), self.compile_seconds)
+                 len(self._prefill_exe), len(self._decode_exe), len(self._extract_exe) + len(self._insert_exe),
+                 self.compile_seconds)
 
     # ---- the request path: numpy in, compiled executables only ----------------------------------------------------
     def page_table(self, pages: list[int]) -> np.ndarray:

@@ -147,7 +147,11 @@ class LLM:
             if tokenizer is None and os.path.exists(tok_path):
                 tokenizer = Tokenizer(tok_path)
         self.model, self.tokenizer, self.mode = model, tokenizer, mode
-        self.engine_config = engine_config or EngineConfig()
+        mpe = model.cfg.max_position_embeddings
+        self.engine_config = engine_config or EngineConfig(max_model_len=max(16, min(512, mpe) // 16 * 16))
+        if self.engine_config.max_model_len > mpe:
+            log.warning("max_model_len=%d exceeds the model's max_position_embeddings=%d: positions past it were "
+                        "never trained", self.engine_config.max_model_len, mpe)
         if mtp is not None:
             self.engine_config = dataclasses.replace(self.engine_config, mtp=mtp)
         if prefill_config is not None:
@@ -156,12 +160,14 @@ class LLM:
         self.topology = topo
         dec = parse_mesh_spec(decode_mesh)
         self.decode_engine = Engine(model, self.engine_config, mesh=topo.allocate("decode", **dec),
-                                    rules=DECODE_RULES, name="decode")
+                                    rules=DECODE_RULES, name="decode",
+                                    roles={"decode", "receive"} if mode == "disagg" else {"prefill", "decode"})
         self.prefill_engine = None
         if mode == "disagg":
             pre = parse_mesh_spec(prefill_mesh or "tp=1")
             self.prefill_engine = Engine(model, prefill_config or self.engine_config,
-                                         mesh=topo.allocate("prefill", **pre), rules=PREFILL_RULES, name="prefill")
+                                         mesh=topo.allocate("prefill", **pre), rules=PREFILL_RULES, name="prefill",
+                                         roles={"prefill", "send"})
         elif prefill_mesh is not None:
             raise ValueError("prefill_mesh is only meaningful with mode='disagg'")
         eos = model.cfg.eos_token_ids
