@@ -59,20 +59,20 @@ def _child(port: int) -> int:
                 arrays[n] = jax.device_put(jnp.arange(n, dtype=jnp.float32), jax.devices()[0]).block_until_ready()
             x = arrays[n]
             (jt if cmd["t"] == "jax" else tt).offer(cmd["uuid"], [x])
-            sock.send(b"ok")
+            sock.send(msgpack.packb("ok"))
         elif op == "release":
             (jt if cmd["t"] == "jax" else tt).release(cmd["uuid"], consumed=True)
-            sock.send(b"ok")
+            sock.send(msgpack.packb("ok"))
         elif op == "raw":
             buf = np.asarray(arrays[cmd["mb"] * MB // 4]) if cmd["mb"] * MB // 4 in arrays else \
                 np.zeros(cmd["mb"] * MB // 4, np.float32)
-            sock.send(b"ok")
+            sock.send(msgpack.packb("ok"))
             c, _ = raw.accept()
             with c:
                 c.sendall(memoryview(buf).cast("B"))
                 c.recv(1)
         elif op == "quit":
-            sock.send(b"ok")
+            sock.send(msgpack.packb("ok"))
             return 0
 
 
@@ -105,15 +105,15 @@ def _transfer_figures(rows: list[str]) -> None:
         uid = iter(range(1, 1 << 30))
         dev = jax.devices()[0]
         rows.append("| MB | raw TCP GB/s | jax.experimental.transfer GB/s (vs raw) | TcpTransport GB/s (vs raw) | "
-                    "checksum ms (host) |")
-        rows.append("|---:|---:|---:|---:|---:|")
+                    "TcpTransport without device_put | checksum ms (host) |")
+        rows.append("|---:|---:|---:|---:|---:|---:|")
         for mb in map(int, _SIZES.value):
             n = mb * MB // 4
             spec = [jax.ShapeDtypeStruct((n,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(dev))]
-            res = {"raw": [], "jax": [], "tcp": []}
+            res = {"raw": [], "jax": [], "tcp": [], "tcp_host": []}
             buf = np.empty(n, np.float32)
             for rep in range(_REPS.value + 1):          # rep 0 warms connections and buffers
-                for t in ("raw", "jax", "tcp"):
+                for t in ("raw", "jax", "tcp", "tcp_host"):
                     if t == "raw":
                         call(op="raw", mb=mb)
                         t0 = time.perf_counter()
@@ -124,14 +124,16 @@ def _transfer_figures(rows: list[str]) -> None:
                             dt = time.perf_counter() - t0
                             s.sendall(b"k")
                     else:
-                        u = next(uid)
-                        call(op="offer", t=t, mb=mb, uuid=u)
+                        u, kind = next(uid), t.split("_")[0]
+                        call(op="offer", t=kind, mb=mb, uuid=u)
                         t0 = time.perf_counter()
-                        tr = jt if t == "jax" else tt
-                        out = tr.pull(addrs[t], u, spec, 60.0)
-                        jax.block_until_ready(out)
+                        if t == "tcp_host":   # the same pull without the final device_put
+                            out = tt.pull_host(addrs["tcp"], u, 60.0)
+                        else:
+                            out = (jt if t == "jax" else tt).pull(addrs[t], u, spec, 60.0)
+                            jax.block_until_ready(out)
                         dt = time.perf_counter() - t0
-                        call(op="release", t=t, uuid=u)
+                        call(op="release", t=kind, uuid=u)
                         if rep == 0:
                             assert float(out[0][n - 1]) == float(n - 1), "wrong data"
                     if rep:
@@ -141,11 +143,17 @@ def _transfer_figures(rows: list[str]) -> None:
             ck = (time.perf_counter() - t0) * 1e3
             med = {k: float(np.median(v)) for k, v in res.items()}
             rows.append(f"| {mb} | {med['raw']:.2f} | {med['jax']:.2f} ({med['jax'] / med['raw']:.0%}) | "
-                        f"{med['tcp']:.2f} ({med['tcp'] / med['raw']:.0%}) | {ck:.1f} |")
+                        f"{med['tcp']:.2f} ({med['tcp'] / med['raw']:.0%}) | "
+                        f"{med['tcp_host']:.2f} ({med['tcp_host'] / med['raw']:.0%}) | {ck:.1f} |")
             print(rows[-1], flush=True)
         call(op="quit")
     finally:
-        child.wait(timeout=30) if child.poll() is None else None
+        if child.poll() is None:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=10)
 
 
 def _ttft_split(rows: list[str]) -> None:
@@ -176,21 +184,26 @@ def _ttft_split(rows: list[str]) -> None:
         addrs.append(f"127.0.0.1:{port}")
     try:
         rng = np.random.default_rng(0)
-        with LLM(workers=addrs, router_config=RouterConfig(), ready_timeout_s=600) as llm:
+        with LLM(workers=addrs, router_config=RouterConfig(max_prefill_inflight=1 << 20), ready_timeout_s=600) as llm:
             for _ in range(2):  # every worker's health must be in before timing
                 llm.backend.wait_until(lambda s: all(w["alive"] for w in s["workers"].values()), 600)
             llm.generate([[1, 2, 3] * 10], SamplingParams(max_tokens=2))  # warm the path
             prompts = [rng.integers(1, 90, int(n)).tolist() for n in rng.integers(64, 200, _TTFT.value)]
-            outs = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
-        m = [o.metrics for o in outs]
-        parts = {"queue (router, until dispatch)": [x.queue_s for x in m],
-                 "prefill (prefill worker)": [x.prefill_s - (x.transfer_s or 0) for x in m],
-                 "transfer (pull + checksum + reshard)": [x.transfer_s for x in m],
-                 "rest (control messages, insert, first-token notice)":
-                     [x.ttft_s - x.queue_s - x.prefill_s for x in m],
-                 "TTFT": [x.ttft_s for x in m]}
+            reqs = [llm.submit(p, SamplingParams(max_tokens=16, ignore_eos=True)) for p in prompts]
+            for _ in llm._stream(reqs):
+                pass
+        rm = [r.router_metrics for r in reqs]
+        assert all(not x["local_prefill"] and x["transfer_s"] for x in rm), rm
+        parts = {"queue: router": [x["queue_s"] for x in rm],
+                 "queue: prefill worker": [x["prefill_queue_s"] for x in rm],
+                 "prefill compute (prefill worker)": [x["prefill_s"] for x in rm],
+                 "transfer (pull + checksum + reshard, decode worker)": [x["transfer_s"] for x in rm],
+                 "rest (control hops, wait for a decode slot, insert, first-token message)":
+                     [x["ttft_s"] - x["queue_s"] - x["prefill_queue_s"] - x["prefill_s"] - x["transfer_s"]
+                      for x in rm],
+                 "TTFT (router clock)": [x["ttft_s"] for x in rm]}
         rows.append("")
-        rows.append(f"TTFT split, {len(m)} requests (prompts 64-199 tokens, arrive at once), 1 prefill + 1 decode "
+        rows.append(f"TTFT split, {len(rm)} requests (prompts 64-199 tokens, arrive at once), 1 prefill + 1 decode "
                     f"worker process, transport {_TRANSPORT.value}:")
         rows.append("")
         rows.append("| part | mean ms | p50 ms | p90 ms |")

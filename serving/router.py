@@ -87,6 +87,7 @@ class RReq:
     # metrics (router clock)
     dispatch_t: float | None = None
     prefill_s: float | None = None
+    prefill_queue_s: float | None = None   # waiting in the prefill worker's queue
     transfer_s: float | None = None
     first_token_t: float | None = None
     workers: list[str] = dataclasses.field(default_factory=list)
@@ -94,7 +95,8 @@ class RReq:
     def metrics(self) -> dict:
         ttft = None if self.first_token_t is None else self.first_token_t - self.arrival
         queue_s = None if self.dispatch_t is None else self.dispatch_t - self.arrival
-        return {"ttft_s": ttft, "queue_s": queue_s, "prefill_s": self.prefill_s, "transfer_s": self.transfer_s,
+        return {"ttft_s": ttft, "queue_s": queue_s, "prefill_queue_s": self.prefill_queue_s,
+                "prefill_s": self.prefill_s, "transfer_s": self.transfer_s,
                 "attempts": self.attempt + 1, "workers": list(self.workers), "local_prefill": self.local}
 
 
@@ -387,7 +389,7 @@ class Router:
 
     def _on_offered(self, r: RReq, msg: dict) -> None:
         offer = msg["offer"]
-        r.prefill_s = offer.get("prefill_s")
+        r.prefill_s, r.prefill_queue_s = offer.get("prefill_s"), offer.get("queued_s")
         d = self._pick("decode", exclude_dead=True)
         if d is None:
             self._retry(r, "no decode worker alive to receive the KV")
@@ -805,7 +807,8 @@ class RemoteLLM:
             now = time.perf_counter()
             m = ev.get("metrics") or {}
             if m.get("queue_s") is not None:
-                req.prefill_start = req.arrival + m["queue_s"]
+                req.prefill_start = req.arrival + m["queue_s"] + (m.get("prefill_queue_s") or 0.0)
+                req.router_metrics = m
                 req.prefill_end = req.prefill_start + (m.get("prefill_s") or 0.0) + (m.get("transfer_s") or 0.0)
                 req.transfer_s, req.attempts, req.workers = m.get("transfer_s"), m.get("attempts"), m.get("workers")
             self._detok._events = []

@@ -169,6 +169,7 @@ class Worker:
             req = self._make_request(msg)
             if any(l.uuid == msg["uuid"] for l in self.leases.values()):
                 raise ProtocolError("malformed", f"uuid {msg['uuid']} is already offered")
+            req.arrival = time.perf_counter()
             self._jobs.append((ident, req, msg["uuid"]))
         elif self.role == "prefill" and t == "release":
             self._end_lease(msg["uuid"], consumed=bool(msg.get("consumed", True)), why="release")
@@ -209,6 +210,7 @@ class Worker:
         pages = eng.allocator.allocate(n)
         try:
             t0 = time.perf_counter()
+            queued_s = t0 - req.arrival
             out = eng.prefill(req.prompt_ids, pages, req.sampling_row())
             prefix = eng.extract(pages, len(req.prompt_ids), out)
             arrays = [offerable(prefix.pages), offerable(prefix.hidden)]
@@ -226,6 +228,7 @@ class Worker:
         offer = {"transport": self.transport.name, "addr": self.transport.address, "uuid": uuid,
                  "arrays": [layout_of(a) for a in arrays], "n_pages": prefix.n_pages, "length": prefix.length,
                  "first_token": int(prefix.first_token), "checksums": sums, "prefill_s": prefill_s,
+                 "queued_s": queued_s,
                  "draft": int(prefix.draft), "draft_q": None if prefix.draft_q is None else
                  np.asarray(prefix.draft_q, np.float32).tobytes(),
                  "lease_s": self.lease_s, "worker": self.address}
