@@ -147,10 +147,12 @@ def main(argv):
               f"{q / 1e6:.3f} MB vs {q_bf16 / 1e6:.3f} MB bf16; all weights {total / 1e6:.3f} MB "
               f"(bf16 {total_bf16 / 1e6:.3f} MB); load {load_s:.1f}s", flush=True)
     base = results["models"]["bf16"]["perplexity"]
+    f32 = results["models"]["f32"]["logits"]
     for name in names:
         d = results["models"][name]
         lg = d.pop("logits")
         diff = np.abs(lg - ref)
+        d["logits_rel_err_vs_f32"] = float(np.linalg.norm(lg - f32) / np.linalg.norm(f32))
         d.update(ppl_vs_bf16=d["perplexity"] / base - 1, logits_max_abs_err=float(diff.max()),
                  logits_mean_abs_err=float(diff.mean()),
                  logits_rel_err=float(np.linalg.norm(lg - ref) / np.linalg.norm(ref)),
@@ -158,7 +160,7 @@ def main(argv):
                      ref).mean()))
         print(f"{name:>12}: ppl {d['perplexity']:.4f} ({100 * d['ppl_vs_bf16']:+.2f}% vs bf16); logits vs bf16: max "
               f"{d['logits_max_abs_err']:.4f} mean {d['logits_mean_abs_err']:.4f} rel {d['logits_rel_err']:.4f}; "
-              f"top-1 agreement {d['top1_agree']:.4f}")
+              f"top-1 agreement {d['top1_agree']:.4f}; rel err vs f32 {d['logits_rel_err_vs_f32']:.4f}")
 
     batches = [int(b) for b in FLAGS.batches]
     prompt = ids[1: 1 + FLAGS.prompt_tokens + max(batches) * 7].tolist()  # request i starts 7 tokens after i-1
