@@ -96,3 +96,16 @@ def test_greedy_continuation_is_mostly_real_words(model_f32, tok):
     assert len(words) >= 10, text
     frac = sum(w in known for w in words) / len(words)
     assert frac >= 0.6, (frac, text)
+
+
+def test_transformers_reads_the_same_model(model_f32):
+    """The shipped directory is a real HF checkpoint: transformers' DeepseekV3ForCausalLM (which ignores the MTP
+    layer) gives Tandem's logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ASSET, dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(0, model_f32.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(model_f32(jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
