@@ -106,3 +106,26 @@ def reference_logits(hf_model, ids: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return hf_model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def argmax_rollout(model, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+    """Greedy continuation by the teacher-forced forward, no cache: the reference every cached path must equal.
+
+    One fixed-shape buffer serves every step (causal attention: logits at t do not depend on the padding after
+    t), so the forward compiles once.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
+    buf = np.zeros((len(prompts), max(map(len, prompts)) + n_new), np.int32)
+    lens = np.array([len(p) for p in prompts])
+    for b, p in enumerate(prompts):
+        buf[b, : len(p)] = p
+    rows = np.arange(len(prompts))
+    for step in range(n_new):
+        logits = np.asarray(forward(params, jnp.asarray(buf)))
+        buf[rows, lens + step] = logits[rows, lens + step - 1].argmax(-1)
+    return [buf[b, lens[b]: lens[b] + n_new].tolist() for b in rows]

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import checkpoints
 import hf_reference
@@ -65,20 +64,7 @@ def test_greedy_with_cache_equals_teacher_forced_argmax(hf_pair):
     prompts = [[3, 14, 15, 9, 2, 6], [5, 35], [8, 9, 7, 9, 3, 2, 3, 8, 4]]
     n_new = 10
     got = greedy_generate(model, prompts, n_new)
-    # Rollout with the teacher-forced forward (no cache) on a fixed padded buffer: causal attention makes the
-    # logits at t independent of the padding after t, so one compiled forward serves every step.
-    graphdef, params = nnx.split(model)
-    forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
-    buf = np.zeros((len(prompts), max(map(len, prompts)) + n_new), np.int32)
-    lens = np.array([len(p) for p in prompts])
-    for b, p in enumerate(prompts):
-        buf[b, : len(p)] = p
-    for step in range(n_new):
-        logits = np.asarray(forward(params, jnp.asarray(buf)))
-        rows = np.arange(len(prompts))
-        buf[rows, lens + step] = logits[rows, lens + step - 1].argmax(-1)
-    for b, new in enumerate(got):
-        assert new == buf[b, lens[b]: lens[b] + n_new].tolist()
+    assert got == hf_reference.argmax_rollout(model, prompts, n_new)
 
 
 def test_greedy_rejects_bad_arguments(hf_pair):

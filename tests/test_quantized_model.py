@@ -148,18 +148,6 @@ def test_quantized_checkpoint_round_trip(ckpt, quantized, tokens, tmp_path, fmt)
         checkpoints.load(dst, quant=other)
 
 
-def _argmax_rollout(m, prompts, n_new):
-    """Greedy continuation by the teacher-forced forward (one fixed-shape buffer: causal, so the tail is inert)."""
-    buf = np.zeros((len(prompts), max(map(len, prompts)) + n_new), np.int32)
-    lens = np.array([len(p) for p in prompts])
-    for b, p in enumerate(prompts):
-        buf[b, : len(p)] = p
-    rows = np.arange(len(prompts))
-    for step in range(n_new):
-        buf[rows, lens + step] = _logits(m, jnp.asarray(buf))[rows, lens + step - 1].argmax(-1)
-    return [buf[b, lens[b]: lens[b] + n_new].tolist() for b in rows]
-
-
 def test_quantized_serving_greedy_equals_teacher_forced(ckpt, tmp_path):
     from serving import LLM, EngineConfig, SamplingParams
 
@@ -172,7 +160,7 @@ def test_quantized_serving_greedy_equals_teacher_forced(ckpt, tmp_path):
         assert isinstance(llm.model.layers[1].mlp.experts_up_proj.get_value(), QuantizedTensor)
         assert isinstance(llm.model.layers[0].mlp.up_proj.get_value(), QuantizedTensor)   # "+dense"
         outs = llm.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True))
-        assert [o.token_ids for o in outs] == _argmax_rollout(llm.model, prompts, n_new)
+        assert [o.token_ids for o in outs] == hf_reference.argmax_rollout(llm.model, prompts, n_new)
 
 
 def _mesh(dp=1, ep=1, tp=1):

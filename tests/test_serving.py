@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import checkpoints
 import hf_reference
@@ -36,20 +35,6 @@ def colocated(model):
     llm.close()
 
 
-def _argmax_rollout(model, prompts, n_new):
-    graphdef, params = nnx.split(model)
-    fwd = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
-    buf = np.zeros((len(prompts), max(map(len, prompts)) + n_new), np.int32)
-    lens = np.array([len(p) for p in prompts])
-    for b, p in enumerate(prompts):
-        buf[b, : len(p)] = p
-    rows = np.arange(len(prompts))
-    for step in range(n_new):
-        logits = np.asarray(fwd(params, jnp.asarray(buf)))
-        buf[rows, lens + step] = logits[rows, lens + step - 1].argmax(-1)
-    return [buf[b, lens[b]: lens[b] + n_new].tolist() for b in rows]
-
-
 def _check_pages(llm):
     for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
         a = eng.allocator
@@ -59,7 +44,7 @@ def _check_pages(llm):
 
 def test_greedy_through_engine_equals_teacher_forced_argmax(colocated, model):
     outs = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
-    assert [o.token_ids for o in outs] == _argmax_rollout(model, PROMPTS, N_NEW)
+    assert [o.token_ids for o in outs] == hf_reference.argmax_rollout(model, PROMPTS, N_NEW)
     assert all(o.finish_reason == "length" for o in outs)
     _check_pages(colocated)
 
