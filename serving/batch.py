@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import types
 
 import numpy as np
 from absl import app, flags, logging
@@ -166,12 +167,12 @@ def run(argv_unused=None) -> int:
         print(f"resuming: {len(done)} ids already in {_OUTPUT.value}, {len(items)} to go", flush=True)
 
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < _MAX_BATCH.value) + (_MAX_BATCH.value,)
+    if _ROUTER.value:   # the workers own the engines; only the in-flight window is sized here
+        return _run_job(items, types.SimpleNamespace(max_batch=_MAX_BATCH.value), *_remote_llm(ckpt))
     max_len = _MAX_MODEL_LEN.value or min(1024, mcfg.max_position_embeddings) // _PAGE_SIZE.value * _PAGE_SIZE.value
     ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len,
                       decode_buckets=buckets, decode_steps=_DECODE_STEPS.value, mtp=_MTP.value)
     disagg = _MODE.value == "disagg"
-    if _ROUTER.value:
-        return _run_job(items, ec, *_remote_llm())
     dmesh = _DECODE_MESH.value or default_mesh("decode", _DECODE_DEVICES.value, mcfg)
     pmesh = (_PREFILL_MESH.value or default_mesh("prefill", _PREFILL_DEVICES.value, mcfg)) if disagg else None
     t0 = time.perf_counter()
@@ -183,11 +184,11 @@ def run(argv_unused=None) -> int:
     return _run_job(items, ec, llm, n_dev, n_dec)
 
 
-def _remote_llm():
+def _remote_llm(ckpt):
     """--router: a client of a running router; device counts are the workers' (one line per worker)."""
     from serving.llm import LLM
 
-    llm = LLM(_CKPT.value, router=_ROUTER.value)
+    llm = LLM(ckpt, router=_ROUTER.value)   # the checkpoint's tokenizer (text prompts, stop strings)
     workers = {a: w for a, w in llm.backend.info["workers"].items() if w["alive"]}
     n_dec = max(1, sum(w["role"] == "decode" for w in workers.values()))
     print(f"router {_ROUTER.value}: {len(workers)} live workers ({n_dec} decode)", flush=True)

@@ -395,7 +395,8 @@ def _flags():
                     "decode)")
     f.DEFINE_integer("page_size", 16, "KV page size (tokens)")
     f.DEFINE_integer("num_pages", 512, "KV pages of this engine")
-    f.DEFINE_integer("max_model_len", 512, "prompt + generated tokens per request")
+    f.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the checkpoint's "
+                     "max_position_embeddings, at most 1024, rounded down to pages); equal on every worker")
     f.DEFINE_list("prefill_buckets", ["16", "32", "64", "128"], "prefill chunk lengths")
     f.DEFINE_list("decode_buckets", ["1", "2", "4", "8", "16"], "decode batch sizes")
     f.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
@@ -441,7 +442,8 @@ def main(argv):
     role = FLAGS.role
     ckpt = FLAGS.checkpoint or DEFAULT_CHECKPOINT
     model = checkpoints.load(ckpt, dtype=jnp.float32)
-    ec = EngineConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, max_model_len=FLAGS.max_model_len,
+    max_len = FLAGS.max_model_len or min(1024, model.cfg.max_position_embeddings) // FLAGS.page_size * FLAGS.page_size
+    ec = EngineConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, max_model_len=max_len,
                       prefill_buckets=tuple(int(b) for b in FLAGS.prefill_buckets),
                       decode_buckets=tuple(int(b) for b in FLAGS.decode_buckets), decode_steps=FLAGS.decode_steps)
     n = len(jax.devices())   # tp over heads for prefill, ep over experts for decode, when they divide
