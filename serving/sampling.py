@@ -96,8 +96,17 @@ def sampling_arrays(params: Sequence[SamplingParams | None], seeds: Sequence[int
 
 def token_probs(logits_BW: jax.Array, temperature_B, top_k_B, top_p_B) -> jax.Array:
     """The distribution each row samples from [B, W]: one-hot argmax where temperature == 0, else
-    softmax(logits / T) restricted to the top-k and then to the smallest top-p prefix, renormalised."""
+    softmax(logits / T) restricted to the top-k and then to the smallest top-p prefix, renormalised.
+
+    When every row is greedy the vocabulary sort is skipped (`lax.cond` runs one branch)."""
     logits_BW = logits_BW.astype(jnp.float32)
+    greedy_BW = jax.nn.one_hot(jnp.argmax(logits_BW, axis=-1), logits_BW.shape[-1], dtype=jnp.float32)
+    return jax.lax.cond(jnp.any(temperature_B > 0),
+                        lambda: _filtered_probs(logits_BW, greedy_BW, temperature_B, top_k_B, top_p_B),
+                        lambda: greedy_BW)
+
+
+def _filtered_probs(logits_BW, greedy_BW, temperature_B, top_k_B, top_p_B):
     W = logits_BW.shape[-1]
     t_B = jnp.where(temperature_B > 0, temperature_B, 1.0)
     scaled_BW = logits_BW / t_B[:, None]
@@ -113,7 +122,6 @@ def token_probs(logits_BW: jax.Array, temperature_B, top_k_B, top_p_B) -> jax.Ar
     pth_B = jnp.take_along_axis(sorted_BW, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
     threshold_B = jnp.maximum(kth_B, pth_B)
     probs_BW = jax.nn.softmax(jnp.where(scaled_BW >= threshold_B[:, None], scaled_BW, -jnp.inf), axis=-1)
-    greedy_BW = jax.nn.one_hot(jnp.argmax(logits_BW, axis=-1), W, dtype=jnp.float32)
     return jnp.where((temperature_B > 0)[:, None], probs_BW, greedy_BW)
 
 
@@ -127,10 +135,15 @@ def keys_for(seed_B, positions_B, stream: int = 0) -> jax.Array:
 
 def draw(probs_BW: jax.Array, keys) -> jax.Array:
     """A token per row from probs (exactly the argmax for one-hot rows)."""
-    logp_BW = jnp.where(probs_BW > 0, jnp.log(jnp.maximum(probs_BW, 1e-38)), -jnp.inf)
-    drawn_B = jax.vmap(jax.random.categorical)(keys, logp_BW).astype(jnp.int32)
+    argmax_B = jnp.argmax(probs_BW, -1).astype(jnp.int32)
     is_onehot_B = probs_BW.max(-1) >= 1.0
-    return jnp.where(is_onehot_B, jnp.argmax(probs_BW, -1).astype(jnp.int32), drawn_B)
+
+    def drawn():  # random bits only when some row really samples
+        logp_BW = jnp.where(probs_BW > 0, jnp.log(jnp.maximum(probs_BW, 1e-38)), -jnp.inf)
+        return jax.vmap(jax.random.categorical)(keys, logp_BW).astype(jnp.int32)
+
+    drawn_B = jax.lax.cond(jnp.all(is_onehot_B), lambda: argmax_B, drawn)
+    return jnp.where(is_onehot_B, argmax_B, drawn_B)
 
 
 def sample(logits_BW: jax.Array, positions_B: jax.Array, temperature_B, top_k_B, top_p_B, seed_B) -> jax.Array:
