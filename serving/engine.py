@@ -42,6 +42,7 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)     # batch sizes; the largest is the batch limit
     decode_steps: int = 4                      # decode steps per dispatch (each emits 1, or 1-2 with MTP)
     mtp: bool = False                          # speculative decoding with the model's MTP module (k = 1)
+    prefill_budget: int = 256                  # colocated: prompt tokens prefilled per scheduler step (>= 1 chunk)
     # Attention windows of decode, in pages: a dispatch attends over the smallest window that holds every row's
     # positions (short requests do not pay for max_model_len). Default: pages_per_seq / 4, / 2 and all of it.
     decode_windows: tuple[int, ...] | None = None

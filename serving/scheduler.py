@@ -162,7 +162,7 @@ class Scheduler:
     def step(self) -> list[Event]:
         if self.prefill is None:
             self._admit_colocated()
-            self._prefill_one_chunk()
+            self._prefill_chunks()
         if self._ready:
             self._insert_ready()
         if self.running:
@@ -189,14 +189,21 @@ class Scheduler:
                 req.status = Status.PREFILLING
                 self.prefilling.append(req)
 
-    def _prefill_one_chunk(self) -> None:
-        if not self.prefilling:
-            return
+    def _prefill_chunks(self) -> None:
+        """Prefill chunks of the admitted requests, in order, until this step's token budget is spent (at least
+        one chunk), so a burst of short prompts starts decoding together while a long prompt is still chunked."""
+        budget = self.decode.cfg.prefill_budget
+        while self.prefilling and budget > 0:
+            budget -= self._prefill_one_chunk()
+
+    def _prefill_one_chunk(self) -> int:
         req = self.prefilling[0]
         if req.prefill_start is None:
             req.prefill_start = time.perf_counter()
         chunk = req.chunks.pop(0)
         out = self.decode.prefill_chunk(req.prompt_ids, chunk, req.pages, req.sampling_row())
+        if req.aborted and req not in self.prefilling:
+            return chunk[2]
         if not req.chunks:
             req.prefill_end = time.perf_counter()
             req.draft, req.draft_q = out.draft, out.draft_q
@@ -204,6 +211,7 @@ class Scheduler:
                 if req in self.prefilling:  # else aborted meanwhile (already finished)
                     self.prefilling.remove(req)
                     self._start_running(req, out.token)
+        return chunk[2]
 
     def _start_running(self, req: Request, first_token: int) -> None:
         req.status = Status.RUNNING
