@@ -132,6 +132,15 @@ def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
     return out
 
 
+def mtp_layers_present(cfg: ModelConfig, ckpt: Checkpoint) -> int:
+    """How many MTP layers (`model.layers.{num_hidden_layers + d}.*`) the checkpoint really holds."""
+    prefixes = {k.split(".")[2] for k in ckpt.keys() if k.startswith("model.layers.")}
+    n = 0
+    while str(cfg.num_hidden_layers + n) in prefixes:
+        n += 1
+    return n
+
+
 def _block_size(path: str) -> tuple[int, int]:
     import json
 
@@ -299,9 +308,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = ModelConfig.from_hf(path)
     ckpt = Checkpoint(path)
-    n_mtp = 0
-    while any(k.startswith(f"model.layers.{cfg.num_hidden_layers + n_mtp}.") for k in ckpt.keys()):
-        n_mtp += 1
+    n_mtp = mtp_layers_present(cfg, ckpt)
     if n_mtp != cfg.num_nextn_predict_layers:
         log.info("checkpoint has %d MTP layer(s) (config says %d); loading %d", n_mtp,
                  cfg.num_nextn_predict_layers, n_mtp)

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints import safetensors_io
-from checkpoints.loader import (QUANT_FORMATS, QUANT_METHOD, _block_size, _read, _stack_t, _t, parse_quant, plans,
-                                quantized_target)
+from checkpoints.loader import (QUANT_FORMATS, QUANT_METHOD, _block_size, _read, _stack_t, _t, mtp_layers_present,
+                                parse_quant, plans, quantized_target)
 from checkpoints.safetensors_io import Checkpoint, CheckpointError
 from model.config import ModelConfig
 from pallas_kernels import formats
@@ -72,10 +72,7 @@ def quantize_checkpoint(src: str, dst: str, fmt: str, *, dense: bool = False, lo
         raise ValueError(f"{src} is already FP4-quantized ({old_q.get('quant_method')})")
     cfg = ModelConfig.from_hf(src)
     ckpt = Checkpoint(src)
-    n_mtp = 0
-    while any(k.startswith(f"model.layers.{cfg.num_hidden_layers + n_mtp}.") for k in ckpt.keys()):
-        n_mtp += 1
-    cfg = cfg.replace(num_nextn_predict_layers=n_mtp)
+    cfg = cfg.replace(num_nextn_predict_layers=mtp_layers_present(cfg, ckpt))
     block = _block_size(src)
     plan = plans(cfg, ckpt)
 
