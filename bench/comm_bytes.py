@@ -108,7 +108,7 @@ def _child(ep: int, tp: int) -> dict:
 
     import model
     from model.cache import ContiguousCache
-    from sharding import DECODE_RULES, Topology, data_sharding, expert_dispatch, install_dispatch, logical_sharding
+    from sharding import DECODE_RULES, Topology, data_sharding, expert_parallel, logical_sharding, runtime_for
 
     n = ep * tp
     assert len(jax.devices()) == n, (len(jax.devices()), n)
@@ -120,8 +120,8 @@ def _child(ep: int, tp: int) -> dict:
     cfg = model.preset("deepseek-v3").replace(num_hidden_layers=2, first_k_dense_replace=1,
                                                num_nextn_predict_layers=0)
     dtype = jnp.dtype(FLAGS.dtype)
-    abstract = nnx.eval_shape(lambda: model.DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    install_dispatch(abstract, expert_dispatch(mesh, DECODE_RULES, FLAGS.capacity_factor))
+    rt = runtime_for(mesh, DECODE_RULES, capacity_factor=FLAGS.capacity_factor)
+    abstract = nnx.eval_shape(lambda: model.DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=dtype, runtime=rt))
     graphdef, state = nnx.split(abstract)
     params = jax.tree.map(
         lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
@@ -167,7 +167,7 @@ def _child(ep: int, tp: int) -> dict:
     main = (DENSE_LAYERS * sums.get("main/dense", 0) + MOE_LAYERS * sums.get("main/moe", 0)
             + sums.get("main/other", 0))
     fallback_extra = MOE_LAYERS * sums.get("fallback/moe", 0)
-    d = expert_dispatch(mesh, DECODE_RULES, FLAGS.capacity_factor)
+    d = expert_parallel(mesh, DECODE_RULES, FLAGS.capacity_factor)
     return dict(ep=ep, tp=tp, devices=n, batch=B, rows_per_device=d.rows_per_device(B),
                 capacity=d.capacity(B, cfg.n_routed_experts, cfg.num_experts_per_tok),
                 compile_s=round(compile_s, 1), sums=sums, step_bytes=main, fallback_moe_layer_bytes=sums.get(

@@ -30,8 +30,10 @@ from flax import nnx
 from checkpoints.safetensors_io import Checkpoint, CheckpointError, dtype_name
 from model.config import ModelConfig
 from model.deepseek import DeepseekV3
+from model.runtime import Runtime
 from pallas_kernels import formats
 from pallas_kernels.formats import QuantizedTensor
+from sharding.apply import runtime_for, variable_sharding
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class _Plan:
     build: Callable[[list[np.ndarray]], np.ndarray]  # float32 sources -> the weight in Tandem's layout
 
 
-def _t(x):  # HF Linear [out, in] -> [in, out]
+def linear_t(x):  # HF Linear [out, in] -> [in, out]
     return x[0].T
 
 
@@ -53,7 +55,7 @@ def _heads(*shape):
     return lambda x: x[0].T.reshape(shape)
 
 
-def _stack_t(xs):  # E tensors [out, in] -> [E, in, out]
+def stack_experts_t(xs):  # E tensors [out, in] -> [E, in, out]
     return np.stack([x.T for x in xs])
 
 
@@ -63,12 +65,12 @@ def _attn_plans(prefix: str, cfg: ModelConfig) -> dict[str, _Plan]:
     a = prefix + "self_attn."
     p = {}
     if cfg.q_lora_rank:
-        p["self_attn.q_a_proj"] = _Plan((a + "q_a_proj.weight",), _t)
+        p["self_attn.q_a_proj"] = _Plan((a + "q_a_proj.weight",), linear_t)
         p["self_attn.q_a_layernorm.weight"] = _Plan((a + "q_a_layernorm.weight",), lambda x: x[0])
         p["self_attn.q_b_proj"] = _Plan((a + "q_b_proj.weight",), _heads(cfg.q_lora_rank, H, K + R))
     else:
         p["self_attn.q_proj"] = _Plan((a + "q_proj.weight",), _heads(D, H, K + R))
-    p["self_attn.kv_a_proj_with_mqa"] = _Plan((a + "kv_a_proj_with_mqa.weight",), _t)
+    p["self_attn.kv_a_proj_with_mqa"] = _Plan((a + "kv_a_proj_with_mqa.weight",), linear_t)
     p["self_attn.kv_a_layernorm.weight"] = _Plan((a + "kv_a_layernorm.weight",), lambda x: x[0])
     p["self_attn.kv_b_proj"] = _Plan((a + "kv_b_proj.weight",), _heads(L, H, K + V))
     p["self_attn.o_proj"] = _Plan((a + "o_proj.weight",), lambda x: x[0].T.reshape(H, V, D))
@@ -76,7 +78,7 @@ def _attn_plans(prefix: str, cfg: ModelConfig) -> dict[str, _Plan]:
 
 
 def _mlp_plans(hf: str, ours: str) -> dict[str, _Plan]:
-    return {f"{ours}.{n}": _Plan((f"{hf}.{n}.weight",), _t) for n in ("gate_proj", "up_proj", "down_proj")}
+    return {f"{ours}.{n}": _Plan((f"{hf}.{n}.weight",), linear_t) for n in ("gate_proj", "up_proj", "down_proj")}
 
 
 def _layer_plans(hf_prefix: str, cfg: ModelConfig, moe: bool, ckpt: Checkpoint) -> dict[str, _Plan]:
@@ -88,7 +90,7 @@ def _layer_plans(hf_prefix: str, cfg: ModelConfig, moe: bool, ckpt: Checkpoint) 
         p.update(_mlp_plans(m[:-1], "mlp"))
         return p
     E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
-    p["mlp.gate"] = _Plan((m + "gate.weight",), _t)
+    p["mlp.gate"] = _Plan((m + "gate.weight",), linear_t)
     p["mlp.e_score_correction_bias"] = _Plan((m + "gate.e_score_correction_bias",), lambda x: x[0])
     if m + "experts.gate_up_proj" in ckpt:  # transformers' in-memory fused layout, if someone saved that
         p["mlp.experts_gate_proj"] = _Plan((m + "experts.gate_up_proj",), lambda x: x[0][:, :F].transpose(0, 2, 1))
@@ -96,7 +98,7 @@ def _layer_plans(hf_prefix: str, cfg: ModelConfig, moe: bool, ckpt: Checkpoint) 
         p["mlp.experts_down_proj"] = _Plan((m + "experts.down_proj",), lambda x: x[0].transpose(0, 2, 1))
     else:
         for n in ("gate_proj", "up_proj", "down_proj"):
-            p[f"mlp.experts_{n}"] = _Plan(tuple(f"{m}experts.{e}.{n}.weight" for e in range(E)), _stack_t)
+            p[f"mlp.experts_{n}"] = _Plan(tuple(f"{m}experts.{e}.{n}.weight" for e in range(E)), stack_experts_t)
     if cfg.n_shared_experts:
         p.update(_mlp_plans(m + "shared_experts", "mlp.shared_experts"))
     return p
@@ -107,7 +109,7 @@ def plans(cfg: ModelConfig, ckpt: Checkpoint) -> dict[str, _Plan]:
     p = {"embed_tokens": _Plan(("model.embed_tokens.weight",), lambda x: x[0]),
          "norm.weight": _Plan(("model.norm.weight",), lambda x: x[0])}
     if not cfg.tie_word_embeddings:
-        p["lm_head"] = _Plan(("lm_head.weight",), _t)
+        p["lm_head"] = _Plan(("lm_head.weight",), linear_t)
     for i in range(cfg.num_hidden_layers):
         for k, v in _layer_plans(f"model.layers.{i}.", cfg, cfg.is_moe_layer(i), ckpt).items():
             p[f"layers.{i}.{k}"] = v
@@ -117,7 +119,7 @@ def plans(cfg: ModelConfig, ckpt: Checkpoint) -> dict[str, _Plan]:
             p[f"mtp.{d}.block.{k}"] = v
         p[f"mtp.{d}.enorm.weight"] = _Plan((hf + "enorm.weight",), lambda x: x[0])
         p[f"mtp.{d}.hnorm.weight"] = _Plan((hf + "hnorm.weight",), lambda x: x[0])
-        p[f"mtp.{d}.eh_proj"] = _Plan((hf + "eh_proj.weight",), _t)
+        p[f"mtp.{d}.eh_proj"] = _Plan((hf + "eh_proj.weight",), linear_t)
         p[f"mtp.{d}.shared_head_norm.weight"] = _Plan((hf + "shared_head.norm.weight",), lambda x: x[0])
     return p
 
@@ -141,7 +143,7 @@ def mtp_layers_present(cfg: ModelConfig, ckpt: Checkpoint) -> int:
     return n
 
 
-def _block_size(path: str) -> tuple[int, int]:
+def weight_block_size(path: str) -> tuple[int, int]:
     import json
 
     try:
@@ -266,7 +268,7 @@ def checkpoint_quant(path: str) -> dict | None:
     return None
 
 
-def _read(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> np.ndarray:
+def read_tensor(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> np.ndarray:
     if name not in ckpt:
         raise CheckpointError(f"tensor {name!r} is missing from the checkpoint at {ckpt.path}")
     dt = ckpt.dtype(name)
@@ -289,13 +291,25 @@ def _default_dtype(ckpt: Checkpoint):
     return jnp.float32 if np.dtype(dt) == np.float32 else jnp.bfloat16
 
 
-def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: str | None = None) -> DeepseekV3:
+def config_of(path: str | os.PathLike) -> ModelConfig:
+    """The model config a checkpoint directory loads as (its config.json, with the MTP layers it really holds)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    cfg = ModelConfig.from_hf(path)
+    n_mtp = mtp_layers_present(cfg, Checkpoint(path))
+    return cfg if n_mtp == cfg.num_nextn_predict_layers else cfg.replace(num_nextn_predict_layers=n_mtp)
+
+
+def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: str | None = None,
+         runtime: Runtime | None = None, capacity_factor: float = 2.0) -> DeepseekV3:
     """Load an HF DeepSeek-V3/R1 checkpoint directory into a `DeepseekV3` model.
 
     dtype: compute/storage dtype of the weights (default: float32 for f32 checkpoints, else bfloat16; block-fp8
     weights are dequantized on load). The router and its correction bias always stay float32. The MTP module is
     loaded when the checkpoint has `model.layers.{num_hidden_layers}.*`; otherwise the model has none.
-    `mesh`/`rules` place each weight onto its sharding as it is read (see `sharding.rules`).
+    `mesh`/`rules` place each weight onto its sharding as it is read (see `sharding.rules`), and set the model's
+    `runtime` for that mesh (kernel choices from `runtime`, expert parallelism from the rules).
 
     quant: None, "nvfp4" or "mxfp4" (the routed experts; "+dense" also the dense MLPs and shared experts).
     Quantized weights are `QuantizedTensor`s (packed codes + block scales + tensor scales), quantized one stack at
@@ -314,7 +328,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
                  cfg.num_nextn_predict_layers, n_mtp)
         cfg = cfg.replace(num_nextn_predict_layers=n_mtp)
     dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype(ckpt)
-    block = _block_size(path)
+    block = weight_block_size(path)
     stored = checkpoint_quant(path)
     if stored is not None:
         if fmt is not None and fmt != stored.get("format"):
@@ -356,29 +370,28 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
     for key, var in flat.items():
         name = ".".join(map(str, key))
         p = plan[name]
-        want = tuple(var.value.shape)
+        want = tuple(var.get_value().shape)
         axes = var.get_metadata().get("axes")
         # Stored packed (our quantized checkpoints, ModelOpt NVFP4) where the model can hold FP4: load as stored.
-        if quantized_target(name, True) and p.build in (_t, _stack_t) and all(_is_packed(ckpt, s)
+        if quantized_target(name, True) and p.build in (linear_t, stack_experts_t) and all(_is_packed(ckpt, s)
                                                                                for s in p.sources):
-            var.value = place(read_packed(ckpt, p.sources, want, stacked=p.build is _stack_t), axes)
+            var.set_value(place(read_packed(ckpt, p.sources, want, stacked=p.build is stack_experts_t), axes))
             continue
-        arr = p.build([_read(ckpt, s, block) for s in p.sources])
+        arr = p.build([read_tensor(ckpt, s, block) for s in p.sources])
         if arr.shape != want:
             src = p.sources[0]
             raise CheckpointError(f"tensor {src!r} in {ckpt.file_of(src)} has shape {list(ckpt.shape(src))}, "
                                   f"which does not fit {name} {list(want)} for this config")
         if fmt is not None and quantized_target(name, dense):  # one stack at a time, kept packed
-            var.value = place(formats.quantize(jnp.asarray(arr, jnp.float32), fmt), axes)
+            var.set_value(place(formats.quantize(jnp.asarray(arr, jnp.float32), fmt), axes))
         else:
-            var.value = place(arr.astype(var.value.dtype), axes)
+            var.set_value(place(arr.astype(var.get_value().dtype), axes))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    model.runtime = runtime_for(mesh, rules, base=runtime, capacity_factor=capacity_factor)
     return model
 
 
 def _placer(mesh, rules):
     if mesh is None:
         return lambda value, axes: jax.tree.map(jnp.asarray, value)
-    from sharding.apply import variable_sharding
-
     return lambda value, axes: jax.device_put(value, variable_sharding(value, axes, mesh, rules))

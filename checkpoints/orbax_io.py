@@ -11,7 +11,6 @@ those shardings: every device reads only its shards, and nothing is materialised
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -20,6 +19,8 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.deepseek import DeepseekV3
+from sharding.apply import runtime_for
+from sharding.rules import logical_sharding
 
 _CONFIG_KEY = "tandem_model_config"
 
@@ -52,8 +53,8 @@ def restore(path: str | os.PathLike, like: DeepseekV3 | ModelConfig | None = Non
     """Read an orbax checkpoint written by `save` into a new `DeepseekV3` placed on `mesh` under `rules`.
 
     like: a model or config describing the architecture (default: the config stored in the checkpoint).
-    mesh=None restores onto the default device. With a mesh whose expert axis is > 1, the expert-parallel
-    dispatch is installed as in `sharding.shard_model`.
+    mesh=None restores onto the default device. With a mesh, the model's runtime is set for it as in
+    `sharding.place` (expert parallelism when the rules split the experts).
     """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
@@ -73,8 +74,6 @@ def restore(path: str | os.PathLike, like: DeepseekV3 | ModelConfig | None = Non
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         sharding_of = lambda axes: dev
     else:
-        from sharding.rules import logical_sharding
-
         sharding_of = lambda axes: logical_sharding(axes, mesh, rules)
 
     target = jax.tree.map(
@@ -88,9 +87,5 @@ def restore(path: str | os.PathLike, like: DeepseekV3 | ModelConfig | None = Non
                          f"config: {e}") from e
     nnx.replace_by_pure_dict(state, values)
     model = nnx.merge(graphdef, state)
-    if mesh is not None:
-        from sharding.apply import expert_dispatch, install_dispatch
-        from sharding.rules import DECODE_RULES
-
-        install_dispatch(model, expert_dispatch(mesh, rules or DECODE_RULES, capacity_factor))
+    model.runtime = runtime_for(mesh, rules, capacity_factor=capacity_factor)
     return model

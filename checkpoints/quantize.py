@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints import safetensors_io
-from checkpoints.loader import (QUANT_FORMATS, QUANT_METHOD, _block_size, _read, _stack_t, _t, mtp_layers_present,
+from checkpoints.loader import (QUANT_FORMATS, QUANT_METHOD, weight_block_size, read_tensor, stack_experts_t, linear_t, mtp_layers_present,
                                 parse_quant, plans, quantized_target)
 from checkpoints.safetensors_io import Checkpoint, CheckpointError
 from model.config import ModelConfig
@@ -73,7 +73,7 @@ def quantize_checkpoint(src: str, dst: str, fmt: str, *, dense: bool = False, lo
     cfg = ModelConfig.from_hf(src)
     ckpt = Checkpoint(src)
     cfg = cfg.replace(num_nextn_predict_layers=mtp_layers_present(cfg, ckpt))
-    block = _block_size(src)
+    block = weight_block_size(src)
     plan = plans(cfg, ckpt)
 
     out: dict[str, np.ndarray] = {}
@@ -84,10 +84,10 @@ def quantize_checkpoint(src: str, dst: str, fmt: str, *, dense: bool = False, lo
     for name, p in plan.items():
         if not quantized_target(name, dense):
             continue
-        if p.build not in (_t, _stack_t):
+        if p.build not in (linear_t, stack_experts_t):
             raise CheckpointError(f"{name}: the source stores it as {p.sources[0]!r} (a fused layout); "
                                   "checkpoints.quantize writes per-expert tensors only")
-        arr = p.build([_read(ckpt, s, block) for s in p.sources])
+        arr = p.build([read_tensor(ckpt, s, block) for s in p.sources])
         qt = formats.quantize(jnp.asarray(arr, jnp.float32), fmt)   # the loader's quantize-at-load, verbatim
         tensors = _hf_tensors(qt, p.sources)
         out.update(tensors)

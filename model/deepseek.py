@@ -14,6 +14,7 @@ from model.config import ModelConfig
 from model.layers import MLP, RMSNorm, param
 from model.moe import MoE
 from model.rope import cos_sin
+from model.runtime import DEFAULT_RUNTIME, Runtime
 
 
 class DecoderLayer(nnx.Module):
@@ -24,13 +25,21 @@ class DecoderLayer(nnx.Module):
         self.mlp = (MoE(cfg, rngs=rngs, dtype=dtype) if cfg.is_moe_layer(layer_idx)
                     else MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype))
 
-    def __call__(self, x_BTD, positions_BT, cos, sin, cache, state, cache_layer: int, absorbed: bool):
-        h_BTD = self.input_layernorm(x_BTD)
-        q_nope, q_rope = self.self_attn.queries(h_BTD, cos, sin)
-        kv_BTC = self.self_attn.latents(h_BTD, cos, sin)
-        state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)
-        x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed)
-        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+    def __call__(self, x_BTD, positions_BT, cos, sin, cache, state, cache_layer: int, absorbed: bool,
+                 runtime: Runtime = DEFAULT_RUNTIME):
+        with jax.named_scope("attention"):
+            h_BTD = self.input_layernorm(x_BTD)
+            q_nope, q_rope = self.self_attn.queries(h_BTD, cos, sin)
+            kv_BTC = self.self_attn.latents(h_BTD, cos, sin)
+            state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)
+            x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed)
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        if isinstance(self.mlp, MoE):
+            with jax.named_scope("moe"):
+                x_BTD = x_BTD + self.mlp(h_BTD, runtime)
+        else:
+            with jax.named_scope("mlp"):
+                x_BTD = x_BTD + self.mlp(h_BTD, runtime.resolved_matmul_impl())
         return x_BTD, state
 
 
@@ -51,13 +60,18 @@ class MTP(nnx.Module):
 
 
 class DeepseekV3(nnx.Module):
-    """`model(input_ids)` -> float32 logits [B, T, vocab] (teacher-forced, no cache)."""
+    """`model(input_ids)` -> float32 logits [B, T, vocab] (teacher-forced, no cache).
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32):
+    `runtime` (`model.runtime.Runtime`, static) holds the kernel choices and the expert-parallel dispatch of a
+    placed model; assign a new one to change them (`sharding.place` and `checkpoints.load(mesh=...)` do)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
+                 runtime: Runtime = DEFAULT_RUNTIME):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         D, W = cfg.hidden_size, cfg.vocab_size
         self.cfg = cfg
         self.dtype = dtype
+        self.runtime = runtime
         self.embed_tokens = param(rngs, (W, D), ("vocab", "embed"), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(D, "embed", cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
@@ -85,7 +99,7 @@ class DeepseekV3(nnx.Module):
         x_BTD = self.embed(tokens_BT)
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer{i}"):
-                x_BTD, state = layer(x_BTD, positions_BT, cos, sin, cache, state, i, absorbed)
+                x_BTD, state = layer(x_BTD, positions_BT, cos, sin, cache, state, i, absorbed, self.runtime)
         h_BTD = self.norm(x_BTD)
         return self.head(h_BTD), h_BTD, state
 
@@ -106,6 +120,7 @@ class DeepseekV3(nnx.Module):
         e_BTD = m.enorm(self.embed(next_tokens_BT))
         h_BTD = m.hnorm(hidden_BTD.astype(e_BTD.dtype))
         x_BTD = jnp.einsum("btx,xd->btd", jnp.concatenate([e_BTD, h_BTD], axis=-1), m.eh_proj[...])
-        x_BTD, state = m.block(x_BTD, positions_BT, cos, sin, cache, state,
-                               self.cfg.num_hidden_layers + depth, absorbed)
+        with jax.named_scope(f"mtp{depth}"):
+            x_BTD, state = m.block(x_BTD, positions_BT, cos, sin, cache, state,
+                                   self.cfg.num_hidden_layers + depth, absorbed, self.runtime)
         return self.head(m.shared_head_norm(x_BTD)), x_BTD, state

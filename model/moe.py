@@ -7,9 +7,12 @@ Routing (as the HF reference / DeepSeek's release):
   pick num_experts_per_tok experts by `choice` within the kept groups
   weights = scores of the picked experts (unbiased), / their sum if norm_topk_prob, * routed_scaling_factor
 
-Experts run as one grouped matmul over all experts (`lax.ragged_dot` on token copies sorted by expert): exact,
-no capacity, no dropped tokens, no Python loop. The expert-parallel dispatch (all_to_all across devices) lives
-in `sharding/` and reuses `route` and `expert_ffn`.
+Routed experts, local implementations (`MOE_IMPLS`, chosen by `Runtime.moe_impl`; all exact, none drops a token):
+  ragged — token copies sorted by expert, one grouped matmul per weight (`lax.ragged_dot`);
+  dense  — every expert on every token, weighted by the router (zero for unpicked experts): E/X times the FLOPs,
+           but plain batched matmuls (fast where ragged_dot is slow and E is small, e.g. XLA:CPU).
+Expert parallelism (all_to_all across devices) is `model.expert_parallel.ExpertParallel`, which reuses `route`
+and `expert_ffn`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import MLP, Buffer, grouped_matmul, param
+from model.layers import MLP, Buffer, batched_matmul, grouped_matmul, param
+from model.runtime import DEFAULT_RUNTIME, Runtime
+
+MOE_IMPLS = ("ragged", "dense")
 
 
 def route(logits_NE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -42,15 +48,15 @@ def route(logits_NE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) -> tuple[ja
     return w_NX * cfg.routed_scaling_factor, idx_NX.astype(jnp.int32)
 
 
-def expert_ffn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD) -> jax.Array:
+def expert_ffn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD, impl: str = "xla") -> jax.Array:
     """SwiGLU of rows x_MD sorted by expert, group_sizes_E rows per expert: one grouped matmul per weight.
-    Weights are [E, K, N] arrays or FP4 `QuantizedTensor`s (`model.layers.grouped_matmul` handles both)."""
-    g_MF = grouped_matmul(x_MD, gate_EDF, group_sizes_E)
-    u_MF = grouped_matmul(x_MD, up_EDF, group_sizes_E)
-    return grouped_matmul(jax.nn.silu(g_MF) * u_MF, down_EFD, group_sizes_E)
+    Weights are [E, K, N] arrays or `QuantizedTensor`s (`model.layers.grouped_matmul` handles both)."""
+    g_MF = grouped_matmul(x_MD, gate_EDF, group_sizes_E, impl)
+    u_MF = grouped_matmul(x_MD, up_EDF, group_sizes_E, impl)
+    return grouped_matmul(jax.nn.silu(g_MF) * u_MF, down_EFD, group_sizes_E, impl)
 
 
-def routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD) -> jax.Array:
+def routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla") -> jax.Array:
     """Sum over each token's chosen experts of weight * expert(x), computed as one sorted grouped matmul."""
     N, X = idx_NX.shape
     E = gate_EDF.shape[0]
@@ -58,9 +64,24 @@ def routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD) -> jax.Array:
     order = jnp.argsort(flat_e, stable=True)          # token copies sorted by expert
     token_of = order // X
     group_sizes_E = jnp.bincount(flat_e, length=E).astype(jnp.int32)
-    y_MD = expert_ffn(x_ND[token_of], group_sizes_E, gate_EDF, up_EDF, down_EFD)
+    y_MD = expert_ffn(x_ND[token_of], group_sizes_E, gate_EDF, up_EDF, down_EFD, impl)
     y_MD = y_MD * w_NX.reshape(-1)[order][:, None].astype(y_MD.dtype)
     return jnp.zeros_like(x_ND).at[token_of].add(y_MD)
+
+
+def dense_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla") -> jax.Array:
+    """`routed_experts` computed densely: every expert on every token, weighted by the router (zero weight for
+    experts a token did not pick), as batched matmuls over [E, N, *]."""
+    N, E = x_ND.shape[0], gate_EDF.shape[0]
+    w_NE = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], idx_NX].add(w_NX.astype(jnp.float32))
+    x_END = jnp.broadcast_to(x_ND[None], (E, *x_ND.shape))
+    g_ENF = batched_matmul(x_END, gate_EDF, impl)
+    u_ENF = batched_matmul(x_END, up_EDF, impl)
+    h_ENF = jax.nn.silu(g_ENF) * u_ENF * w_NE.T[:, :, None].astype(x_ND.dtype)
+    return batched_matmul(h_ENF, down_EFD, impl).sum(0).astype(x_ND.dtype)
+
+
+_LOCAL_IMPLS = {"ragged": routed_experts, "dense": dense_experts}
 
 
 class MoE(nnx.Module):
@@ -72,9 +93,6 @@ class MoE(nnx.Module):
         self.experts_gate_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), dtype)
         self.experts_up_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), dtype)
         self.experts_down_proj = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), dtype)
-        # Expert-parallel dispatch (sharding/): a hashable callable with `routed_experts`' signature, or None
-        # for the local grouped matmul. Set by `sharding` when the model is placed on a mesh with an `ep` axis.
-        self.dispatch = None
         self.shared_experts = (MLP(D, F * cfg.n_shared_experts, rngs=rngs, dtype=dtype, axis="mlp")
                                if cfg.n_shared_experts else None)
 
@@ -84,7 +102,7 @@ class MoE(nnx.Module):
         w_NX, idx_NX = route(logits_NE, self.e_score_correction_bias[...], self.cfg)
         return w_NX, idx_NX, logits_NE
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, runtime: Runtime = DEFAULT_RUNTIME) -> jax.Array:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         w_NX, idx_NX, _ = self.router(x_ND)
@@ -93,10 +111,19 @@ class MoE(nnx.Module):
         if hasattr(self, "__captures__"):
             self.sow(nnx.Intermediate, "expert_counts",
                      jnp.bincount(idx_NX.reshape(-1), length=self.cfg.n_routed_experts))
-        experts = routed_experts if self.dispatch is None else self.dispatch
-        y_ND = experts(x_ND, w_NX, idx_NX, self.experts_gate_proj.get_value(), self.experts_up_proj.get_value(),
-                       self.experts_down_proj.get_value())  # arrays, or QuantizedTensors in a quantized model
+        impl = runtime.resolved_matmul_impl()
+        if runtime.expert_parallel is not None:
+            experts = runtime.expert_parallel
+        else:
+            moe_impl = runtime.moe_impl or "ragged"
+            if moe_impl not in _LOCAL_IMPLS:
+                raise ValueError(f"moe_impl={moe_impl!r}: expected one of {MOE_IMPLS}")
+            experts = _LOCAL_IMPLS[moe_impl]
+        with jax.named_scope("routed_experts"):
+            y_ND = experts(x_ND, w_NX, idx_NX, self.experts_gate_proj.get_value(), self.experts_up_proj.get_value(),
+                           self.experts_down_proj.get_value(), impl)  # arrays, or QuantizedTensors
         y_BTD = y_ND.reshape(B, T, D)
         if self.shared_experts is not None:
-            y_BTD = y_BTD + self.shared_experts(x_BTD)
+            with jax.named_scope("shared_experts"):
+                y_BTD = y_BTD + self.shared_experts(x_BTD, impl)
         return y_BTD

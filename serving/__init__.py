@@ -1,7 +1,10 @@
 """Serving: paged latent KV, AOT-compiled prefill/decode engines, continuous batching, PD disaggregation."""
 
+from serving.api import Event, Request, RequestMetrics, RequestOutput, Tokenizer
 from serving.engine import Engine, EngineConfig, Prefix
-from serving.llm import LLM, RequestOutput, Tokenizer
+from serving.llm import LLM
 from serving.sampling import SamplingParams
+from serving.scheduler import SchedulerConfig
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "Engine", "EngineConfig", "Prefix", "Tokenizer"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "Request", "Event", "Engine", "EngineConfig",
+           "SchedulerConfig", "Prefix", "Tokenizer"]

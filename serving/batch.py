@@ -17,10 +17,17 @@ import json
 import os
 import sys
 import time
-import types
 
 import numpy as np
 from absl import app, flags, logging
+from tqdm import tqdm
+
+import checkpoints
+from serving.api import DEFAULT_CHECKPOINT, default_max_model_len, default_mesh, output_of
+from serving.engine import EngineConfig
+from serving.llm import LLM
+from serving.sampling import SamplingParams
+from serving.scheduler import SchedulerConfig
 
 _INPUT = flags.DEFINE_string("input", None, "input JSONL file")
 _OUTPUT = flags.DEFINE_string("output", None, "output JSONL file (appended to; existing ids are skipped)")
@@ -76,8 +83,6 @@ class Item:
 
 
 def parse_line(n: int, raw: str, defaults: dict) -> Item:
-    from serving.sampling import SamplingParams
-
     try:
         d = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -127,25 +132,13 @@ def summarize(outputs, duration: float, n_devices: int, n_decode_devices: int) -
     return "\n".join(lines)
 
 
-def default_mesh(kind: str, n: int, cfg) -> str:
-    """tp over heads for prefill, ep over experts for decode — when they divide; else data parallel."""
-    if kind == "prefill":
-        return f"tp={n}" if cfg.num_attention_heads % n == 0 else f"dp={n}"
-    return f"ep={n}" if cfg.n_routed_experts % n == 0 else f"dp={n}"
-
-
 def run(argv_unused=None) -> int:
-    from serving.engine import EngineConfig
-    from serving.llm import LLM, output_of
-    from model.config import ModelConfig
-    from serving.llm import DEFAULT_CHECKPOINT
-
     if not _INPUT.value or not _OUTPUT.value:
         raise app.UsageError("--input and --output are required")
     if not os.path.exists(_INPUT.value):
         raise app.UsageError(f"--input {_INPUT.value} does not exist")
     ckpt = _CKPT.value or DEFAULT_CHECKPOINT
-    mcfg = None if _ROUTER.value else ModelConfig.from_hf(ckpt)
+    mcfg = None if _ROUTER.value else checkpoints.config_of(ckpt)
     if _OVERWRITE.value and os.path.exists(_OUTPUT.value):
         os.remove(_OUTPUT.value)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
@@ -168,40 +161,36 @@ def run(argv_unused=None) -> int:
 
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < _MAX_BATCH.value) + (_MAX_BATCH.value,)
     if _ROUTER.value:   # the workers own the engines; only the in-flight window is sized here
-        return _run_job(items, types.SimpleNamespace(max_batch=_MAX_BATCH.value), *_remote_llm(ckpt))
-    max_len = _MAX_MODEL_LEN.value or min(1024, mcfg.max_position_embeddings) // _PAGE_SIZE.value * _PAGE_SIZE.value
+        return _run_job(items, _MAX_BATCH.value, *_remote_llm(ckpt))
+    max_len = _MAX_MODEL_LEN.value or default_max_model_len(mcfg.max_position_embeddings, _PAGE_SIZE.value)
     ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len,
                       decode_buckets=buckets, decode_steps=_DECODE_STEPS.value, mtp=_MTP.value)
     disagg = _MODE.value == "disagg"
-    dmesh = _DECODE_MESH.value or default_mesh("decode", _DECODE_DEVICES.value, mcfg)
-    pmesh = (_PREFILL_MESH.value or default_mesh("prefill", _PREFILL_DEVICES.value, mcfg)) if disagg else None
+    heads, experts = mcfg.num_attention_heads, mcfg.n_routed_experts
+    dmesh = _DECODE_MESH.value or default_mesh("decode", _DECODE_DEVICES.value, heads, experts)
+    pmesh = (_PREFILL_MESH.value or default_mesh("prefill", _PREFILL_DEVICES.value, heads, experts)) if disagg else None
     t0 = time.perf_counter()
-    llm = LLM(ckpt, mode=_MODE.value, prefill_mesh=pmesh, decode_mesh=dmesh, engine_config=ec)
+    llm = LLM(ckpt, mode=_MODE.value, prefill_mesh=pmesh, decode_mesh=dmesh, engine_config=ec,
+              scheduler_config=SchedulerConfig(max_batch=_MAX_BATCH.value))
     n_dec = llm.decode_engine.mesh.devices.size
     n_dev = n_dec + (llm.prefill_engine.mesh.devices.size if disagg else 0)
     print(f"model {ckpt}: {_MODE.value}, decode mesh {dmesh}" + (f", prefill mesh {pmesh}" if disagg else "")
           + f"; engines ready in {time.perf_counter() - t0:.1f}s", flush=True)
-    return _run_job(items, ec, llm, n_dev, n_dec)
+    return _run_job(items, _MAX_BATCH.value, llm, n_dev, n_dec)
 
 
 def _remote_llm(ckpt):
     """--router: a client of a running router; device counts are the workers' (one line per worker)."""
-    from serving.llm import LLM
-
     llm = LLM(ckpt, router=_ROUTER.value)   # the checkpoint's tokenizer (text prompts, stop strings)
-    workers = {a: w for a, w in llm.backend.info["workers"].items() if w["alive"]}
+    workers = {a: w for a, w in llm.backend.router.info["workers"].items() if w["alive"]}
     n_dec = max(1, sum(w["role"] == "decode" for w in workers.values()))
     print(f"router {_ROUTER.value}: {len(workers)} live workers ({n_dec} decode)", flush=True)
     return llm, max(1, len(workers)), n_dec
 
 
-def _run_job(items, ec, llm, n_dev, n_dec) -> int:
-    from serving.llm import output_of
-
+def _run_job(items, max_batch: int, llm, n_dev, n_dec) -> int:
     progress = None
     if _PROGRESS.value:
-        from tqdm import tqdm
-
         progress = tqdm(total=len(items), unit="req", file=sys.stderr, dynamic_ncols=True)
     outputs = []
     out = open(_OUTPUT.value, "a")
@@ -216,15 +205,15 @@ def _run_job(items, ec, llm, n_dev, n_dec) -> int:
     by_id_all = {it.id: it for it in items}
     t_start = time.perf_counter()
     pending = list(items)
-    window = 4 * ec.max_batch  # requests in flight at once: bounded memory for any input size
+    window = 4 * max_batch  # requests in flight at once: bounded memory for any input size
     try:
-        while pending or llm.scheduler.has_work():
+        while pending or llm.has_work():
             while pending and len(by_id) < window:
                 it = pending.pop(0)
                 if it.error is None:
                     try:
                         req = llm.make_request(it.prompt, it.params, request_id=it.id)
-                        llm.scheduler.add(req)
+                        llm.add_request(req)
                         by_id[it.id] = it
                         continue
                     except ValueError as e:

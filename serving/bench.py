@@ -3,7 +3,12 @@
 1. decode throughput at batch 1 and 16: Tandem's engine vs `transformers` `generate()` on the same checkpoint;
 2. TTFT / TPOT of those runs;
 3. mixed load — long prompts arriving while short requests decode: p99 TPOT/ITL disaggregated vs colocated;
-4. achieved FLOP/s of the decode step (XLA cost analysis / measured time) vs this machine's matmul peak.
+4. achieved FLOP/s of the decode step vs this machine's matmul peak. FLOPs per step come from XLA's cost analysis
+   of a *1-step* executable (XLA:CPU counts a `lax.scan` body once, so the multi-step dispatch executable reports
+   one step whatever `decode_steps` is) and are cross-checked against the analytic count (`model.flops`);
+   achieved = per-step FLOPs x steps per dispatch / measured dispatch time;
+5. MTP speculation: tok/s with and without, and the acceptance rate on held-out text prompts (the shipped model's
+   held-out play), greedy and T=0.8, counting only verify steps whose tokens were kept.
 
     python -m serving.bench [--checkpoint DIR] [--new_tokens 64] [--skip_hf]
 """
@@ -14,8 +19,16 @@ import os
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+import checkpoints
+from serving.api import DEFAULT_CHECKPOINT, Tokenizer, output_of
+from serving.engine import DecodeBatch, EngineConfig
+from serving.llm import LLM
+from serving.sampling import SamplingParams, sampling_arrays
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint (default: the shipped model)")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "tokens generated per request in the throughput runs")
@@ -26,8 +39,9 @@ _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "skip the transformers baseline")
 _MIXED = flags.DEFINE_bool("mixed", True, "run the mixed-load disaggregated vs colocated comparison")
 _LONG = flags.DEFINE_integer("long_prompt", 448, "prompt tokens of the long requests in the mixed load")
 _MTP = flags.DEFINE_bool("mtp", True, "compare decode with and without MTP speculation (needs an MTP layer)")
-_MTP_TEXT = flags.DEFINE_string("mtp_prompts", None, "text file whose lines are prompts for the MTP run (default: "
-                                "the bundled make-run prompts when a tokenizer exists, else random tokens)")
+_MTP_TEXT = flags.DEFINE_string("mtp_text", None, "held-out text whose speeches (blank-line separated) give the MTP "
+                                "prompts (default: the checkpoint's heldout_sample.txt; random tokens if none)")
+_MTP_PROMPT_TOKENS = flags.DEFINE_integer("mtp_prompt_tokens", 24, "tokens per MTP prompt (a speech's start)")
 
 
 def _pct(xs, q):
@@ -36,9 +50,6 @@ def _pct(xs, q):
 
 def matmul_peak_flops() -> float:
     """Best-of-5 f32 matmul FLOP/s of this machine (one jitted 1024^3 dot)."""
-    import jax
-    import jax.numpy as jnp
-
     n = 1024
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
@@ -52,8 +63,6 @@ def matmul_peak_flops() -> float:
 
 
 def tandem_throughput(llm, prompts, new_tokens):
-    from serving import SamplingParams
-
     sp = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts, sp)  # warm caches / allocator paths
     t0 = time.perf_counter()
@@ -78,8 +87,6 @@ def hf_throughput(hf, prompts, new_tokens):
 
 def mixed_load(llm, vocab, long_len, n_short=8, short_new=96, n_long=4):
     """Short requests decode; after they start, long prompts arrive one per scheduler step."""
-    from serving import SamplingParams
-
     rng = np.random.default_rng(0)
     short = [rng.integers(2, vocab, 8).tolist() for _ in range(n_short)]
     long = [rng.integers(2, vocab, long_len).tolist() for _ in range(n_long)]
@@ -92,9 +99,8 @@ def mixed_load(llm, vocab, long_len, n_short=8, short_new=96, n_long=4):
         llm.submit(p, sp_long)
         llm.step()
         llm.step()
-    while llm.scheduler.has_work():
+    while llm.has_work():
         llm.step()
-    from serving.llm import output_of
 
     outs = [output_of(r) for r in reqs]
     tpot = [o.metrics.tpot_s for o in outs if o.metrics.tpot_s]
@@ -102,59 +108,64 @@ def mixed_load(llm, vocab, long_len, n_short=8, short_new=96, n_long=4):
     return tpot, itl
 
 
-def mtp_compare(model, batches, new_tokens, max_len):
-    """Decode tok/s with and without MTP speculation on the same prompts (greedy), and the acceptance rate."""
-    import json
+def heldout_prompts(tokenizer, path: str, n_tokens: int) -> list[list[int]]:
+    """Distinct prompts from held-out text: the first `n_tokens` tokens of each speech (blank-line separated
+    paragraphs of at least n_tokens tokens), in order."""
+    text = open(path).read()
+    out = []
+    for para in (p.strip() for p in text.split("\n\n")):
+        ids = tokenizer.encode(para) if para else []
+        if len(ids) >= n_tokens and ids[:n_tokens] not in out:
+            out.append(ids[:n_tokens])
+    return out
 
-    from serving import LLM, EngineConfig, SamplingParams
-    from serving.llm import DEFAULT_CHECKPOINT, Tokenizer
 
-    prompts = None
-    tok_path = os.path.join(_CKPT.value or DEFAULT_CHECKPOINT, "tokenizer.json")
-    if os.path.exists(tok_path):
-        tok = Tokenizer(tok_path)
-        if _MTP_TEXT.value:
-            lines = [ln for ln in open(_MTP_TEXT.value).read().splitlines() if ln.strip()]
-        else:
-            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            lines = [json.loads(ln)["prompt"] for ln in open(os.path.join(here, "assets", "prompts.jsonl"))]
-        prompts = [tok.encode(x) for x in lines]
+def mtp_compare(model, batches, new_tokens, max_len, tokenizer, ckpt):
+    """Decode tok/s with and without MTP speculation on the same distinct held-out prompts, greedy and T=0.8, and
+    the acceptance rate (only verify steps whose tokens were kept count)."""
+
+    text = _MTP_TEXT.value or os.path.join(ckpt, "heldout_sample.txt")
+    if tokenizer is not None and os.path.exists(text):
+        prompts, src = heldout_prompts(tokenizer, text, _MTP_PROMPT_TOKENS.value), text
     else:
         rng = np.random.default_rng(1)
-        prompts = [rng.integers(2, model.cfg.vocab_size, 12).tolist() for _ in range(8)]
-    print(f"\nMTP speculative decoding (k=1), greedy, {new_tokens} new tokens per request")
-    print(f"{'batch':>5} {'tok/s no MTP':>13} {'tok/s MTP':>10} {'speed-up':>9} {'acceptance':>11} {'same tokens':>12}")
+        prompts = [rng.integers(2, model.cfg.vocab_size, _MTP_PROMPT_TOKENS.value).tolist() for _ in range(64)]
+        src = "random tokens (no tokenizer or held-out text)"
+    print(f"\nMTP speculative decoding (k=1), {new_tokens} new tokens per request; prompts: the first "
+          f"{_MTP_PROMPT_TOKENS.value} tokens of distinct speeches of {src} ({len(prompts)} available)")
+    print(f"{'batch':>5} {'sampling':>9} {'tok/s no MTP':>13} {'tok/s MTP':>10} {'speed-up':>9} {'acceptance':>11} "
+          f"{'drafts':>7} {'same tokens':>12}")
     for B in batches:
-        ps = (prompts * (B // len(prompts) + 1))[:B]
-        sp = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-        res = {}
-        for mtp in (False, True):
-            ec = EngineConfig(page_size=16, num_pages=1024, max_model_len=max_len, prefill_buckets=(16, 64, 128),
-                              decode_buckets=(B,), decode_steps=_DECODE_STEPS.value, mtp=mtp)
-            with LLM(model=model, engine_config=ec) as llm:
-                llm.generate(ps, sp)
-                t0 = time.perf_counter()
-                outs = llm.generate(ps, sp)
-                dt = time.perf_counter() - t0
-            res[mtp] = (sum(len(o.token_ids) for o in outs) / dt, outs)
-        prop = sum(o.metrics.spec_proposed for o in res[True][1])
-        acc = sum(o.metrics.spec_accepted for o in res[True][1]) / max(prop, 1)
-        same = [o.token_ids for o in res[True][1]] == [o.token_ids for o in res[False][1]]
-        print(f"{B:5d} {res[False][0]:13.1f} {res[True][0]:10.1f} {res[True][0] / res[False][0]:8.2f}x "
-              f"{acc:10.1%} {str(same):>12}")
+        if B > len(prompts):
+            print(f"{B:5d}   (skipped: only {len(prompts)} distinct prompts)")
+            continue
+        ps = prompts[:B]
+        for name, sp in (("greedy", SamplingParams(max_tokens=new_tokens, ignore_eos=True)),
+                         ("T=0.8", SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.8,
+                                                  seed=7))):
+            res = {}
+            for mtp in (False, True):
+                ec = EngineConfig(page_size=16, num_pages=1024, max_model_len=max_len,
+                                  prefill_buckets=(16, 64, 128), decode_buckets=(B,),
+                                  decode_steps=_DECODE_STEPS.value, mtp=mtp)
+                with LLM(model=model, engine_config=ec) as llm:
+                    llm.generate(ps, sp)
+                    t0 = time.perf_counter()
+                    outs = llm.generate(ps, sp)
+                    dt = time.perf_counter() - t0
+                res[mtp] = (sum(len(o.token_ids) for o in outs) / dt, outs)
+            prop = sum(o.metrics.spec_proposed for o in res[True][1])
+            acc = sum(o.metrics.spec_accepted for o in res[True][1]) / max(prop, 1)
+            same = [o.token_ids for o in res[True][1]] == [o.token_ids for o in res[False][1]]
+            print(f"{B:5d} {name:>9} {res[False][0]:13.1f} {res[True][0]:10.1f} "
+                  f"{res[True][0] / res[False][0]:8.2f}x {acc:10.1%} {prop:7d} {str(same):>12}")
 
 
 def main(argv):
     del argv
-    import jax
-    import jax.numpy as jnp
-
-    import checkpoints
-    from serving import LLM, EngineConfig
-    from serving.llm import DEFAULT_CHECKPOINT
-
     path = _CKPT.value or DEFAULT_CHECKPOINT
     model = checkpoints.load(path, dtype=jnp.float32)
+    tokenizer = Tokenizer.of_checkpoint(path)
     V = model.cfg.vocab_size
     batches = [int(b) for b in _BATCHES.value]
     N, T = _NEW.value, _PROMPT.value
@@ -175,18 +186,16 @@ def main(argv):
         torch.set_num_threads(os.cpu_count() or 1)
         hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     print(f"\n{'batch':>5} {'tandem tok/s':>13} {'hf tok/s':>10} {'ratio':>7} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12}"
-          f" {'decode GFLOP/s':>15} {'of peak':>8}")
+          f" {'MFLOP/step xla':>15} {'analytic':>9} {'dispatch ms':>12} {'GFLOP/s':>8} {'of peak':>8}")
     for B in batches:
         prompts = [rng.integers(2, V, T).tolist() for _ in range(B)]
         tok_s, outs = tandem_throughput(llm, prompts, N)
         hf_tok_s = hf_throughput(hf, prompts, N) if hf is not None else float("nan")
         ttft = [o.metrics.ttft_s for o in outs]
         tpot = [o.metrics.tpot_s for o in outs if o.metrics.tpot_s]
-        # achieved FLOP/s of one decode dispatch at this bucket: XLA's flop count / median dispatch time
+        # achieved FLOP/s of one decode dispatch at this bucket: per-step FLOPs (1-step executable) x steps / time
         eng = llm.decode_engine
         cost = eng.decode_cost(B, eng.window_for(np.full(B, T)))
-        from serving.engine import DecodeBatch
-        from serving.sampling import sampling_arrays
 
         pages = eng.allocator.allocate(eng.pages_needed(T + N) * B)
         per = eng.pages_needed(T + N)
@@ -200,13 +209,15 @@ def main(argv):
             eng.generate(batch)
             ts.append(time.perf_counter() - t0)
         eng.allocator.release(pages)
-        achieved = cost["flops"] / statistics.median(ts)
+        med = statistics.median(ts)
+        achieved = cost["dispatch_flops"] / med
         print(f"{B:5d} {tok_s:13.1f} {hf_tok_s:10.1f} {tok_s / hf_tok_s:6.2f}x {_pct(ttft, 50) * 1e3:12.2f} "
-              f"{_pct(tpot, 50) * 1e3:12.3f} {achieved / 1e9:15.2f} {achieved / peak:7.1%}")
+              f"{_pct(tpot, 50) * 1e3:12.3f} {cost['xla_step_flops'] / 1e6:15.2f} "
+              f"{cost['model_step_flops'] / 1e6:9.2f} {med * 1e3:12.2f} {achieved / 1e9:8.2f} {achieved / peak:7.1%}")
     llm.close()
 
     if _MTP.value and model.cfg.num_nextn_predict_layers:
-        mtp_compare(model, batches, N, max_len)
+        mtp_compare(model, batches, N, max_len, tokenizer, path)
 
     if _MIXED.value:
         print(f"\nmixed load: 8 short requests decoding 96 tokens; 4 prompts of {_LONG.value} tokens arrive meanwhile")

@@ -2,20 +2,25 @@
 
 The seam with the scheduler is JetStream's, kept small:
 
-    first, hidden = engine.prefill(prompt_ids, pages, sampling_row)   # writes the prompt's latents into `pages`
+    out = engine.prefill(prompt_ids, pages, sampling_row)           # writes the prompt's latents into `pages`
     prefix = engine.extract(pages, ...)                                 # latent pages -> a Prefix (for transfer)
     engine.insert(prefix, pages)                                        # another engine: write them into its cache
     tokens = engine.generate(batch)                                     # `decode_steps` tokens for every row
 
 Every executable is compiled at construction for a small set of padded buckets (prefill chunk lengths, decode
-batch sizes, transfer page counts); the request path only runs them, on numpy inputs — no tracing, no compile
-(`tests/test_engine.py` checks with JAX's compile events). The cache argument is donated, so XLA updates it in
-place.
+batch sizes x attention windows, transfer page counts); the request path only runs them, on numpy inputs — no
+tracing, no compile (`tests/test_serving.py::test_no_compilation_on_the_request_path` and its disaggregated, MTP
+and worker-process variants check with JAX's compile events). The cache argument is donated, so XLA updates it
+in place.
+
+The engine takes a model already placed on its mesh (`checkpoints.load(path, mesh=, rules=)` or
+`sharding.place(model, mesh, rules)`): weights are placed once, by whoever builds the engine.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import typing
@@ -27,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.deepseek import DeepseekV3
+from model.flops import decode_flops
 from serving.kv_cache import SCRATCH_PAGE, PageAllocator, PagedCache, pages_for
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 
@@ -42,7 +48,6 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)     # batch sizes; the largest is the batch limit
     decode_steps: int = 4                      # decode steps per dispatch (each emits 1, or 1-2 with MTP)
     mtp: bool = False                          # speculative decoding with the model's MTP module (k = 1)
-    prefill_budget: int = 256                  # colocated: prompt tokens prefilled per scheduler step (>= 1 chunk)
     # Attention windows of decode, in pages: a dispatch attends over the smallest window that holds every row's
     # positions (short requests do not pay for max_model_len). Default: pages_per_seq / 4, / 2 and all of it.
     decode_windows: tuple[int, ...] | None = None
@@ -74,6 +79,7 @@ class EngineConfig:
 
     @property
     def max_batch(self) -> int:
+        """The largest decode batch this engine can run (its largest bucket)."""
         return self.decode_buckets[-1]
 
     @property
@@ -94,22 +100,20 @@ class Prefix:
     n_pages: int
     length: int               # prompt tokens
     first_token: int
-    hidden: jax.Array         # [D] hidden state of the last prompt token
     draft: int = 0            # MTP: the drafted token after first_token (0 without MTP)
     draft_q: np.ndarray | None = None   # MTP: the distribution it was drawn from [W]
 
 
 class PrefillOut(typing.NamedTuple):
     token: int                # the first generated token
-    hidden: jax.Array         # hidden state of the last prompt token [D]
     draft: int                # MTP draft of the token after `token` (0 without MTP)
     draft_q: np.ndarray | None   # the draft's distribution [W] (None without MTP)
 
 
 class DecodeOut(typing.NamedTuple):
     tokens: list[list[int]]   # per row, the tokens this dispatch emitted (decode_steps, or up to 2x with MTP)
-    proposed: np.ndarray      # [n] MTP drafts verified per row (0 without MTP)
-    accepted: np.ndarray      # [n] of those, accepted
+    step_sizes: list[list[int]]   # per row, tokens emitted by each step (all 1 without MTP; 1 or 2 with it)
+    accepted: list[list[bool]]    # per row and step, whether the MTP draft was accepted (all False without MTP)
     drafts: np.ndarray | None     # [n] next drafts (MTP)
     draft_q: np.ndarray | None    # [n, W] their distributions (MTP)
 
@@ -138,28 +142,34 @@ class Engine:
 
     ROLES = frozenset({"prefill", "decode", "send", "receive"})
 
-    def __init__(self, model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None = None, rules=None,
-                 name: str = "engine", roles=ROLES):
-        """roles: which executables to compile — "prefill", "decode", "send" (extract a Prefix), "receive"
-        (insert one). A disaggregated prefill engine needs {prefill, send}, its decode engine {decode, receive},
-        a colocated one {prefill, decode}."""
+    def __init__(self, model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None = None, name: str = "engine",
+                 roles=ROLES):
+        """model: placed on `mesh` (None: one device, the default). roles: which executables to compile —
+        "prefill", "decode", "send" (extract a Prefix), "receive" (insert one). A disaggregated prefill engine
+        needs {prefill, send}, its decode engine {decode, receive}, a colocated one {prefill, decode}."""
         roles = frozenset(roles)
         if not roles or roles - self.ROLES:
             raise ValueError(f"roles={sorted(roles)}: choose from {sorted(self.ROLES)}")
         self.cfg, self.name, self.mesh, self.roles = cfg, name, mesh, roles
         self.model_cfg = model.cfg
+        self.runtime = model.runtime
         if mesh is not None:
-            from sharding.apply import shard_model
-            from sharding.rules import DECODE_RULES
-
-            model = shard_model(nnx.clone(model), mesh, rules or DECODE_RULES)
             self._replicated = NamedSharding(mesh, PartitionSpec())
+            devices = set(mesh.devices.flat)
         else:
             self._replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            devices = {jax.devices()[0]}
         if cfg.mtp and not model.cfg.num_nextn_predict_layers:
             raise ValueError("EngineConfig.mtp=True but the model has no MTP module (the checkpoint has no "
                              f"model.layers.{model.cfg.num_hidden_layers}.* tensors)")
         self.graphdef, self.params = nnx.split(model)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
+            if not set(leaf.devices()) <= devices:
+                raise ValueError(f"engine {name!r}: weight {jax.tree_util.keystr(path)} lives on "
+                                 f"{sorted(d.id for d in leaf.devices())}, outside this engine's devices "
+                                 f"{sorted(d.id for d in devices)}; load it onto the mesh "
+                                 "(checkpoints.load(path, mesh=mesh, rules=rules)) or place it "
+                                 "(sharding.place(model, mesh, rules))")
         mc = model.cfg
         dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
         self.cache_shape = (mc.num_hidden_layers + mc.num_nextn_predict_layers, cfg.num_pages, cfg.page_size,
@@ -181,12 +191,12 @@ class Engine:
         layout = PagedCache(page_table_P[None], valid_T[None])
         logits_BTW, hidden_BTD, cache = model.forward(tokens_T[None], positions_T[None], cache=layout, state=cache)
         last = jnp.maximum(length - 1, 0)
-        logits_W, hidden_D = logits_BTW[0, last], hidden_BTD[0, last]
+        logits_W = logits_BTW[0, last]
         token = sample(logits_W[None], (start + length)[None], temperature[None], top_k[None], top_p[None],
                        seed[None])[0]
         W = logits_BTW.shape[-1]
         if not self.cfg.mtp:
-            return token, hidden_D, jnp.int32(0), jnp.zeros((W,), jnp.float32), cache
+            return token, jnp.int32(0), jnp.zeros((W,), jnp.float32), cache
         # MTP over the chunk: position t sees (h_t, x_{t+1}); fills the MTP layer's cache and drafts x_{n+1}.
         follow = jnp.where(next_token >= 0, next_token, token)
         next_T = jnp.concatenate([tokens_T[1:], jnp.zeros((1,), tokens_T.dtype)])
@@ -195,10 +205,10 @@ class Engine:
                                                state=cache)
         q_W = token_probs(m_logits[0, last][None], temperature[None], top_k[None], top_p[None])[0]
         draft = draw(q_W[None], keys_for(seed[None], (start + length + 1)[None], stream=3))[0]
-        return token, hidden_D, draft, q_W, cache
+        return token, draft, q_W, cache
 
     def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed,
-                   drafts_B, q_BW):
+                   drafts_B, q_BW, *, steps: int):
         model = nnx.merge(self.graphdef, params)
         valid_B1 = (page_tables_BP[:, :1] != SCRATCH_PAGE)  # padding rows have an all-scratch page table
         layout = PagedCache(page_tables_BP, valid_B1)
@@ -232,7 +242,7 @@ class Engine:
             new_tok_B = jnp.where(ok_B, bonus_B, t1_B)
             return (cache, new_tok_B, new_pos_B, d_new_B, q_new_BW), (jnp.stack([t1_B, bonus_B], 1), ok_B)
 
-        S = self.cfg.decode_steps
+        S = steps
         if not self.cfg.mtp:
             (cache, _, _), toks_SB = jax.lax.scan(step, (cache, tokens_B, positions_B), None, length=S)
             return toks_SB.T, jnp.zeros_like(toks_SB.T, dtype=bool), drafts_B, q_BW, cache
@@ -245,6 +255,14 @@ class Engine:
 
     def _insert_fn(self, cache, pages_N, data):
         return cache.at[:, pages_N].set(data.astype(cache.dtype))
+
+    def _lower_decode(self, B: int, Pw: int, steps: int):
+        i32, f32 = jnp.int32, jnp.float32
+        cache_sds = jax.ShapeDtypeStruct(self.cache.shape, self.cache.dtype, sharding=self.cache.sharding)
+        vec = lambda dt: self._sds((B,), dt)
+        return jax.jit(functools.partial(self._decode_fn, steps=steps), donate_argnums=(1,)).lower(
+            self.params, cache_sds, vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32), vec(f32),
+            vec(i32), vec(i32), self._sds((B, self._q_width), f32))
 
     def _sds(self, shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
@@ -265,10 +283,7 @@ class Engine:
         self._decode_exe = {}
         for B in (cfg.decode_buckets if "decode" in self.roles else ()):
             for Pw in cfg.windows:
-                vec = lambda dt: self._sds((B,), dt)
-                self._decode_exe[B, Pw] = jax.jit(self._decode_fn, donate_argnums=(1,)).lower(
-                    self.params, cache_sds, vec(i32), vec(i32), self._sds((B, Pw), i32),
-                    vec(f32), vec(i32), vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32)).compile()
+                self._decode_exe[B, Pw] = self._lower_decode(B, Pw, cfg.decode_steps).compile()
         self._extract_exe, self._insert_exe = {}, {}
         L, _, Z, C = self.cache_shape
         for n in cfg.transfer_buckets:
@@ -305,11 +320,11 @@ class Engine:
         toks = np.zeros(T, np.int32)
         toks[:n] = prompt[start:start + n]
         nxt = int(prompt[start + n]) if start + n < len(prompt) else -1
-        token, hidden, draft, q, self.cache = self._prefill_exe[T](
+        token, draft, q, self.cache = self._prefill_exe[T](
             self.params, self.cache, toks, np.int32(start), np.int32(n), np.int32(nxt), self.page_table(pages),
             np.float32(sampling["temperature"]), np.int32(sampling["top_k"]), np.float32(sampling["top_p"]),
             np.int32(sampling["seed"]))
-        return PrefillOut(int(token), hidden, int(draft), np.asarray(q) if self.cfg.mtp else None)
+        return PrefillOut(int(token), int(draft), np.asarray(q) if self.cfg.mtp else None)
 
     def prefill(self, prompt: np.ndarray, pages: list[int], sampling: dict[str, np.ndarray]) -> PrefillOut:
         """All chunks of `prompt` into `pages`: the first generated token (and MTP draft)."""
@@ -322,13 +337,11 @@ class Engine:
         n = _bucket(len(pages), self.cfg.transfer_buckets)
         ids = np.full(n, SCRATCH_PAGE, np.int32)
         ids[: len(pages)] = pages
-        return Prefix(self._extract_exe[n](self.cache, ids), len(pages), length, out.token, out.hidden,
-                      out.draft, out.draft_q)
+        return Prefix(self._extract_exe[n](self.cache, ids), len(pages), length, out.token, out.draft, out.draft_q)
 
     def receive(self, prefix: Prefix) -> Prefix:
         """Move a Prefix produced on another mesh onto this engine's devices (device_put reshards)."""
-        return dataclasses.replace(prefix, pages=jax.device_put(prefix.pages, self._replicated),
-                                   hidden=jax.device_put(prefix.hidden, self._replicated))
+        return dataclasses.replace(prefix, pages=jax.device_put(prefix.pages, self._replicated))
 
     def insert(self, prefix: Prefix, pages: list[int]) -> None:
         """Write a received prefix into this engine's pages (the first prefix.n_pages of `pages`)."""
@@ -358,19 +371,38 @@ class Engine:
             pad(s["temperature"]), pad(s["top_k"]), pad(s["top_p"], 1.0), pad(s["seed"]), pad(drafts),
             pad(q))
         toks, ok = np.asarray(toks)[:n], np.asarray(ok)[:n]
+        S = self.cfg.decode_steps
         if not self.cfg.mtp:
-            return DecodeOut(toks.tolist(), np.zeros(n, np.int64), np.zeros(n, np.int64), None, None)
-        rows = [[t for step, a in zip(tr, ar) for t in (step if a else step[:1])] for tr, ar in zip(toks, ok)]
-        return DecodeOut(rows, np.full(n, self.cfg.decode_steps), ok.sum(1), np.asarray(d)[:n], np.asarray(q)[:n])
+            return DecodeOut(toks.tolist(), [[1] * S] * n, [[False] * S] * n, None, None)
+        rows = [[int(t) for step, a in zip(tr, ar) for t in (step if a else step[:1])] for tr, ar in zip(toks, ok)]
+        sizes = [[2 if a else 1 for a in ar] for ar in ok.tolist()]
+        return DecodeOut(rows, sizes, ok.tolist(), np.asarray(d)[:n], np.asarray(q)[:n])
 
     # ---- introspection --------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> DeepseekV3:
+        """The placed model this engine runs (weights shared with the engine, not copied)."""
+        return nnx.merge(self.graphdef, self.params)
+
     def decode_cost(self, batch: int | None = None, window: int | None = None) -> dict:
-        """XLA's cost analysis of one decode dispatch (flops, bytes accessed) for a batch and window bucket."""
+        """FLOPs and bytes of ONE decode step at a batch and window bucket, three ways:
+
+        * `xla_step_flops` / `xla_step_bytes`: XLA's cost analysis of a 1-step executable (compiled here, off the
+          request path). The dispatch executable runs `decode_steps` steps in a `lax.scan`, and XLA:CPU's cost
+          analysis counts a scan body once, so its own figure is *one step*, whatever decode_steps is.
+        * `model_step_flops`: the analytic count (`model.flops.decode_flops`) for this batch attending over the
+          window's positions.
+        * `dispatch_flops` = decode_steps x the per-step figure: what one dispatch really computes."""
         B = batch or self.cfg.decode_buckets[-1]
-        ca = self._decode_exe[B, window or self.cfg.windows[-1]].cost_analysis()
+        Pw = window or self.cfg.windows[-1]
+        ca = self._lower_decode(B, Pw, 1).compile().cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)),
-                "steps": self.cfg.decode_steps, "batch": B}
+        step = float(ca.get("flops", 0.0))
+        model = decode_flops(self.model_cfg, B, Pw * self.cfg.page_size, tokens_per_row=2 if self.cfg.mtp else 1,
+                             mtp=self.cfg.mtp)
+        return {"xla_step_flops": step, "xla_step_bytes": float(ca.get("bytes accessed", 0.0)),
+                "model_step_flops": model, "steps": self.cfg.decode_steps, "batch": B, "window_pages": Pw,
+                "dispatch_flops": step * self.cfg.decode_steps}
 
     def pages_needed(self, tokens: int) -> int:
         return pages_for(tokens, self.cfg.page_size)

@@ -85,14 +85,6 @@ class PageAllocator:
             self._ref[pages] = 1
             return pages
 
-    def share(self, pages: list[int]) -> None:
-        """Another owner of the same pages (prefix sharing): one more reference each."""
-        with self._lock:
-            for p in pages:
-                if self._ref[p] <= 0:
-                    raise ValueError(f"page {p} is not allocated")
-                self._ref[p] += 1
-
     def release(self, pages: list[int]) -> None:
         with self._lock:
             for p in pages:
@@ -107,10 +99,6 @@ class PageAllocator:
         """Mark allocated pages as held for a transfer (counted as leased, not used)."""
         with self._lock:
             self._leased.update(pages)
-
-    def unlease(self, pages: list[int]) -> None:
-        with self._lock:
-            self._leased.difference_update(pages)
 
     def check(self) -> None:
         assert self.free + self.used + self.leased == self.total, (self.free, self.used, self.leased, self.total)

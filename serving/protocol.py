@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 
 import msgpack
+
+from serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +115,15 @@ def sampling_to_wire(params, seed: int) -> dict:
 
 
 def sampling_from_wire(d: dict):
-    from serving.sampling import SamplingParams
-
     try:
         return SamplingParams.from_dict(dict(d))
     except (TypeError, ValueError) as e:
         raise ProtocolError("malformed", f"bad sampling params: {e}") from None
+
+
+def read_token(path: str | None) -> str | None:
+    """The shared-secret token: the contents of `path` (stripped), else $TANDEM_TOKEN, else None (no auth)."""
+    if path:
+        with open(path) as f:
+            return f.read().strip() or None
+    return os.environ.get("TANDEM_TOKEN") or None

@@ -1,7 +1,8 @@
 """Continuous batching over one decode engine, with prefill colocated or disaggregated onto its own engine.
 
-Colocated (`prefill_engine is None`): each `step()` admits waiting requests whose pages fit, runs *one* prefill
-chunk, then one decode dispatch — long prompts are interleaved with decoding instead of stalling it.
+Colocated (`prefill_engine is None`): each `step()` admits waiting requests whose pages fit, prefills chunks of
+the admitted prompts until `SchedulerConfig.prefill_budget` prompt tokens are spent (at least one chunk), then runs
+one decode dispatch — long prompts are interleaved with decoding instead of stalling it.
 
 Disaggregated: a prefill thread owns the prefill engine (its own mesh, weights and cache). It prefills a request
 into prefill-side pages, extracts them as a `Prefix`, frees those pages, and moves the prefix onto the decode
@@ -11,13 +12,15 @@ into decode pages and runs decode dispatches; decode never waits behind a prefil
 Admission: a request is given, up front, every decode page it can need (prompt + max new tokens, capped by
 max_model_len); when they are not free it waits. So there is no out-of-memory mid-generation, and abort,
 finish and failure all release exactly the pages that were taken.
+
+`requests` holds the requests in flight only: a finished request leaves it (its `Request` object lives on in the
+events handed to the caller), so a long-running server's memory stays flat.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import logging
 import queue
 import threading
@@ -26,75 +29,39 @@ from typing import Callable
 
 import numpy as np
 
+from serving.api import Event, Request, Status, append_tokens
 from serving.engine import DecodeBatch, Engine, Prefix
-from serving.sampling import SamplingParams, sampling_arrays
+from serving.sampling import sampling_arrays
 
 log = logging.getLogger(__name__)
 
 
-class Status(enum.Enum):
-    WAITING = "waiting"
-    PREFILLING = "prefilling"
-    RUNNING = "running"
-    FINISHED = "finished"
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching policy (the engine's buckets bound what can run; this decides what does)."""
 
+    max_batch: int | None = None   # running requests at once; None = the decode engine's largest bucket
+    prefill_budget: int = 256      # colocated: prompt tokens prefilled per step (at least one chunk)
 
-@dataclasses.dataclass
-class Request:
-    id: str
-    prompt_ids: np.ndarray
-    params: SamplingParams
-    seed: int
-    limit: int                                   # max new tokens after capping by max_model_len
-    arrival: float = dataclasses.field(default_factory=time.perf_counter)
-    status: Status = Status.WAITING
-    output_ids: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""
-    pages: list[int] = dataclasses.field(default_factory=list)          # decode-side pages
-    chunks: list = dataclasses.field(default_factory=list)              # colocated prefill progress
-    finish_reason: str | None = None                                    # stop | length | abort | error
-    error: str | None = None
-    aborted: bool = False
-    draft: int = 0                                # MTP: drafted token after the last one
-    draft_q: np.ndarray | None = None             # MTP: its distribution
-    spec_proposed: int = 0                        # MTP drafts verified
-    spec_accepted: int = 0                        # ... and accepted
-    # metrics
-    prefill_start: float | None = None
-    prefill_end: float | None = None
-    first_token_time: float | None = None
-    token_times: list[float] = dataclasses.field(default_factory=list)
-    finish_time: float | None = None
-
-    @property
-    def position(self) -> int:
-        """Position of the last token (the one the next decode step consumes)."""
-        return len(self.prompt_ids) + len(self.output_ids) - 1
-
-    def sampling_row(self) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in sampling_arrays([self.params], [self.seed]).items()}
-
-
-@dataclasses.dataclass
-class Event:
-    """A streamed update: tokens appended to `request` since the last event (and its new text)."""
-
-    request: Request
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
+    def __post_init__(self):
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
+        if self.prefill_budget < 1:
+            raise ValueError(f"prefill_budget={self.prefill_budget} must be >= 1")
 
 
 class Scheduler:
-    def __init__(self, decode: Engine, prefill: Engine | None = None, *, eos_ids: tuple[int, ...] = (),
-                 detokenize: Callable[[list[int]], str] | None = None):
+    def __init__(self, decode: Engine, prefill: Engine | None = None, *, config: SchedulerConfig | None = None,
+                 eos_ids: tuple[int, ...] = (), detokenize: Callable[[list[int]], str] | None = None):
         self.decode, self.prefill = decode, prefill
+        self.config = config or SchedulerConfig()
+        self.max_batch = min(self.config.max_batch or decode.cfg.max_batch, decode.cfg.max_batch)
         self.eos_ids = tuple(eos_ids)
         self.detokenize = detokenize
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[Request] = []          # colocated: admitted, prompt not finished
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}      # in flight only
         self._lock = threading.Lock()
         self._events: list[Event] = []
         # prefixes ready for decode: from the prefill thread, or from another process (`add_prefilled`)
@@ -110,7 +77,7 @@ class Scheduler:
     # ---- requests ---------------------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         with self._lock:
-            if req.id in self.requests and self.requests[req.id].status != Status.FINISHED:
+            if req.id in self.requests:
                 raise ValueError(f"request id {req.id!r} is already in flight")
             self.requests[req.id] = req
             if self.prefill is None:
@@ -123,7 +90,7 @@ class Scheduler:
         """A request prefilled elsewhere (another process): `prefix` is already on the decode engine's devices.
         It joins the ready queue and is inserted by `step()` when its decode pages are free."""
         with self._lock:
-            if req.id in self.requests and self.requests[req.id].status != Status.FINISHED:
+            if req.id in self.requests:
                 raise ValueError(f"request id {req.id!r} is already in flight")
             self.requests[req.id] = req
             req.status = Status.PREFILLING
@@ -178,7 +145,7 @@ class Scheduler:
 
     def _admit_colocated(self) -> None:
         with self._lock:
-            while self.waiting and len(self.running) + len(self.prefilling) < self.decode.cfg.max_batch:
+            while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
                 req = self.waiting[0]
                 n = self._pages_for(req)
                 if not self.decode.allocator.can_allocate(n):
@@ -192,7 +159,7 @@ class Scheduler:
     def _prefill_chunks(self) -> None:
         """Prefill chunks of the admitted requests, in order, until this step's token budget is spent (at least
         one chunk), so a burst of short prompts starts decoding together while a long prompt is still chunked."""
-        budget = self.decode.cfg.prefill_budget
+        budget = self.config.prefill_budget
         while self.prefilling and budget > 0:
             budget -= self._prefill_one_chunk()
 
@@ -233,41 +200,26 @@ class Scheduler:
         now = time.perf_counter()
         with self._lock:
             for i, r in enumerate(rows):
-                if r.status == Status.RUNNING:  # not aborted meanwhile
-                    if out.drafts is not None:
-                        r.draft, r.draft_q = int(out.drafts[i]), out.draft_q[i]
-                        r.spec_proposed += int(out.proposed[i])
-                        r.spec_accepted += int(out.accepted[i])
-                    self._append(r, out.tokens[i], now)
+                if r.status != Status.RUNNING:  # aborted meanwhile
+                    continue
+                before = len(r.output_ids)
+                self._append(r, out.tokens[i], now)
+                if out.drafts is not None:
+                    r.draft, r.draft_q = int(out.drafts[i]), out.draft_q[i]
+                    # count only the verify steps whose tokens were kept (not those past a stop or the limit)
+                    kept, done = len(r.output_ids) - before, 0
+                    for size, ok in zip(out.step_sizes[i], out.accepted[i]):
+                        if done >= kept:
+                            break
+                        r.spec_proposed += 1
+                        r.spec_accepted += int(ok)
+                        done += size
 
-    # ---- token bookkeeping: stops, limits, text -------------------------------------------------------------------
+    # ---- token bookkeeping: stops, limits, text (serving.api.apply_stop_rules) -----------------------------------
     def _append(self, req: Request, tokens: list[int], now: float) -> None:
-        """Add tokens (already under self._lock or on the only thread touching `req`), apply stop rules."""
-        new, reason = [], None
-        stop_ids = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else set(self.eos_ids))
-        for t in tokens:
-            new.append(t)
-            if t in stop_ids:
-                reason = "stop"
-                break
-            if len(req.output_ids) + len(new) >= req.limit:
-                reason = "length"
-                break
-        if req.first_token_time is None:
-            req.first_token_time = now
-        req.output_ids.extend(new)
-        req.token_times.extend([now] * len(new))
-        old_text = req.text
-        if self.detokenize is not None:
-            ids = req.output_ids[:-1] if reason == "stop" and req.output_ids[-1] in stop_ids else req.output_ids
-            text = self.detokenize(ids)
-            for s in req.params.stop:
-                i = text.find(s)
-                if i >= 0:
-                    text, reason = text[:i], "stop"
-            req.text = text
-        new_text = req.text[len(old_text):] if req.text.startswith(old_text) else req.text
-        self._events.append(Event(req, new, new_text, reason is not None))
+        """Add tokens (under self._lock, or on the only thread touching `req`) and end the request on a stop."""
+        event, reason = append_tokens(req, tokens, now, self.eos_ids, self.detokenize)
+        self._events.append(event)
         if reason is not None:
             if req in self.running:
                 self.running.remove(req)
@@ -281,6 +233,8 @@ class Scheduler:
         if req.pages:
             self.decode.allocator.release(req.pages)
             req.pages = []
+        self.requests.pop(req.id, None)
+        req.chunks, req.draft_q = [], None
         if reason in ("abort", "error"):
             self._events.append(Event(req, [], "", True))
 
@@ -332,7 +286,7 @@ class Scheduler:
 
     def _insert_ready(self) -> None:
         with self._lock:
-            while self._ready and len(self.running) < self.decode.cfg.max_batch:
+            while self._ready and len(self.running) < self.max_batch:
                 req, prefix, err = self._ready[0]
                 if err is not None or req.aborted:
                     self._ready.popleft()

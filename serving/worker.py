@@ -4,7 +4,7 @@
     python -m serving.worker --role=decode  --port=7201 --checkpoint=DIR
 
 Roles (see docs/pd_multiprocess.md):
-- prefill: `prefill` -> run the prompt, *lease* its pages, offer the latent pages + hidden state on the transport
+- prefill: `prefill` -> run the prompt, *lease* its pages, offer the latent pages on the transport
   under the router's uuid, answer `offered` (layout, checksums, first token). The lease ends on `release` (ack),
   on expiry (`--lease_s`), or on `abort`; the pages go back to the free list then.
 - decode: `decode` with an offer -> pull it (into the offered layout, bounded by `--pull_timeout_s`), verify the
@@ -24,12 +24,22 @@ import json
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 import uuid as uuidlib
 
+import jax
 import numpy as np
+import zmq
+from absl import app, flags
+
+import checkpoints
+from serving.api import DEFAULT_CHECKPOINT, Request, default_max_model_len, default_mesh, parse_mesh_spec
+from serving.engine import Engine, EngineConfig, Prefix
+from serving.protocol import ProtocolError, decode_message, encode_message, read_token, sampling_from_wire
+from serving.scheduler import Scheduler
+from serving.transfer import layout_of, make_transport, offerable, page_checksums, spec_from_wire, verify_pages
+from sharding import DECODE_RULES, PREFILL_RULES, Topology
 
 log = logging.getLogger("serving.worker")
 
@@ -47,10 +57,7 @@ class Worker:
     def __init__(self, role: str, engine, *, host: str = "127.0.0.1", port: int = 0, transport=None,
                  token: str | None = None, lease_s: float = 30.0, pull_timeout_s: float = 20.0,
                  verify_checksums: bool = True, eos_ids=(), fault_pull_delay_s: float = 0.0):
-        import zmq
 
-        from serving.scheduler import Scheduler
-        from serving.transfer import make_transport
 
         if role not in ("prefill", "decode"):
             raise ValueError(f"role={role!r}: expected 'prefill' or 'decode'")
@@ -82,20 +89,12 @@ class Worker:
 
     # ---- wire -----------------------------------------------------------------------------------------------------
     def send(self, ident: bytes, type_: str, **fields) -> None:
-        import zmq
-
-        from serving.protocol import encode_message
-
         try:
             self.sock.send_multipart([ident, encode_message(type_, self.token, **fields)], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # peer gone / HWM: the router's timeouts cover a lost message
             log.warning("send %s to %r failed: %s", type_, ident, e)
 
     def _recv_all(self) -> None:
-        import zmq
-
-        from serving.protocol import ProtocolError, decode_message
-
         for _ in range(256):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -121,6 +120,11 @@ class Worker:
                 self.send(ident, "error", error=f"{type(e).__name__}: {e}", kind="internal",
                           rid=msg.get("rid") if isinstance(msg, dict) else None)
 
+    def count_compiles(self) -> None:
+        """Count XLA compilations from now on (`compiles` in health_ok): after start-up there must be none."""
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda name, *a, **k: self.metrics.update(compiles=1) if "backend_compile" in name else None)
+
     # ---- state ----------------------------------------------------------------------------------------------------
     def health(self) -> dict:
         a = self.engine.allocator
@@ -139,9 +143,6 @@ class Worker:
                             "transport": self.transport.name, "transfer_addr": self.transport.address})
 
     def _make_request(self, msg: dict, limit: int | None = None):
-        from serving.protocol import ProtocolError, sampling_from_wire
-        from serving.scheduler import Request
-
         prompt = np.asarray(msg["prompt"], np.int32)
         ec, vocab = self.engine.cfg, self.engine.model_cfg.vocab_size
         if not 0 < len(prompt) < ec.max_model_len:
@@ -158,8 +159,6 @@ class Worker:
 
     # ---- dispatch -------------------------------------------------------------------------------------------------
     def _handle(self, ident: bytes, msg: dict) -> None:
-        from serving.protocol import ProtocolError
-
         t = msg["type"]
         if t in ("health", "stats"):
             self.send(ident, "health_ok", **self.health())
@@ -194,8 +193,6 @@ class Worker:
 
     # ---- prefill role ---------------------------------------------------------------------------------------------
     def _prefill_one(self) -> None:
-        from serving.transfer import layout_of, offerable, page_checksums
-
         ident, req, uuid = self._jobs[0]
         eng = self.engine
         n = eng.pages_needed(len(req.prompt_ids))
@@ -213,7 +210,7 @@ class Worker:
             queued_s = t0 - req.arrival
             out = eng.prefill(req.prompt_ids, pages, req.sampling_row())
             prefix = eng.extract(pages, len(req.prompt_ids), out)
-            arrays = [offerable(prefix.pages), offerable(prefix.hidden)]
+            arrays = [offerable(prefix.pages)]
             sums = page_checksums(np.asarray(arrays[0]))
             prefill_s = time.perf_counter() - t0
             eng.allocator.lease(pages)
@@ -251,8 +248,6 @@ class Worker:
 
     # ---- decode role ----------------------------------------------------------------------------------------------
     def _start_decode(self, ident: bytes, msg: dict) -> None:
-        from serving.protocol import ProtocolError
-
         req = self._make_request(msg, msg["limit"])
         rid = req.id
         if rid in self._owner:
@@ -281,15 +276,14 @@ class Worker:
 
     def _pull(self, req, offer: dict, state: dict) -> None:
         """Pull thread: transport -> offered layout -> checksum -> reshard onto the decode mesh."""
-        from serving.engine import Prefix
-        from serving.transfer import spec_from_wire, verify_pages
-
         t0 = time.perf_counter()
         try:
             if self.fault_pull_delay_s:
                 time.sleep(self.fault_pull_delay_s)  # fault injection (tests): widen the transfer window
             specs = [spec_from_wire(d) for d in offer["arrays"]]
-            pages, hidden = self.transport.pull(offer["addr"], int(offer["uuid"]), specs, self.pull_timeout_s)
+            if len(specs) != 1:
+                raise ValueError(f"an offer holds one array (the latent pages), got {len(specs)}")
+            (pages,) = self.transport.pull(offer["addr"], int(offer["uuid"]), specs, self.pull_timeout_s)
             if self.verify:
                 verify_pages(np.asarray(pages), offer["checksums"])
             want = (self.engine.cache_shape[0], pages.shape[1], *self.engine.cache_shape[2:])
@@ -297,7 +291,7 @@ class Worker:
                 raise ValueError(f"offered pages {list(pages.shape)} do not fit this cache (want {list(want)})")
             dq = offer.get("draft_q")
             prefix = self.engine.receive(Prefix(pages, int(offer["n_pages"]), int(offer["length"]),
-                                                int(offer["first_token"]), hidden, int(offer.get("draft") or 0),
+                                                int(offer["first_token"]), int(offer.get("draft") or 0),
                                                 None if dq is None else np.frombuffer(dq, np.float32).copy()))
             self._pulled.put((req, offer, prefix, None, time.perf_counter() - t0))
         except Exception as e:
@@ -349,8 +343,6 @@ class Worker:
         return self.scheduler.has_work() or not self._pulled.empty()
 
     def serve_forever(self) -> None:
-        import zmq
-
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while not self._stop.is_set():
@@ -381,8 +373,6 @@ class Worker:
 
 # ---- process entry point -----------------------------------------------------------------------------------------
 def _flags():
-    from absl import flags
-
     f = flags
     f.DEFINE_enum("role", None, ["prefill", "decode"], "worker role")
     f.DEFINE_string("host", "127.0.0.1", "address to bind the control endpoint and the transfer server")
@@ -390,6 +380,8 @@ def _flags():
     f.DEFINE_integer("transfer_port", 0, "KV transfer server port (0: pick a free one)")
     f.DEFINE_enum("transport", "jax", ["jax", "tcp"], "KV data plane: jax.experimental.transfer or plain TCP")
     f.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint dir (default: the shipped model)")
+    f.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "weight dtype (default: the checkpoint's; bf16 for "
+                  "bf16/fp8 checkpoints)")
     f.DEFINE_integer("devices", 1, "CPU devices of this process (jax_num_cpu_devices; ignored on GPU/TPU)")
     f.DEFINE_string("mesh", None, "engine mesh, e.g. 'tp=2' (default: tp over --devices for prefill, ep for "
                     "decode)")
@@ -409,19 +401,9 @@ def _flags():
     return flags.FLAGS
 
 
-def read_token(path: str | None) -> str | None:
-    if path:
-        with open(path) as f:
-            return f.read().strip() or None
-    return os.environ.get("TANDEM_TOKEN") or None
-
-
 def main(argv):
     del argv
-    from absl import flags
-
     FLAGS = flags.FLAGS
-    import jax
 
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_num_cpu_devices", FLAGS.devices)  # before the backend starts; CPU only
@@ -429,33 +411,25 @@ def main(argv):
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    import jax.numpy as jnp
-
-    import checkpoints
-    from serving.engine import Engine, EngineConfig
-    from serving.llm import DEFAULT_CHECKPOINT, parse_mesh_spec
-    from serving.transfer import make_transport
-    from sharding.rules import DECODE_RULES, PREFILL_RULES
-    from sharding.topology import Topology
-
     t0 = time.perf_counter()
     role = FLAGS.role
     ckpt = FLAGS.checkpoint or DEFAULT_CHECKPOINT
-    model = checkpoints.load(ckpt, dtype=jnp.float32)
-    max_len = FLAGS.max_model_len or min(1024, model.cfg.max_position_embeddings) // FLAGS.page_size * FLAGS.page_size
+    mcfg = checkpoints.config_of(ckpt)
+    max_len = FLAGS.max_model_len or default_max_model_len(mcfg.max_position_embeddings, FLAGS.page_size)
     ec = EngineConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, max_model_len=max_len,
                       prefill_buckets=tuple(int(b) for b in FLAGS.prefill_buckets),
                       decode_buckets=tuple(int(b) for b in FLAGS.decode_buckets), decode_steps=FLAGS.decode_steps)
-    n = len(jax.devices())   # tp over heads for prefill, ep over experts for decode, when they divide
-    ok = model.cfg.num_attention_heads % n == 0 if role == "prefill" else model.cfg.n_routed_experts % n == 0
-    mesh_spec = FLAGS.mesh or (f"{'tp' if role == 'prefill' else 'ep'}={n}" if ok else f"dp={n}")
+    mesh_spec = FLAGS.mesh or default_mesh(role, len(jax.devices()), mcfg.num_attention_heads, mcfg.n_routed_experts)
     mesh = Topology.from_devices().allocate(role, **parse_mesh_spec(mesh_spec))
-    engine = Engine(model, ec, mesh=mesh, rules=PREFILL_RULES if role == "prefill" else DECODE_RULES, name=role)
+    rules = PREFILL_RULES if role == "prefill" else DECODE_RULES
+    model = checkpoints.load(ckpt, mesh=mesh, rules=rules, dtype=FLAGS.dtype)   # placed once, tensor by tensor
+    engine = Engine(model, ec, mesh=mesh, name=role)
     token = read_token(FLAGS.token_file)
     transport = make_transport(FLAGS.transport, FLAGS.host, FLAGS.transfer_port, token)
     w = Worker(role, engine, host=FLAGS.host, port=FLAGS.port, transport=transport, token=token,
                lease_s=FLAGS.lease_s, pull_timeout_s=FLAGS.pull_timeout_s, verify_checksums=FLAGS.verify_checksums,
                eos_ids=model.cfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s)
+    w.count_compiles()   # from here on, any XLA compile is on the request path (reported in health_ok)
     print("TANDEM_WORKER_READY " + json.dumps({"role": role, "control": w.address, "transfer": transport.address,
                                                "mesh": mesh_spec, "startup_s": round(time.perf_counter() - t0, 2)}),
           flush=True)
@@ -467,7 +441,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _flags()
     app.run(main)

@@ -1,9 +1,12 @@
-"""Put a model on a mesh: every weight on its logical sharding, expert dispatch on every MoE layer.
+"""Put a model on a mesh: every weight on its logical sharding, and the model's `Runtime` for that mesh.
 
     mesh = topology.allocate("decode", dp=2, ep=4)
-    model = shard_model(model, mesh, DECODE_RULES)        # in place; returns the model
+    placed = place(model, mesh, DECODE_RULES)              # a new model; `model` is left as it was
     tokens = jax.device_put(tokens_BT, data_sharding(("batch", "seq"), tokens_BT.shape, mesh, DECODE_RULES))
-    logits = jax.jit(lambda m, t: m(t))(model, tokens)   # GSPMD for dp/tp, shard_map + all_to_all for ep
+    logits = jax.jit(lambda m, t: m(t))(placed, tokens)    # GSPMD for dp/tp, shard_map + all_to_all for ep
+
+Loading a checkpoint straight onto a mesh (`checkpoints.load(path, mesh=, rules=)`) uses the same two pieces,
+`variable_sharding` per tensor and `runtime_for` once, so weights are placed once, never twice.
 """
 
 from __future__ import annotations
@@ -14,25 +17,33 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model.moe import MoE
+from model.expert_parallel import ExpertParallel
+from model.runtime import Runtime
 from pallas_kernels.formats import QuantizedTensor
-from sharding.moe_ep import EPDispatch
 from sharding.rules import AxisRules, DECODE_RULES, RulesError, logical_sharding
 
 
-def expert_dispatch(mesh: Mesh, rules: AxisRules, capacity_factor: float = 2.0) -> EPDispatch | None:
-    """The EPDispatch for `mesh` under `rules`, or None when the rules put experts on no mesh axis > 1."""
+def expert_parallel(mesh: Mesh, rules: AxisRules, capacity_factor: float = 2.0) -> ExpertParallel | None:
+    """The expert-parallel dispatch for `mesh` under `rules`, or None when the rules put experts on no mesh axis
+    larger than 1."""
     ep = tuple(a for a in rules.mesh_axes("experts") if mesh.shape.get(a, 1) > 1)
     if not ep:
         return None
     ffn = tuple(a for a in rules.mesh_axes("expert_mlp") if mesh.shape.get(a, 1) > 1)
-    return EPDispatch(mesh, axis=ep, ffn_axis=ffn or None, capacity_factor=capacity_factor)
+    return ExpertParallel(mesh, axis=ep, ffn_axis=ffn or None, capacity_factor=capacity_factor)
 
 
-def install_dispatch(model: nnx.Module, dispatch: EPDispatch | None) -> None:
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, MoE):
-            node.dispatch = dispatch
+def runtime_for(mesh: Mesh | None, rules: AxisRules | None = None, *, base: Runtime | None = None,
+                capacity_factor: float = 2.0) -> Runtime:
+    """`base` (kernel choices) with the expert-parallel dispatch of `mesh` under `rules` (None without a mesh);
+    the platform defaults to the mesh's devices' (a `Runtime.platform` already set, e.g. "cuda" for an export
+    from a CPU host, is kept)."""
+    base = base or Runtime()
+    if mesh is None:
+        return base.replace(expert_parallel=None)
+    platform = base.platform or mesh.devices.flat[0].platform
+    return base.replace(platform=platform,
+                        expert_parallel=expert_parallel(mesh, rules or DECODE_RULES, capacity_factor))
 
 
 def variable_sharding(value, axes, mesh: Mesh, rules: AxisRules | None = None):
@@ -55,20 +66,22 @@ def variable_sharding(value, axes, mesh: Mesh, rules: AxisRules | None = None):
     return QuantizedTensor(s, s, ts, value.fmt, value.shape)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: AxisRules = DECODE_RULES, *,
-                capacity_factor: float = 2.0) -> nnx.Module:
-    """Place every variable of `model` on `logical_sharding(its axes, mesh, rules)` and install `EPDispatch` on
-    each MoE layer when the experts are split over the mesh. In place; returns `model`."""
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable):
-            axes = node.get_metadata().get("axes")
-            try:
-                sharding = variable_sharding(node.get_value(), axes, mesh, rules)
-            except ValueError as e:
-                raise type(e)(f"{'.'.join(map(str, path))}: {e}") from None
-            node.set_value(jax.device_put(node.get_value(), sharding))
-    install_dispatch(model, expert_dispatch(mesh, rules, capacity_factor))
-    return model
+def place(model: nnx.Module, mesh: Mesh, rules: AxisRules = DECODE_RULES, *, runtime: Runtime | None = None,
+          capacity_factor: float = 2.0) -> nnx.Module:
+    """A copy of `model` with every variable on `logical_sharding(its axes, mesh, rules)` and its runtime set
+    for the mesh (`runtime_for`; kernel choices from `runtime`, else the model's own). `model` is unchanged."""
+    placed = nnx.clone(model)   # new Variables (the arrays are shared until device_put replaces them)
+    for path, var in nnx.iter_graph(placed):
+        if not isinstance(var, nnx.Variable):
+            continue
+        axes = var.get_metadata().get("axes")
+        try:
+            sharding = variable_sharding(var.get_value(), axes, mesh, rules)
+        except ValueError as e:
+            raise type(e)(f"{'.'.join(map(str, path))}: {e}") from None
+        var.set_value(jax.device_put(var.get_value(), sharding))
+    placed.runtime = runtime_for(mesh, rules, base=runtime or model.runtime, capacity_factor=capacity_factor)
+    return placed
 
 
 def data_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: AxisRules = DECODE_RULES

@@ -18,13 +18,9 @@ from typing import Iterable, Mapping, Sequence
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("dp", "ep", "tp")
+from model.runtime import LOGICAL_AXES  # the model owns its logical-axis vocabulary
 
-# Logical axes of weights (see model/__init__.py) and of activations (used for tokens, caches, shard_map specs).
-WEIGHT_AXES = frozenset({"vocab", "embed", "heads", "qk_head", "kv_head", "v_head", "q_lora", "kv_lora",
-                         "kv_latent", "mlp", "experts", "expert_mlp"})
-ACTIVATION_AXES = frozenset({"batch", "seq"})
-LOGICAL_AXES = WEIGHT_AXES | ACTIVATION_AXES
+MESH_AXES = ("dp", "ep", "tp")
 
 MeshAxes = str | tuple[str, ...] | None
 

@@ -74,6 +74,17 @@ def test_batch_job_resumes_after_kill_without_loss_or_duplicates(ckpt, tmp_path)
         assert r["finish_reason"] in ("length", "stop") and 1 <= len(r["token_ids"]) <= 24
         assert r["metrics"]["ttft_s"] > 0
 
+    # The killed-and-resumed output equals an uninterrupted run of the same job (greedy), line for line.
+    full = tmp_path / "uninterrupted.jsonl"
+    proc = _job(ckpt, inp, full, tmp_path / "jaxcache")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    ref = {r["id"]: r for r in map(json.loads, full.read_text().splitlines())}
+    assert ref.keys() == by_id.keys()
+    for rid, r in ref.items():
+        assert (by_id[rid].get("token_ids"), by_id[rid].get("finish_reason"), by_id[rid].get("text")) == \
+            (r.get("token_ids"), r.get("finish_reason"), r.get("text")), rid
+
 
 def test_parse_line_validates_fields():
     d = {"max_tokens": 8, "temperature": 0.0}

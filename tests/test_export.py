@@ -6,7 +6,6 @@ values); bf16 storage loads as the bf16 cast of the weights with the router kept
 """
 
 import json
-import os
 
 import jax.numpy as jnp
 import ml_dtypes

@@ -62,6 +62,10 @@ def _greedy_with_mtp_equals_without(model, baseline, llm):
     assert [o.token_ids for o in outs] == [o.token_ids for o in baseline]
     m = [o.metrics for o in outs]
     assert all(x.spec_proposed > 0 for x in m)
+    # Only verify steps whose tokens were kept count: each yields 1 (+1 if accepted) of the tokens after the
+    # first (which prefill produced), so proposals never exceed them and proposals + acceptances cover them.
+    for x in m:
+        assert x.spec_proposed <= x.output_tokens - 1 <= x.spec_proposed + x.spec_accepted
     rate = sum(x.spec_accepted for x in m) / sum(x.spec_proposed for x in m)
     assert 0.0 <= rate <= 1.0
     _check_pages(llm)
@@ -89,9 +93,9 @@ def test_a_correct_draft_is_accepted_and_yields_two_tokens(model, mtp_colocated)
     batch = DecodeBatch(np.array([ref[0]], np.int32), np.array([len(PROMPTS[1])], np.int32),
                         eng.page_table(pages)[None], samp, np.array([ref[1]], np.int32), q)
     res = eng.generate(batch)
-    assert res.accepted[0] >= 1 and res.tokens[0][:2] == ref[1:3]
+    assert res.accepted[0][0] and res.step_sizes[0][0] == 2 and res.tokens[0][:2] == ref[1:3]
     assert res.tokens[0] == ref[1:1 + len(res.tokens[0])]  # the rest of the dispatch is still greedy
-    assert len(res.tokens[0]) == EC.decode_steps + res.accepted[0]
+    assert len(res.tokens[0]) == EC.decode_steps + sum(res.accepted[0]) == sum(res.step_sizes[0])
     eng.allocator.release(pages)
 
 

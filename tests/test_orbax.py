@@ -9,7 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 import model
 from checkpoints import orbax_io
-from sharding import DECODE_RULES, PREFILL_RULES, EPDispatch, Topology, logical_sharding, shard_model
+from model.expert_parallel import ExpertParallel
+from sharding import DECODE_RULES, PREFILL_RULES, Topology, logical_sharding, place
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def saved(tmp_path_factory):
     m = model.DeepseekV3(cfg, rngs=nnx.Rngs(7))
     host = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m)))
     topo = Topology.preset("cpu:8/2")
-    shard_model(m, topo.allocate("prefill", ep=4), PREFILL_RULES)
+    m = place(m, topo.allocate("prefill", ep=4), PREFILL_RULES)
     path = tmp_path_factory.mktemp("orbax") / "tiny"
     orbax_io.save(m, path)
     return path, host
@@ -41,7 +42,7 @@ def test_restore_onto_another_mesh_reshards_and_keeps_values(saved):
     experts = m.layers[1].mlp.experts_gate_proj[...]
     assert experts.sharding.mesh == mesh and experts.sharding.spec == P("ep", None, "tp")
     assert m.layers[0].self_attn.o_proj[...].sharding == logical_sharding(("heads", "v_head", "embed"), mesh)
-    assert isinstance(m.layers[1].mlp.dispatch, EPDispatch)
+    assert isinstance(m.runtime.expert_parallel, ExpertParallel)
 
 
 def test_restored_model_computes_what_the_saved_one_did(saved):
@@ -58,7 +59,7 @@ def test_restored_model_computes_what_the_saved_one_did(saved):
 def test_restore_without_mesh_and_from_stored_config(saved):
     path, host = saved
     m = orbax_io.restore(path)
-    assert m.cfg == model.preset("tiny") and m.layers[1].mlp.dispatch is None
+    assert m.cfg == model.preset("tiny") and m.runtime.expert_parallel is None
     np.testing.assert_array_equal(np.asarray(m.embed_tokens[...]), host["embed_tokens"])
 
 

@@ -154,12 +154,34 @@ def test_1p1d_equals_colocated(cluster, colocated):
         got = llm.generate(PROMPTS, params)
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
         assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
-        m = llm.backend.snapshot()["metrics"]
+        m = llm.backend.router.snapshot()["metrics"]
         assert m["remote_prefills"] == len(PROMPTS) and m["transfers"] == len(PROMPTS), m
         assert m.get("local_prefills", 0) == 0 and m.get("retries", 0) == 0, m
         for o in got:
             assert o.metrics.ttft_s > 0 and o.metrics.transfer_s > 0 and o.metrics.queue_s >= 0
     check_drained([P.addr, D.addr])
+    # freshly started workers served their first requests without compiling anything (all AOT at start-up)
+    for w in (P, D):
+        assert control(w.addr, "stats")["metrics"].get("compiles", 0) == 0, w.role
+
+
+def test_1p1d_over_tcp_transport_equals_colocated(ckpt, cluster, colocated):
+    """The `--transport=tcp` data plane between two real worker processes gives the colocated tokens."""
+    tmp = cluster["tmp"]
+    P, D = Proc("prefill", ckpt, tmp, "--transport=tcp"), Proc("decode", ckpt, tmp, "--transport=tcp")
+    cluster["Ptcp"], cluster["Dtcp"] = P, D
+    wait_ready([P, D])
+    params = [SamplingParams(max_tokens=N_NEW), SamplingParams(max_tokens=N_NEW, temperature=0.8, seed=9),
+              SamplingParams(max_tokens=5), SamplingParams(max_tokens=N_NEW)]
+    want = colocated.generate(PROMPTS, params)
+    with LLM(workers=[P.addr, D.addr], router_config=router_cfg()) as llm:
+        got = llm.generate(PROMPTS, params)
+        m = llm.backend.router.snapshot()["metrics"]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert m["transfers"] == len(PROMPTS) and m.get("retries", 0) == 0, m
+    assert control(D.addr, "stats")["engine"]["transport"] == "tcp"
+    check_drained([P.addr, D.addr])
+    P.kill(), D.kill()
 
 
 def test_short_prompts_prefill_locally(cluster, colocated):
@@ -167,7 +189,7 @@ def test_short_prompts_prefill_locally(cluster, colocated):
     want = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
     with LLM(workers=[P.addr, D.addr], router_config=router_cfg(local_prefill_threshold=9)) as llm:
         got = llm.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
-        m = llm.backend.snapshot()["metrics"]
+        m = llm.backend.router.snapshot()["metrics"]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert m["local_prefills"] == 2 and m["remote_prefills"] == 2, m   # the 3- and 9-token prompts stay local
     check_drained([P.addr, D.addr])
@@ -181,7 +203,7 @@ def test_1p2d_concurrent_load(cluster, colocated):
         t0 = time.perf_counter()
         got = llm.generate(prompts, SamplingParams(max_tokens=N_NEW))
         dt = time.perf_counter() - t0
-        m = llm.backend.snapshot()["metrics"]
+        m = llm.backend.router.snapshot()["metrics"]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     # 12 at once against a prefill pool that takes 2: the overflow prefills on the decode workers (saturation)
     assert m["transfers"] + m["local_prefills"] == len(prompts) and m.get("retries", 0) == 0, m
@@ -304,7 +326,7 @@ def test_kill_prefill_mid_transfer_then_restart_rejoins(ckpt, cluster, colocated
     with LLM(workers=[Pk.addr, Ds.addr], router_config=router_cfg(step_timeout_s=10.0)) as llm:
         t0 = time.monotonic()
         reqs = [llm.submit(p, sp) for p in PROMPTS]
-        llm.backend.wait_until(lambda s: any(r["state"] == "transferring" for r in s["requests"].values()), 30)
+        llm.backend.router.wait_until(lambda s: any(r["state"] == "transferring" for r in s["requests"].values()), 30)
         Pk.kill()                                       # offers made, pulls not done: mid-transfer
         for _ in llm._stream(reqs):
             assert time.monotonic() - t0 < BOUND_S
@@ -315,16 +337,16 @@ def test_kill_prefill_mid_transfer_then_restart_rejoins(ckpt, cluster, colocated
             else:
                 assert "gave up" in r.error or "transfer" in r.error, r.error
         assert sum(r.finish_reason == "length" for r in reqs) == len(reqs)   # retries suffice here
-        snap = llm.backend.snapshot()
+        snap = llm.backend.router.snapshot()
         assert snap["metrics"]["retries"] >= 1 and not snap["workers"][Pk.addr]["alive"]
         check_drained([Ds.addr])
         # the prefill worker restarts on the same port, rejoins and takes traffic again
         Pk.start()
-        llm.backend.wait_until(lambda s: s["workers"][Pk.addr]["alive"], 120)
-        before = llm.backend.snapshot()["metrics"]["remote_prefills"]
+        llm.backend.router.wait_until(lambda s: s["workers"][Pk.addr]["alive"], 120)
+        before = llm.backend.router.snapshot()["metrics"]["remote_prefills"]
         outs = llm.generate(PROMPTS, sp)
         assert [o.token_ids for o in outs] == [w.token_ids for w in want]
-        assert llm.backend.snapshot()["metrics"]["remote_prefills"] - before == len(PROMPTS)
+        assert llm.backend.router.snapshot()["metrics"]["remote_prefills"] - before == len(PROMPTS)
     check_drained([Pk.addr, Ds.addr])
 
 
@@ -336,7 +358,7 @@ def test_kill_decode_mid_generation_migrates(ckpt, cluster, colocated):
     with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:
         t0 = time.monotonic()
         reqs = [llm.submit(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p in prompts]
-        llm.backend.wait_until(lambda s: any(r["decode"] == D1.addr and r["tokens"] >= 4 and r["state"] ==
+        llm.backend.router.wait_until(lambda s: any(r["decode"] == D1.addr and r["tokens"] >= 4 and r["state"] ==
                                              "decoding" for r in s["requests"].values()), 40)
         D1.kill()
         for _ in llm._stream(reqs):
@@ -347,10 +369,10 @@ def test_kill_decode_mid_generation_migrates(ckpt, cluster, colocated):
         for r, w in zip(reqs, want):
             assert r.finish_reason == "length", (r.finish_reason, r.error)
             assert r.output_ids == w.token_ids           # continued from prompt + generated tokens
-        assert llm.backend.snapshot()["metrics"]["worker_deaths"] >= 1
+        assert llm.backend.router.snapshot()["metrics"]["worker_deaths"] >= 1
         check_drained([P.addr, D2.addr])
         D1.start()
-        llm.backend.wait_until(lambda s: s["workers"][D1.addr]["alive"], 120)
+        llm.backend.router.wait_until(lambda s: s["workers"][D1.addr]["alive"], 120)
         reqs = [llm.submit(PROMPTS[i % 4], SamplingParams(max_tokens=N_NEW)) for i in range(6)]
         for _ in llm._stream(reqs):
             pass

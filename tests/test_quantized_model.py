@@ -19,7 +19,7 @@ import checkpoints
 import hf_reference
 from checkpoints import quantize as quantize_cli
 from pallas_kernels.formats import QuantizedTensor, dequantize
-from sharding import DECODE_RULES, PREFILL_RULES, Topology, data_sharding, shard_model
+from sharding import DECODE_RULES, PREFILL_RULES, Topology, data_sharding, place
 from sharding.rules import RulesError
 
 # FFN widths of 64 so that expert FFNs split over tp=2 in whole FP4 blocks (nvfp4 16, mxfp4 32).
@@ -157,10 +157,10 @@ def test_quantized_serving_greedy_equals_teacher_forced(ckpt, tmp_path):
                       decode_steps=2)
     prompts, n_new = [[5, 17, 3, 44, 12, 9], [3, 1, 4]], 5
     with LLM(dst, engine_config=ec) as llm:                    # the quantized checkpoint, as a user serves it
-        assert isinstance(llm.model.layers[1].mlp.experts_up_proj.get_value(), QuantizedTensor)
-        assert isinstance(llm.model.layers[0].mlp.up_proj.get_value(), QuantizedTensor)   # "+dense"
+        assert isinstance(llm.decode_engine.model.layers[1].mlp.experts_up_proj.get_value(), QuantizedTensor)
+        assert isinstance(llm.decode_engine.model.layers[0].mlp.up_proj.get_value(), QuantizedTensor)   # "+dense"
         outs = llm.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True))
-        assert [o.token_ids for o in outs] == hf_reference.argmax_rollout(llm.model, prompts, n_new)
+        assert [o.token_ids for o in outs] == hf_reference.argmax_rollout(llm.decode_engine.model, prompts, n_new)
 
 
 def _mesh(dp=1, ep=1, tp=1):
@@ -175,9 +175,9 @@ def _mesh(dp=1, ep=1, tp=1):
 def test_sharded_quantized_forward_equals_unsharded(quantized, tokens, fmt, dp, ep, tp, rules, cf):
     q = quantized[fmt]
     mesh = _mesh(dp, ep, tp)
-    m = shard_model(nnx.clone(q), mesh, rules, capacity_factor=cf)
+    m = place(q, mesh, rules, capacity_factor=cf)
     qt = m.layers[1].mlp.experts_down_proj.get_value()
-    assert isinstance(qt, QuantizedTensor) and m.layers[1].mlp.dispatch is not None
+    assert isinstance(qt, QuantizedTensor) and m.runtime.expert_parallel is not None
     spec = rules.spec(("experts", "expert_mlp", "embed"), mesh)
     assert qt.codes.sharding.spec == spec and qt.scales.sharding.spec == spec
     assert qt.tensor_scale.sharding.spec == rules.spec(("experts",), mesh)
@@ -188,4 +188,30 @@ def test_sharded_quantized_forward_equals_unsharded(quantized, tokens, fmt, dp, 
 def test_packed_k_axis_that_splits_blocks_is_refused(quantized):
     # mxfp4 blocks are 32 along K; down_proj's K (the expert FFN width, 64) over tp=4 gives 16 rows per shard.
     with pytest.raises(RulesError, match="whole blocks"):
-        shard_model(nnx.clone(quantized["mxfp4"]), _mesh(ep=2, tp=4), DECODE_RULES)
+        place(quantized["mxfp4"], _mesh(ep=2, tp=4), DECODE_RULES)
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disagg"])
+def test_pallas_kernels_serve_through_the_engine(ckpt, tmp_path_factory, mode):
+    """`Runtime(matmul_impl="pallas_interpret")` reaches the model: the engine's prefill and decode executables
+    run the FP4 Pallas kernels (interpreter on CPU) — the grouped kernel inside the expert-parallel shard_map —
+    and serve the same greedy tokens as the XLA dequant path."""
+    from model.runtime import Runtime
+    from serving import LLM, EngineConfig, SamplingParams
+
+    dst = str(tmp_path_factory.mktemp("q_pallas"))
+    quantize_cli.main([ckpt, dst, "--format", "nvfp4", "--dense"])
+    ec = EngineConfig(page_size=8, num_pages=8, max_model_len=16, prefill_buckets=(8,), decode_buckets=(2,),
+                      decode_steps=2)
+    prompts, sp = [[5, 17, 3, 44, 12, 9], [3, 1, 4]], SamplingParams(max_tokens=4, ignore_eos=True)
+    kw = dict(mode="disagg", prefill_mesh="ep=2", decode_mesh="ep=2") if mode == "disagg" else \
+        dict(decode_mesh="ep=2")
+    got = {}
+    for impl in ("xla", "pallas_interpret"):
+        with LLM(dst, engine_config=ec, runtime=Runtime(matmul_impl=impl), **kw) as llm:
+            rt = llm.decode_engine.model.runtime
+            assert rt.resolved_matmul_impl() == impl and rt.expert_parallel is not None
+            hlo = llm.decode_engine._decode_exe[2, ec.windows[-1]].as_text()
+            assert ("fp4_nvfp4_grouped_matmul" in hlo) == (impl == "pallas_interpret")  # the kernel is in it
+            got[impl] = [o.token_ids for o in llm.generate(prompts, sp)]
+    assert got["pallas_interpret"] == got["xla"]

@@ -109,25 +109,55 @@ def test_admission_is_bounded_by_free_pages(model):
         _check_pages(llm)
 
 
+_COMPILES: list[str] | None = None
+
+
+def _listen_for_compiles():
+    global _COMPILES
+    if _COMPILES is None:   # listeners cannot be removed: register one, switch it on and off
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda name, *a, **k: _COMPILES.append(name) if _COMPILES is not None and "backend_compile" in name
+            else None)
+    _COMPILES = []
+    return _COMPILES
+
+
+MIXED = dict(prompts=PROMPTS + [[7] * 40], params=[SamplingParams(max_tokens=N_NEW, temperature=t, top_k=k, seed=1)
+                                                  for t, k in ((0, 0), (1.0, 5), (0.5, 0), (0, 0))])
+
+
 def test_no_compilation_on_the_request_path(colocated):
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
-    colocated.generate(PROMPTS + [[7] * 40], [SamplingParams(max_tokens=N_NEW, temperature=t, top_k=k, seed=1)
-                                              for t, k in ((0, 0), (1.0, 5), (0.5, 0), (0, 0))])
+    compiles = _listen_for_compiles()
+    colocated.generate(MIXED["prompts"], MIXED["params"])
     assert compiles == []
+
+
+@pytest.mark.parametrize("kind", ["disagg", "mtp"])
+def test_no_compilation_on_a_fresh_engine(tmp_path_factory, kind):
+    """A freshly built engine serves its very first requests (chunked prefill, transfer between meshes, MTP
+    verify, sampling) with the executables compiled at start-up only."""
+    path = str(tmp_path_factory.mktemp(f"fresh_{kind}"))
+    hf_reference.build(path, dict(num_hidden_layers=2, max_position_embeddings=128), seed=11,
+                       with_mtp=kind == "mtp")
+    kw = dict(mode="disagg", prefill_mesh="tp=2", decode_mesh="ep=2") if kind == "disagg" else dict(mtp=True)
+    with LLM(path, engine_config=EC, **kw) as llm:
+        compiles = _listen_for_compiles()
+        outs = llm.generate(MIXED["prompts"], MIXED["params"])
+        assert compiles == [] and all(o.finish_reason == "length" for o in outs)
+        _check_pages(llm)
 
 
 def test_streaming_events_add_up_to_the_outputs(colocated):
     events = list(colocated.generate_stream(PROMPTS, SamplingParams(max_tokens=N_NEW)))
-    per_req = {}
+    per_req, reqs = {}, {}
     for ev in events:
         per_req.setdefault(ev.request.id, []).extend(ev.new_token_ids)
+        reqs[ev.request.id] = ev.request
     assert len(per_req) == len(PROMPTS)
     for rid, toks in per_req.items():
-        req = colocated.scheduler.requests[rid]
-        assert toks == req.output_ids and len(toks) == N_NEW
+        assert toks == reqs[rid].output_ids and len(toks) == N_NEW
     assert sum(ev.finished for ev in events) == len(PROMPTS)
+    assert colocated.scheduler.requests == {}   # finished requests are not retained
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(colocated):

@@ -9,8 +9,9 @@ from jax.sharding import PartitionSpec as P
 
 import model
 from model.cache import ContiguousCache
+from model.expert_parallel import ExpertParallel
 from model.moe import routed_experts
-from sharding import DECODE_RULES, PREFILL_RULES, EPDispatch, Topology, data_sharding, shard_model
+from sharding import DECODE_RULES, PREFILL_RULES, Topology, data_sharding, place
 
 TOL = 1e-5
 
@@ -68,14 +69,15 @@ def test_routing_is_not_degenerate(reference, tokens):
 def test_sharded_forward_equals_single_device(reference, tokens, ref_logits, dp, ep, tp, rules):
     mesh = _mesh(dp, ep, tp)
     # Capacity = worst case here, so these runs take the all_to_all capacity path (the fallback has its own test).
-    m = shard_model(nnx.clone(reference), mesh, rules, capacity_factor=8.0)
-    moe = m.layers[1].mlp
+    m = place(reference, mesh, rules, capacity_factor=8.0)
+    moe, ep_dispatch = m.layers[1].mlp, m.runtime.expert_parallel
     if ep > 1:
-        n = moe.dispatch.rows_per_device(tokens.size)
-        assert moe.dispatch.capacity(tokens.size, 8, 2) == n * min(2, 8 // moe.dispatch.n_shards)  # worst case
+        n = ep_dispatch.rows_per_device(tokens.size)
+        assert ep_dispatch.capacity(tokens.size, 8, 2) == n * min(2, 8 // ep_dispatch.n_shards)  # worst case
     assert moe.experts_gate_proj[...].sharding.spec == rules.spec(("experts", "embed", "expert_mlp"), mesh)
     assert m.layers[0].self_attn.q_b_proj[...].sharding.spec == (P(None, "tp", None) if tp > 1 else P(None, None, None))
-    assert isinstance(moe.dispatch, EPDispatch) == (ep > 1)
+    assert isinstance(ep_dispatch, ExpertParallel) == (ep > 1)
+    assert reference.runtime.expert_parallel is None  # placing copies: the reference stays as it was
     out = _forward(m, tokens, mesh, rules)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref_logits), atol=TOL, rtol=0)
 
@@ -92,7 +94,7 @@ def test_ep_capacity_path_is_exact_for_balanced_routing(reference):
     x_ND, w_NX, _, weights = _routed_inputs(reference, 32, seed=2)
     E, X = reference.cfg.n_routed_experts, reference.cfg.num_experts_per_tok
     idx_NX = (jnp.arange(32 * X).reshape(32, X) % E).astype(jnp.int32)    # every bucket exactly at the mean
-    d = EPDispatch(_mesh(ep=4), capacity_factor=1.0)
+    d = ExpertParallel(_mesh(ep=4), capacity_factor=1.0)
     assert d.bucket_loads(idx_NX, E).max() == d.capacity(32, E, X)         # full, not over
     out = jax.jit(d)(x_ND, w_NX, idx_NX, *weights)
     np.testing.assert_allclose(out, routed_experts(x_ND, w_NX, idx_NX, *weights), atol=TOL, rtol=0)
@@ -102,7 +104,7 @@ def test_ep_overflow_falls_back_and_drops_no_token(reference):
     x_ND, w_NX, _, weights = _routed_inputs(reference, 32, seed=3)
     E, X = reference.cfg.n_routed_experts, reference.cfg.num_experts_per_tok
     idx_NX = jnp.tile(jnp.array([[0, 1]], jnp.int32), (32, 1))             # every copy to expert shard 0
-    d = EPDispatch(_mesh(ep=8), capacity_factor=1.0)
+    d = ExpertParallel(_mesh(ep=8), capacity_factor=1.0)
     assert d.bucket_loads(idx_NX, E).max() > d.capacity(32, E, X)          # the capacity path would drop
     out = jax.jit(d)(x_ND, w_NX, idx_NX, *weights)
     np.testing.assert_allclose(out, routed_experts(x_ND, w_NX, idx_NX, *weights), atol=TOL, rtol=0)
@@ -110,8 +112,8 @@ def test_ep_overflow_falls_back_and_drops_no_token(reference):
 
 def test_model_with_tiny_capacity_still_equals_single_device(reference, tokens, ref_logits):
     mesh = _mesh(ep=4, tp=2)
-    m = shard_model(nnx.clone(reference), mesh, DECODE_RULES, capacity_factor=0.05)
-    d = m.layers[1].mlp.dispatch
+    m = place(reference, mesh, DECODE_RULES, capacity_factor=0.05)
+    d = m.runtime.expert_parallel
     # 8 rows per device send 16 copies into 4 buckets of capacity 1: every MoE layer overflows.
     assert d.capacity(tokens.size, 8, 2) == 1 and d.rows_per_device(tokens.size) * 2 > d.n_shards * 1
     np.testing.assert_allclose(np.asarray(_forward(m, tokens, mesh, DECODE_RULES)), np.asarray(ref_logits),
@@ -120,7 +122,7 @@ def test_model_with_tiny_capacity_still_equals_single_device(reference, tokens, 
 
 def test_token_count_not_divisible_by_shards_is_padded(reference):
     x_ND, w_NX, idx_NX, weights = _routed_inputs(reference, 13, seed=4)
-    d = EPDispatch(_mesh(dp=2, ep=4))
+    d = ExpertParallel(_mesh(dp=2, ep=4))
     out = jax.jit(d)(x_ND, w_NX, idx_NX, *weights)
     assert out.shape == x_ND.shape
     np.testing.assert_allclose(out, routed_experts(x_ND, w_NX, idx_NX, *weights), atol=TOL, rtol=0)
@@ -135,7 +137,7 @@ def _decode_fn(graphdef, params, tokens_B, positions_B, cache):
 
 def test_ep_decode_step_lowers_to_all_to_all_and_matches(reference, cfg):
     mesh = _mesh(dp=2, ep=4)
-    m = shard_model(nnx.clone(reference), mesh, DECODE_RULES)
+    m = place(reference, mesh, DECODE_RULES)
     B, S = 8, 16
     cache = jax.random.normal(jax.random.key(5), (cfg.num_hidden_layers, B, S, cfg.cache_width))
     toks = jnp.arange(B, dtype=jnp.int32) * 7

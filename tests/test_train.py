@@ -37,9 +37,9 @@ OPT = dict(steps=2, lr=1e-3, warmup=1, weight_decay=0.1)
 def test_one_train_step_micro():
     cfg = train_tiny.micro_config(vocab_size=VOCAB, seq_len=SEQ)
     from model import DeepseekV3
+    from model.runtime import Runtime
 
-    model = DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
-    train_tiny.set_dispatch(model, train_tiny.dense_experts)
+    model = DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, runtime=Runtime(moe_impl="dense"))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt, _ = train_tiny.make_optimizer(**OPT)
     opt_state = opt.init(params)
@@ -69,8 +69,8 @@ def test_one_train_step_micro():
     assert all(changed)
 
 
-def test_dense_dispatch_matches_ragged():
-    from model.moe import route, routed_experts
+def test_dense_experts_match_ragged():
+    from model.moe import dense_experts, route, routed_experts
 
     cfg = train_tiny.micro_config(vocab_size=VOCAB, seq_len=SEQ)
     rng = np.random.default_rng(1)
@@ -78,7 +78,7 @@ def test_dense_dispatch_matches_ragged():
     r = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     x, gate, up, down = r(N, D), r(E, D, F) / np.sqrt(D), r(E, D, F) / np.sqrt(D), r(E, F, D) / np.sqrt(F)
     w, idx = route(r(N, E), 0.3 * r(E), cfg)
-    np.testing.assert_allclose(np.asarray(train_tiny.dense_experts(x, w, idx, gate, up, down)),
+    np.testing.assert_allclose(np.asarray(dense_experts(x, w, idx, gate, up, down)),
                                np.asarray(routed_experts(x, w, idx, gate, up, down)), rtol=1e-5, atol=1e-5)
 
 

@@ -142,30 +142,6 @@ def micro_config(vocab_size: int, seq_len: int):
         kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8)
 
 
-def dense_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD):
-    """`model.moe.routed_experts` computed densely: every expert on every token, weighted by the router (zero for
-    experts a token did not pick). The same function; on CPU with few small experts it is faster than ragged_dot."""
-    import jax
-    import jax.numpy as jnp
-
-    N, E = x_ND.shape[0], gate_EDF.shape[0]
-    w_NE = jnp.zeros((N, E), w_NX.dtype).at[jnp.arange(N)[:, None], idx_NX].add(w_NX)
-    g_ENF = jnp.einsum("nd,edf->enf", x_ND, gate_EDF)
-    u_ENF = jnp.einsum("nd,edf->enf", x_ND, up_EDF)
-    h_ENF = jax.nn.silu(g_ENF) * u_ENF * w_NE.T[:, :, None].astype(x_ND.dtype)
-    return jnp.einsum("enf,efd->nd", h_ENF, down_EFD)
-
-
-def set_dispatch(model, fn) -> None:
-    from flax import nnx
-
-    from model.moe import MoE
-
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, MoE):
-            m.dispatch = fn
-
-
 @functools.lru_cache(maxsize=8)  # same settings -> same optimizer object -> compiled steps are reused
 def make_optimizer(steps: int, lr: float, warmup: int, weight_decay: float):
     import optax
@@ -179,7 +155,6 @@ def make_optimizer(steps: int, lr: float, warmup: int, weight_decay: float):
 
 def losses(model, tokens_BT2):
     """(main CE, MTP CE, MTP top-1 correct count) for windows of seq_len + 2 tokens."""
-    import jax
     import jax.numpy as jnp
     import optax
 
@@ -283,6 +258,7 @@ def train(out: str, *, steps: int, seed: int, batch: int, seq_len: int, lr: floa
 
     from checkpoints.export import save_hf
     from model.deepseek import DeepseekV3
+    from model.runtime import Runtime
 
     plays = plays if plays is not None else fetch_plays(data_dir)
     train_plays, held_plays = split_plays(plays) if all(p in plays for p in HELDOUT_PLAYS) else (plays, {})
@@ -293,9 +269,8 @@ def train(out: str, *, steps: int, seed: int, batch: int, seq_len: int, lr: floa
         f"{len(train_ids)} train, {len(held_ids)} held out; vocab {tok.get_vocab_size()}")
 
     cfg = (small_config if config == "small" else micro_config)(tok.get_vocab_size(), seq_len)
-    model = DeepseekV3(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32)
-    if experts == "dense":
-        set_dispatch(model, dense_experts)
+    # "dense": every expert on every token (model.moe.dense_experts), faster than ragged_dot on XLA:CPU here
+    model = DeepseekV3(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, runtime=Runtime(moe_impl=experts))
     n_params = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     log(f"model: {n_params:,} parameters (config.num_params={cfg.num_params():,})")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -338,7 +313,7 @@ def train(out: str, *, steps: int, seed: int, batch: int, seq_len: int, lr: floa
     log(f"final held-out ({n} tokens): ppl {ppl:.2f}, MTP t+2 top-1 {acc:.3f}")
 
     model = nnx.merge(graphdef, params, rest)
-    set_dispatch(model, None)
+    model.runtime = Runtime()
     per_layer = loads_sum / loads_sum.sum(1, keepdims=True)
     moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     names = [f"layers.{i}" for i in moe_layers] + [f"mtp.{d}" for d in range(cfg.num_nextn_predict_layers)]

@@ -1,10 +1,11 @@
 """Expert parallelism: token dispatch to the experts' owners and back by `all_to_all`, inside `jax.shard_map`.
 
-`EPDispatch` has `model.moe.routed_experts`' signature and is installed as `MoE.dispatch` (see
-`sharding.apply.shard_model`). Per device, inside the shard_map:
+`ExpertParallel` is a model op: `MoE` calls it (via `Runtime.expert_parallel`) with `routed_experts`' arguments
+when its experts are split over mesh axes. The mesh and the axis names are passed in (`sharding` derives them from
+its rule sets); this module knows nothing about rules. Per device, inside the shard_map:
 
   1. tokens: each device holds its slice of the token rows. Rows are split over every mesh axis except the one
-     that splits each expert's FFN width (`ffn_axis`, tp): those devices compute partial sums for the *same*
+     that splits each expert's FFN width (`ffn_axes`, tp): those devices compute partial sums for the *same*
      rows, added by a psum at the end.
   2. bucket: each token copy (token, chosen expert) goes to the expert-shard owning that expert. Buckets have a
      fixed capacity C rows per destination (`capacity_factor` x the mean load, at most the worst case), because
@@ -15,6 +16,9 @@
   4. overflow: if any bucket on any device would exceed C, *every* device takes the exact path instead (one
      `lax.cond` on a globally reduced flag, so collectives match): all_gather the tokens of the ep group, each
      shard runs its local experts on every copy routed to them, psum_scatter the sums back. No token is dropped.
+
+Quantized expert weights (`QuantizedTensor`, FP4 or FP8) are split like plain ones and their kernels run on the
+local shards inside the shard_map (`check_vma=False`: Pallas kernels carry no varying-manual-axes annotations).
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from model.layers import local_weight, weight_spec
 from model.moe import expert_ffn, routed_experts
-from pallas_kernels.formats import QuantizedTensor
 
 
 def _axes(mesh: Mesh, axes) -> tuple[str, ...]:
@@ -38,38 +42,19 @@ def _axes(mesh: Mesh, axes) -> tuple[str, ...]:
     return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
-def _weight_spec(w, spec: P):
-    """shard_map spec of an expert weight: `spec` for an array; for an FP4 QuantizedTensor the same spec for its
-    codes and block scales and the expert axis for its per-expert tensor scales."""
-    if isinstance(w, QuantizedTensor):
-        return QuantizedTensor(spec, spec, P(spec[0]), w.fmt, w.shape)
-    return spec
-
-
-def _local_weight(w):
-    """Inside shard_map: a QuantizedTensor's static logical shape is the global one; give it this shard's
-    (experts and N from the local arrays; K is the global K unless the packed K axis was split)."""
-    if not isinstance(w, QuantizedTensor):
-        return w
-    *lead, k2, n = w.codes.shape
-    B = w.block_size
-    K = w.K if 2 * k2 == -(-w.K // B) * B else 2 * k2
-    return QuantizedTensor(w.codes, w.scales, w.tensor_scale, w.fmt, (*lead, K, n))
-
-
-def _local_experts(x_MD, e_M, n_local: int, gate_EDF, up_EDF, down_EFD):
+def _local_experts(x_MD, e_M, n_local: int, gate_EDF, up_EDF, down_EFD, impl: str):
     """Rows x_MD through local expert e_M (0..n_local-1; -1 = empty slot -> 0): one sorted grouped matmul."""
     key_M = jnp.where(e_M >= 0, e_M, n_local)                  # empty slots sort last, outside every group
     order = jnp.argsort(key_M, stable=True)
     sizes_E = jnp.bincount(key_M, length=n_local + 1)[:n_local].astype(jnp.int32)
-    gate_EDF, up_EDF, down_EFD = map(_local_weight, (gate_EDF, up_EDF, down_EFD))  # arrays or FP4 weights
-    y_sorted = expert_ffn(x_MD[order], sizes_E, gate_EDF, up_EDF, down_EFD)
+    gate_EDF, up_EDF, down_EFD = map(local_weight, (gate_EDF, up_EDF, down_EFD))  # arrays or quantized weights
+    y_sorted = expert_ffn(x_MD[order], sizes_E, gate_EDF, up_EDF, down_EFD, impl)
     y_MD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
     return jnp.where((e_M >= 0)[:, None], y_MD, jnp.zeros((), y_MD.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
-class EPDispatch:
+class ExpertParallel:
     """Expert-parallel `routed_experts` over `mesh`: experts split over `axis`, each expert's FFN width over
     `ffn_axis` (None: whole experts), `capacity_factor` x mean load rows per (sender, destination) bucket."""
 
@@ -89,7 +74,7 @@ class EPDispatch:
             self.ffn_axis)
         unknown = [a for a in named if a not in self.mesh.shape]
         if unknown:
-            raise ValueError(f"EPDispatch axes {unknown} are not mesh axes; mesh axes: {self.mesh.axis_names}")
+            raise ValueError(f"ExpertParallel axes {unknown} are not mesh axes; mesh axes: {self.mesh.axis_names}")
 
     # ---- static layout --------------------------------------------------------------------------------------
     @property
@@ -137,13 +122,13 @@ class EPDispatch:
         return loads
 
     # ---- the dispatch ---------------------------------------------------------------------------------------
-    def __call__(self, x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD):
+    def __call__(self, x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla"):
         N, D = x_ND.shape
         X = idx_NX.shape[1]
         E = gate_EDF.shape[0]
         S = self.n_shards
         if S == 1:  # nothing to dispatch on this mesh: the local grouped matmul (GSPMD shards the FFN width)
-            return routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD)
+            return routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl)
         if E % S:
             raise ValueError(f"{E} experts do not split over {S} expert shards (mesh axes {self.expert_axes})")
         n = self.rows_per_device(N)
@@ -178,7 +163,7 @@ class EPDispatch:
                         (idx_nX.reshape(-1) % E_l).astype(jnp.int32))[: S * C]
                     recv_x = lax.all_to_all(send_x.reshape(S, C, D), ep, 0, 0, tiled=True)
                     recv_e = lax.all_to_all(send_e.reshape(S, C), ep, 0, 0, tiled=True)
-                    y = _local_experts(recv_x.reshape(S * C, D), recv_e.reshape(-1), E_l, gate, up, down)
+                    y = _local_experts(recv_x.reshape(S * C, D), recv_e.reshape(-1), E_l, gate, up, down, impl)
                     back = lax.all_to_all(y.reshape(S, C, D), ep, 0, 0, tiled=True).reshape(S * C, D)
                     y_MD = back[jnp.minimum(slot_M, S * C - 1)]
                     scale_M = jnp.where(keep_M, w_nX.reshape(-1), 0).astype(y_MD.dtype)
@@ -192,7 +177,7 @@ class EPDispatch:
                     vg = lax.all_gather(valid_n, ep, tiled=True)
                     mine = (ig // E_l == me) & vg[:, None]
                     e_M = jnp.where(mine, ig - me * E_l, -1).reshape(-1)
-                    y = _local_experts(jnp.repeat(xg, X, axis=0), e_M, E_l, gate, up, down)
+                    y = _local_experts(jnp.repeat(xg, X, axis=0), e_M, E_l, gate, up, down, impl)
                     scale_M = jnp.where(mine, wg, 0).reshape(-1).astype(y.dtype)
                     part = (y * scale_M[:, None]).reshape(-1, X, D).sum(1)
                     return lax.psum_scatter(part, ep, scatter_dimension=0, tiled=True)
@@ -203,9 +188,9 @@ class EPDispatch:
         tok_spec = P(tok or None)
         f = jax.shard_map(body, mesh=self.mesh,
                           in_specs=(tok_spec, tok_spec, tok_spec, tok_spec,
-                                    _weight_spec(gate_EDF, P(ep or None, None, ffn_spec)),
-                                    _weight_spec(up_EDF, P(ep or None, None, ffn_spec)),
-                                    _weight_spec(down_EFD, P(ep or None, ffn_spec, None))),
-                          out_specs=tok_spec)
+                                    weight_spec(gate_EDF, P(ep or None, None, ffn_spec)),
+                                    weight_spec(up_EDF, P(ep or None, None, ffn_spec)),
+                                    weight_spec(down_EFD, P(ep or None, ffn_spec, None))),
+                          out_specs=tok_spec, check_vma=False)
         y_ND = f(x_ND, w_NX, idx_NX, valid_N, gate_EDF, up_EDF, down_EFD)
         return y_ND[:N] if pad else y_ND

@@ -1,0 +1,71 @@
+"""How the model runs: its logical-axis vocabulary and the `Runtime` (kernel choices, expert parallelism).
+
+The model owns both. `sharding/` maps the logical axes to mesh axes (rule sets as data) and builds the `Runtime`
+for a mesh (`sharding.place` / `checkpoints.load(mesh=...)`), but layers never import `sharding`.
+
+A `Runtime` is a frozen, hashable value stored on `DeepseekV3.runtime`; it travels in the nnx graphdef (static),
+so a compiled step is specialised to it, and `forward` hands it to every layer. Kernel choice is decided from the
+*target* platform (`platform`), not from the host's backend, so a CPU host that exports for cuda embeds the GPU
+kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+
+# Logical axes of weights (declared once, in `model.layers.param(..., axes=...)`) and of activations (token
+# batches, caches, shard_map specs). Every rule set in `sharding/` must map each of them.
+WEIGHT_AXES = frozenset({"vocab", "embed", "heads", "qk_head", "kv_head", "v_head", "q_lora", "kv_lora",
+                         "kv_latent", "mlp", "experts", "expert_mlp"})
+ACTIVATION_AXES = frozenset({"batch", "seq"})
+LOGICAL_AXES = WEIGHT_AXES | ACTIVATION_AXES
+
+MatmulImpl = Literal["xla", "pallas", "pallas_interpret"]
+MATMUL_IMPLS = ("xla", "pallas", "pallas_interpret")
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Execution choices of one placed model.
+
+    matmul_impl: quantized (FP4/FP8) matmuls — "xla" (dequantize + dot), "pallas" (Triton kernels, GPU),
+        "pallas_interpret" (the same kernels in the Pallas interpreter, any platform; tests). None: by platform.
+    platform: the platform the model is compiled for ("cpu", "cuda", ...). None: the devices' platform at trace
+        time. Set it when lowering/exporting for another platform than the host's.
+    moe_impl: routed-expert computation, see `model.moe.MOE_IMPLS`. None: chosen per shape (`model.moe.choose`).
+    expert_parallel: the expert-parallel dispatch over a mesh (`model.expert_parallel.ExpertParallel`), or None
+        for local experts.
+    """
+
+    matmul_impl: MatmulImpl | None = None
+    platform: str | None = None
+    moe_impl: str | None = None
+    expert_parallel: object | None = None
+
+    def __post_init__(self):
+        if self.matmul_impl is not None and self.matmul_impl not in MATMUL_IMPLS:
+            raise ValueError(f"matmul_impl={self.matmul_impl!r}: expected one of {MATMUL_IMPLS} or None")
+
+    @property
+    def target_platform(self) -> str:
+        return self.platform or jax.default_backend()
+
+    def resolved_matmul_impl(self) -> str:
+        """The quantized-matmul implementation: the explicit choice, else Pallas on GPU and XLA elsewhere."""
+        if self.matmul_impl is not None:
+            if self.matmul_impl == "pallas" and self.target_platform not in GPU_PLATFORMS:
+                raise ValueError(f"matmul_impl='pallas' needs a GPU target, but the platform is "
+                                 f"{self.target_platform!r}; use 'pallas_interpret' (the same kernels in the "
+                                 "Pallas interpreter) or 'xla', or set Runtime.platform='cuda' when exporting")
+            return self.matmul_impl
+        return "pallas" if self.target_platform in GPU_PLATFORMS else "xla"
+
+    def replace(self, **kw) -> "Runtime":
+        return dataclasses.replace(self, **kw)
+
+
+DEFAULT_RUNTIME = Runtime()

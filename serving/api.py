@@ -1,0 +1,302 @@
+"""The serving vocabulary every frontend and backend shares — a leaf module (it imports no other serving module
+but `serving.sampling`).
+
+* requests and their results: `Request`, `Event`, `RequestOutput`, `RequestMetrics`, `output_of`;
+* prompt validation (`validate_prompt`, `new_request`) with errors that name the problem;
+* the stop / length / detokenize rules as one pure function (`apply_stop_rules`), used by the in-process
+  scheduler and by the remote backend alike;
+* defaults in one place (`DEFAULT_CHECKPOINT`, `default_max_model_len`, `default_mesh`, `parse_mesh_spec`);
+* `Tokenizer` (`tokenizer.json` through the `tokenizers` library).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from serving.sampling import SamplingParams, sampling_arrays
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                                  "shakespeare-moe")
+# max_model_len when none is given: the checkpoint's max_position_embeddings, at most this, in whole pages.
+DEFAULT_MAX_MODEL_LEN_CAP = 1024
+
+
+# ---- defaults ---------------------------------------------------------------------------------------------------
+def default_max_model_len(max_position_embeddings: int, page_size: int, cap: int = DEFAULT_MAX_MODEL_LEN_CAP) -> int:
+    """min(max_position_embeddings, cap) rounded down to whole pages (at least one page)."""
+    return max(page_size, min(cap, max_position_embeddings) // page_size * page_size)
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """'tp=2' / 'ep=4' / 'dp=2,ep=2' -> {'dp':.., 'ep':.., 'tp':..} (missing axes are 1)."""
+    out = {"dp": 1, "ep": 1, "tp": 1}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = re.fullmatch(r"(dp|ep|tp)=(\d+)", part)
+        if not m or int(m.group(2)) < 1:
+            raise ValueError(f"bad mesh spec {spec!r}: expected comma-separated dp=N, ep=N, tp=N")
+        out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def default_mesh(role: str, n: int, num_attention_heads: int, n_routed_experts: int) -> str:
+    """The mesh of a pool of n devices: tp over heads for prefill, ep over experts for decode, when they divide;
+    else data parallel."""
+    if role == "prefill":
+        return f"tp={n}" if num_attention_heads % n == 0 else f"dp={n}"
+    return f"ep={n}" if n_routed_experts % n == 0 else f"dp={n}"
+
+
+# ---- tokenizer --------------------------------------------------------------------------------------------------
+class Tokenizer:
+    """`tokenizer.json` through the `tokenizers` library."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as _T
+
+        self._t = _T.from_file(path)
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | None) -> "Tokenizer | None":
+        p = os.path.join(checkpoint, "tokenizer.json") if checkpoint else ""
+        return cls(p) if p and os.path.exists(p) else None
+
+    def encode(self, text: str) -> list[int]:
+        return self._t.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._t.decode(ids)
+
+
+# ---- requests -----------------------------------------------------------------------------------------------------
+class Status(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Request:
+    """One request as a backend tracks it: prompt, sampling, the tokens so far and the clock readings behind its
+    metrics. Backends own the scheduling fields (pages, chunks, drafts); frontends read the rest."""
+
+    id: str
+    prompt_ids: np.ndarray
+    params: SamplingParams
+    seed: int
+    limit: int                                   # max new tokens after capping by max_model_len
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    status: Status = Status.WAITING
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None             # stop | length | abort | error
+    error: str | None = None
+    aborted: bool = False
+    # scheduling state of the in-process scheduler
+    pages: list[int] = dataclasses.field(default_factory=list)          # decode-side pages
+    chunks: list = dataclasses.field(default_factory=list)              # colocated prefill progress
+    draft: int = 0                                # MTP: drafted token after the last one
+    draft_q: np.ndarray | None = None             # MTP: its distribution
+    spec_proposed: int = 0                        # MTP drafts verified (of tokens kept)
+    spec_accepted: int = 0                        # ... and accepted
+    # metrics
+    prefill_start: float | None = None
+    prefill_end: float | None = None
+    first_token_time: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finish_time: float | None = None
+    transfer_s: float | None = None               # multi-process PD: KV pull + checksum + reshard
+    attempts: int | None = None                   # multi-process PD: prefill/decode attempts (migrations + 1)
+    workers: list[str] | None = None              # multi-process PD: workers that served it
+
+    @property
+    def position(self) -> int:
+        """Position of the last token (the one the next decode step consumes)."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+    def sampling_row(self) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in sampling_arrays([self.params], [self.seed]).items()}
+
+
+@dataclasses.dataclass
+class Event:
+    """A streamed update: tokens appended to `request` since the last event (and its new text)."""
+
+    request: Request
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+
+
+def validate_prompt(prompt, *, tokenizer: Tokenizer | None, vocab_size: int, max_model_len: int) -> np.ndarray:
+    """A text or token-id prompt -> int32 ids; ValueError naming the problem (no tokenizer, ids outside the
+    vocabulary, empty, too long for max_model_len)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("text prompt given but this model has no tokenizer.json: pass token ids")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple, np.ndarray)):
+        ids = list(prompt)
+        if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) for t in ids):
+            raise ValueError("a token-id prompt must be a list of ints")
+        bad = [int(t) for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    else:
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("empty prompt: it needs at least one token")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {max_model_len} (prompt + at least one "
+                         "generated token)")
+    return np.asarray(ids, np.int32)
+
+
+def new_request(prompt, params: SamplingParams, request_id: str, *, tokenizer: Tokenizer | None, vocab_size: int,
+                max_model_len: int) -> Request:
+    """A validated `Request` (max new tokens capped so prompt + output fit max_model_len)."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+    if params.stop and tokenizer is None:
+        raise ValueError("SamplingParams.stop needs a tokenizer (this model has none); use stop_token_ids")
+    ids = validate_prompt(prompt, tokenizer=tokenizer, vocab_size=vocab_size, max_model_len=max_model_len)
+    return Request(id=request_id, prompt_ids=ids, params=params, seed=params.resolved_seed(),
+                   limit=min(params.max_tokens, max_model_len - len(ids)))
+
+
+def as_prompt_list(prompts) -> list:
+    """`generate`'s prompts: one string, one token list, or a list of either -> a list of prompts."""
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        return [prompts]
+    return list(prompts)
+
+
+def params_list(n: int, sampling_params) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    sp = list(sampling_params)
+    if len(sp) != n:
+        raise ValueError(f"{len(sp)} sampling params for {n} prompts")
+    return sp
+
+
+# ---- stop rules ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StopOutcome:
+    tokens: list[int]          # the new tokens kept (up to and including a stop token / the length limit)
+    text: str                  # the full output text after them ("" without a detokenizer)
+    reason: str | None         # "stop" | "length" | None (not finished)
+
+
+def apply_stop_rules(output_ids: Sequence[int], new_tokens: Sequence[int], params: SamplingParams, limit: int,
+                     eos_ids: Sequence[int], detokenize: Callable[[list[int]], str] | None) -> StopOutcome:
+    """Which of `new_tokens` a request with `output_ids` so far keeps, its text, and whether it is finished.
+
+    A stop token (stop_token_ids, or EOS unless ignore_eos) is kept in the ids and left out of the text; the
+    limit (max_tokens capped by max_model_len) ends it with "length"; a stop string ends it with "stop" and cuts
+    the text before it. Pure: the scheduler and the remote backend both apply it to their requests."""
+    kept, reason = [], None
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+    for t in new_tokens:
+        kept.append(int(t))
+        if t in stop_ids:
+            reason = "stop"
+            break
+        if len(output_ids) + len(kept) >= limit:
+            reason = "length"
+            break
+    text = ""
+    if detokenize is not None:
+        ids = list(output_ids) + kept
+        if reason == "stop" and ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        text = detokenize(ids)
+        for s in params.stop:
+            i = text.find(s)
+            if i >= 0:
+                text, reason = text[:i], "stop"
+    return StopOutcome(kept, text, reason)
+
+
+def append_tokens(req: Request, tokens: Sequence[int], now: float, eos_ids: Sequence[int],
+                  detokenize: Callable[[list[int]], str] | None) -> tuple[Event, str | None]:
+    """Apply `apply_stop_rules` to `req`: extend its ids, text and token times. Returns the event to stream and
+    the finish reason (None while it runs); the caller ends the request when there is one."""
+    out = apply_stop_rules(req.output_ids, tokens, req.params, req.limit, eos_ids, detokenize)
+    if req.first_token_time is None and out.tokens:
+        req.first_token_time = now
+    req.output_ids.extend(out.tokens)
+    req.token_times.extend([now] * len(out.tokens))
+    old_text = req.text
+    if detokenize is not None:
+        req.text = out.text
+    new_text = req.text[len(old_text):] if req.text.startswith(old_text) else req.text
+    return Event(req, out.tokens, new_text, out.reason is not None), out.reason
+
+
+# ---- results ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RequestMetrics:
+    arrival_s: float
+    ttft_s: float | None          # arrival -> first token (queue + prefill + transfer)
+    tpot_s: float | None          # (e2e - ttft) / (output tokens - 1)
+    e2e_s: float | None
+    itl_s: list[float]            # gaps between streamed chunks
+    queue_s: float | None         # arrival -> prefill start
+    prefill_s: float | None       # prefill start -> first token ready on the decode side (incl. transfer)
+    prompt_tokens: int
+    output_tokens: int
+    spec_proposed: int = 0        # MTP drafts verified whose tokens were kept
+    spec_accepted: int = 0        # ... of them accepted
+    transfer_s: float | None = None   # multi-process PD: KV pull + checksum + reshard (part of prefill_s)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None     # "stop" | "length" | "abort" | "error"
+    error: str | None
+    metrics: RequestMetrics
+
+    def to_dict(self) -> dict:
+        """The batch job's output line: id, text, token_ids, finish_reason, error, metrics."""
+        d = dataclasses.asdict(self)
+        d.pop("prompt_token_ids")
+        d["id"] = d.pop("request_id")
+        d["metrics"].pop("arrival_s")  # a process-local clock reading: meaningless in a file
+        return {"id": d.pop("id"), **d}
+
+
+def metrics_of(r: Request) -> RequestMetrics:
+    ttft = None if r.first_token_time is None else r.first_token_time - r.arrival
+    e2e = None if r.finish_time is None else r.finish_time - r.arrival
+    n = len(r.output_ids)
+    tpot = (e2e - ttft) / (n - 1) if (ttft is not None and e2e is not None and n > 1) else None
+    times = sorted(set(r.token_times))
+    return RequestMetrics(
+        arrival_s=r.arrival, ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, itl_s=list(np.diff(times).tolist()),
+        queue_s=None if r.prefill_start is None else r.prefill_start - r.arrival,
+        prefill_s=(None if r.prefill_start is None or r.prefill_end is None else r.prefill_end - r.prefill_start),
+        prompt_tokens=len(r.prompt_ids), output_tokens=n, spec_proposed=r.spec_proposed,
+        spec_accepted=r.spec_accepted, transfer_s=r.transfer_s)
+
+
+def output_of(r: Request) -> RequestOutput:
+    return RequestOutput(r.id, r.prompt_ids.tolist(), r.text, list(r.output_ids), r.finish_reason, r.error,
+                         metrics_of(r))
