@@ -15,23 +15,26 @@ are, without re-quantizing; see docs/fp4.md ("Quantized checkpoints").
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
 import re
-from typing import Callable
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from checkpoints.safetensors_io import Checkpoint, CheckpointError, dtype_name
 from model.config import ModelConfig
 from model.deepseek import DeepseekV3
 from model.runtime import Runtime
-from pallas_kernels import formats
+from pallas_kernels import formats, fp8
 from pallas_kernels.formats import QuantizedTensor
 from sharding.apply import runtime_for, variable_sharding
 
@@ -43,20 +46,56 @@ _FLOAT_SOURCES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
+    """How one Tandem weight is made of checkpoint tensors.
+
+    kind: "copy" (as stored), "linear" (HF [out, in] -> [in, out]), "experts" (E tensors [out, in] ->
+    [E, in, out]), "out_heads" / "in_heads" (a linear whose out / in axis is split into per-head axes: `shape`),
+    "fused_gate" / "fused_up" / "fused_down" (transformers' in-memory fused expert layout)."""
+
     sources: tuple[str, ...]                         # checkpoint tensor names
-    build: Callable[[list[np.ndarray]], np.ndarray]  # float32 sources -> the weight in Tandem's layout
+    kind: str
+    shape: tuple[int, ...] | None = None
+
+    def build(self, xs: list[np.ndarray]) -> np.ndarray:
+        """Sources (already float) -> the weight in Tandem's layout."""
+        k = self.kind
+        if k == "copy":
+            return xs[0]
+        if k == "linear":
+            return xs[0].T
+        if k == "experts":
+            return np.stack([x.T for x in xs])
+        if k in ("out_heads", "in_heads"):
+            return xs[0].T.reshape(self.shape)
+        F = xs[0].shape[1] // 2
+        if k == "fused_gate":
+            return xs[0][:, :F].transpose(0, 2, 1)
+        if k == "fused_up":
+            return xs[0][:, F:].transpose(0, 2, 1)
+        if k == "fused_down":
+            return xs[0].transpose(0, 2, 1)
+        raise AssertionError(k)
+
+    @property
+    def matrix(self) -> bool:
+        """A linear weight kept as a matrix (block-FP8 / FP4 capable): lead experts, K and N axes."""
+        return self.kind in ("linear", "experts", "out_heads", "in_heads")
+
+    @property
+    def lead(self) -> int:
+        return 1 if self.kind == "experts" else 0
+
+    @property
+    def k_ndim(self) -> int:
+        return 2 if self.kind == "in_heads" else 1
 
 
-def linear_t(x):  # HF Linear [out, in] -> [in, out]
-    return x[0].T
+def _copy(name: str) -> _Plan:
+    return _Plan((name,), "copy")
 
 
-def _heads(*shape):
-    return lambda x: x[0].T.reshape(shape)
-
-
-def stack_experts_t(xs):  # E tensors [out, in] -> [E, in, out]
-    return np.stack([x.T for x in xs])
+def _linear(name: str) -> _Plan:
+    return _Plan((name,), "linear")
 
 
 def _attn_plans(prefix: str, cfg: ModelConfig) -> dict[str, _Plan]:
@@ -65,40 +104,40 @@ def _attn_plans(prefix: str, cfg: ModelConfig) -> dict[str, _Plan]:
     a = prefix + "self_attn."
     p = {}
     if cfg.q_lora_rank:
-        p["self_attn.q_a_proj"] = _Plan((a + "q_a_proj.weight",), linear_t)
-        p["self_attn.q_a_layernorm.weight"] = _Plan((a + "q_a_layernorm.weight",), lambda x: x[0])
-        p["self_attn.q_b_proj"] = _Plan((a + "q_b_proj.weight",), _heads(cfg.q_lora_rank, H, K + R))
+        p["self_attn.q_a_proj"] = _linear(a + "q_a_proj.weight")
+        p["self_attn.q_a_layernorm.weight"] = _copy(a + "q_a_layernorm.weight")
+        p["self_attn.q_b_proj"] = _Plan((a + "q_b_proj.weight",), "out_heads", (cfg.q_lora_rank, H, K + R))
     else:
-        p["self_attn.q_proj"] = _Plan((a + "q_proj.weight",), _heads(D, H, K + R))
-    p["self_attn.kv_a_proj_with_mqa"] = _Plan((a + "kv_a_proj_with_mqa.weight",), linear_t)
-    p["self_attn.kv_a_layernorm.weight"] = _Plan((a + "kv_a_layernorm.weight",), lambda x: x[0])
-    p["self_attn.kv_b_proj"] = _Plan((a + "kv_b_proj.weight",), _heads(L, H, K + V))
-    p["self_attn.o_proj"] = _Plan((a + "o_proj.weight",), lambda x: x[0].T.reshape(H, V, D))
+        p["self_attn.q_proj"] = _Plan((a + "q_proj.weight",), "out_heads", (D, H, K + R))
+    p["self_attn.kv_a_proj_with_mqa"] = _linear(a + "kv_a_proj_with_mqa.weight")
+    p["self_attn.kv_a_layernorm.weight"] = _copy(a + "kv_a_layernorm.weight")
+    p["self_attn.kv_b_proj"] = _Plan((a + "kv_b_proj.weight",), "out_heads", (L, H, K + V))
+    p["self_attn.o_proj"] = _Plan((a + "o_proj.weight",), "in_heads", (H, V, D))
     return p
 
 
 def _mlp_plans(hf: str, ours: str) -> dict[str, _Plan]:
-    return {f"{ours}.{n}": _Plan((f"{hf}.{n}.weight",), linear_t) for n in ("gate_proj", "up_proj", "down_proj")}
+    return {f"{ours}.{n}": _linear(f"{hf}.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")}
 
 
 def _layer_plans(hf_prefix: str, cfg: ModelConfig, moe: bool, ckpt: Checkpoint) -> dict[str, _Plan]:
     p = _attn_plans(hf_prefix, cfg)
     for n in ("input_layernorm", "post_attention_layernorm"):
-        p[f"{n}.weight"] = _Plan((f"{hf_prefix}{n}.weight",), lambda x: x[0])
+        p[f"{n}.weight"] = _copy(f"{hf_prefix}{n}.weight")
     m = hf_prefix + "mlp."
     if not moe:
         p.update(_mlp_plans(m[:-1], "mlp"))
         return p
-    E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
-    p["mlp.gate"] = _Plan((m + "gate.weight",), linear_t)
-    p["mlp.e_score_correction_bias"] = _Plan((m + "gate.e_score_correction_bias",), lambda x: x[0])
+    E = cfg.n_routed_experts
+    p["mlp.gate"] = _linear(m + "gate.weight")
+    p["mlp.e_score_correction_bias"] = _copy(m + "gate.e_score_correction_bias")
     if m + "experts.gate_up_proj" in ckpt:  # transformers' in-memory fused layout, if someone saved that
-        p["mlp.experts_gate_proj"] = _Plan((m + "experts.gate_up_proj",), lambda x: x[0][:, :F].transpose(0, 2, 1))
-        p["mlp.experts_up_proj"] = _Plan((m + "experts.gate_up_proj",), lambda x: x[0][:, F:].transpose(0, 2, 1))
-        p["mlp.experts_down_proj"] = _Plan((m + "experts.down_proj",), lambda x: x[0].transpose(0, 2, 1))
+        p["mlp.experts_gate_proj"] = _Plan((m + "experts.gate_up_proj",), "fused_gate")
+        p["mlp.experts_up_proj"] = _Plan((m + "experts.gate_up_proj",), "fused_up")
+        p["mlp.experts_down_proj"] = _Plan((m + "experts.down_proj",), "fused_down")
     else:
         for n in ("gate_proj", "up_proj", "down_proj"):
-            p[f"mlp.experts_{n}"] = _Plan(tuple(f"{m}experts.{e}.{n}.weight" for e in range(E)), stack_experts_t)
+            p[f"mlp.experts_{n}"] = _Plan(tuple(f"{m}experts.{e}.{n}.weight" for e in range(E)), "experts")
     if cfg.n_shared_experts:
         p.update(_mlp_plans(m + "shared_experts", "mlp.shared_experts"))
     return p
@@ -106,10 +145,9 @@ def _layer_plans(hf_prefix: str, cfg: ModelConfig, moe: bool, ckpt: Checkpoint) 
 
 def plans(cfg: ModelConfig, ckpt: Checkpoint) -> dict[str, _Plan]:
     """Tandem parameter path ('layers.0.self_attn.o_proj') -> how to build it from the checkpoint."""
-    p = {"embed_tokens": _Plan(("model.embed_tokens.weight",), lambda x: x[0]),
-         "norm.weight": _Plan(("model.norm.weight",), lambda x: x[0])}
+    p = {"embed_tokens": _copy("model.embed_tokens.weight"), "norm.weight": _copy("model.norm.weight")}
     if not cfg.tie_word_embeddings:
-        p["lm_head"] = _Plan(("lm_head.weight",), linear_t)
+        p["lm_head"] = _linear("lm_head.weight")
     for i in range(cfg.num_hidden_layers):
         for k, v in _layer_plans(f"model.layers.{i}.", cfg, cfg.is_moe_layer(i), ckpt).items():
             p[f"layers.{i}.{k}"] = v
@@ -117,10 +155,10 @@ def plans(cfg: ModelConfig, ckpt: Checkpoint) -> dict[str, _Plan]:
         hf = f"model.layers.{cfg.num_hidden_layers + d}."
         for k, v in _layer_plans(hf, cfg, cfg.is_moe_layer(cfg.num_hidden_layers), ckpt).items():
             p[f"mtp.{d}.block.{k}"] = v
-        p[f"mtp.{d}.enorm.weight"] = _Plan((hf + "enorm.weight",), lambda x: x[0])
-        p[f"mtp.{d}.hnorm.weight"] = _Plan((hf + "hnorm.weight",), lambda x: x[0])
-        p[f"mtp.{d}.eh_proj"] = _Plan((hf + "eh_proj.weight",), linear_t)
-        p[f"mtp.{d}.shared_head_norm.weight"] = _Plan((hf + "shared_head.norm.weight",), lambda x: x[0])
+        p[f"mtp.{d}.enorm.weight"] = _copy(hf + "enorm.weight")
+        p[f"mtp.{d}.hnorm.weight"] = _copy(hf + "hnorm.weight")
+        p[f"mtp.{d}.eh_proj"] = _linear(hf + "eh_proj.weight")
+        p[f"mtp.{d}.shared_head_norm.weight"] = _copy(hf + "shared_head.norm.weight")
     return p
 
 
@@ -238,10 +276,9 @@ def read_packed(ckpt: Checkpoint, names: tuple[str, ...], shape: tuple[int, ...]
         c, sc, t = np.stack(codes), np.stack(scales), np.stack(ts)
     else:
         c, sc, t = codes[0], scales[0], ts[0]
-    if fmt == "nvfp4":  # NVIDIA ModelOpt's layout is exactly this
-        return formats.from_nvfp4_checkpoint(c, sc, t, in_features=K)
-    return QuantizedTensor(jnp.asarray(np.swapaxes(c, -1, -2)), jnp.asarray(np.swapaxes(sc, -1, -2)),
-                           jnp.asarray(t, jnp.float32), fmt, tuple(shape))
+    # host arrays in Tandem's layout (NVIDIA ModelOpt's NVFP4 layout transposed): placed shard by shard later
+    return QuantizedTensor(np.ascontiguousarray(np.swapaxes(c, -1, -2)), np.ascontiguousarray(np.swapaxes(sc, -1, -2)),
+                           np.asarray(t, np.float32), fmt, (*shape[:-2], K, N))
 
 
 def _dequantize_packed(ckpt: Checkpoint, name: str) -> np.ndarray:
@@ -249,7 +286,8 @@ def _dequantize_packed(ckpt: Checkpoint, name: str) -> np.ndarray:
     dequantized to float32 [out, in]."""
     N, k2 = ckpt.shape(name)
     qt = read_packed(ckpt, (name,), (2 * k2, N), stacked=False)
-    return np.asarray(formats.dequantize(qt)).T
+    with jax.default_device(_host_device()):
+        return np.asarray(formats.dequantize(qt)).T
 
 
 def checkpoint_quant(path: str) -> dict | None:
@@ -286,9 +324,9 @@ def read_tensor(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> np.ndarr
     return w.astype(np.float32)
 
 
-def _default_dtype(ckpt: Checkpoint):
-    dt = ckpt.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in ckpt else np.float32
-    return jnp.float32 if np.dtype(dt) == np.float32 else jnp.bfloat16
+def _host_device():
+    """A CPU device for host-side conversions (quantizing a chunk), whatever the default backend is."""
+    return jax.local_devices(backend="cpu")[0]
 
 
 def config_of(path: str | os.PathLike) -> ModelConfig:
@@ -301,23 +339,193 @@ def config_of(path: str | os.PathLike) -> ModelConfig:
     return cfg if n_mtp == cfg.num_nextn_predict_layers else cfg.replace(num_nextn_predict_layers=n_mtp)
 
 
-def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: str | None = None,
-         runtime: Runtime | None = None, capacity_factor: float = 2.0) -> DeepseekV3:
-    """Load an HF DeepSeek-V3/R1 checkpoint directory into a `DeepseekV3` model.
+# Weights DeepSeek's release stores in block FP8 (and `quant="fp8"` quantizes): every linear of the decoder layers
+# (attention projections, dense MLPs, shared and routed experts) — not the embedding, head, router or eh_proj.
+_FP8_EXCLUDED = re.compile(r"(^lm_head$|(^|\.)mlp\.gate$|(^|\.)eh_proj$)")
 
-    dtype: compute/storage dtype of the weights (default: float32 for f32 checkpoints, else bfloat16; block-fp8
-    weights are dequantized on load). The router and its correction bias always stay float32. The MTP module is
-    loaded when the checkpoint has `model.layers.{num_hidden_layers}.*`; otherwise the model has none.
-    `mesh`/`rules` place each weight onto its sharding as it is read (see `sharding.rules`), and set the model's
-    `runtime` for that mesh (kernel choices from `runtime`, expert parallelism from the rules).
 
-    quant: None, "nvfp4" or "mxfp4" (the routed experts; "+dense" also the dense MLPs and shared experts).
-    Quantized weights are `QuantizedTensor`s (packed codes + block scales + tensor scales), quantized one stack at
-    a time and placed like the weight. A quantized checkpoint (`python -m checkpoints.quantize`, or ModelOpt
-    NVFP4) loads packed as stored; `quant` may then be None or must name the checkpoint's format.
+def fp8_target(name: str, plan: _Plan) -> bool:
+    return plan.matrix and not _FP8_EXCLUDED.search(name)
+
+
+def _is_fp8(ckpt: Checkpoint, name: str) -> bool:
+    return ckpt.dtype(name) == np.dtype(ml_dtypes.float8_e4m3fn) and _scale_inv_name(name) in ckpt
+
+
+def _scale_inv_name(name: str) -> str:
+    return name[: -len("weight")] + "weight_scale_inv"
+
+
+def _key(idx: tuple[slice, ...], shape) -> tuple:
+    return tuple(sl.indices(n)[:2] for sl, n in zip(idx, shape))
+
+
+def _expert_range(idx: tuple[slice, ...], E: int) -> tuple[int, int]:
+    return idx[0].indices(E)[:2]
+
+
+class _Weight:
+    """Builds one weight of the model from its checkpoint tensors, one device shard at a time.
+
+    `value_like` is the weight's representation as abstract leaves (an array, an `Fp8Tensor` or an FP4
+    `QuantizedTensor` of ShapeDtypeStructs); `place()` returns the same structure of placed arrays. Expert stacks
+    are read per shard (only the experts in that shard's range), never as a full host array of the layer; other
+    weights are built once (cached) and sliced per shard."""
+
+    def __init__(self, name: str, plan: _Plan, rep: str, ckpt: Checkpoint, block, dtype, shape, fmt: str | None,
+                 fp8_block=fp8.BLOCK):
+        self.name, self.plan, self.rep, self.ckpt, self.block = name, plan, rep, ckpt, block
+        self.fp8_block = tuple(fp8_block)
+        self.dtype, self.shape, self.fmt = dtype, tuple(shape), fmt
+        self._cache: dict = {}
+        self._lock = threading.Lock()
+
+    # ---- the representation ----------------------------------------------------------------------------------
+    def abstract(self):
+        p, shape = self.plan, self.shape
+        if self.rep == "plain":
+            return jax.ShapeDtypeStruct(shape, self.dtype)
+        if self.rep in ("fp8_kept", "fp8"):
+            return fp8.abstract(shape, lead=p.lead, k_ndim=p.k_ndim, block=self._fp8_block())
+        return formats.abstract(shape, self.fmt)
+
+    def _fp8_block(self):
+        if self.rep == "fp8_kept":
+            bo, bi = self.block
+            return (bi, bo)          # HF [out, in] blocks -> [K = in, N = out]
+        return self.fp8_block
+
+    # ---- host pieces -----------------------------------------------------------------------------------------
+    def _sources(self, names) -> list[np.ndarray]:
+        return [read_tensor(self.ckpt, n, self.block) for n in names]
+
+    def _chunk(self, e0: int, e1: int):
+        """The whole weight (e0 = e1 = -1) or experts [e0, e1) of an expert stack, in its representation, as host
+        arrays (cached per range: replicated shards and sibling leaves reuse it)."""
+        key = (e0, e1)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        p = self.plan
+        names = p.sources if e0 < 0 else p.sources[e0:e1]
+        stacked = p.kind == "experts"
+        shape = self.shape if e0 < 0 else (e1 - e0, *self.shape[1:])
+        if self.rep == "plain":
+            out = np.asarray(p.build(self._sources(names))).astype(self.dtype)
+            if out.shape != shape:
+                raise CheckpointError(f"tensor {names[0]!r} in {self.ckpt.file_of(names[0])} has shape "
+                                      f"{list(self.ckpt.shape(names[0]))}, which does not fit {self.name} "
+                                      f"{list(self.shape)} for this config")
+        elif self.rep == "fp4_stored":
+            out = read_packed(self.ckpt, names, shape, stacked=stacked)
+        elif self.rep == "fp8_kept":
+            codes = [self.ckpt.get(n) for n in names]
+            scales = [self.ckpt.get(_scale_inv_name(n)) for n in names]
+            for n, c, sc in zip(names, codes, scales):
+                want = (-(-c.shape[0] // self.block[0]), -(-c.shape[1] // self.block[1]))
+                if tuple(sc.shape) != want:
+                    raise CheckpointError(f"tensor {_scale_inv_name(n)!r} in {self.ckpt.file_of(n)} has shape "
+                                          f"{list(sc.shape)}, expected {list(want)} for a {list(c.shape)} weight in "
+                                          f"{self.block[0]}x{self.block[1]} blocks")
+            w = np.stack(codes) if stacked else codes[0]
+            si = np.stack(scales) if stacked else scales[0]
+            out = fp8.from_checkpoint(w, si.astype(np.float32), shape, lead=p.lead, k_ndim=p.k_ndim,
+                                      block=self.block)
+        else:   # quantized here: "fp8" (block FP8) or "fp4" (nvfp4 / mxfp4), on the host CPU
+            x = p.build(self._sources(names))
+            with jax.default_device(_host_device()):
+                q = (fp8.quantize(x, lead=p.lead, k_ndim=p.k_ndim, block=self.fp8_block) if self.rep == "fp8" else
+                     formats.quantize(jnp.asarray(x, jnp.float32), self.fmt))
+                out = jax.tree.map(np.asarray, q)
+        with self._lock:
+            self._cache[key] = out
+        return out
+
+    def _check_shape(self):
+        """Mis-shaped sources fail before any placement, with the tensor and file named."""
+        p = self.plan
+        if p.kind in ("linear", "out_heads", "in_heads", "experts"):
+            for n in p.sources[:1] + p.sources[-1:]:
+                shp = self.ckpt.shape(n)
+                if _is_packed(self.ckpt, n):
+                    continue
+                K = int(np.prod(self.shape[p.lead:p.lead + p.k_ndim]))
+                N = int(np.prod(self.shape[p.lead + p.k_ndim:]))
+                if tuple(shp) != (N, K):
+                    raise CheckpointError(f"tensor {n!r} in {self.ckpt.file_of(n)} has shape {list(shp)}, which "
+                                          f"does not fit {self.name} {list(self.shape)} for this config")
+        elif p.kind == "copy":
+            n = p.sources[0]
+            if tuple(self.ckpt.shape(n)) != self.shape:
+                raise CheckpointError(f"tensor {n!r} in {self.ckpt.file_of(n)} has shape "
+                                      f"{list(self.ckpt.shape(n))}, which does not fit {self.name} "
+                                      f"{list(self.shape)} for this config")
+
+    def _leaf_piece(self, leaf_path, idx, leaf_shape):
+        """Host slice `idx` of one leaf (codes / scales / tensor scale, or the array itself)."""
+        per_expert = self.plan.kind == "experts"
+        if per_expert and len(idx) >= 1 and len(leaf_shape) >= 1 and leaf_shape[0] == self.shape[0]:
+            e0, e1 = _expert_range(idx, self.shape[0])
+            chunk = self._chunk(e0, e1)
+            idx = (slice(None),) + tuple(idx[1:])
+        else:
+            chunk = self._chunk(-1, -1)
+        leaf = chunk if not leaf_path else _get_path(chunk, leaf_path)
+        return np.asarray(leaf)[tuple(idx)]
+
+    def place(self, shardings):
+        """The weight on its shardings (a pytree like `abstract()`, or None: the default device)."""
+        self._check_shape()
+        abstract = self.abstract()
+        if shardings is None:
+            full = self._chunk(-1, -1)
+            return jax.tree.map(lambda a: jnp.asarray(a), full)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+        sh_leaves = jax.tree.leaves(shardings)
+        out = []
+        for (path, a), sh in zip(leaves, sh_leaves):
+            idx_map = sh.addressable_devices_indices_map(a.shape)
+            pieces, arrays = {}, []
+            for dev, idx in idx_map.items():
+                k = _key(idx, a.shape)
+                if k not in pieces:
+                    pieces[k] = np.array(self._leaf_piece(path, idx, a.shape), dtype=a.dtype, order="C", copy=None)
+                arrays.append(jax.device_put(pieces[k], dev))
+            out.append(jax.make_array_from_single_device_arrays(a.shape, sh, arrays))
+        self._cache.clear()
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _get_path(tree, path):
+    for k in path:
+        tree = getattr(tree, k.name) if hasattr(k, "name") else tree[k.idx if hasattr(k, "idx") else k.key]
+    return tree
+
+
+def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=None, quant: str | None = None,
+         keep_fp8: bool = True, fp8_block: tuple[int, int] = fp8.BLOCK, runtime: Runtime | None = None,
+         capacity_factor: float = 2.0, threads: int = 4, progress: bool = False) -> DeepseekV3:
+    """Load an HF DeepSeek-V3/R1 checkpoint directory into a `DeepseekV3` model, placed tensor by tensor.
+
+    dtype: the weights' dtype (default bfloat16; pass float32 explicitly for f32 compute). The router and its
+    correction bias always stay float32. The MTP module is loaded when the checkpoint has
+    `model.layers.{num_hidden_layers}.*`; otherwise the model has none.
+    mesh / rules: place each weight onto its sharding as it is read (`sharding.rules`) and set the model's
+    `runtime` for that mesh (kernel choices from `runtime`, expert parallelism from the rules). Each device shard
+    is built on the host and put on its device: an expert stack is read only for the experts of that shard.
+    quant: None (the checkpoint's own formats), "fp8" (block-FP8 every decoder-layer linear), or "nvfp4" /
+    "mxfp4" (the routed experts; "+dense" also the dense MLPs and shared experts) — quantized per shard on the
+    host CPU and kept packed (`QuantizedTensor`). A quantized checkpoint (`python -m checkpoints.quantize`, or
+    ModelOpt NVFP4) loads packed as stored; `quant` may then be None or must name the checkpoint's format.
+    keep_fp8: DeepSeek block-FP8 tensors stay FP8 on device (`pallas_kernels.fp8.Fp8Tensor`, W8A16 matmuls);
+    False dequantizes them to `dtype`. fp8_block: the (K, N) block of `quant="fp8"` (DeepSeek's 128 x 128).
+    threads: weights prepared concurrently (I/O and conversion); progress: a progress bar on stderr.
     """
     path = os.fspath(path)
-    fmt, dense = parse_quant(quant)
+    if quant == "fp8":
+        fmt, dense, quant_fp8 = None, False, True
+    else:
+        (fmt, dense), quant_fp8 = parse_quant(quant), False
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = ModelConfig.from_hf(path)
@@ -327,7 +535,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
         log.info("checkpoint has %d MTP layer(s) (config says %d); loading %d", n_mtp,
                  cfg.num_nextn_predict_layers, n_mtp)
         cfg = cfg.replace(num_nextn_predict_layers=n_mtp)
-    dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype(ckpt)
+    dtype = jnp.dtype(dtype if dtype is not None else jnp.bfloat16)
     block = weight_block_size(path)
     stored = checkpoint_quant(path)
     if stored is not None:
@@ -366,32 +574,38 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
                 raise CheckpointError(f"tensor {copy!r} differs from {main!r}: Tandem's MTP shares the main "
                                       "model's embedding and head")
 
-    place = _placer(mesh, rules)
-    for key, var in flat.items():
-        name = ".".join(map(str, key))
-        p = plan[name]
-        want = tuple(var.get_value().shape)
-        axes = var.get_metadata().get("axes")
-        # Stored packed (our quantized checkpoints, ModelOpt NVFP4) where the model can hold FP4: load as stored.
-        if quantized_target(name, True) and p.build in (linear_t, stack_experts_t) and all(_is_packed(ckpt, s)
-                                                                               for s in p.sources):
-            var.set_value(place(read_packed(ckpt, p.sources, want, stacked=p.build is stack_experts_t), axes))
-            continue
-        arr = p.build([read_tensor(ckpt, s, block) for s in p.sources])
-        if arr.shape != want:
-            src = p.sources[0]
-            raise CheckpointError(f"tensor {src!r} in {ckpt.file_of(src)} has shape {list(ckpt.shape(src))}, "
-                                  f"which does not fit {name} {list(want)} for this config")
-        if fmt is not None and quantized_target(name, dense):  # one stack at a time, kept packed
-            var.set_value(place(formats.quantize(jnp.asarray(arr, jnp.float32), fmt), axes))
-        else:
-            var.set_value(place(arr.astype(var.get_value().dtype), axes))
+    def representation(name: str, p: _Plan) -> tuple[str, str | None]:
+        if quantized_target(name, True) and p.kind in ("linear", "experts") and all(
+                _is_packed(ckpt, s) for s in p.sources):
+            return "fp4_stored", _packed_format(ckpt, p.sources[0])
+        if fmt is not None and quantized_target(name, dense) and p.kind in ("linear", "experts"):
+            return "fp4", fmt
+        if keep_fp8 and fp8_target(name, p) and all(_is_fp8(ckpt, s) for s in p.sources):
+            return "fp8_kept", None
+        if quant_fp8 and fp8_target(name, p):
+            return "fp8", None
+        return "plain", None
+
+    weights = {}
+    for name, key in ours.items():
+        var, p = flat[key], plan[name]
+        rep, f = representation(name, p)
+        weights[name] = _Weight(name, p, rep, ckpt, block, var.get_value().dtype, var.get_value().shape, f,
+                                fp8_block)
+
+    def place_one(name: str):
+        w = weights[name]
+        axes = flat[ours[name]].get_metadata().get("axes")
+        shardings = None if mesh is None else variable_sharding(w.abstract(), axes, mesh, rules)
+        return name, w.place(shardings)
+
+    bar = tqdm(total=len(weights), desc=f"loading {os.path.basename(path)}", unit="weight", disable=not progress,
+               file=sys.stderr)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for name, value in pool.map(place_one, list(weights)):
+            flat[ours[name]].set_value(value)
+            bar.update(1)
+    bar.close()
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     model.runtime = runtime_for(mesh, rules, base=runtime, capacity_factor=capacity_factor)
     return model
-
-
-def _placer(mesh, rules):
-    if mesh is None:
-        return lambda value, axes: jax.tree.map(jnp.asarray, value)
-    return lambda value, axes: jax.device_put(value, variable_sharding(value, axes, mesh, rules))

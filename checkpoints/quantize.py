@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints import safetensors_io
-from checkpoints.loader import (QUANT_FORMATS, QUANT_METHOD, weight_block_size, read_tensor, stack_experts_t, linear_t, mtp_layers_present,
-                                parse_quant, plans, quantized_target)
+from checkpoints.loader import (QUANT_FORMATS, QUANT_METHOD, mtp_layers_present, parse_quant, plans,
+                                quantized_target, read_tensor, weight_block_size)
 from checkpoints.safetensors_io import Checkpoint, CheckpointError
 from model.config import ModelConfig
 from pallas_kernels import formats
@@ -84,7 +84,7 @@ def quantize_checkpoint(src: str, dst: str, fmt: str, *, dense: bool = False, lo
     for name, p in plan.items():
         if not quantized_target(name, dense):
             continue
-        if p.build not in (linear_t, stack_experts_t):
+        if p.kind not in ("linear", "experts"):
             raise CheckpointError(f"{name}: the source stores it as {p.sources[0]!r} (a fused layout); "
                                   "checkpoints.quantize writes per-expert tensors only")
         arr = p.build([read_tensor(ckpt, s, block) for s in p.sources])

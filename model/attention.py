@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import RMSNorm, param, rms_norm
+from model.layers import RMSNorm, dense, matmul, param, rms_norm
 from model.rope import apply_rope
 
 _NEG_INF = -1e30  # finite: a fully-masked row (padding) gives a uniform softmax instead of NaN
@@ -40,22 +40,24 @@ class MLA(nnx.Module):
         self.kv_b_proj = param(rngs, (L, H, K + V), ("kv_lora", "heads", "kv_head"), dtype)
         self.o_proj = param(rngs, (H, V, D), ("heads", "v_head", "embed"), dtype)
 
-    def queries(self, x_BTD, cos, sin) -> tuple[jax.Array, jax.Array]:
+    # Weights may be block-FP8 (`Fp8Tensor`, DeepSeek's release format kept on device): the [in, out] ones go
+    # through `matmul` (W8A16 kernels), the per-head ones are dequantized by XLA next to their einsum (`dense`).
+    def queries(self, x_BTD, cos, sin, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
         """q_nope [B,T,H,K] and roped q_rope [B,T,H,R]."""
         cfg = self.cfg
         if cfg.q_lora_rank:
-            q_BTQ = self.q_a_layernorm(jnp.einsum("btd,dq->btq", x_BTD, self.q_a_proj[...]))
-            q_BTHX = jnp.einsum("btq,qhx->bthx", q_BTQ, self.q_b_proj[...])
+            q_BTQ = self.q_a_layernorm(matmul(x_BTD, self.q_a_proj.get_value(), impl))
+            q_BTHX = jnp.einsum("btq,qhx->bthx", q_BTQ, dense(self.q_b_proj.get_value(), q_BTQ.dtype))
         else:
-            q_BTHX = jnp.einsum("btd,dhx->bthx", x_BTD, self.q_proj[...])
+            q_BTHX = jnp.einsum("btd,dhx->bthx", x_BTD, dense(self.q_proj.get_value(), x_BTD.dtype))
         q_nope_BTHK = q_BTHX[..., : cfg.qk_nope_head_dim]
         q_rope_BTHR = apply_rope(q_BTHX[..., cfg.qk_nope_head_dim:], cos, sin, cfg.rope_interleave)
         return q_nope_BTHK, q_rope_BTHR
 
-    def latents(self, x_BTD, cos, sin) -> jax.Array:
+    def latents(self, x_BTD, cos, sin, impl: str = "xla") -> jax.Array:
         """What the cache stores per token: [normed kv latent (L) | roped shared key (R)] = [B,T,C]."""
         cfg = self.cfg
-        kv_BTX = jnp.einsum("btd,dx->btx", x_BTD, self.kv_a_proj_with_mqa[...])
+        kv_BTX = matmul(x_BTD, self.kv_a_proj_with_mqa.get_value(), impl)
         c_BTL = rms_norm(kv_BTX[..., : cfg.kv_lora_rank], self.kv_a_layernorm.weight[...],
                          self.kv_a_layernorm.eps)
         k_rope_BTR = apply_rope(kv_BTX[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
@@ -66,8 +68,9 @@ class MLA(nnx.Module):
         cfg = self.cfg
         L, K = cfg.kv_lora_rank, cfg.qk_nope_head_dim
         c_BSL, k_rope_BSR = kv_BSC[..., :L], kv_BSC[..., L:]
-        w_uk_LHK = self.kv_b_proj[..., :K]
-        w_uv_LHV = self.kv_b_proj[..., K:]
+        kv_b_LHX = dense(self.kv_b_proj.get_value(), q_nope_BTHK.dtype)
+        w_uk_LHK = kv_b_LHX[..., :K]
+        w_uv_LHV = kv_b_LHX[..., K:]
         rope_scores = jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)
         if absorbed:
             q_lat_BTHL = jnp.einsum("bthk,lhk->bthl", q_nope_BTHK, w_uk_LHK)
@@ -84,4 +87,4 @@ class MLA(nnx.Module):
         else:
             v_BSHV = jnp.einsum("bsl,lhv->bshv", c_BSL, w_uv_LHV)
             o_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
-        return jnp.einsum("bthv,hvd->btd", o_BTHV, self.o_proj[...])
+        return jnp.einsum("bthv,hvd->btd", o_BTHV, dense(self.o_proj.get_value(), o_BTHV.dtype))

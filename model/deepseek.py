@@ -27,10 +27,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, cos, sin, cache, state, cache_layer: int, absorbed: bool,
                  runtime: Runtime = DEFAULT_RUNTIME):
+        impl = runtime.resolved_matmul_impl()
         with jax.named_scope("attention"):
             h_BTD = self.input_layernorm(x_BTD)
-            q_nope, q_rope = self.self_attn.queries(h_BTD, cos, sin)
-            kv_BTC = self.self_attn.latents(h_BTD, cos, sin)
+            q_nope, q_rope = self.self_attn.queries(h_BTD, cos, sin, impl)
+            kv_BTC = self.self_attn.latents(h_BTD, cos, sin, impl)
             state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)
             x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed)
         h_BTD = self.post_attention_layernorm(x_BTD)
@@ -39,7 +40,7 @@ class DecoderLayer(nnx.Module):
                 x_BTD = x_BTD + self.mlp(h_BTD, runtime)
         else:
             with jax.named_scope("mlp"):
-                x_BTD = x_BTD + self.mlp(h_BTD, runtime.resolved_matmul_impl())
+                x_BTD = x_BTD + self.mlp(h_BTD, runtime)
         return x_BTD, state
 
 

@@ -55,8 +55,10 @@ def _local_experts(x_MD, e_M, n_local: int, gate_EDF, up_EDF, down_EFD, impl: st
 
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
-    """Expert-parallel `routed_experts` over `mesh`: experts split over `axis`, each expert's FFN width over
-    `ffn_axis` (None: whole experts), `capacity_factor` x mean load rows per (sender, destination) bucket."""
+    """Expert-parallel `routed_experts` over `mesh`: experts split over `axis` (None: every device holds every
+    expert), each expert's FFN width over `ffn_axis` (None: whole experts), `capacity_factor` x mean load rows per
+    (sender, destination) bucket. With the experts unsplit and the FFN width split it is tensor-parallel experts:
+    each device runs every expert's FFN slice on its token rows, a psum adds the slices."""
 
     mesh: Mesh
     axis: str | tuple[str, ...] = "ep"
@@ -69,9 +71,8 @@ class ExpertParallel:
         ep, ffn = _axes(self.mesh, self.axis), _axes(self.mesh, self.ffn_axis)
         if set(ep) & set(ffn):
             raise ValueError(f"expert axes {ep} and FFN axes {ffn} share a mesh axis")
-        named = [self.axis] if isinstance(self.axis, str) else list(self.axis)
-        named += [] if self.ffn_axis is None else [self.ffn_axis] if isinstance(self.ffn_axis, str) else list(
-            self.ffn_axis)
+        as_list = lambda a: [] if a is None else [a] if isinstance(a, str) else list(a)
+        named = as_list(self.axis) + as_list(self.ffn_axis)
         unknown = [a for a in named if a not in self.mesh.shape]
         if unknown:
             raise ValueError(f"ExpertParallel axes {unknown} are not mesh axes; mesh axes: {self.mesh.axis_names}")
@@ -122,13 +123,35 @@ class ExpertParallel:
         return loads
 
     # ---- the dispatch ---------------------------------------------------------------------------------------
+    def _tensor_parallel(self, x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl):
+        N = x_ND.shape[0]
+        n = self.rows_per_device(N)
+        pad = n * self.n_token_shards - N
+        if pad:
+            x_ND, w_NX = jnp.pad(x_ND, ((0, pad), (0, 0))), jnp.pad(w_NX, ((0, pad), (0, 0)))
+            idx_NX = jnp.pad(idx_NX, ((0, pad), (0, 0)))
+        ffn, tok_spec = self.ffn_axes, P(self.token_axes or None)
+
+        def body(x, w, idx, gate, up, down):
+            y = routed_experts(x, w, idx, *map(local_weight, (gate, up, down)), impl)
+            return lax.psum(y, ffn)
+
+        f = jax.shard_map(body, mesh=self.mesh,
+                          in_specs=(tok_spec, tok_spec, tok_spec, weight_spec(gate_EDF, P(None, None, ffn)),
+                                    weight_spec(up_EDF, P(None, None, ffn)), weight_spec(down_EFD, P(None, ffn, None))),
+                          out_specs=tok_spec, check_vma=False)
+        y_ND = f(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD)
+        return y_ND[:N] if pad else y_ND
+
     def __call__(self, x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla"):
         N, D = x_ND.shape
         X = idx_NX.shape[1]
         E = gate_EDF.shape[0]
         S = self.n_shards
-        if S == 1:  # nothing to dispatch on this mesh: the local grouped matmul (GSPMD shards the FFN width)
-            return routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl)
+        if S == 1:  # nothing to dispatch: the local grouped matmul, on FFN-width shards when those are split
+            if not self.ffn_axes:
+                return routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl)
+            return self._tensor_parallel(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl)
         if E % S:
             raise ValueError(f"{E} experts do not split over {S} expert shards (mesh axes {self.expert_axes})")
         n = self.rows_per_device(N)

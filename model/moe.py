@@ -125,5 +125,5 @@ class MoE(nnx.Module):
         y_BTD = y_ND.reshape(B, T, D)
         if self.shared_experts is not None:
             with jax.named_scope("shared_experts"):
-                y_BTD = y_BTD + self.shared_experts(x_BTD, impl)
+                y_BTD = y_BTD + self.shared_experts(x_BTD, runtime)
         return y_BTD

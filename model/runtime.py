@@ -39,12 +39,18 @@ class Runtime:
     moe_impl: routed-expert computation, see `model.moe.MOE_IMPLS`. None: chosen per shape (`model.moe.choose`).
     expert_parallel: the expert-parallel dispatch over a mesh (`model.expert_parallel.ExpertParallel`), or None
         for local experts.
+    mesh, rules: the mesh the weights are placed on and the rule set that placed them (anything with
+        `.spec(logical_axes, mesh) -> PartitionSpec`, e.g. `sharding.AxisRules`). Quantized matmuls run their
+        kernels inside `shard_map` over the weights' local shards (a custom call has no partitioning rule: under
+        plain GSPMD its weight would be all-gathered).
     """
 
     matmul_impl: MatmulImpl | None = None
     platform: str | None = None
     moe_impl: str | None = None
     expert_parallel: object | None = None
+    mesh: object | None = None
+    rules: object | None = None
 
     def __post_init__(self):
         if self.matmul_impl is not None and self.matmul_impl not in MATMUL_IMPLS:
@@ -63,6 +69,12 @@ class Runtime:
                                  "Pallas interpreter) or 'xla', or set Runtime.platform='cuda' when exporting")
             return self.matmul_impl
         return "pallas" if self.target_platform in GPU_PLATFORMS else "xla"
+
+    def spec(self, axes):
+        """The PartitionSpec of logical `axes` on this runtime's mesh (None without a mesh)."""
+        if self.mesh is None or self.rules is None or axes is None:
+            return None
+        return self.rules.spec(tuple(axes), self.mesh)
 
     def replace(self, **kw) -> "Runtime":
         return dataclasses.replace(self, **kw)

@@ -231,6 +231,17 @@ def fp4_nbytes(shape: tuple[int, ...], fmt: Format) -> int:
     return nlead * (Kp // 2 * N + Kp // B * N + 4)
 
 
+def abstract(shape: tuple[int, ...], fmt: Format) -> QuantizedTensor:
+    """A QuantizedTensor of ShapeDtypeStructs for a weight of logical `shape` (shapes and shardings, no data)."""
+    _check_fmt(fmt)
+    B = BLOCK_SIZE[fmt]
+    *lead, K, N = shape
+    Kp = -(-K // B) * B
+    sds = jax.ShapeDtypeStruct
+    return QuantizedTensor(sds((*lead, Kp // 2, N), jnp.uint8), sds((*lead, Kp // B, N), SCALE_DTYPE[fmt]),
+                           sds(tuple(lead), jnp.float32), fmt, tuple(shape))
+
+
 def from_nvfp4_checkpoint(weight: UInt8[Array, "... N K2"], weight_scale: Array, weight_scale_2: Array,
                           in_features: int | None = None) -> QuantizedTensor:
     """A QuantizedTensor from NVFP4 checkpoint tensors stored torch-style ``[out, in]`` (NVIDIA ModelOpt /

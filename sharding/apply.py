@@ -14,23 +14,25 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.expert_parallel import ExpertParallel
 from model.runtime import Runtime
 from pallas_kernels.formats import QuantizedTensor
+from pallas_kernels.fp8 import Fp8Tensor
 from sharding.rules import AxisRules, DECODE_RULES, RulesError, logical_sharding
 
 
 def expert_parallel(mesh: Mesh, rules: AxisRules, capacity_factor: float = 2.0) -> ExpertParallel | None:
-    """The expert-parallel dispatch for `mesh` under `rules`, or None when the rules put experts on no mesh axis
-    larger than 1."""
+    """The expert dispatch for `mesh` under `rules`: experts split over mesh axes (all_to_all), and/or each
+    expert's FFN width split (tensor-parallel experts, a psum); None when neither is split."""
     ep = tuple(a for a in rules.mesh_axes("experts") if mesh.shape.get(a, 1) > 1)
-    if not ep:
-        return None
     ffn = tuple(a for a in rules.mesh_axes("expert_mlp") if mesh.shape.get(a, 1) > 1)
-    return ExpertParallel(mesh, axis=ep, ffn_axis=ffn or None, capacity_factor=capacity_factor)
+    if not ep and not ffn:
+        return None
+    return ExpertParallel(mesh, axis=ep or None, ffn_axis=ffn or None, capacity_factor=capacity_factor)
 
 
 def runtime_for(mesh: Mesh | None, rules: AxisRules | None = None, *, base: Runtime | None = None,
@@ -40,17 +42,46 @@ def runtime_for(mesh: Mesh | None, rules: AxisRules | None = None, *, base: Runt
     from a CPU host, is kept)."""
     base = base or Runtime()
     if mesh is None:
-        return base.replace(expert_parallel=None)
+        return base.replace(expert_parallel=None, mesh=None, rules=None)
     platform = base.platform or mesh.devices.flat[0].platform
-    return base.replace(platform=platform,
-                        expert_parallel=expert_parallel(mesh, rules or DECODE_RULES, capacity_factor))
+    rules = rules or DECODE_RULES
+    return base.replace(platform=platform, expert_parallel=expert_parallel(mesh, rules, capacity_factor),
+                        mesh=mesh, rules=rules)
+
+
+def _fp8_sharding(value: Fp8Tensor, axes, mesh: Mesh, rules: AxisRules | None):
+    """Codes split like the weight; block scales [*lead, K/bk, N/bn] over the outermost K and N axes. Each shard
+    must hold whole scale blocks (its slice of the flattened K / N a multiple of the block)."""
+    s = logical_sharding(axes, mesh, rules)
+    if axes is None:
+        return Fp8Tensor(s, logical_sharding(None, mesh, rules), value.shape, value.lead, value.k_ndim, value.block)
+    spec = tuple(s.spec) + (None,) * (len(value.shape) - len(s.spec))
+    lead, kn = value.lead, value.k_ndim
+    for group, blk, what in ((range(lead, lead + kn), value.block[0], "K"),
+                             (range(lead + kn, len(value.shape)), value.block[1], "N")):
+        first = group[0]
+        if any(spec[i] is not None for i in group if i != first):
+            raise RulesError(f"FP8 weight of shape {value.shape}: only the outermost {what} axis may be split, got "
+                             f"{spec}")
+        names = () if spec[first] is None else (spec[first],) if isinstance(spec[first], str) else spec[first]
+        n = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        flat = int(np.prod([value.shape[i] for i in group]))
+        if n > 1 and (flat % n or (flat // n) % blk):
+            raise RulesError(f"FP8 weight of shape {value.shape} ({value.block[0]}x{value.block[1]} blocks): its "
+                             f"{what} extent {flat} does not split into whole blocks over mesh axes {names} "
+                             f"({n} shards)")
+    scales = logical_sharding(value.scale_axes(axes), mesh, rules)
+    return Fp8Tensor(s, scales, value.shape, value.lead, value.k_ndim, value.block)
 
 
 def variable_sharding(value, axes, mesh: Mesh, rules: AxisRules | None = None):
-    """The sharding of a variable's value: `logical_sharding(axes)` for an array; for an FP4 `QuantizedTensor`
-    of logical axes (..., K, N) a QuantizedTensor of shardings: codes [..., Kp/2, N] and block scales
-    [..., Kp/B, N] are split like the weight (the packed K axis keeps K's logical name), the tensor scales [...]
-    like its leading axes. A split K axis must give every shard whole blocks."""
+    """The sharding of a variable's value: `logical_sharding(axes)` for an array; for a block-FP8 `Fp8Tensor` an
+    Fp8Tensor of shardings (see `_fp8_sharding`); for an FP4 `QuantizedTensor` of logical axes (..., K, N) a
+    QuantizedTensor of shardings: codes [..., Kp/2, N] and block scales [..., Kp/B, N] are split like the weight
+    (the packed K axis keeps K's logical name), the tensor scales [...] like its leading axes. A split K axis
+    must give every shard whole blocks."""
+    if isinstance(value, Fp8Tensor):
+        return _fp8_sharding(value, axes, mesh, rules)
     if not isinstance(value, QuantizedTensor):
         return logical_sharding(axes, mesh, rules)
     s = logical_sharding(axes, mesh, rules)

@@ -129,3 +129,52 @@ def argmax_rollout(model, prompts: list[list[int]], n_new: int) -> list[list[int
         logits = np.asarray(forward(params, jnp.asarray(buf)))
         buf[rows, lens + step] = logits[rows, lens + step - 1].argmax(-1)
     return [buf[b, lens[b]: lens[b] + n_new].tolist() for b in rows]
+
+
+def quantize_block_fp8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek's reference `weight_quant`: per block, s = amax/448, store w/s in e4m3 and s as scale_inv."""
+    import ml_dtypes
+
+    out, inn = w.shape
+    bo, bi = -(-out // block), -(-inn // block)
+    pad = np.zeros((bo * block, bi * block), np.float32)
+    pad[:out, :inn] = w
+    blocks = pad.reshape(bo, block, bi, block)
+    s = np.abs(blocks).max(axis=(1, 3)) / 448.0
+    s = np.where(s == 0, 1.0, s).astype(np.float32)
+    q = np.clip((blocks / s[:, None, :, None]).reshape(bo * block, bi * block)[:out, :inn], -448, 448)
+    return q.astype(ml_dtypes.float8_e4m3fn), s
+
+
+FP8_SOURCE = ("_proj.weight", "_proj_with_mqa.weight")   # DeepSeek's release: the decoder's linears are FP8
+
+
+def to_block_fp8(src: str, dst: str, block: int = 128) -> int:
+    """Copy checkpoint `src` to `dst` in DeepSeek's release format: every decoder-layer linear (attention
+    projections, MLPs, shared and routed experts; not the router, embedding, head or eh_proj) as float8_e4m3 with
+    `weight_scale_inv` per block x block; `quantization_config` as DeepSeek writes it. Returns the tensor count."""
+    import shutil
+
+    from checkpoints.safetensors_io import Checkpoint, write
+
+    os.makedirs(dst, exist_ok=True)
+    out, n = {}, 0
+    for k, v in Checkpoint(src).items():
+        v = np.array(v)
+        if k.endswith(FP8_SOURCE) and not k.endswith("eh_proj.weight"):
+            q, s = quantize_block_fp8(v.astype(np.float32), block)
+            out[k], out[k[: -len("weight")] + "weight_scale_inv"] = q, s
+            n += 1
+        else:
+            out[k] = v
+    write(os.path.join(dst, "model.safetensors"), out, metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        c = json.load(f)
+    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "weight_block_size": [block, block]}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(c, f, indent=2)
+    for fname in os.listdir(src):
+        if fname not in ("config.json", "model.safetensors"):
+            shutil.copy2(os.path.join(src, fname), os.path.join(dst, fname))
+    return n

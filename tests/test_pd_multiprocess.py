@@ -46,7 +46,7 @@ class Proc:
         self.role, self.port = role, port or _free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "serving.worker", f"--role={role}", f"--port={self.port}",
-                     f"--checkpoint={ckpt}", "--page_size=8", "--num_pages=48", "--max_model_len=64",
+                     f"--checkpoint={ckpt}", "--dtype=float32", "--page_size=8", "--num_pages=48", "--max_model_len=64",
                      "--prefill_buckets=8,16", "--decode_buckets=2,4", "--decode_steps=3", "--lease_s=15",
                      "--pull_timeout_s=5", f"--compilation_cache_dir={XLA_CACHE}", *extra]
         self.log = os.path.join(tmp, f"{role}-{self.port}.log")

@@ -156,7 +156,7 @@ def test_quantized_serving_greedy_equals_teacher_forced(ckpt, tmp_path):
     ec = EngineConfig(page_size=8, num_pages=8, max_model_len=16, prefill_buckets=(8,), decode_buckets=(2,),
                       decode_steps=2)
     prompts, n_new = [[5, 17, 3, 44, 12, 9], [3, 1, 4]], 5
-    with LLM(dst, engine_config=ec) as llm:                    # the quantized checkpoint, as a user serves it
+    with LLM(dst, engine_config=ec, dtype=jnp.float32) as llm:   # the quantized checkpoint, as a user serves it
         assert isinstance(llm.decode_engine.model.layers[1].mlp.experts_up_proj.get_value(), QuantizedTensor)
         assert isinstance(llm.decode_engine.model.layers[0].mlp.up_proj.get_value(), QuantizedTensor)   # "+dense"
         outs = llm.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True))
@@ -208,7 +208,7 @@ def test_pallas_kernels_serve_through_the_engine(ckpt, tmp_path_factory, mode):
         dict(decode_mesh="ep=2")
     got = {}
     for impl in ("xla", "pallas_interpret"):
-        with LLM(dst, engine_config=ec, runtime=Runtime(matmul_impl=impl), **kw) as llm:
+        with LLM(dst, engine_config=ec, dtype=jnp.float32, runtime=Runtime(matmul_impl=impl), **kw) as llm:
             rt = llm.decode_engine.model.runtime
             assert rt.resolved_matmul_impl() == impl and rt.expert_parallel is not None
             hlo = llm.decode_engine._decode_exe[2, ec.windows[-1]].as_text()
