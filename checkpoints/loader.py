@@ -609,3 +609,44 @@ def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=None, 
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     model.runtime = runtime_for(mesh, rules, base=runtime, capacity_factor=capacity_factor)
     return model
+
+
+class _NoTensors:
+    """A stand-in checkpoint with no tensors (plans for an abstract model)."""
+
+    def __contains__(self, name: str) -> bool:
+        return False
+
+
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, quant: str | None = None, fp8_linears: bool = False,
+                   mesh=None, rules=None, runtime: Runtime | None = None, capacity_factor: float = 2.0,
+                   fp8_block: tuple[int, int] = fp8.BLOCK) -> DeepseekV3:
+    """The model a checkpoint of `cfg` would load as, with no data: every weight a ShapeDtypeStruct (or an
+    `Fp8Tensor` / `QuantizedTensor` of them) carrying its sharding on `mesh`. For memory plans and for lowering
+    real-dims executables without weights.
+
+    quant: as in `load` ("fp8", "nvfp4", "mxfp4", "+dense"); fp8_linears: the other decoder linears in block FP8
+    (DeepSeek's release format kept on device), e.g. quant="nvfp4", fp8_linears=True = FP4 experts + FP8
+    attention and dense MLPs, as NVIDIA's DeepSeek-R1-FP4."""
+    dtype = jnp.dtype(dtype)
+    if quant == "fp8":
+        fmt, dense, fp8_linears = None, False, True
+    else:
+        fmt, dense = parse_quant(quant)
+    model = nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    plan = plans(cfg, _NoTensors())
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Variable):
+            continue
+        name = ".".join(map(str, path))
+        p, value = plan[name], var.get_value()
+        if fmt is not None and quantized_target(name, dense) and p.kind in ("linear", "experts"):
+            value = formats.abstract(value.shape, fmt)
+        elif fp8_linears and fp8_target(name, p):
+            value = fp8.abstract(value.shape, lead=p.lead, k_ndim=p.k_ndim, block=fp8_block)
+        if mesh is not None:
+            shardings = variable_sharding(value, var.get_metadata().get("axes"), mesh, rules)
+            value = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), value, shardings)
+        var.set_value(value)
+    model.runtime = runtime_for(mesh, rules, base=runtime, capacity_factor=capacity_factor)
+    return model

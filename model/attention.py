@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import RMSNorm, dense, matmul, param, rms_norm
+from model.layers import RMSNorm, dense, linear, param, rms_norm
+from model.runtime import DEFAULT_RUNTIME
 from model.rope import apply_rope
 
 _NEG_INF = -1e30  # finite: a fully-masked row (padding) gives a uniform softmax instead of NaN
@@ -40,30 +41,35 @@ class MLA(nnx.Module):
         self.kv_b_proj = param(rngs, (L, H, K + V), ("kv_lora", "heads", "kv_head"), dtype)
         self.o_proj = param(rngs, (H, V, D), ("heads", "v_head", "embed"), dtype)
 
-    # Weights may be block-FP8 (`Fp8Tensor`, DeepSeek's release format kept on device): the [in, out] ones go
-    # through `matmul` (W8A16 kernels), the per-head ones are dequantized by XLA next to their einsum (`dense`).
-    def queries(self, x_BTD, cos, sin, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+    # Weights may be block-FP8 (`Fp8Tensor`, DeepSeek's release format kept on device). The projections run as
+    # matmuls (`linear`: W8A16 kernels, on local shards under TP), the per-head q_b / q / o projections through
+    # their flattened matrix view; only kv_b_proj, split and absorbed per head in decode, is dequantized by XLA
+    # next to its einsums (`dense`).
+    def queries(self, x_BTD, cos, sin, runtime=DEFAULT_RUNTIME) -> tuple[jax.Array, jax.Array]:
         """q_nope [B,T,H,K] and roped q_rope [B,T,H,R]."""
         cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        H = cfg.num_attention_heads
         if cfg.q_lora_rank:
-            q_BTQ = self.q_a_layernorm(matmul(x_BTD, self.q_a_proj.get_value(), impl))
-            q_BTHX = jnp.einsum("btq,qhx->bthx", q_BTQ, dense(self.q_b_proj.get_value(), q_BTQ.dtype))
+            q_BTQ = self.q_a_layernorm(linear(x_BTD, self.q_a_proj, runtime))
+            q_BTHX = linear(q_BTQ, self.q_b_proj, runtime).reshape(B, T, H, cfg.qk_head_dim)
         else:
-            q_BTHX = jnp.einsum("btd,dhx->bthx", x_BTD, dense(self.q_proj.get_value(), x_BTD.dtype))
+            q_BTHX = linear(x_BTD, self.q_proj, runtime).reshape(B, T, H, cfg.qk_head_dim)
         q_nope_BTHK = q_BTHX[..., : cfg.qk_nope_head_dim]
         q_rope_BTHR = apply_rope(q_BTHX[..., cfg.qk_nope_head_dim:], cos, sin, cfg.rope_interleave)
         return q_nope_BTHK, q_rope_BTHR
 
-    def latents(self, x_BTD, cos, sin, impl: str = "xla") -> jax.Array:
+    def latents(self, x_BTD, cos, sin, runtime=DEFAULT_RUNTIME) -> jax.Array:
         """What the cache stores per token: [normed kv latent (L) | roped shared key (R)] = [B,T,C]."""
         cfg = self.cfg
-        kv_BTX = matmul(x_BTD, self.kv_a_proj_with_mqa.get_value(), impl)
+        kv_BTX = linear(x_BTD, self.kv_a_proj_with_mqa, runtime)
         c_BTL = rms_norm(kv_BTX[..., : cfg.kv_lora_rank], self.kv_a_layernorm.weight[...],
                          self.kv_a_layernorm.eps)
         k_rope_BTR = apply_rope(kv_BTX[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
         return jnp.concatenate([c_BTL, k_rope_BTR], axis=-1)
 
-    def attend(self, q_nope_BTHK, q_rope_BTHR, kv_BSC, mask_BTS, *, absorbed: bool) -> jax.Array:
+    def attend(self, q_nope_BTHK, q_rope_BTHR, kv_BSC, mask_BTS, *, absorbed: bool,
+               runtime=DEFAULT_RUNTIME) -> jax.Array:
         """Attention of the queries over latent keys kv_BSC where mask_BTS is true; returns [B,T,D]."""
         cfg = self.cfg
         L, K = cfg.kv_lora_rank, cfg.qk_nope_head_dim
@@ -87,4 +93,5 @@ class MLA(nnx.Module):
         else:
             v_BSHV = jnp.einsum("bsl,lhv->bshv", c_BSL, w_uv_LHV)
             o_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
-        return jnp.einsum("bthv,hvd->btd", o_BTHV, dense(self.o_proj.get_value(), o_BTHV.dtype))
+        B, T, H, V = o_BTHV.shape
+        return linear(o_BTHV.reshape(B, T, H * V), self.o_proj, runtime, k_ndim=2)

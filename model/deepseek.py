@@ -27,13 +27,13 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, cos, sin, cache, state, cache_layer: int, absorbed: bool,
                  runtime: Runtime = DEFAULT_RUNTIME):
-        impl = runtime.resolved_matmul_impl()
         with jax.named_scope("attention"):
             h_BTD = self.input_layernorm(x_BTD)
-            q_nope, q_rope = self.self_attn.queries(h_BTD, cos, sin, impl)
-            kv_BTC = self.self_attn.latents(h_BTD, cos, sin, impl)
+            q_nope, q_rope = self.self_attn.queries(h_BTD, cos, sin, runtime)
+            kv_BTC = self.self_attn.latents(h_BTD, cos, sin, runtime)
             state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)
-            x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed)
+            x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed,
+                                                  runtime=runtime)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if isinstance(self.mlp, MoE):
             with jax.named_scope("moe"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jax.sharding import PartitionSpec
@@ -56,16 +57,37 @@ def _mesh_axes(part) -> tuple[str, ...]:
     return () if part is None else (part,) if isinstance(part, str) else tuple(part)
 
 
-def linear(x: jax.Array, var: nnx.Variable, runtime) -> jax.Array:
-    """``x[..., K] @ w[K, N]`` for the weight held by `var` under `runtime` (`model.runtime.Runtime`).
+def as_matrix(w, lead: int = 0, k_ndim: int = 1):
+    """A weight [*lead, *K axes, *N axes] viewed as [*lead, K, N] (K and N axes flattened): for per-head weights
+    (MLA's q_b_proj [Q, H, X], o_proj [H, V, D]) used as plain matmuls. A block-FP8 weight keeps its codes and
+    block scales (its scales are already over the flattened K and N)."""
+    shape = w.shape
+    K = int(np.prod(shape[lead:lead + k_ndim]))
+    N = int(np.prod(shape[lead + k_ndim:]))
+    if isinstance(w, Fp8Tensor):
+        assert (w.lead, w.k_ndim) == (lead, k_ndim), (w.lead, w.k_ndim, lead, k_ndim)
+        return Fp8Tensor(w.codes.reshape(*shape[:lead], K, N), w.scales, (*shape[:lead], K, N), lead, 1, w.block)
+    if isinstance(w, QuantizedTensor):
+        raise ValueError("FP4 weights are [..., K, N] matrices already")
+    return w.reshape(*shape[:lead], K, N)
+
+
+def linear(x: jax.Array, var: nnx.Variable, runtime, *, k_ndim: int = 1) -> jax.Array:
+    """``x[..., K] @ w[K, N]`` for the weight held by `var` under `runtime` (`model.runtime.Runtime`). With
+    `k_ndim` > 1 or several N axes (per-head weights) the weight is used as its flattened matrix (`as_matrix`;
+    x's last axis is the flattened K) and the result has the flattened N.
 
     A quantized weight split over mesh axes runs its kernel inside `shard_map` on the local shards: x's last axis
     split like K (then a psum over those axes), the output's like N, x's first axis over the "batch" mesh axes
     when they divide it (else replicated). Plain weights and unsplit ones are a plain matmul (GSPMD partitions
     it)."""
     w = var.get_value()
+    axes = var.get_metadata().get("axes")
+    if len(w.shape) > 2:    # per-head weight: its matrix view, logical axes of the outermost K and N axes
+        w = as_matrix(w, 0, k_ndim)
+        axes = None if axes is None else (axes[0], axes[k_ndim])
     impl = runtime.resolved_matmul_impl()
-    spec = runtime.spec(var.get_metadata().get("axes")) if isinstance(w, QUANTIZED) else None
+    spec = runtime.spec(axes) if isinstance(w, QUANTIZED) else None
     if spec is None or all(p is None for p in spec):
         return matmul(x, w, impl)
     mesh = runtime.mesh

@@ -41,6 +41,13 @@ _DECODE_MESH = flags.DEFINE_string("decode_mesh", None, "decode mesh, e.g. 'ep=4
                                    "over --decode_devices)")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "default max_tokens for lines that do not set it")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "default temperature for lines that do not set it")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weight dtype (FP8 / FP4 stay packed)")
+_QUANT = flags.DEFINE_enum("quant", None, ["fp8", "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense"], "quantize "
+                           "weights at load (default: the checkpoint's own formats; block-FP8 stays FP8)")
+_KV_FRACTION = flags.DEFINE_float("kv_memory_fraction", None, "size each KV cache from this fraction of device "
+                                  "memory (minus weights and temporaries) instead of --num_pages")
+_DEVICE_MEMORY = flags.DEFINE_float("device_memory_gb", None, "device memory for --kv_memory_fraction where the "
+                                    "devices do not report it (CPU)")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size (tokens)")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", 512, "KV pages per engine")
 _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the model's "
@@ -171,7 +178,8 @@ def run(argv_unused=None) -> int:
     pmesh = (_PREFILL_MESH.value or default_mesh("prefill", _PREFILL_DEVICES.value, heads, experts)) if disagg else None
     t0 = time.perf_counter()
     llm = LLM(ckpt, mode=_MODE.value, prefill_mesh=pmesh, decode_mesh=dmesh, engine_config=ec,
-              scheduler_config=SchedulerConfig(max_batch=_MAX_BATCH.value))
+              scheduler_config=SchedulerConfig(max_batch=_MAX_BATCH.value), dtype=_DTYPE.value, quant=_QUANT.value,
+              kv_memory_fraction=_KV_FRACTION.value, device_memory_gb=_DEVICE_MEMORY.value)
     n_dec = llm.decode_engine.mesh.devices.size
     n_dev = n_dec + (llm.prefill_engine.mesh.devices.size if disagg else 0)
     print(f"model {ckpt}: {_MODE.value}, decode mesh {dmesh}" + (f", prefill mesh {pmesh}" if disagg else "")

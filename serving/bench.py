@@ -42,6 +42,13 @@ _MTP = flags.DEFINE_bool("mtp", True, "compare decode with and without MTP specu
 _MTP_TEXT = flags.DEFINE_string("mtp_text", None, "held-out text whose speeches (blank-line separated) give the MTP "
                                 "prompts (default: the checkpoint's heldout_sample.txt; random tokens if none)")
 _MTP_PROMPT_TOKENS = flags.DEFINE_integer("mtp_prompt_tokens", 24, "tokens per MTP prompt (a speech's start)")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weight dtype (float32: the transformers "
+                           "baseline runs in float32 too)")
+_QUANT = flags.DEFINE_enum("quant", None, ["fp8", "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense"], "quantize "
+                           "weights at load")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size (tokens)")
+_NUM_PAGES = flags.DEFINE_integer("num_pages", 1024, "KV pages per engine")
+_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 512, "prompt + generated tokens per request")
 
 
 def _pct(xs, q):
@@ -145,7 +152,7 @@ def mtp_compare(model, batches, new_tokens, max_len, tokenizer, ckpt):
                                                   seed=7))):
             res = {}
             for mtp in (False, True):
-                ec = EngineConfig(page_size=16, num_pages=1024, max_model_len=max_len,
+                ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len,
                                   prefill_buckets=(16, 64, 128), decode_buckets=(B,),
                                   decode_steps=_DECODE_STEPS.value, mtp=mtp)
                 with LLM(model=model, engine_config=ec) as llm:
@@ -164,13 +171,13 @@ def mtp_compare(model, batches, new_tokens, max_len, tokenizer, ckpt):
 def main(argv):
     del argv
     path = _CKPT.value or DEFAULT_CHECKPOINT
-    model = checkpoints.load(path, dtype=jnp.float32)
+    model = checkpoints.load(path, dtype=_DTYPE.value, quant=_QUANT.value)
     tokenizer = Tokenizer.of_checkpoint(path)
     V = model.cfg.vocab_size
     batches = [int(b) for b in _BATCHES.value]
     N, T = _NEW.value, _PROMPT.value
-    max_len = 512
-    ec = EngineConfig(page_size=16, num_pages=1024, max_model_len=max_len, prefill_buckets=(16, 64, 128),
+    max_len = _MAX_MODEL_LEN.value
+    ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len, prefill_buckets=(16, 64, 128),
                       decode_buckets=tuple(sorted(set(batches) | {max(batches)})), decode_steps=_DECODE_STEPS.value)
     print(f"checkpoint {path}; {os.cpu_count()} CPU cores, jax {jax.__version__}, devices {len(jax.devices())}")
     peak = matmul_peak_flops()
@@ -228,7 +235,7 @@ def main(argv):
         print(f"\nmixed load: 8 short requests decoding 96 tokens; 4 prompts of {_LONG.value} tokens arrive meanwhile")
         res = {}
         for mode, kw in (("colocated", {}), ("disagg", dict(prefill_mesh="tp=1", decode_mesh="ep=1"))):
-            ecm = EngineConfig(page_size=16, num_pages=512, max_model_len=max_len, prefill_buckets=(16, 64, 128),
+            ecm = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len, prefill_buckets=(16, 64, 128),
                                decode_buckets=(4, 8, 16), decode_steps=_DECODE_STEPS.value)
             with LLM(model=model, engine_config=ecm, mode=mode, **kw) as m:
                 mixed_load(m, V, _LONG.value)  # warm-up pass

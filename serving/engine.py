@@ -35,6 +35,8 @@ from model.deepseek import DeepseekV3
 from model.flops import decode_flops
 from serving.kv_cache import SCRATCH_PAGE, PageAllocator, PagedCache, pages_for
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
+from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
+from sharding.plan import plan as memory_plan
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,31 @@ class DecodeBatch:
     draft_q: np.ndarray | None = None     # MTP: [n, W] the distributions they were drawn from
 
 
+def size_cache(model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None, roles, kv_memory_fraction: float,
+               device_memory: float | None = None) -> tuple[EngineConfig, MemoryPlan]:
+    """`cfg` with `num_pages` sized from a device-memory budget (like vLLM's `gpu_memory_utilization`):
+    fraction x device memory - the placed weights - the largest prefill/decode executable's temporaries (compiled
+    once here, on a one-sequence cache, for their `memory_analysis`) = the KV budget. Raises `MemoryPlanError`
+    naming what to change when not even one `max_model_len` sequence fits."""
+    device = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
+    device_memory = device_memory or device_memory_of(device)
+    if device_memory is None:
+        raise ValueError(f"kv_memory_fraction needs the device memory, and {device.platform} devices do not report "
+                         "it: pass device_memory (bytes; --device_memory_gb) or a fixed num_pages")
+    probe = dataclasses.replace(cfg, num_pages=cfg.pages_per_seq + 1, prefill_buckets=cfg.prefill_buckets[-1:],
+                                decode_buckets=cfg.decode_buckets[-1:], decode_windows=(cfg.pages_per_seq,))
+    eng = Engine(model, probe, mesh=mesh, roles=set(roles) & {"prefill", "decode"} or {"decode"}, name="probe",
+                 compile=False)
+    temp = max((low.compile().memory_analysis().temp_size_in_bytes for low in eng.lowered().values()), default=0)
+    del eng
+    dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
+    p = memory_plan(device_memory, weight_bytes_per_device(model), kv_bytes_per_token(model.cfg, dtype),
+                    fraction=kv_memory_fraction, temp=temp, page_size=cfg.page_size, min_tokens=cfg.max_model_len)
+    log.info("KV cache sized from %.0f%% of %.1f GB: weights %.2f GB, temporaries %.2f GB -> %d pages (%d tokens)",
+             100 * kv_memory_fraction, device_memory / 1e9, p.weights / 1e9, p.temp / 1e9, p.num_pages, p.kv_tokens)
+    return dataclasses.replace(cfg, num_pages=p.num_pages + 1), p   # + the scratch page
+
+
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     for b in buckets:
         if n <= b:
@@ -143,10 +170,12 @@ class Engine:
     ROLES = frozenset({"prefill", "decode", "send", "receive"})
 
     def __init__(self, model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None = None, name: str = "engine",
-                 roles=ROLES):
+                 roles=ROLES, compile: bool = True):
         """model: placed on `mesh` (None: one device, the default). roles: which executables to compile —
         "prefill", "decode", "send" (extract a Prefix), "receive" (insert one). A disaggregated prefill engine
-        needs {prefill, send}, its decode engine {decode, receive}, a colocated one {prefill, decode}."""
+        needs {prefill, send}, its decode engine {decode, receive}, a colocated one {prefill, decode}.
+        An abstract model (ShapeDtypeStruct weights with shardings, e.g. `checkpoints.abstract_model`) gives an
+        abstract engine: no cache is allocated and nothing compiled; `lowered()` builds its executables."""
         roles = frozenset(roles)
         if not roles or roles - self.ROLES:
             raise ValueError(f"roles={sorted(roles)}: choose from {sorted(self.ROLES)}")
@@ -163,7 +192,10 @@ class Engine:
             raise ValueError("EngineConfig.mtp=True but the model has no MTP module (the checkpoint has no "
                              f"model.layers.{model.cfg.num_hidden_layers}.* tensors)")
         self.graphdef, self.params = nnx.split(model)
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params))
         for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
+            if self.abstract:
+                continue
             if not set(leaf.devices()) <= devices:
                 raise ValueError(f"engine {name!r}: weight {jax.tree_util.keystr(path)} lives on "
                                  f"{sorted(d.id for d in leaf.devices())}, outside this engine's devices "
@@ -174,10 +206,15 @@ class Engine:
         dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
         self.cache_shape = (mc.num_hidden_layers + mc.num_nextn_predict_layers, cfg.num_pages, cfg.page_size,
                             mc.cache_width)
-        self.cache = jax.device_put(jnp.zeros(self.cache_shape, dtype), self._replicated)
+        self._q_width = mc.vocab_size if cfg.mtp else 1   # draft distributions exist only with MTP
+        if self.abstract:
+            self.cache = jax.ShapeDtypeStruct(self.cache_shape, dtype, sharding=self._replicated)
+        else:   # allocated in place on its devices (never whole on one device first)
+            self.cache = jax.jit(lambda: jnp.zeros(self.cache_shape, dtype), out_shardings=self._replicated)()
         self.allocator = PageAllocator(cfg.num_pages)
         self.compile_seconds = 0.0
-        self._compile()
+        if compile and not self.abstract:
+            self._compile()
 
     # ---- compiled functions (pure; traced once per bucket at start-up) -------------------------------------------
     def _prefill_fn(self, params, cache, tokens_T, start, length, next_token, page_table_P, temperature, top_k,
@@ -258,40 +295,73 @@ class Engine:
 
     def _lower_decode(self, B: int, Pw: int, steps: int):
         i32, f32 = jnp.int32, jnp.float32
-        cache_sds = jax.ShapeDtypeStruct(self.cache.shape, self.cache.dtype, sharding=self.cache.sharding)
+        cache_sds = jax.ShapeDtypeStruct(self.cache_shape, self.cache.dtype, sharding=self.cache.sharding)
         vec = lambda dt: self._sds((B,), dt)
-        return jax.jit(functools.partial(self._decode_fn, steps=steps), donate_argnums=(1,)).lower(
-            self.params, cache_sds, vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32), vec(f32),
-            vec(i32), vec(i32), self._sds((B, self._q_width), f32))
+        return self._lower(jax.jit(functools.partial(self._decode_fn, steps=steps), donate_argnums=(1,)),
+                           self.params, cache_sds, vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32),
+                           vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32))
 
     def _sds(self, shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
 
-    def _compile(self):
-        t0 = time.perf_counter()
+    def lowered(self, platform: str | None = None) -> dict[tuple, jax.stages.Lowered]:
+        """Every executable of this engine's roles, lowered for its mesh (not compiled): ("prefill", T),
+        ("decode", B, window), ("extract", n), ("insert", n). Works on an abstract engine (`compile=False` with
+        ShapeDtypeStruct weights), which is how real-dims executables are built and measured without weights.
+        platform: lower for another platform than the host's (e.g. "cuda"; give the model a Runtime with the
+        same `platform` so its kernel choice follows)."""
         cfg, i32, f32 = self.cfg, jnp.int32, jnp.float32
-        cache_sds = jax.ShapeDtypeStruct(self.cache.shape, self.cache.dtype, sharding=self.cache.sharding)
+        self._lower_platform = platform
+        cache_sds = jax.ShapeDtypeStruct(self.cache_shape, self.cache.dtype, sharding=self.cache.sharding)
         P = cfg.pages_per_seq
         scalar = lambda dt: self._sds((), dt)
         samp_row = (scalar(f32), scalar(i32), scalar(f32), scalar(i32))
-        self._q_width = self.model_cfg.vocab_size if cfg.mtp else 1  # draft distributions exist only with MTP
-        self._prefill_exe = {}
+        out = {}
         for T in (cfg.prefill_buckets if "prefill" in self.roles else ()):
-            self._prefill_exe[T] = jax.jit(self._prefill_fn, donate_argnums=(1,)).lower(
-                self.params, cache_sds, self._sds((T,), i32), scalar(i32), scalar(i32), scalar(i32),
-                self._sds((P,), i32), *samp_row).compile()
-        self._decode_exe = {}
+            out["prefill", T] = self._lower(jax.jit(self._prefill_fn, donate_argnums=(1,)),
+                                            self.params, cache_sds, self._sds((T,), i32), scalar(i32), scalar(i32),
+                                            scalar(i32), self._sds((P,), i32), *samp_row)
         for B in (cfg.decode_buckets if "decode" in self.roles else ()):
             for Pw in cfg.windows:
-                self._decode_exe[B, Pw] = self._lower_decode(B, Pw, cfg.decode_steps).compile()
-        self._extract_exe, self._insert_exe = {}, {}
+                out["decode", B, Pw] = self._lower_decode(B, Pw, cfg.decode_steps)
         L, _, Z, C = self.cache_shape
         for n in cfg.transfer_buckets:
             if "send" in self.roles:
-                self._extract_exe[n] = jax.jit(self._extract_fn).lower(cache_sds, self._sds((n,), i32)).compile()
+                out["extract", n] = self._lower(jax.jit(self._extract_fn), cache_sds, self._sds((n,), i32))
             if "receive" in self.roles:
-                self._insert_exe[n] = jax.jit(self._insert_fn, donate_argnums=(0,)).lower(
-                    cache_sds, self._sds((n,), i32), self._sds((L, n, Z, C), self.cache.dtype)).compile()
+                out["insert", n] = self._lower(jax.jit(self._insert_fn, donate_argnums=(0,)), cache_sds,
+                                               self._sds((n,), i32), self._sds((L, n, Z, C), self.cache.dtype))
+        self._lower_platform = None
+        return out
+
+    def exported(self, platform: str = "cuda") -> dict[tuple, "jax.export.Exported"]:
+        """`lowered()` as `jax.export` artifacts for `platform` (serializable; the Triton kernels' custom calls are
+        allowed in). The model's runtime should target the same platform (`Runtime(platform=...)`)."""
+        self._export = True
+        try:
+            return self.lowered(platform)
+        finally:
+            self._export = False
+
+    def _lower(self, jitted, *args):
+        platform = getattr(self, "_lower_platform", None)
+        if platform is None:
+            return jitted.lower(*args)
+        if getattr(self, "_export", False):   # flat leaves in: the artifact's signature holds no nnx types
+            leaves, treedef = jax.tree.flatten(args)
+            flat = jax.jit(lambda *xs: jitted(*jax.tree.unflatten(treedef, xs)))
+            return jax.export.export(flat, platforms=[platform], disabled_checks=[
+                jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*leaves)
+        return jitted.trace(*args).lower(lowering_platforms=(platform,))
+
+    def _compile(self):
+        t0 = time.perf_counter()
+        self._prefill_exe, self._decode_exe, self._extract_exe, self._insert_exe = {}, {}, {}, {}
+        tables = {"prefill": self._prefill_exe, "decode": self._decode_exe, "extract": self._extract_exe,
+                  "insert": self._insert_exe}
+        for key, low in self.lowered().items():
+            k = key[1:] if len(key) > 2 else key[1]
+            tables[key[0]][k] = low.compile()
         self.compile_seconds = time.perf_counter() - t0
         log.info("%s: compiled %d prefill, %d decode, %d transfer executables in %.1fs", self.name,
                  len(self._prefill_exe), len(self._decode_exe), len(self._extract_exe) + len(self._insert_exe),

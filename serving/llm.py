@@ -20,13 +20,14 @@ import logging
 import os
 from typing import Iterator, Sequence
 
+import jax.numpy as jnp
 
 import checkpoints
 from model.runtime import Runtime
 from serving.api import (DEFAULT_CHECKPOINT, Event, Request, RequestOutput, Tokenizer, as_prompt_list,
                          default_max_model_len, new_request, output_of, params_list, parse_mesh_spec)
 from serving.backend import LocalBackend, RemoteBackend
-from serving.engine import Engine, EngineConfig
+from serving.engine import Engine, EngineConfig, size_cache
 from serving.protocol import read_token
 from serving.router import RouterConfig
 from serving.sampling import SamplingParams
@@ -42,6 +43,7 @@ class LLM:
                  engine_config: EngineConfig | None = None, prefill_config: EngineConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None, quant: str | None = None, dtype=None,
                  runtime: Runtime | None = None, topology: Topology | None = None, mtp: bool | None = None,
+                 kv_memory_fraction: float | None = None, device_memory_gb: float | None = None,
                  workers: Sequence[str] | None = None, router: str | None = None,
                  router_config: RouterConfig | None = None, token: str | None = None):
         """Local engines (default) or worker processes (`workers=` / `router=`).
@@ -55,6 +57,9 @@ class LLM:
         runtime: kernel choices (`model.runtime.Runtime`: matmul_impl "xla" / "pallas" / "pallas_interpret",
             moe_impl); the expert-parallel dispatch is set per mesh.
         mtp: speculative decoding with the checkpoint's MTP module (overrides engine_config.mtp).
+        kv_memory_fraction: size each engine's KV cache from this fraction of its device memory (minus weights and
+            executable temporaries) instead of engine_config.num_pages; `device_memory_gb` where the devices do
+            not report their memory (CPU).
         workers / router: serve through PD worker processes instead (`docs/pd_multiprocess.md`); the workers
             own engines and weights, so only `checkpoint` (for the tokenizer), `tokenizer`, `router_config` and
             `token` (default $TANDEM_TOKEN) apply.
@@ -64,7 +69,8 @@ class LLM:
         if workers is not None or router is not None:
             given = dict(model=model, prefill_mesh=prefill_mesh, engine_config=engine_config,
                          prefill_config=prefill_config, scheduler_config=scheduler_config, quant=quant, dtype=dtype,
-                         runtime=runtime, topology=topology, mtp=mtp)
+                         runtime=runtime, topology=topology, mtp=mtp, kv_memory_fraction=kv_memory_fraction,
+                         device_memory_gb=device_memory_gb)
             bad = sorted(k for k, v in given.items() if v is not None)
             if bad or mode != "colocated" or decode_mesh != "ep=1":
                 raise ValueError(f"{bad or ['mode/decode_mesh']} do not apply with workers=/router=: the worker "
@@ -100,18 +106,24 @@ class LLM:
         topo = topology or Topology.from_devices()
         self.topology = topo
 
-        def placed(mesh, rules):
+        def engine(cfg, mesh, rules, name, roles):
             if model is not None:
-                return place(model, mesh, rules, runtime=runtime)
-            return checkpoints.load(checkpoint, mesh=mesh, rules=rules, dtype=dtype, quant=quant, runtime=runtime)
+                m = place(model, mesh, rules, runtime=runtime)
+            else:
+                m = checkpoints.load(checkpoint, mesh=mesh, rules=rules, dtype=dtype or jnp.bfloat16, quant=quant,
+                                     runtime=runtime)
+            if kv_memory_fraction is not None:
+                cfg, _ = size_cache(m, cfg, mesh=mesh, roles=roles, kv_memory_fraction=kv_memory_fraction,
+                                    device_memory=device_memory_gb * 1e9 if device_memory_gb else None)
+            return Engine(m, cfg, mesh=mesh, name=name, roles=roles)
 
         dmesh = topo.allocate("decode", **parse_mesh_spec(decode_mesh))
-        self.decode_engine = Engine(placed(dmesh, DECODE_RULES), ec, mesh=dmesh, name="decode",
-                                    roles={"decode", "receive"} if mode == "disagg" else {"prefill", "decode"})
+        self.decode_engine = engine(ec, dmesh, DECODE_RULES, "decode",
+                                    {"decode", "receive"} if mode == "disagg" else {"prefill", "decode"})
+        self.engine_config = self.decode_engine.cfg
         if mode == "disagg":
             pmesh = topo.allocate("prefill", **parse_mesh_spec(prefill_mesh or "tp=1"))
-            self.prefill_engine = Engine(placed(pmesh, PREFILL_RULES), pc, mesh=pmesh, name="prefill",
-                                         roles={"prefill", "send"})
+            self.prefill_engine = engine(pc, pmesh, PREFILL_RULES, "prefill", {"prefill", "send"})
         self.scheduler = Scheduler(self.decode_engine, self.prefill_engine, config=scheduler_config,
                                    eos_ids=mcfg.eos_token_ids, detokenize=tokenizer.decode if tokenizer else None)
         self.backend = LocalBackend(self.scheduler, vocab_size=mcfg.vocab_size, max_model_len=ec.max_model_len)

@@ -35,7 +35,7 @@ from absl import app, flags
 
 import checkpoints
 from serving.api import DEFAULT_CHECKPOINT, Request, default_max_model_len, default_mesh, parse_mesh_spec
-from serving.engine import Engine, EngineConfig, Prefix
+from serving.engine import Engine, EngineConfig, Prefix, size_cache
 from serving.protocol import ProtocolError, decode_message, encode_message, read_token, sampling_from_wire
 from serving.scheduler import Scheduler
 from serving.transfer import layout_of, make_transport, offerable, page_checksums, spec_from_wire, verify_pages
@@ -380,8 +380,13 @@ def _flags():
     f.DEFINE_integer("transfer_port", 0, "KV transfer server port (0: pick a free one)")
     f.DEFINE_enum("transport", "jax", ["jax", "tcp"], "KV data plane: jax.experimental.transfer or plain TCP")
     f.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint dir (default: the shipped model)")
-    f.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "weight dtype (default: the checkpoint's; bf16 for "
-                  "bf16/fp8 checkpoints)")
+    f.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weight dtype (FP8 / FP4 weights stay packed)")
+    f.DEFINE_enum("quant", None, ["fp8", "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense"], "quantize weights at "
+                  "load (default: the checkpoint's own formats; DeepSeek block-FP8 stays FP8)")
+    f.DEFINE_float("kv_memory_fraction", None, "size the KV cache from this fraction of device memory (minus "
+                   "weights and temporaries) instead of --num_pages")
+    f.DEFINE_float("device_memory_gb", None, "device memory for --kv_memory_fraction where devices do not "
+                   "report it (CPU)")
     f.DEFINE_integer("devices", 1, "CPU devices of this process (jax_num_cpu_devices; ignored on GPU/TPU)")
     f.DEFINE_string("mesh", None, "engine mesh, e.g. 'tp=2' (default: tp over --devices for prefill, ep for "
                     "decode)")
@@ -422,7 +427,11 @@ def main(argv):
     mesh_spec = FLAGS.mesh or default_mesh(role, len(jax.devices()), mcfg.num_attention_heads, mcfg.n_routed_experts)
     mesh = Topology.from_devices().allocate(role, **parse_mesh_spec(mesh_spec))
     rules = PREFILL_RULES if role == "prefill" else DECODE_RULES
-    model = checkpoints.load(ckpt, mesh=mesh, rules=rules, dtype=FLAGS.dtype)   # placed once, tensor by tensor
+    model = checkpoints.load(ckpt, mesh=mesh, rules=rules, dtype=FLAGS.dtype, quant=FLAGS.quant,
+                             progress=True)   # placed once, shard by shard
+    if FLAGS.kv_memory_fraction is not None:
+        ec, _ = size_cache(model, ec, mesh=mesh, roles={role}, kv_memory_fraction=FLAGS.kv_memory_fraction,
+                           device_memory=FLAGS.device_memory_gb * 1e9 if FLAGS.device_memory_gb else None)
     engine = Engine(model, ec, mesh=mesh, name=role)
     token = read_token(FLAGS.token_file)
     transport = make_transport(FLAGS.transport, FLAGS.host, FLAGS.transfer_port, token)

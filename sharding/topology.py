@@ -139,6 +139,7 @@ class Topology:
 
         * `h100-8`      — HGX H100: 8 GPUs per host, one NVLink4 domain per host (900 GB/s), hosts joined by
                           400 Gb/s InfiniBand per GPU (50 GB/s).
+        * `hgx-h200`    — HGX H200: as h100-8 (NVLink4, 900 GB/s per GPU, 400 Gb/s IB), 141 GB HBM3e per GPU.
         * `hgx-b200`    — HGX B200: 8 GPUs per host, one NVLink5 domain per host (1.8 TB/s), 400 Gb/s per GPU.
         * `gb200-nvl72` — GB200 NVL72: 18 compute trays (hosts) x 4 GPUs in one NVLink5 domain of 72 (1.8 TB/s);
                           racks joined by 400 Gb/s per GPU.
@@ -166,13 +167,16 @@ class Topology:
         if name == "h100-8":
             return cls._declared(name, 8 * hosts, 8, 8, LinkClass("nvlink4", 900.0),
                                  LinkClass("infiniband-400g", 50.0), devices)
+        if name == "hgx-h200":
+            return cls._declared(name, 8 * hosts, 8, 8, LinkClass("nvlink4", 900.0),
+                                 LinkClass("infiniband-400g", 50.0), devices)
         if name == "hgx-b200":
             return cls._declared(name, 8 * hosts, 8, 8, LinkClass("nvlink5", 1800.0),
                                  LinkClass("infiniband-400g", 50.0), devices)
         if name == "gb200-nvl72":
             return cls._declared(name, 72 * hosts, 4, 72, LinkClass("nvlink5", 1800.0),
                                  LinkClass("infiniband-400g", 50.0), devices)
-        raise ValueError(f"unknown topology preset {name!r}; known: h100-8, hgx-b200, gb200-nvl72, cpu:N/D")
+        raise ValueError(f"unknown topology preset {name!r}; known: h100-8, hgx-h200, hgx-b200, gb200-nvl72, cpu:N/D")
 
     @classmethod
     def _declared(cls, name, n, per_host, per_domain, fast, slow, devices):

@@ -1,0 +1,107 @@
+"""Memory plan and real-dims executables: per-device weight bytes from abstract shapes and shardings, KV sizing
+from a device-memory budget, and DeepSeek-V3's real dimensions lowered (CPU compile, cuda export with the kernels
+inside) without any weights.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import checkpoints
+import hf_reference
+from model.config import preset
+from model.runtime import Runtime
+from serving import LLM, EngineConfig, SamplingParams
+from serving.engine import Engine
+from sharding import DECODE_RULES, Topology
+from sharding.plan import MemoryPlanError, kv_bytes_per_token, plan, weight_bytes_per_device
+
+V3 = preset("deepseek-v3")
+
+
+def _leaf_sizes(model):
+    _, state = nnx.split(model)
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        out[jax.tree_util.keystr(path)] = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return out
+
+
+def test_weight_bytes_per_device_of_v3_fp8_on_ep8():
+    """From shapes alone: every leaf counts fully on each device except the routed-expert leaves, split 8 ways."""
+    mesh = Topology.preset("cpu:8/1").allocate("plan-ep8", ep=8)
+    placed = checkpoints.abstract_model(V3, quant="fp8", mesh=mesh, rules=DECODE_RULES)
+    flat = checkpoints.abstract_model(V3, quant="fp8")
+    want = sum(b / (8 if "experts_" in k else 1) for k, b in _leaf_sizes(flat).items())
+    got = weight_bytes_per_device(placed)
+    assert got == want
+    bf16 = weight_bytes_per_device(checkpoints.abstract_model(V3, mesh=mesh, rules=DECODE_RULES))
+    assert 1.9 < bf16 / got < 2.0                  # FP8 codes + one f32 scale per 128x128 block
+    assert 100e9 < got < 106e9                     # V3 FP8 at ep=8: ~103 GB per device (docs/BENCHMARKS.md)
+    nv = weight_bytes_per_device(checkpoints.abstract_model(V3, quant="nvfp4", fp8_linears=True, mesh=mesh,
+                                                            rules=DECODE_RULES))
+    assert nv < 0.7 * got                          # FP4 experts
+
+
+def test_plan_arithmetic_and_refusal():
+    kv = kv_bytes_per_token(V3)
+    assert kv == 62 * 576 * 2                      # 61 layers + MTP, 512 + 64 latent, bf16
+    p = plan(141e9, 103e9, kv, fraction=0.9, temp=2e9, page_size=64)
+    assert p.num_pages == int((0.9 * 141e9 - 105e9) // (kv * 64)) and p.kv_tokens == p.num_pages * 64
+    with pytest.raises(MemoryPlanError, match="weights take 103.0 GB.*more devices per mesh"):
+        plan(80e9, 103e9, kv, fraction=0.9)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("plan_ckpt"))
+    hf_reference.build(path, dict(num_hidden_layers=2, max_position_embeddings=128), seed=11)
+    return path
+
+
+EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
+                  decode_steps=2)
+
+
+def test_kv_cache_sized_from_a_memory_budget(tiny):
+    with LLM(tiny, engine_config=EC, kv_memory_fraction=0.5, device_memory_gb=0.05) as llm:
+        eng = llm.decode_engine
+        weights = weight_bytes_per_device(eng.model)
+        page = kv_bytes_per_token(eng.model_cfg, eng.cache.dtype) * EC.page_size
+        budget = 0.5 * 0.05e9 - weights
+        assert eng.cfg.num_pages - 1 <= budget // page                        # temporaries come off the budget
+        assert eng.cfg.num_pages - 1 >= (budget - 50e6) // page               # ... and they are small here
+        assert eng.cfg.num_pages > EC.num_pages
+        outs = llm.generate([[3, 1, 4]], SamplingParams(max_tokens=4))
+        assert len(outs[0].token_ids) == 4
+    with pytest.raises(MemoryPlanError, match="does not fit"):
+        LLM(tiny, engine_config=EC, kv_memory_fraction=0.5, device_memory_gb=0.0001)
+    with pytest.raises(ValueError, match="do not report"):
+        LLM(tiny, engine_config=EC, kv_memory_fraction=0.5)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+def test_v3_dims_decode_exports_for_cuda_with_kernels_and_compiles_for_cpu(quant):
+    """DeepSeek-V3's real dimensions (2 of its layers: one dense, one MoE with all 256 experts), no weights:
+    the ep=8 decode executable exports for cuda with the FP8 / FP4 Triton kernels inside, and compiles for CPU."""
+    cfg = V3.replace(num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
+    mesh = Topology.preset("cpu:8/1").allocate(f"v3-{quant}", ep=8)
+    ec = EngineConfig(page_size=64, num_pages=9, max_model_len=512, prefill_buckets=(64,), decode_buckets=(16,),
+                      decode_steps=1, decode_windows=(8,))
+    m = checkpoints.abstract_model(cfg, quant=quant, fp8_linears=True, mesh=mesh, rules=DECODE_RULES,
+                                   runtime=Runtime(platform="cuda"))
+    eng = Engine(m, ec, mesh=mesh, roles={"decode"}, compile=False)
+    (exp,) = eng.exported("cuda").values()
+    txt = exp.mlir_module()
+    assert exp.platforms == ("cuda",) and "__gpu$xla.gpu.triton" in txt and len(exp.serialize()) > 0
+    grouped = "fp8_block_grouped_matmul" if quant == "fp8" else "fp4_nvfp4_grouped_matmul"
+    assert grouped in txt and "fp8_block_matmul" in txt          # routed experts + the dense / attention linears
+    # the same engine lowered for this host (XLA path) compiles
+    cpu = checkpoints.abstract_model(cfg, quant=quant, fp8_linears=True, mesh=mesh, rules=DECODE_RULES)
+    (low,) = Engine(cpu, ec, mesh=mesh, roles={"decode"}, compile=False).lowered().values()
+    assert low.compile().memory_analysis().temp_size_in_bytes > 0
+    assert math.isclose(weight_bytes_per_device(m), weight_bytes_per_device(cpu))
