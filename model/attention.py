@@ -68,6 +68,19 @@ class MLA(nnx.Module):
         k_rope_BTR = apply_rope(kv_BTX[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
         return jnp.concatenate([c_BTL, k_rope_BTR], axis=-1)
 
+    def attend_paged(self, q_nope_BTHK, q_rope_BTHR, cache, state, layer: int, positions_BT,
+                     runtime=DEFAULT_RUNTIME) -> jax.Array:
+        """Absorbed attention whose latent part runs in the cache layout's paged kernel (`cache.attend_absorbed`:
+        pages read through the page table, no gathered window); returns [B,T,D]."""
+        cfg = self.cfg
+        K = cfg.qk_nope_head_dim
+        kv_b_LHX = dense(self.kv_b_proj.get_value(), q_nope_BTHK.dtype)
+        q_lat_BTHL = jnp.einsum("bthk,lhk->bthl", q_nope_BTHK, kv_b_LHX[..., :K])
+        o_lat_BTHL = cache.attend_absorbed(state, layer, q_lat_BTHL, q_rope_BTHR, positions_BT, cfg.softmax_scale)
+        o_BTHV = jnp.einsum("bthl,lhv->bthv", o_lat_BTHL.astype(q_nope_BTHK.dtype), kv_b_LHX[..., K:])
+        B, T, H, V = o_BTHV.shape
+        return linear(o_BTHV.reshape(B, T, H * V), self.o_proj, runtime, k_ndim=2)
+
     def attend(self, q_nope_BTHK, q_rope_BTHR, kv_BSC, mask_BTS, *, absorbed: bool,
                runtime=DEFAULT_RUNTIME) -> jax.Array:
         """Attention of the queries over latent keys kv_BSC where mask_BTS is true; returns [B,T,D]."""

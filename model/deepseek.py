@@ -31,9 +31,14 @@ class DecoderLayer(nnx.Module):
             h_BTD = self.input_layernorm(x_BTD)
             q_nope, q_rope = self.self_attn.queries(h_BTD, cos, sin, runtime)
             kv_BTC = self.self_attn.latents(h_BTD, cos, sin, runtime)
-            state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)
-            x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed,
-                                                  runtime=runtime)
+            if absorbed and getattr(cache, "kernel", None):   # a paged cache whose decode reads run in a kernel
+                state = cache.write(state, cache_layer, kv_BTC, positions_BT)
+                x_BTD = x_BTD + self.self_attn.attend_paged(q_nope, q_rope, cache, state, cache_layer, positions_BT,
+                                                            runtime)
+            else:
+                state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)
+                x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed,
+                                                      runtime=runtime)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if isinstance(self.mlp, MoE):
             with jax.named_scope("moe"):

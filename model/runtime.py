@@ -20,7 +20,8 @@ import jax
 # batches, caches, shard_map specs). Every rule set in `sharding/` must map each of them.
 WEIGHT_AXES = frozenset({"vocab", "embed", "heads", "qk_head", "kv_head", "v_head", "q_lora", "kv_lora",
                          "kv_latent", "mlp", "experts", "expert_mlp"})
-ACTIVATION_AXES = frozenset({"batch", "seq"})
+# "pages": the physical page axis of the paged KV cache (split = data-parallel attention: each rank owns pages).
+ACTIVATION_AXES = frozenset({"batch", "seq", "pages"})
 LOGICAL_AXES = WEIGHT_AXES | ACTIVATION_AXES
 
 MatmulImpl = Literal["xla", "pallas", "pallas_interpret"]
@@ -34,6 +35,9 @@ class Runtime:
 
     matmul_impl: quantized (FP4/FP8) matmuls — "xla" (dequantize + dot), "pallas" (Triton kernels, GPU),
         "pallas_interpret" (the same kernels in the Pallas interpreter, any platform; tests). None: by platform.
+    attention_impl: paged decode attention — "xla" (gather the page window, masked softmax), "pallas" (the paged
+        MLA kernel, `pallas_kernels.paged_attention`: reads pages through the page table), "pallas_interpret".
+        None: by platform.
     platform: the platform the model is compiled for ("cpu", "cuda", ...). None: the devices' platform at trace
         time. Set it when lowering/exporting for another platform than the host's.
     moe_impl: routed-expert computation, see `model.moe.MOE_IMPLS`. None: chosen per shape (`model.moe.choose`).
@@ -46,6 +50,7 @@ class Runtime:
     """
 
     matmul_impl: MatmulImpl | None = None
+    attention_impl: MatmulImpl | None = None
     platform: str | None = None
     moe_impl: str | None = None
     expert_parallel: object | None = None
@@ -53,8 +58,9 @@ class Runtime:
     rules: object | None = None
 
     def __post_init__(self):
-        if self.matmul_impl is not None and self.matmul_impl not in MATMUL_IMPLS:
-            raise ValueError(f"matmul_impl={self.matmul_impl!r}: expected one of {MATMUL_IMPLS} or None")
+        for f in ("matmul_impl", "attention_impl"):
+            if getattr(self, f) is not None and getattr(self, f) not in MATMUL_IMPLS:
+                raise ValueError(f"{f}={getattr(self, f)!r}: expected one of {MATMUL_IMPLS} or None")
 
     @property
     def target_platform(self) -> str:
@@ -75,6 +81,15 @@ class Runtime:
         if self.mesh is None or self.rules is None or axes is None:
             return None
         return self.rules.spec(tuple(axes), self.mesh)
+
+    def resolved_attention_impl(self) -> str:
+        impl = self.attention_impl
+        if impl is None:
+            return "pallas" if self.target_platform in GPU_PLATFORMS else "xla"
+        if impl == "pallas" and self.target_platform not in GPU_PLATFORMS:
+            raise ValueError(f"attention_impl='pallas' needs a GPU target, but the platform is "
+                             f"{self.target_platform!r}; use 'pallas_interpret' or 'xla'")
+        return impl
 
     def replace(self, **kw) -> "Runtime":
         return dataclasses.replace(self, **kw)

@@ -130,6 +130,7 @@ class DecodeBatch:
     sampling: dict[str, np.ndarray]   # temperature/top_k/top_p/seed, [n] each
     drafts: np.ndarray | None = None      # MTP: [n] draft token for the position after `tokens`
     draft_q: np.ndarray | None = None     # MTP: [n, W] the distributions they were drawn from
+    ranks: np.ndarray | None = None       # [n] attention rank of each row (data-parallel attention; None: 0)
 
 
 def size_cache(model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None, roles, kv_memory_fraction: float,
@@ -204,17 +205,38 @@ class Engine:
                                  "(sharding.place(model, mesh, rules))")
         mc = model.cfg
         dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
-        self.cache_shape = (mc.num_hidden_layers + mc.num_nextn_predict_layers, cfg.num_pages, cfg.page_size,
-                            mc.cache_width)
+        # data-parallel attention: the mesh axes the rules put the cache's page axis on (each an attention rank)
+        spec = self.runtime.spec(("pages",)) if mesh is not None else None
+        part = None if spec is None else spec[0]
+        self.rank_axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+        self.ranks = int(np.prod([mesh.shape[a] for a in self.rank_axes])) if self.rank_axes else 1
+        self.pages_per_rank = cfg.num_pages
+        # decode buckets in whole rows per rank: every bucket a multiple of the ranks
+        self.decode_buckets = tuple(sorted({-(-b // self.ranks) * self.ranks for b in cfg.decode_buckets}))
+        self.cache_shape = (mc.num_hidden_layers + mc.num_nextn_predict_layers, self.ranks * cfg.num_pages,
+                            cfg.page_size, mc.cache_width)
+        self._cache_sharding = (NamedSharding(mesh, PartitionSpec(None, self.rank_axes)) if self.ranks > 1
+                                else self._replicated)
         self._q_width = mc.vocab_size if cfg.mtp else 1   # draft distributions exist only with MTP
         if self.abstract:
-            self.cache = jax.ShapeDtypeStruct(self.cache_shape, dtype, sharding=self._replicated)
+            self.cache = jax.ShapeDtypeStruct(self.cache_shape, dtype, sharding=self._cache_sharding)
         else:   # allocated in place on its devices (never whole on one device first)
-            self.cache = jax.jit(lambda: jnp.zeros(self.cache_shape, dtype), out_shardings=self._replicated)()
-        self.allocator = PageAllocator(cfg.num_pages)
+            self.cache = jax.jit(lambda: jnp.zeros(self.cache_shape, dtype), out_shardings=self._cache_sharding)()
+        self.allocator = PageAllocator(cfg.num_pages, ranks=self.ranks)
         self.compile_seconds = 0.0
         if compile and not self.abstract:
             self._compile()
+
+    @property
+    def max_batch(self) -> int:
+        """Rows of the largest decode dispatch (all ranks together)."""
+        return self.decode_buckets[-1]
+
+    def _layout(self, page_table_BP, valid_BT, kernel: bool = False) -> PagedCache:
+        impl = self.runtime.resolved_attention_impl() if kernel else "xla"
+        return PagedCache(page_table_BP, valid_BT, mesh=self.mesh if self.ranks > 1 else None,
+                          axes=self.rank_axes if self.ranks > 1 else (), pages_per_rank=self.pages_per_rank,
+                          kernel=None if impl == "xla" else impl)
 
     # ---- compiled functions (pure; traced once per bucket at start-up) -------------------------------------------
     def _prefill_fn(self, params, cache, tokens_T, start, length, next_token, page_table_P, temperature, top_k,
@@ -225,7 +247,7 @@ class Engine:
         T = tokens_T.shape[0]
         positions_T = start + jnp.arange(T, dtype=jnp.int32)
         valid_T = jnp.arange(T) < length
-        layout = PagedCache(page_table_P[None], valid_T[None])
+        layout = self._layout(page_table_P[None], valid_T[None])
         logits_BTW, hidden_BTD, cache = model.forward(tokens_T[None], positions_T[None], cache=layout, state=cache)
         last = jnp.maximum(length - 1, 0)
         logits_W = logits_BTW[0, last]
@@ -247,8 +269,9 @@ class Engine:
     def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed,
                    drafts_B, q_BW, *, steps: int):
         model = nnx.merge(self.graphdef, params)
-        valid_B1 = (page_tables_BP[:, :1] != SCRATCH_PAGE)  # padding rows have an all-scratch page table
-        layout = PagedCache(page_tables_BP, valid_B1)
+        # padding rows have an all-scratch page table (each rank's scratch is its local page 0)
+        valid_B1 = (page_tables_BP[:, :1] % self.pages_per_rank != SCRATCH_PAGE)
+        layout = self._layout(page_tables_BP, valid_B1, kernel=True)
 
         def step(carry, _):
             cache, tok_B, pos_B = carry
@@ -262,7 +285,7 @@ class Engine:
             cache, tok_B, pos_B, d_B, q_BW = carry
             toks_BT = jnp.stack([tok_B, d_B], 1)
             pos_BT = jnp.stack([pos_B, pos_B + 1], 1)
-            layout2 = PagedCache(page_tables_BP, jnp.broadcast_to(valid_B1, pos_BT.shape))
+            layout2 = self._layout(page_tables_BP, jnp.broadcast_to(valid_B1, pos_BT.shape), kernel=True)
             logits, hidden_BTD, cache = model.forward(toks_BT, pos_BT, cache=layout2, state=cache, absorbed=True)
             p0 = token_probs(logits[:, 0], temperature, top_k, top_p)
             p1 = token_probs(logits[:, 1], temperature, top_k, top_p)
@@ -288,10 +311,32 @@ class Engine:
         return toks_SB2.transpose(1, 0, 2), ok_SB.T, d_B, q_BW, cache
 
     def _extract_fn(self, cache, pages_N):
-        return cache[:, pages_N]
+        if self.ranks == 1:
+            return cache[:, pages_N]
+        ppr, ax = self.pages_per_rank, self.rank_axes
+
+        def body(local, ids):   # the owning rank contributes its pages, the others zeros
+            lid = ids - jax.lax.axis_index(ax) * ppr
+            mine = (lid >= 0) & (lid < ppr)
+            data = local[:, jnp.where(mine, lid, 0)]
+            return jax.lax.psum(jnp.where(mine[None, :, None, None], data, jnp.zeros((), data.dtype)), ax)
+
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(PartitionSpec(None, ax), PartitionSpec()),
+                             out_specs=PartitionSpec(), check_vma=False)(cache, pages_N)
 
     def _insert_fn(self, cache, pages_N, data):
-        return cache.at[:, pages_N].set(data.astype(cache.dtype))
+        if self.ranks == 1:
+            return cache.at[:, pages_N].set(data.astype(cache.dtype))
+        ppr, ax = self.pages_per_rank, self.rank_axes
+
+        def body(local, ids, data):   # each rank writes the pages it owns (the others' ids fall off the end)
+            lid = ids - jax.lax.axis_index(ax) * ppr
+            lid = jnp.where((lid >= 0) & (lid < ppr), lid, ppr)
+            return local.at[:, lid].set(data.astype(local.dtype), mode="drop")
+
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(PartitionSpec(None, ax), PartitionSpec(),
+                                                              PartitionSpec()),
+                             out_specs=PartitionSpec(None, ax), check_vma=False)(cache, pages_N, data)
 
     def _lower_decode(self, B: int, Pw: int, steps: int):
         i32, f32 = jnp.int32, jnp.float32
@@ -321,7 +366,7 @@ class Engine:
             out["prefill", T] = self._lower(jax.jit(self._prefill_fn, donate_argnums=(1,)),
                                             self.params, cache_sds, self._sds((T,), i32), scalar(i32), scalar(i32),
                                             scalar(i32), self._sds((P,), i32), *samp_row)
-        for B in (cfg.decode_buckets if "decode" in self.roles else ()):
+        for B in (self.decode_buckets if "decode" in self.roles else ()):
             for Pw in cfg.windows:
                 out["decode", B, Pw] = self._lower_decode(B, Pw, cfg.decode_steps)
         L, _, Z, C = self.cache_shape
@@ -368,8 +413,11 @@ class Engine:
                  self.compile_seconds)
 
     # ---- the request path: numpy in, compiled executables only ----------------------------------------------------
-    def page_table(self, pages: list[int]) -> np.ndarray:
-        pt = np.full(self.cfg.pages_per_seq, SCRATCH_PAGE, np.int32)
+    def page_table(self, pages: list[int], rank: int | None = None) -> np.ndarray:
+        """A request's page table (global page ids), padded with its rank's scratch page."""
+        if rank is None:
+            rank = self.allocator.rank_of(pages[0]) if len(pages) else 0
+        pt = np.full(self.cfg.pages_per_seq, self.allocator.scratch(rank), np.int32)
         pt[: len(pages)] = pages
         return pt
 
@@ -405,7 +453,7 @@ class Engine:
     def extract(self, pages: list[int], length: int, out: PrefillOut) -> Prefix:
         """The request's latent pages (all layers, MTP's included) and first token, ready to move."""
         n = _bucket(len(pages), self.cfg.transfer_buckets)
-        ids = np.full(n, SCRATCH_PAGE, np.int32)
+        ids = np.full(n, self.allocator.scratch(self.allocator.rank_of(pages[0])), np.int32)
         ids[: len(pages)] = pages
         return Prefix(self._extract_exe[n](self.cache, ids), len(pages), length, out.token, out.draft, out.draft_q)
 
@@ -416,7 +464,7 @@ class Engine:
     def insert(self, prefix: Prefix, pages: list[int]) -> None:
         """Write a received prefix into this engine's pages (the first prefix.n_pages of `pages`)."""
         n = prefix.pages.shape[1]
-        ids = np.full(n, SCRATCH_PAGE, np.int32)
+        ids = np.full(n, self.allocator.scratch(self.allocator.rank_of(pages[0])), np.int32)
         ids[: prefix.n_pages] = pages[: prefix.n_pages]
         self.cache = self._insert_exe[n](self.cache, ids, prefix.pages)
 
@@ -427,26 +475,43 @@ class Engine:
         return _bucket(min(pages_for(reach, self.cfg.page_size), self.cfg.pages_per_seq), self.cfg.windows)
 
     def generate(self, batch: DecodeBatch) -> DecodeOut:
-        """One dispatch of `decode_steps` steps for every row (with MTP each step emits 1 or 2 tokens)."""
-        n = len(batch.tokens)
-        B = _bucket(n, self.cfg.decode_buckets)
+        """One dispatch of `decode_steps` steps for every row (with MTP each step emits 1 or 2 tokens).
+
+        With R attention ranks the dispatch has R equal slices of rows; row i goes into the slice of its rank
+        (`batch.ranks`), padding rows point at their slice's scratch page. Outputs come back in `batch` order."""
+        n, R = len(batch.tokens), self.ranks
+        ranks = batch.ranks if batch.ranks is not None else np.zeros(n, np.int64)
+        per_rank = np.bincount(ranks, minlength=R)
+        B = _bucket(R * int(per_rank.max()), self.decode_buckets)
+        b = B // R
+        slot = np.empty(n, np.int64)                  # row i -> its place in the dispatch
+        seen = np.zeros(R, np.int64)
+        for i, r in enumerate(ranks):
+            slot[i] = r * b + seen[r]
+            seen[r] += 1
         Pw = self.window_for(batch.positions)
-        pad = lambda a, v=0: np.concatenate([a, np.full((B - n,) + a.shape[1:], v, a.dtype)]) if B > n else a
+
+        def place(a, fill):
+            out = np.full((B,) + a.shape[1:], fill, a.dtype)
+            out[slot] = a
+            return out
+
         s = batch.sampling
+        pt = np.repeat(np.arange(R, dtype=np.int32) * self.pages_per_rank, b)[:, None] + np.zeros(Pw, np.int32)
+        pt[slot] = batch.page_tables[:, :Pw]
         drafts = batch.drafts if batch.drafts is not None else np.zeros(n, np.int32)
         q = batch.draft_q if batch.draft_q is not None else np.zeros((n, self._q_width), np.float32)
         toks, ok, d, q, self.cache = self._decode_exe[B, Pw](
-            self.params, self.cache, pad(batch.tokens), pad(batch.positions),
-            pad(batch.page_tables[:, :Pw], SCRATCH_PAGE),
-            pad(s["temperature"]), pad(s["top_k"]), pad(s["top_p"], 1.0), pad(s["seed"]), pad(drafts),
-            pad(q))
-        toks, ok = np.asarray(toks)[:n], np.asarray(ok)[:n]
+            self.params, self.cache, place(batch.tokens, 0), place(batch.positions, 0), pt,
+            place(s["temperature"], 0), place(s["top_k"], 0), place(s["top_p"], 1.0), place(s["seed"], 0),
+            place(drafts, 0), place(q, 0))
+        toks, ok = np.asarray(toks)[slot], np.asarray(ok)[slot]
         S = self.cfg.decode_steps
         if not self.cfg.mtp:
             return DecodeOut(toks.tolist(), [[1] * S] * n, [[False] * S] * n, None, None)
         rows = [[int(t) for step, a in zip(tr, ar) for t in (step if a else step[:1])] for tr, ar in zip(toks, ok)]
         sizes = [[2 if a else 1 for a in ar] for ar in ok.tolist()]
-        return DecodeOut(rows, sizes, ok.tolist(), np.asarray(d)[:n], np.asarray(q)[:n])
+        return DecodeOut(rows, sizes, ok.tolist(), np.asarray(d)[slot], np.asarray(q)[slot])
 
     # ---- introspection --------------------------------------------------------------------------------------------
     @property
@@ -463,7 +528,7 @@ class Engine:
         * `model_step_flops`: the analytic count (`model.flops.decode_flops`) for this batch attending over the
           window's positions.
         * `dispatch_flops` = decode_steps x the per-step figure: what one dispatch really computes."""
-        B = batch or self.cfg.decode_buckets[-1]
+        B = batch or self.decode_buckets[-1]
         Pw = window or self.cfg.windows[-1]
         ca = self._lower_decode(B, Pw, 1).compile().cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca

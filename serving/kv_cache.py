@@ -1,10 +1,16 @@
 """Paged latent KV cache: the device layout (`PagedCache`) and the host-side page allocator (`PageAllocator`).
 
-Device state: one array `[layers, num_pages, page_size, C]` per engine (C = kv_lora_rank + qk_rope_head_dim;
-MLA's latent has no head axis, so TP ranks hold it replicated). A request owns a list of pages; its page table
-maps logical page i (positions [i*Z, (i+1)*Z)) to a physical page. Page 0 is the *scratch page*: it is never
-handed out, padding rows and unused page-table entries point at it, so writes of padded tokens land there and
-no valid request ever reads it.
+Device state: one array `[layers, R * pages_per_rank, page_size, C]` per engine (C = kv_lora_rank +
+qk_rope_head_dim; MLA's latent has no head axis, so TP ranks share it). A request owns a list of pages; its page
+table maps logical page i (positions [i*Z, (i+1)*Z)) to a physical page.
+
+Data-parallel attention: with R > 1 attention ranks (the mesh axes the rules map "pages" to, e.g. dp x ep), the
+page axis is split over them: rank r holds global pages [r * pages_per_rank, (r + 1) * pages_per_rank), and each
+request lives on one rank (its rows of a decode batch sit in that rank's slice of the batch). Reads and writes run
+inside `shard_map` on the local pages, so the cache is never gathered across ranks.
+
+Local page 0 of every rank is its *scratch page*: never handed out; padding rows and unused page-table entries
+point at it, so writes of padded tokens land there and no valid request ever reads it.
 """
 
 from __future__ import annotations
@@ -15,32 +21,117 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.paged_attention import paged_mla_decode
 
 SCRATCH_PAGE = 0
+
+
+def _write_and_gather(state, layer: int, kv_BTC, positions_BT, page_table_BP, valid_BT):
+    """On one pool (local page ids): write the new tokens' latents, gather the rows' page windows."""
+    _, _, Z, C = state.shape
+    B, Pw = page_table_BP.shape
+    state = _write(state, layer, kv_BTC, positions_BT, page_table_BP, valid_BT)
+    kv_BSC = state[layer][page_table_BP].reshape(B, Pw * Z, C)
+    mask_BTS = jnp.arange(Pw * Z)[None, None, :] <= positions_BT[:, :, None]
+    return state, kv_BSC, mask_BTS
+
+
+def _write(state, layer: int, kv_BTC, positions_BT, page_table_BP, valid_BT):
+    Z = state.shape[2]
+    Pw = page_table_BP.shape[1]
+    logical_BT = positions_BT // Z
+    in_range_BT = valid_BT & (logical_BT < Pw) & (positions_BT >= 0)
+    page_BT = jnp.take_along_axis(page_table_BP, jnp.clip(logical_BT, 0, Pw - 1), axis=1)
+    page_BT = jnp.where(in_range_BT, page_BT, SCRATCH_PAGE)
+    return state.at[layer, page_BT, positions_BT % Z].set(kv_BTC.astype(state.dtype))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedCache:
-    """Cache layout for `DeepseekV3.forward`: rows b write/read through `page_table_BP[b]`.
+    """Cache layout for `DeepseekV3.forward`: rows b write/read through `page_table_BP[b]` (global page ids).
 
-    valid_BT marks real tokens; padded tokens write to the scratch page.
-    """
+    valid_BT marks real tokens; padded tokens write to a scratch page. With `axes` (data-parallel attention),
+    `mesh` and `pages_per_rank`, the state's page axis is split over `axes`: a batch of R x b rows puts rank r's
+    rows in slice r (each runs on its own pages); a batch that does not split (one prefill row) is computed by
+    every rank and written by the rank owning its pages. `kernel`: decode attention through the paged Pallas
+    kernel (`pallas_kernels.paged_attention`, "pallas" / "pallas_interpret") instead of a gathered window."""
 
     page_table_BP: jax.Array
     valid_BT: jax.Array
+    mesh: object = dataclasses.field(default=None, metadata=dict(static=True))
+    axes: tuple[str, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    pages_per_rank: int = dataclasses.field(default=0, metadata=dict(static=True))
+    kernel: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def ranks(self) -> int:
+        return 1 if not self.axes else int(np.prod([self.mesh.shape[a] for a in self.axes]))
+
+    def _split(self, B: int) -> bool:
+        return B % self.ranks == 0
+
+    def _shard(self, body, state, *row_args, split: bool, out_rows: int):
+        ax = self.axes
+        row = P(ax) if split else P()
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(P(None, ax),) + (row,) * len(row_args),
+                             out_specs=(P(None, ax),) + (row,) * out_rows, check_vma=False)(state, *row_args)
 
     def update(self, state, layer: int, kv_BTC, positions_BT):
-        _, _, Z, C = state.shape
-        B, P = self.page_table_BP.shape
-        logical_BT = positions_BT // Z
-        in_range_BT = self.valid_BT & (logical_BT < P) & (positions_BT >= 0)
-        page_BT = jnp.take_along_axis(self.page_table_BP, jnp.clip(logical_BT, 0, P - 1), axis=1)
-        page_BT = jnp.where(in_range_BT, page_BT, SCRATCH_PAGE)
-        state = state.at[layer, page_BT, positions_BT % Z].set(kv_BTC.astype(state.dtype))
-        kv_BSC = state[layer][self.page_table_BP].reshape(B, P * Z, C)
-        mask_BTS = jnp.arange(P * Z)[None, None, :] <= positions_BT[:, :, None]
-        return state, kv_BSC, mask_BTS
+        if self.ranks == 1:
+            return _write_and_gather(state, layer, kv_BTC, positions_BT, self.page_table_BP, self.valid_BT)
+        ppr, ax = self.pages_per_rank, self.axes
+        split = self._split(self.page_table_BP.shape[0])
+
+        def body(st, pt, valid, kv, pos):
+            r = jax.lax.axis_index(ax)
+            if split:
+                return _write_and_gather(st, layer, kv, pos, pt - r * ppr, valid)
+            owner_B = (pt[:, 0] // ppr) == r            # one row: computed everywhere, written by its owner
+            local = jnp.where(owner_B[:, None], pt - r * ppr, SCRATCH_PAGE)
+            st, kv_BSC, mask = _write_and_gather(st, layer, kv, pos, local, valid & owner_B[:, None])
+            kv_BSC = jax.lax.psum(jnp.where(owner_B[:, None, None], kv_BSC, jnp.zeros((), kv_BSC.dtype)), ax)
+            return st, kv_BSC, mask
+
+        return self._shard(body, state, self.page_table_BP, self.valid_BT, kv_BTC, positions_BT, split=split,
+                           out_rows=2)
+
+    # ---- the paged-kernel path (absorbed decode) ----------------------------------------------------------------
+    def write(self, state, layer: int, kv_BTC, positions_BT):
+        """Only write the new tokens' latents (the kernel reads the pages itself)."""
+        if self.ranks == 1:
+            return _write(state, layer, kv_BTC, positions_BT, self.page_table_BP, self.valid_BT)
+        ppr, ax = self.pages_per_rank, self.axes
+
+        def body(st, pt, valid, kv, pos):
+            return (_write(st, layer, kv, pos, pt - jax.lax.axis_index(ax) * ppr, valid),)
+
+        return self._shard(body, state, self.page_table_BP, self.valid_BT, kv_BTC, positions_BT, split=True,
+                           out_rows=0)[0]
+
+    def attend_absorbed(self, state, layer: int, q_lat_BTHL, q_rope_BTHR, positions_BT, scale: float):
+        """softmax(scale * (q_lat . c + q_rope . k_rope)) @ c over each query's positions <= its own, read page by
+        page by the paged kernel: float32 [B, T, H, L]."""
+        B, T, H, L = q_lat_BTHL.shape
+        R = q_rope_BTHR.shape[-1]
+
+        def run(st, pt, ql, qr, pos):   # one query row per (b, t): the row's page table, length pos + 1
+            o = paged_mla_decode(ql.reshape(-1, H, L), qr.reshape(-1, H, R), st, layer,
+                                 jnp.repeat(pt, T, axis=0), (pos + 1).reshape(-1), scale, impl=self.kernel)
+            return o.reshape(pos.shape[0], T, H, L)
+
+        if self.ranks == 1:
+            return run(state, self.page_table_BP, q_lat_BTHL, q_rope_BTHR, positions_BT)
+        ppr, ax = self.pages_per_rank, self.axes
+
+        def body(st, pt, ql, qr, pos):
+            return run(st, pt - jax.lax.axis_index(ax) * ppr, ql, qr, pos)
+
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(P(None, ax), P(ax), P(ax), P(ax), P(ax)),
+                             out_specs=P(ax), check_vma=False)(state, self.page_table_BP, q_lat_BTHL, q_rope_BTHR,
+                                                               positions_BT)
 
 
 class OutOfPages(RuntimeError):
@@ -48,23 +139,31 @@ class OutOfPages(RuntimeError):
 
 
 class PageAllocator:
-    """Reference-counted pages (1 .. num_pages-1; page 0 is scratch). Thread-safe.
+    """Reference-counted pages of R pools (`ranks`) of `num_pages` each, as global ids r * num_pages + i; local
+    page 0 of every pool is its scratch page. Thread-safe.
 
     Invariant: free + used + leased == total (leased = held for a KV transfer that has not been acknowledged).
     """
 
-    def __init__(self, num_pages: int):
+    def __init__(self, num_pages: int, ranks: int = 1):
         if num_pages < 2:
             raise ValueError(f"num_pages={num_pages}: need at least one page besides the scratch page")
-        self.total = num_pages - 1
-        self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low page ids first
-        self._ref = np.zeros(num_pages, np.int32)
+        if ranks < 1:
+            raise ValueError(f"ranks={ranks} must be >= 1")
+        self.pages_per_rank, self.ranks = num_pages, ranks
+        self.total = ranks * (num_pages - 1)
+        # pop() hands out low page ids first
+        self._free = [list(range(r * num_pages + num_pages - 1, r * num_pages, -1)) for r in range(ranks)]
+        self._ref = np.zeros(ranks * num_pages, np.int32)
         self._leased: set[int] = set()
         self._lock = threading.Lock()
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return sum(len(f) for f in self._free)
+
+    def free_in(self, rank: int) -> int:
+        return len(self._free[rank])
 
     @property
     def leased(self) -> int:
@@ -74,26 +173,33 @@ class PageAllocator:
     def used(self) -> int:
         return int((self._ref > 0).sum()) - len(self._leased)
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+    def rank_of(self, page: int) -> int:
+        return page // self.pages_per_rank
 
-    def allocate(self, n: int) -> list[int]:
+    def scratch(self, rank: int = 0) -> int:
+        return rank * self.pages_per_rank + SCRATCH_PAGE
+
+    def can_allocate(self, n: int, rank: int = 0) -> bool:
+        return n <= len(self._free[rank])
+
+    def allocate(self, n: int, rank: int = 0) -> list[int]:
         with self._lock:
-            if n > len(self._free):
-                raise OutOfPages(f"asked for {n} pages, {len(self._free)} free of {self.total}")
-            pages = [self._free.pop() for _ in range(n)]
+            free = self._free[rank]
+            if n > len(free):
+                raise OutOfPages(f"asked for {n} pages on rank {rank}, {len(free)} free of {self.pages_per_rank - 1}")
+            pages = [free.pop() for _ in range(n)]
             self._ref[pages] = 1
             return pages
 
     def release(self, pages: list[int]) -> None:
         with self._lock:
             for p in pages:
-                if p == SCRATCH_PAGE or self._ref[p] <= 0:
+                if p % self.pages_per_rank == SCRATCH_PAGE or self._ref[p] <= 0:
                     raise ValueError(f"page {p} released but not allocated")
                 self._ref[p] -= 1
                 if self._ref[p] == 0:
                     self._leased.discard(p)
-                    self._free.append(p)
+                    self._free[self.rank_of(p)].append(p)
 
     def lease(self, pages: list[int]) -> None:
         """Mark allocated pages as held for a transfer (counted as leased, not used)."""
@@ -102,7 +208,9 @@ class PageAllocator:
 
     def check(self) -> None:
         assert self.free + self.used + self.leased == self.total, (self.free, self.used, self.leased, self.total)
-        assert len(set(self._free)) == len(self._free)
+        flat = [p for f in self._free for p in f]
+        assert len(set(flat)) == len(flat)
+        assert all(self.rank_of(p) == r for r, f in enumerate(self._free) for p in f)
 
 
 def pages_for(tokens: int, page_size: int) -> int:

@@ -44,6 +44,7 @@ class LLM:
                  scheduler_config: SchedulerConfig | None = None, quant: str | None = None, dtype=None,
                  runtime: Runtime | None = None, topology: Topology | None = None, mtp: bool | None = None,
                  kv_memory_fraction: float | None = None, device_memory_gb: float | None = None,
+                 prefill_rules=None, decode_rules=None,
                  workers: Sequence[str] | None = None, router: str | None = None,
                  router_config: RouterConfig | None = None, token: str | None = None):
         """Local engines (default) or worker processes (`workers=` / `router=`).
@@ -63,6 +64,8 @@ class LLM:
         workers / router: serve through PD worker processes instead (`docs/pd_multiprocess.md`); the workers
             own engines and weights, so only `checkpoint` (for the tokenizer), `tokenizer`, `router_config` and
             `token` (default $TANDEM_TOKEN) apply.
+        prefill_rules / decode_rules: the pools' `sharding.AxisRules` (default PREFILL_RULES / DECODE_RULES), e.g.
+            `DECODE_RULES.replace(vocab="ep")` for a vocabulary-parallel embedding and head over the EP ranks.
         """
         self._ids = itertools.count()
         self.prefill_engine = self.decode_engine = self.scheduler = None
@@ -70,7 +73,7 @@ class LLM:
             given = dict(model=model, prefill_mesh=prefill_mesh, engine_config=engine_config,
                          prefill_config=prefill_config, scheduler_config=scheduler_config, quant=quant, dtype=dtype,
                          runtime=runtime, topology=topology, mtp=mtp, kv_memory_fraction=kv_memory_fraction,
-                         device_memory_gb=device_memory_gb)
+                         device_memory_gb=device_memory_gb, prefill_rules=prefill_rules, decode_rules=decode_rules)
             bad = sorted(k for k, v in given.items() if v is not None)
             if bad or mode != "colocated" or decode_mesh != "ep=1":
                 raise ValueError(f"{bad or ['mode/decode_mesh']} do not apply with workers=/router=: the worker "
@@ -118,12 +121,12 @@ class LLM:
             return Engine(m, cfg, mesh=mesh, name=name, roles=roles)
 
         dmesh = topo.allocate("decode", **parse_mesh_spec(decode_mesh))
-        self.decode_engine = engine(ec, dmesh, DECODE_RULES, "decode",
+        self.decode_engine = engine(ec, dmesh, decode_rules or DECODE_RULES, "decode",
                                     {"decode", "receive"} if mode == "disagg" else {"prefill", "decode"})
         self.engine_config = self.decode_engine.cfg
         if mode == "disagg":
             pmesh = topo.allocate("prefill", **parse_mesh_spec(prefill_mesh or "tp=1"))
-            self.prefill_engine = engine(pc, pmesh, PREFILL_RULES, "prefill", {"prefill", "send"})
+            self.prefill_engine = engine(pc, pmesh, prefill_rules or PREFILL_RULES, "prefill", {"prefill", "send"})
         self.scheduler = Scheduler(self.decode_engine, self.prefill_engine, config=scheduler_config,
                                    eos_ids=mcfg.eos_token_ids, detokenize=tokenizer.decode if tokenizer else None)
         self.backend = LocalBackend(self.scheduler, vocab_size=mcfg.vocab_size, max_model_len=ec.max_model_len)

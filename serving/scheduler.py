@@ -55,7 +55,9 @@ class Scheduler:
                  eos_ids: tuple[int, ...] = (), detokenize: Callable[[list[int]], str] | None = None):
         self.decode, self.prefill = decode, prefill
         self.config = config or SchedulerConfig()
-        self.max_batch = min(self.config.max_batch or decode.cfg.max_batch, decode.cfg.max_batch)
+        self.max_batch = min(self.config.max_batch or decode.max_batch, decode.max_batch)
+        # data-parallel attention: each of the decode engine's R ranks runs at most max_batch / R rows
+        self.rank_batch = max(1, decode.max_batch // decode.ranks)
         self.eos_ids = tuple(eos_ids)
         self.detokenize = detokenize
         self.waiting: collections.deque[Request] = collections.deque()
@@ -143,15 +145,25 @@ class Scheduler:
     def _pages_for(self, req: Request) -> int:
         return self.decode.pages_needed(len(req.prompt_ids) + req.limit)
 
+    def _pick_rank(self, n_pages: int) -> int | None:
+        """The attention rank for a new request: one with a free row and `n_pages` free pages, the most free pages
+        first (KV-aware, balances both); None when no rank has room."""
+        a = self.decode.allocator
+        load = np.bincount([a.rank_of(r.pages[0]) for r in self.running + self.prefilling if r.pages],
+                           minlength=self.decode.ranks)
+        ok = [r for r in range(self.decode.ranks) if load[r] < self.rank_batch and a.can_allocate(n_pages, r)]
+        return max(ok, key=lambda r: (a.free_in(r), -load[r], -r)) if ok else None
+
     def _admit_colocated(self) -> None:
         with self._lock:
             while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
                 req = self.waiting[0]
                 n = self._pages_for(req)
-                if not self.decode.allocator.can_allocate(n):
+                rank = self._pick_rank(n)
+                if rank is None:
                     break  # FIFO: the head waits for pages, nobody overtakes it
                 self.waiting.popleft()
-                req.pages = self.decode.allocator.allocate(n)
+                req.pages = self.decode.allocator.allocate(n, rank)
                 req.chunks = self.decode.prefill_chunks(len(req.prompt_ids))
                 req.status = Status.PREFILLING
                 self.prefilling.append(req)
@@ -192,7 +204,8 @@ class Scheduler:
             tokens=np.array([r.output_ids[-1] for r in rows], np.int32),
             positions=np.array([r.position for r in rows], np.int32),
             page_tables=np.stack([self.decode.page_table(r.pages) for r in rows]),
-            sampling=sampling_arrays([r.params for r in rows], [r.seed for r in rows]))
+            sampling=sampling_arrays([r.params for r in rows], [r.seed for r in rows]),
+            ranks=np.array([self.decode.allocator.rank_of(r.pages[0]) for r in rows], np.int64))
         if self.decode.cfg.mtp:
             batch.drafts = np.array([r.draft for r in rows], np.int32)
             batch.draft_q = np.stack([r.draft_q for r in rows])
@@ -293,10 +306,11 @@ class Scheduler:
                     self._finish(req, "error" if err else "abort", err)
                     continue
                 n = self._pages_for(req)
-                if not self.decode.allocator.can_allocate(n):
+                rank = self._pick_rank(n)
+                if rank is None:
                     break
                 self._ready.popleft()
-                req.pages = self.decode.allocator.allocate(n)
+                req.pages = self.decode.allocator.allocate(n, rank)
                 self.decode.insert(prefix, req.pages)
                 req.draft, req.draft_q = prefix.draft, prefix.draft_q
                 self._start_running(req, prefix.first_token)

@@ -124,13 +124,16 @@ _WEIGHTS = dict(vocab="tp", embed=None, heads="tp", qk_head=None, kv_head=None, 
                 kv_lora=None, kv_latent=None, mlp="tp", experts="ep", expert_mlp="tp")
 
 # Prefill: few, long sequences. Batch over dp; the sequence over ep, so ep ranks share the attention work of
-# one prompt instead of repeating it (the MoE splits the same tokens over ep anyway).
-PREFILL_RULES = AxisRules.of("prefill", {**_WEIGHTS, "batch": "dp", "seq": "ep"})
+# one prompt instead of repeating it (the MoE splits the same tokens over ep anyway). Its cache is replicated.
+PREFILL_RULES = AxisRules.of("prefill", {**_WEIGHTS, "batch": "dp", "seq": "ep", "pages": None})
 
 # Decode: many sequences, one token each. MLA decode reads a latent cache with no head axis, so splitting heads
-# does not split the cache reads; split the batch over dp *and* ep instead ("data-parallel attention" across the
-# expert-parallel ranks), each ep rank then dispatches its own rows to the experts' owners.
-DECODE_RULES = AxisRules.of("decode", {**_WEIGHTS, "batch": ("dp", "ep"), "seq": None})
+# does not split the cache reads. Data-parallel attention: every (dp, ep) device is an attention rank that owns
+# its rows *and their KV pages* (the batch and the cache's page axis split the same way), and the routed experts
+# are spread over all of them (wide EP over dp x ep): each rank dispatches its own rows to the experts' owners.
+# tp ranks (heads) share a rank's rows and pages.
+DECODE_RULES = AxisRules.of("decode", {**_WEIGHTS, "batch": ("dp", "ep"), "seq": None, "pages": ("dp", "ep"),
+                                       "experts": ("dp", "ep")})
 
 
 def logical_sharding(axes: Iterable[str | None] | None, mesh: Mesh, rules: AxisRules | None = None

@@ -21,6 +21,7 @@ class FakeEngine:
     """The engine seam with arithmetic instead of a model: the next token is (last + 1) mod V."""
 
     name = "fake"
+    ranks = 1
 
     def __init__(self):
         self.cfg = EngineConfig(page_size=4, num_pages=65, max_model_len=32, prefill_buckets=(8,),
@@ -29,6 +30,10 @@ class FakeEngine:
 
     prefill_chunks = Engine.prefill_chunks
     page_table = Engine.page_table
+
+    @property
+    def max_batch(self) -> int:
+        return self.cfg.max_batch
 
     def pages_needed(self, tokens: int) -> int:
         return pages_for(tokens, self.cfg.page_size)

@@ -76,8 +76,9 @@ def test_sharded_forward_equals_single_device(reference, tokens, ref_logits, dp,
         assert ep_dispatch.capacity(tokens.size, 8, 2) == n * min(2, 8 // ep_dispatch.n_shards)  # worst case
     assert moe.experts_gate_proj[...].sharding.spec == rules.spec(("experts", "embed", "expert_mlp"), mesh)
     assert m.layers[0].self_attn.q_b_proj[...].sharding.spec == (P(None, "tp", None) if tp > 1 else P(None, None, None))
-    assert isinstance(ep_dispatch, ExpertParallel) == (ep > 1 or tp > 1)   # tp only: tensor-parallel experts
-    assert ep_dispatch is None or ep_dispatch.n_shards == ep
+    assert isinstance(ep_dispatch, ExpertParallel) == (ep * dp > 1 or tp > 1)   # tp only: tensor-parallel experts
+    expert_shards = int(np.prod([mesh.shape[a] for a in rules.mesh_axes("experts")]))
+    assert ep_dispatch is None or ep_dispatch.n_shards == expert_shards   # decode: wide EP over dp x ep
     assert reference.runtime.expert_parallel is None  # placing copies: the reference stays as it was
     out = _forward(m, tokens, mesh, rules)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref_logits), atol=TOL, rtol=0)

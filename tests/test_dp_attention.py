@@ -1,0 +1,106 @@
+"""Data-parallel attention decode: every (dp, ep) device of a decode mesh is an attention rank owning its rows and
+their KV pages (the cache's page axis split over the ranks), with the routed experts spread over all of them.
+
+Specification: greedy output equals the single-device engine token for token (dp=2,ep=4 and dp=4,ep=2, colocated
+and disaggregated, XLA and the paged Pallas kernel); the compiled decode step never all-gathers the cache; KV
+capacity grows linearly with the ranks; every page comes back.
+"""
+
+import re
+
+import jax.numpy as jnp
+import pytest
+
+import checkpoints
+import hf_reference
+from model.runtime import Runtime
+from serving import LLM, EngineConfig, SamplingParams
+
+EC = EngineConfig(page_size=8, num_pages=24, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(8, 16),
+                  decode_steps=3)
+PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 40], [3, 1, 4],
+           [9, 2, 6, 5, 35, 8, 9, 7, 9], [11, 12, 13], [2] * 12, [70, 71], [33, 34, 35, 36, 37], [8, 9],
+           [90, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [44]]
+N_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dp_ckpt"))
+    hf_reference.build(path, dict(num_hidden_layers=2, max_position_embeddings=128), seed=11)
+    return checkpoints.load(path, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    with LLM(model=model, engine_config=EC) as llm:
+        assert llm.decode_engine.ranks == 1
+        return [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))]
+
+
+def _check_pages(llm):
+    for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
+        eng.allocator.check()
+        assert eng.allocator.free == eng.allocator.total, eng.name
+
+
+@pytest.mark.parametrize("mesh", ["dp=2,ep=4", "dp=4,ep=2"])
+def test_dp_attention_equals_the_single_device_engine(model, reference, mesh):
+    with LLM(model=model, engine_config=EC, decode_mesh=mesh) as llm:
+        eng = llm.decode_engine
+        assert eng.ranks == 8 and eng.allocator.total == 8 * (EC.num_pages - 1)
+        assert eng.model.runtime.expert_parallel.n_shards == 8          # wide EP over dp x ep
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+        assert [o.token_ids for o in outs] == reference
+        _check_pages(llm)
+
+
+def test_disaggregated_prefill_lands_in_the_owning_ranks_pages(model, reference):
+    with LLM(model=model, engine_config=EC, mode="disagg", prefill_mesh="tp=2", decode_mesh="dp=2,ep=2") as llm:
+        assert llm.decode_engine.ranks == 4
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+        assert [o.token_ids for o in outs] == reference
+        _check_pages(llm)
+
+
+def test_paged_kernel_through_the_dp_engine(model, reference):
+    with LLM(model=model, engine_config=EC, decode_mesh="dp=2,ep=2",
+             runtime=Runtime(attention_impl="pallas_interpret")) as llm:
+        hlo = llm.decode_engine._decode_exe[8, EC.windows[0]].as_text()
+        assert "paged_mla_decode" in hlo
+        outs = llm.generate(PROMPTS[:6], SamplingParams(max_tokens=N_NEW))
+        assert [o.token_ids for o in outs] == reference[:6]
+        _check_pages(llm)
+
+
+def test_decode_step_never_gathers_the_cache(model):
+    with LLM(model=model, engine_config=EC, decode_mesh="dp=2,ep=4") as llm:
+        eng = llm.decode_engine
+        _, P, Z, C = eng.cache_shape
+        for (B, Pw), exe in eng._decode_exe.items():
+            hlo = exe.as_text()
+            gathers = re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather", hlo)
+            assert gathers, "expected the EP dispatch's gathers in the program"
+            for dims in gathers:   # nothing shaped like cache pages [.., Z, C] or a gathered window [.., S, C]
+                d = [int(x) for x in dims.split(",") if x]
+                assert not (len(d) >= 2 and d[-1] == C and d[-2] in (Z, Pw * Z)), (B, Pw, dims)
+
+
+def test_kv_capacity_grows_linearly_with_the_ranks(model):
+    small = EngineConfig(page_size=8, num_pages=9, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(4, 8),
+                         decode_steps=2)               # 8 pages per rank: one 20+40-token request at a time
+    caps = {}
+    for mesh in ("ep=1", "ep=2", "dp=2,ep=2", "dp=2,ep=4"):
+        with LLM(model=model, engine_config=small, decode_mesh=mesh) as llm:
+            eng = llm.decode_engine
+            caps[eng.ranks] = eng.allocator.total
+            reqs = [llm.submit(PROMPTS[0], SamplingParams(max_tokens=40)) for _ in range(eng.ranks + 1)]
+            llm.step()
+            running = [r for r in reqs if r.status.value != "waiting"]
+            assert len(running) == eng.ranks             # one request per rank fits; the last one waits
+            assert len({eng.allocator.rank_of(r.pages[0]) for r in running}) == eng.ranks
+            while llm.has_work():
+                llm.step()
+            assert all(r.finish_reason == "length" for r in reqs)
+            _check_pages(llm)
+    assert caps == {1: 8, 2: 16, 4: 32, 8: 64}
