@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -611,6 +612,11 @@ def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=None, 
     return model
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract_state(cfg: ModelConfig, dtype):
+    return nnx.split(nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
+
+
 class _NoTensors:
     """A stand-in checkpoint with no tensors (plans for an abstract model)."""
 
@@ -633,7 +639,9 @@ def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, quant: str | None = 
         fmt, dense, fp8_linears = None, False, True
     else:
         fmt, dense = parse_quant(quant)
-    model = nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, state = _abstract_state(cfg, dtype)       # traced once per (config, dtype): V3's takes seconds
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+                      copy=True)
     plan = plans(cfg, _NoTensors())
     for path, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Variable):

@@ -87,20 +87,31 @@ def test_decode_step_never_gathers_the_cache(model):
 
 
 def test_kv_capacity_grows_linearly_with_the_ranks(model):
-    small = EngineConfig(page_size=8, num_pages=9, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(4, 8),
-                         decode_steps=2)               # 8 pages per rank: one 20+40-token request at a time
+    from serving.engine import Engine
+    from sharding import DECODE_RULES, Topology, place
+
     caps = {}
-    for mesh in ("ep=1", "ep=2", "dp=2,ep=2", "dp=2,ep=4"):
-        with LLM(model=model, engine_config=small, decode_mesh=mesh) as llm:
-            eng = llm.decode_engine
-            caps[eng.ranks] = eng.allocator.total
-            reqs = [llm.submit(PROMPTS[0], SamplingParams(max_tokens=40)) for _ in range(eng.ranks + 1)]
+    for spec in (dict(ep=1), dict(ep=2), dict(dp=2, ep=2), dict(dp=2, ep=4)):
+        mesh = Topology.preset("cpu:8/1").allocate("cap-" + "-".join(map(str, spec.values())), **spec)
+        eng = Engine(place(model, mesh, DECODE_RULES), EC, mesh=mesh, compile=False)   # nothing compiled
+        caps[eng.ranks] = eng.allocator.total
+        assert eng.cache.shape[1] == eng.ranks * EC.num_pages
+        assert eng.cache.sharding.shard_shape(eng.cache.shape)[1] == EC.num_pages    # one pool per device
+    assert caps == {1: 23, 2: 46, 4: 92, 8: 184}
+
+
+def test_admission_places_one_request_per_rank_when_pages_are_tight(model):
+    small = EngineConfig(page_size=8, num_pages=9, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(4,),
+                         decode_steps=2)               # 8 pages per rank: one 20+40-token request at a time
+    with LLM(model=model, engine_config=small, decode_mesh="dp=2,ep=2") as llm:
+        eng = llm.decode_engine
+        reqs = [llm.submit(PROMPTS[0], SamplingParams(max_tokens=40)) for _ in range(eng.ranks + 1)]
+        llm.step()
+        running = [r for r in reqs if r.status.value != "waiting"]
+        assert len(running) == eng.ranks == 4            # one request per rank fits; the last one waits
+        assert len({eng.allocator.rank_of(r.pages[0]) for r in running}) == 4
+        while llm.has_work():
             llm.step()
-            running = [r for r in reqs if r.status.value != "waiting"]
-            assert len(running) == eng.ranks             # one request per rank fits; the last one waits
-            assert len({eng.allocator.rank_of(r.pages[0]) for r in running}) == eng.ranks
-            while llm.has_work():
-                llm.step()
-            assert all(r.finish_reason == "length" for r in reqs)
-            _check_pages(llm)
-    assert caps == {1: 8, 2: 16, 4: 32, 8: 64}
+        assert all(r.finish_reason == "length" for r in reqs)
+        assert len({tuple(r.output_ids) for r in reqs}) == 1   # same prompt, same tokens, whichever rank
+        _check_pages(llm)

@@ -133,9 +133,12 @@ def test_absent_or_size_one_mesh_axes_mean_replicated():
     assert logical_sharding(("batch", "embed"), other, DECODE_RULES).spec == P(None, None)
 
 
-def test_prefill_and_decode_rules_differ_in_activation_layout_only():
+def test_prefill_and_decode_rules_differ_in_layout_and_expert_width_only():
+    """Decode: data-parallel attention (batch and KV pages over dp x ep) and wide EP (experts over dp x ep);
+    every other weight is placed the same in both pools."""
     diff = {k for k, v in PREFILL_RULES.as_dict().items() if DECODE_RULES.as_dict()[k] != v}
-    assert diff == {"batch", "seq"}
+    assert diff == {"batch", "seq", "pages", "experts"}
+    assert DECODE_RULES.mesh_axes("pages") == DECODE_RULES.mesh_axes("batch") == ("dp", "ep")
 
 
 def test_unknown_logical_axis_is_an_error():
