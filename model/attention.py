@@ -81,6 +81,44 @@ class MLA(nnx.Module):
         B, T, H, V = o_BTHV.shape
         return linear(o_BTHV.reshape(B, T, H * V), self.o_proj, runtime, k_ndim=2)
 
+    def attend_blockwise(self, q_nope_BTHK, q_rope_BTHR, read_block, block_len: int, positions_BT,
+                         runtime=DEFAULT_RUNTIME) -> jax.Array:
+        """Naive (prefill) attention over key blocks `read_block(j) -> [B, block_len, C]` (block j holds key
+        positions [j * block_len, (j + 1) * block_len)), flash-style: an online softmax in f32 over only the
+        blocks the queries reach (a dynamic trip count), so memory is O(T x block) and work grows with the
+        context actually present, not with the cache window. Returns [B,T,D]."""
+        cfg = self.cfg
+        L, K = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        B, T, H, _ = q_nope_BTHK.shape
+        dtype = q_nope_BTHK.dtype
+        kv_b_LHX = dense(self.kv_b_proj.get_value(), dtype)
+        w_uk_LHK, w_uv_LHV = kv_b_LHX[..., :K], kv_b_LHX[..., K:]
+        V = w_uv_LHV.shape[-1]
+        n_blocks = (jnp.max(positions_BT) + block_len) // block_len
+
+        def body(j, carry):
+            m_BHT, l_BHT, acc_BTHV = carry
+            kv_BSC = read_block(j)
+            c_BSL, k_rope_BSR = kv_BSC[..., :L].astype(dtype), kv_BSC[..., L:].astype(dtype)
+            k_nope_BSHK = jnp.einsum("bsl,lhk->bshk", c_BSL, w_uk_LHK)
+            v_BSHV = jnp.einsum("bsl,lhv->bshv", c_BSL, w_uv_LHV)
+            s_BHTS = (jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK)
+                      + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)).astype(jnp.float32) * cfg.softmax_scale
+            key_S = j * block_len + jnp.arange(block_len)
+            s_BHTS = jnp.where(key_S[None, None, None, :] <= positions_BT[:, None, :, None], s_BHTS, _NEG_INF)
+            m_new = jnp.maximum(m_BHT, s_BHTS.max(-1))
+            alpha = jnp.exp(m_BHT - m_new)
+            p_BHTS = jnp.exp(s_BHTS - m_new[..., None])
+            l_new = l_BHT * alpha + p_BHTS.sum(-1)
+            pv_BTHV = jnp.einsum("bhts,bshv->bthv", p_BHTS.astype(dtype), v_BSHV).astype(jnp.float32)
+            return m_new, l_new, acc_BTHV * alpha.transpose(0, 2, 1)[..., None] + pv_BTHV
+
+        init = (jnp.full((B, H, T), _NEG_INF, jnp.float32), jnp.zeros((B, H, T), jnp.float32),
+                jnp.zeros((B, T, H, V), jnp.float32))
+        _, l_BHT, acc_BTHV = jax.lax.fori_loop(0, n_blocks, body, init)
+        o_BTHV = (acc_BTHV / jnp.maximum(l_BHT, 1e-30).transpose(0, 2, 1)[..., None]).astype(dtype)
+        return linear(o_BTHV.reshape(B, T, H * V), self.o_proj, runtime, k_ndim=2)
+
     def attend(self, q_nope_BTHK, q_rope_BTHR, kv_BSC, mask_BTS, *, absorbed: bool,
                runtime=DEFAULT_RUNTIME) -> jax.Array:
         """Attention of the queries over latent keys kv_BSC where mask_BTS is true; returns [B,T,D]."""

@@ -35,6 +35,12 @@ class DecoderLayer(nnx.Module):
                 state = cache.write(state, cache_layer, kv_BTC, positions_BT)
                 x_BTD = x_BTD + self.self_attn.attend_paged(q_nope, q_rope, cache, state, cache_layer, positions_BT,
                                                             runtime)
+            elif not absorbed and getattr(cache, "blockwise", False):   # prefill: only the blocks the rows reach
+                state = cache.write(state, cache_layer, kv_BTC, positions_BT)
+                Z = state.shape[2]
+                x_BTD = x_BTD + self.self_attn.attend_blockwise(
+                    q_nope, q_rope, lambda j: cache.read_block(state, cache_layer, j), cache.block_pages * Z,
+                    positions_BT, runtime)
             else:
                 state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)
                 x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed,
@@ -95,11 +101,13 @@ class DeepseekV3(nnx.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"], *, cache=NoCache(),
-                state=None, absorbed: bool = False):
+                state=None, absorbed: bool = False, logits_at: Int[Array, "B"] | None = None):
         """Run the decoder over `tokens_BT` at absolute `positions_BT`.
 
         Returns (logits [B,T,W] float32, hidden [B,T,D] after the final norm, new cache state). With a cache,
-        each layer writes the new latents first and then attends over everything its cache shows.
+        each layer writes the new latents first and then attends over everything its cache shows. `logits_at`
+        ([B] indices into T): the head runs on those positions only and logits are [B,1,W] (a prefill chunk
+        needs one token's; the head is 2 x D x vocab FLOPs per position).
         """
         cos, sin = cos_sin(self.cfg, positions_BT)
         x_BTD = self.embed(tokens_BT)
@@ -107,6 +115,8 @@ class DeepseekV3(nnx.Module):
             with jax.named_scope(f"layer{i}"):
                 x_BTD, state = layer(x_BTD, positions_BT, cos, sin, cache, state, i, absorbed, self.runtime)
         h_BTD = self.norm(x_BTD)
+        if logits_at is not None:
+            return self.head(h_BTD[jnp.arange(h_BTD.shape[0]), logits_at][:, None]), h_BTD, state
         return self.head(h_BTD), h_BTD, state
 
     def __call__(self, input_ids: Int[Array, "B T"]) -> Float[Array, "B T W"]:
@@ -115,7 +125,7 @@ class DeepseekV3(nnx.Module):
         return self.forward(input_ids, positions)[0]
 
     def mtp_forward(self, hidden_BTD, next_tokens_BT, positions_BT, *, depth: int = 0, cache=NoCache(),
-                    state=None, absorbed: bool = False):
+                    state=None, absorbed: bool = False, logits_at=None):
         """MTP module `depth`: logits [B,T,W] for token t+2+depth from hidden h_t and token t+1+depth.
 
         `positions_BT` are the positions of the *hidden states* (t); the block's cache (if any) is layer
@@ -129,4 +139,7 @@ class DeepseekV3(nnx.Module):
         with jax.named_scope(f"mtp{depth}"):
             x_BTD, state = m.block(x_BTD, positions_BT, cos, sin, cache, state,
                                    self.cfg.num_hidden_layers + depth, absorbed, self.runtime)
-        return self.head(m.shared_head_norm(x_BTD)), x_BTD, state
+        h_BTD = m.shared_head_norm(x_BTD)
+        if logits_at is not None:
+            h_BTD = h_BTD[jnp.arange(h_BTD.shape[0]), logits_at][:, None]
+        return self.head(h_BTD), x_BTD, state

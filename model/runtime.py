@@ -38,6 +38,9 @@ class Runtime:
     attention_impl: paged decode attention — "xla" (gather the page window, masked softmax), "pallas" (the paged
         MLA kernel, `pallas_kernels.paged_attention`: reads pages through the page table), "pallas_interpret".
         None: by platform.
+    prefill_attention: "blockwise" (key blocks of `prefill_block` tokens read from the pages, only as many as the
+        chunk reaches, online softmax: O(T x block) memory, work ~ the context present) or "window" (gather the
+        whole page window of the executable, O(T x S) scores: the first version, kept as a reference).
     platform: the platform the model is compiled for ("cpu", "cuda", ...). None: the devices' platform at trace
         time. Set it when lowering/exporting for another platform than the host's.
     moe_impl: routed-expert computation, see `model.moe.MOE_IMPLS`. None: chosen per shape (`model.moe.choose`).
@@ -51,6 +54,8 @@ class Runtime:
 
     matmul_impl: MatmulImpl | None = None
     attention_impl: MatmulImpl | None = None
+    prefill_attention: str = "blockwise"
+    prefill_block: int = 256
     platform: str | None = None
     moe_impl: str | None = None
     expert_parallel: object | None = None
@@ -58,6 +63,10 @@ class Runtime:
     rules: object | None = None
 
     def __post_init__(self):
+        if self.prefill_attention not in ("blockwise", "window"):
+            raise ValueError(f"prefill_attention={self.prefill_attention!r}: expected 'blockwise' or 'window'")
+        if self.prefill_block < 1:
+            raise ValueError(f"prefill_block={self.prefill_block} must be >= 1")
         for f in ("matmul_impl", "attention_impl"):
             if getattr(self, f) is not None and getattr(self, f) not in MATMUL_IMPLS:
                 raise ValueError(f"{f}={getattr(self, f)!r}: expected one of {MATMUL_IMPLS} or None")

@@ -232,11 +232,14 @@ class Engine:
         """Rows of the largest decode dispatch (all ranks together)."""
         return self.decode_buckets[-1]
 
-    def _layout(self, page_table_BP, valid_BT, kernel: bool = False) -> PagedCache:
+    def _layout(self, page_table_BP, valid_BT, kernel: bool = False, prefill: bool = False) -> PagedCache:
         impl = self.runtime.resolved_attention_impl() if kernel else "xla"
+        block = 0
+        if prefill and self.runtime.prefill_attention == "blockwise":
+            block = max(1, self.runtime.prefill_block // self.cfg.page_size)
         return PagedCache(page_table_BP, valid_BT, mesh=self.mesh if self.ranks > 1 else None,
                           axes=self.rank_axes if self.ranks > 1 else (), pages_per_rank=self.pages_per_rank,
-                          kernel=None if impl == "xla" else impl)
+                          kernel=None if impl == "xla" else impl, block_pages=block)
 
     # ---- compiled functions (pure; traced once per bucket at start-up) -------------------------------------------
     def _prefill_fn(self, params, cache, tokens_T, start, length, next_token, page_table_P, temperature, top_k,
@@ -247,13 +250,14 @@ class Engine:
         T = tokens_T.shape[0]
         positions_T = start + jnp.arange(T, dtype=jnp.int32)
         valid_T = jnp.arange(T) < length
-        layout = self._layout(page_table_P[None], valid_T[None])
-        logits_BTW, hidden_BTD, cache = model.forward(tokens_T[None], positions_T[None], cache=layout, state=cache)
+        layout = self._layout(page_table_P[None], valid_T[None], prefill=True)
         last = jnp.maximum(length - 1, 0)
-        logits_W = logits_BTW[0, last]
+        logits_B1W, hidden_BTD, cache = model.forward(tokens_T[None], positions_T[None], cache=layout, state=cache,
+                                                      logits_at=last[None])
+        logits_W = logits_B1W[0, 0]
         token = sample(logits_W[None], (start + length)[None], temperature[None], top_k[None], top_p[None],
                        seed[None])[0]
-        W = logits_BTW.shape[-1]
+        W = logits_B1W.shape[-1]
         if not self.cfg.mtp:
             return token, jnp.int32(0), jnp.zeros((W,), jnp.float32), cache
         # MTP over the chunk: position t sees (h_t, x_{t+1}); fills the MTP layer's cache and drafts x_{n+1}.
@@ -261,8 +265,8 @@ class Engine:
         next_T = jnp.concatenate([tokens_T[1:], jnp.zeros((1,), tokens_T.dtype)])
         next_T = jnp.where(jnp.arange(T) == last, follow, next_T)
         m_logits, _, cache = model.mtp_forward(hidden_BTD, next_T[None], positions_T[None], cache=layout,
-                                               state=cache)
-        q_W = token_probs(m_logits[0, last][None], temperature[None], top_k[None], top_p[None])[0]
+                                               state=cache, logits_at=last[None])
+        q_W = token_probs(m_logits[0, 0][None], temperature[None], top_k[None], top_p[None])[0]
         draft = draw(q_W[None], keys_for(seed[None], (start + length + 1)[None], stream=3))[0]
         return token, draft, q_W, cache
 

@@ -65,6 +65,8 @@ class PagedCache:
     axes: tuple[str, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     pages_per_rank: int = dataclasses.field(default=0, metadata=dict(static=True))
     kernel: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+    # prefill: attend block by block over only the pages the rows have (pages per block; 0 = one gathered window)
+    block_pages: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def ranks(self) -> int:
@@ -97,6 +99,22 @@ class PagedCache:
 
         return self._shard(body, state, self.page_table_BP, self.valid_BT, kv_BTC, positions_BT, split=split,
                            out_rows=2)
+
+    # ---- blockwise prefill: key blocks read page by page, only as far as the rows reach --------------------------
+    @property
+    def blockwise(self) -> bool:
+        return self.block_pages > 0 and self.ranks == 1
+
+    def read_block(self, state, layer: int, j):
+        """Key block j: the latents of page-table columns [j * block_pages, (j + 1) * block_pages) of every row,
+        [B, block_pages * Z, C] (columns past the table read the scratch page; positions mask them)."""
+        B, Pw = self.page_table_BP.shape
+        k = self.block_pages
+        cols = j * k + jnp.arange(k)
+        pages = jnp.where(cols[None, :] < Pw, jnp.take(self.page_table_BP, jnp.minimum(cols, Pw - 1), axis=1),
+                          SCRATCH_PAGE)
+        Z, C = state.shape[2:]
+        return state[layer][pages].reshape(B, k * Z, C)
 
     # ---- the paged-kernel path (absorbed decode) ----------------------------------------------------------------
     def write(self, state, layer: int, kv_BTC, positions_BT):

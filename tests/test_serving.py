@@ -12,6 +12,7 @@ import pytest
 
 import checkpoints
 import hf_reference
+from model.runtime import Runtime
 from serving import LLM, EngineConfig, SamplingParams
 
 EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
@@ -30,7 +31,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def colocated(model):
-    llm = LLM(model=model, engine_config=EC)
+    # prefill attention block by block, one page per block: a 20-token prompt spans 3 blocks and its second chunk
+    # reads the first chunk's blocks back (the default block, 256 tokens, would be one block at these sizes)
+    llm = LLM(model=model, engine_config=EC, runtime=Runtime(prefill_block=EC.page_size))
     yield llm
     llm.close()
 
@@ -43,6 +46,7 @@ def _check_pages(llm):
 
 
 def test_greedy_through_engine_equals_teacher_forced_argmax(colocated, model):
+    assert colocated.decode_engine._layout(np.zeros((1, 8), np.int32), np.ones((1, 4), bool), prefill=True).blockwise
     outs = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
     assert [o.token_ids for o in outs] == hf_reference.argmax_rollout(model, PROMPTS, N_NEW)
     assert all(o.finish_reason == "length" for o in outs)
