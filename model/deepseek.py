@@ -39,7 +39,8 @@ class DecoderLayer(nnx.Module):
                 state = cache.write(state, cache_layer, kv_BTC, positions_BT)
                 Z = state.shape[2]
                 x_BTD = x_BTD + self.self_attn.attend_blockwise(
-                    q_nope, q_rope, lambda j: cache.read_block(state, cache_layer, j), cache.block_pages * Z,
+                    q_nope, q_rope, lambda j: cache.read_block(state, cache_layer, j, kv_BTC.dtype),
+                    cache.block_pages * Z,
                     positions_BT, runtime)
             else:
                 state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)

@@ -49,6 +49,8 @@ _KV_FRACTION = flags.DEFINE_float("kv_memory_fraction", None, "size each KV cach
 _DEVICE_MEMORY = flags.DEFINE_float("device_memory_gb", None, "device memory for --kv_memory_fraction where the "
                                     "devices do not report it (CPU)")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size (tokens)")
+_CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "fp8"], "KV cache format (default: the "
+                                 "weights' dtype; fp8: e4m3 + a per-token scale, half of bf16's bytes)")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", 512, "KV pages per engine")
 _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the model's "
                                       "max_position_embeddings, at most 1024)")
@@ -171,7 +173,8 @@ def run(argv_unused=None) -> int:
         return _run_job(items, _MAX_BATCH.value, *_remote_llm(ckpt))
     max_len = _MAX_MODEL_LEN.value or default_max_model_len(mcfg.max_position_embeddings, _PAGE_SIZE.value)
     ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len,
-                      decode_buckets=buckets, decode_steps=_DECODE_STEPS.value, mtp=_MTP.value)
+                      decode_buckets=buckets, decode_steps=_DECODE_STEPS.value, mtp=_MTP.value,
+                      cache_dtype=_CACHE_DTYPE.value)
     disagg = _MODE.value == "disagg"
     heads, experts = mcfg.num_attention_heads, mcfg.n_routed_experts
     dmesh = _DECODE_MESH.value or default_mesh("decode", _DECODE_DEVICES.value, heads, experts)

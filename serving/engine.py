@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.deepseek import DeepseekV3
 from model.flops import decode_flops
-from serving.kv_cache import SCRATCH_PAGE, PageAllocator, PagedCache, pages_for
+from serving.kv_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PageAllocator, PagedCache, pages_for
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
 from sharding.plan import plan as memory_plan
@@ -53,7 +53,7 @@ class EngineConfig:
     # Attention windows of decode, in pages: a dispatch attends over the smallest window that holds every row's
     # positions (short requests do not pay for max_model_len). Default: pages_per_seq / 4, / 2 and all of it.
     decode_windows: tuple[int, ...] | None = None
-    cache_dtype: str | None = None             # default: the model's dtype
+    cache_dtype: str | None = None             # default: the model's dtype; "fp8": e4m3 + a per-token f32 scale
 
     def __post_init__(self):
         if self.max_model_len % self.page_size:
@@ -133,6 +133,15 @@ class DecodeBatch:
     ranks: np.ndarray | None = None       # [n] attention rank of each row (data-parallel attention; None: 0)
 
 
+def cache_layout(cfg: EngineConfig, model) -> tuple[jnp.dtype, int]:
+    """(dtype, row width) of the paged cache: the model's dtype (or `cache_dtype`) and C = L + R values per token,
+    or for `cache_dtype="fp8"` uint8 rows of C e4m3 codes + a 4-byte f32 per-token scale (`kv_cache.encode_fp8_rows`)."""
+    C = model.cfg.cache_width
+    if cfg.cache_dtype == "fp8":
+        return jnp.dtype(jnp.uint8), C + FP8_SCALE_BYTES
+    return (jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else jnp.dtype(model.dtype)), C
+
+
 def size_cache(model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None, roles, kv_memory_fraction: float,
                device_memory: float | None = None) -> tuple[EngineConfig, MemoryPlan]:
     """`cfg` with `num_pages` sized from a device-memory budget (like vLLM's `gpu_memory_utilization`):
@@ -150,8 +159,8 @@ def size_cache(model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None, roles
                  compile=False)
     temp = max((low.compile().memory_analysis().temp_size_in_bytes for low in eng.lowered().values()), default=0)
     del eng
-    dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
-    p = memory_plan(device_memory, weight_bytes_per_device(model), kv_bytes_per_token(model.cfg, dtype),
+    p = memory_plan(device_memory, weight_bytes_per_device(model), kv_bytes_per_token(model.cfg, cfg.cache_dtype or
+                                                                                      model.dtype),
                     fraction=kv_memory_fraction, temp=temp, page_size=cfg.page_size, min_tokens=cfg.max_model_len)
     log.info("KV cache sized from %.0f%% of %.1f GB: weights %.2f GB, temporaries %.2f GB -> %d pages (%d tokens)",
              100 * kv_memory_fraction, device_memory / 1e9, p.weights / 1e9, p.temp / 1e9, p.num_pages, p.kv_tokens)
@@ -204,7 +213,7 @@ class Engine:
                                  "(checkpoints.load(path, mesh=mesh, rules=rules)) or place it "
                                  "(sharding.place(model, mesh, rules))")
         mc = model.cfg
-        dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
+        dtype, width = cache_layout(cfg, model)
         # data-parallel attention: the mesh axes the rules put the cache's page axis on (each an attention rank)
         spec = self.runtime.spec(("pages",)) if mesh is not None else None
         part = None if spec is None else spec[0]
@@ -214,7 +223,7 @@ class Engine:
         # decode buckets in whole rows per rank: every bucket a multiple of the ranks
         self.decode_buckets = tuple(sorted({-(-b // self.ranks) * self.ranks for b in cfg.decode_buckets}))
         self.cache_shape = (mc.num_hidden_layers + mc.num_nextn_predict_layers, self.ranks * cfg.num_pages,
-                            cfg.page_size, mc.cache_width)
+                            cfg.page_size, width)
         self._cache_sharding = (NamedSharding(mesh, PartitionSpec(None, self.rank_axes)) if self.ranks > 1
                                 else self._replicated)
         self._q_width = mc.vocab_size if cfg.mtp else 1   # draft distributions exist only with MTP

@@ -28,12 +28,43 @@ from pallas_kernels.paged_attention import paged_mla_decode
 SCRATCH_PAGE = 0
 
 
+# ---- FP8 latent rows: a uint8 cache of C e4m3 codes + the token's f32 scale (4 bytes) per row -------------------
+FP8_SCALE_BYTES = 4
+_E4M3_MAX = 448.0
+
+
+def is_fp8(state) -> bool:
+    return jnp.dtype(state.dtype) == jnp.uint8
+
+
+def encode_fp8_rows(kv_TC) -> jax.Array:
+    """[..., C] latents -> [..., C + 4] bytes: e4m3 codes of kv / s, then s = amax / 448 (f32, per token)."""
+    x = kv_TC.astype(jnp.float32)
+    s = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / _E4M3_MAX
+    s = jnp.where(s > 0, s, 1.0)
+    codes = jnp.clip(x / s, -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+    sb = jax.lax.bitcast_convert_type(s[..., 0], jnp.uint8)               # [..., 4]
+    return jnp.concatenate([jax.lax.bitcast_convert_type(codes, jnp.uint8), sb], axis=-1)
+
+
+def decode_fp8_rows(raw, dtype) -> jax.Array:
+    """Inverse of `encode_fp8_rows`: [..., C + 4] bytes -> [..., C] in `dtype`."""
+    codes = jax.lax.bitcast_convert_type(raw[..., :-FP8_SCALE_BYTES], jnp.float8_e4m3fn).astype(jnp.float32)
+    s = jax.lax.bitcast_convert_type(raw[..., -FP8_SCALE_BYTES:], jnp.float32)
+    return (codes * s[..., None]).astype(dtype)
+
+
+def read_rows(raw, dtype):
+    """Cache rows as latents in `dtype` (dequantized when the cache is FP8)."""
+    return decode_fp8_rows(raw, dtype) if jnp.dtype(raw.dtype) == jnp.uint8 else raw
+
+
 def _write_and_gather(state, layer: int, kv_BTC, positions_BT, page_table_BP, valid_BT):
     """On one pool (local page ids): write the new tokens' latents, gather the rows' page windows."""
-    _, _, Z, C = state.shape
+    _, _, Z, Cs = state.shape
     B, Pw = page_table_BP.shape
     state = _write(state, layer, kv_BTC, positions_BT, page_table_BP, valid_BT)
-    kv_BSC = state[layer][page_table_BP].reshape(B, Pw * Z, C)
+    kv_BSC = read_rows(state[layer][page_table_BP].reshape(B, Pw * Z, Cs), kv_BTC.dtype)
     mask_BTS = jnp.arange(Pw * Z)[None, None, :] <= positions_BT[:, :, None]
     return state, kv_BSC, mask_BTS
 
@@ -45,7 +76,8 @@ def _write(state, layer: int, kv_BTC, positions_BT, page_table_BP, valid_BT):
     in_range_BT = valid_BT & (logical_BT < Pw) & (positions_BT >= 0)
     page_BT = jnp.take_along_axis(page_table_BP, jnp.clip(logical_BT, 0, Pw - 1), axis=1)
     page_BT = jnp.where(in_range_BT, page_BT, SCRATCH_PAGE)
-    return state.at[layer, page_BT, positions_BT % Z].set(kv_BTC.astype(state.dtype))
+    rows = encode_fp8_rows(kv_BTC) if is_fp8(state) else kv_BTC.astype(state.dtype)
+    return state.at[layer, page_BT, positions_BT % Z].set(rows)
 
 
 @jax.tree_util.register_dataclass
@@ -105,7 +137,7 @@ class PagedCache:
     def blockwise(self) -> bool:
         return self.block_pages > 0 and self.ranks == 1
 
-    def read_block(self, state, layer: int, j):
+    def read_block(self, state, layer: int, j, dtype=None):
         """Key block j: the latents of page-table columns [j * block_pages, (j + 1) * block_pages) of every row,
         [B, block_pages * Z, C] (columns past the table read the scratch page; positions mask them)."""
         B, Pw = self.page_table_BP.shape
@@ -114,7 +146,7 @@ class PagedCache:
         pages = jnp.where(cols[None, :] < Pw, jnp.take(self.page_table_BP, jnp.minimum(cols, Pw - 1), axis=1),
                           SCRATCH_PAGE)
         Z, C = state.shape[2:]
-        return state[layer][pages].reshape(B, k * Z, C)
+        return read_rows(state[layer][pages].reshape(B, k * Z, C), dtype or jnp.bfloat16)
 
     # ---- the paged-kernel path (absorbed decode) ----------------------------------------------------------------
     def write(self, state, layer: int, kv_BTC, positions_BT):
@@ -134,6 +166,10 @@ class PagedCache:
         page by the paged kernel: float32 [B, T, H, L]."""
         B, T, H, L = q_lat_BTHL.shape
         R = q_rope_BTHR.shape[-1]
+
+        if is_fp8(state) and self.kernel:
+            raise NotImplementedError("the paged Pallas kernel reads bf16/f32 caches; an FP8 cache decodes "
+                                      "through attention_impl='xla'")
 
         def run(st, pt, ql, qr, pos):   # one query row per (b, t): the row's page table, length pos + 1
             o = paged_mla_decode(ql.reshape(-1, H, L), qr.reshape(-1, H, R), st, layer,

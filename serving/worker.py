@@ -391,6 +391,7 @@ def _flags():
     f.DEFINE_string("mesh", None, "engine mesh, e.g. 'tp=2' (default: tp over --devices for prefill, ep for "
                     "decode)")
     f.DEFINE_integer("page_size", 16, "KV page size (tokens)")
+    f.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "fp8"], "KV cache format (equal on every worker)")
     f.DEFINE_integer("num_pages", 512, "KV pages of this engine")
     f.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the checkpoint's "
                      "max_position_embeddings, at most 1024, rounded down to pages); equal on every worker")
@@ -423,7 +424,8 @@ def main(argv):
     max_len = FLAGS.max_model_len or default_max_model_len(mcfg.max_position_embeddings, FLAGS.page_size)
     ec = EngineConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, max_model_len=max_len,
                       prefill_buckets=tuple(int(b) for b in FLAGS.prefill_buckets),
-                      decode_buckets=tuple(int(b) for b in FLAGS.decode_buckets), decode_steps=FLAGS.decode_steps)
+                      decode_buckets=tuple(int(b) for b in FLAGS.decode_buckets), decode_steps=FLAGS.decode_steps,
+                      cache_dtype=FLAGS.cache_dtype)
     mesh_spec = FLAGS.mesh or default_mesh(role, len(jax.devices()), mcfg.num_attention_heads, mcfg.n_routed_experts)
     mesh = Topology.from_devices().allocate(role, **parse_mesh_spec(mesh_spec))
     rules = PREFILL_RULES if role == "prefill" else DECODE_RULES

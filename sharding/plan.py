@@ -56,8 +56,12 @@ def weight_bytes_per_device(model) -> int:
 
 
 def kv_bytes_per_token(cfg, cache_dtype=jnp.bfloat16) -> int:
-    """Latent cache bytes per token (all layers, MTP's included) on a device that holds it."""
-    return (cfg.num_hidden_layers + cfg.num_nextn_predict_layers) * cfg.cache_width * jnp.dtype(cache_dtype).itemsize
+    """Latent cache bytes per token (all layers, MTP's included) on a device that holds it; "fp8" = e4m3 codes +
+    a 4-byte per-token scale."""
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    if cache_dtype == "fp8":
+        return layers * (cfg.cache_width + 4)
+    return layers * cfg.cache_width * jnp.dtype(cache_dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,21 +172,23 @@ def main(argv=None) -> list[MemoryPlan]:
         temps = compile_temps(cfg, a, mesh, rules, quant)
         temp = max(temps.values())
     names = list(DEVICE_MEMORY) if a.topology == "all" else [TOPOLOGY_DEVICE[a.topology]]
+    ranks = math.prod(mesh.shape[x] for x in rules.mesh_axes("pages") if x in mesh.shape)
     print(f"{a.model}: {cfg.num_hidden_layers} layers (+{cfg.num_nextn_predict_layers} MTP), "
           f"{cfg.num_params() / 1e9:.1f}B params; weights {a.quant}; {a.pool} mesh {a.mesh} ({n} devices); "
-          f"KV {kv / 1e3:.1f} kB/token ({a.cache_dtype}, replicated over the mesh); page {a.page_size}")
+          f"KV {kv / 1e3:.1f} kB/token ({a.cache_dtype}); {ranks} attention rank(s) own separate pages "
+          f"(DP attention: the mesh holds {ranks}x a device's tokens; 1 = replicated); page {a.page_size}")
     if temps:
         print("temporaries (XLA memory_analysis, compiled for fake CPU devices): "
               + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in temps.items()))
-    print(f"{'device':>7} {'HBM GB':>7} {'weights GB':>11} {'temp GB':>8} {'KV budget GB':>13} {'KV tokens':>11} "
-          f"{'seqs @ ' + str(a.max_model_len):>12}  fits")
+    print(f"{'device':>7} {'HBM GB':>7} {'weights GB':>11} {'temp GB':>8} {'KV budget GB':>13} {'KV tok/device':>14} "
+          f"{'KV tok/mesh':>12} {'seqs @ ' + str(a.max_model_len):>12}  fits")
     out = []
     for name in names:
         p = MemoryPlan(DEVICE_MEMORY[name], a.kv_memory_fraction, weights, temp, kv, a.page_size)
         ok = p.budget > 0 and p.kv_tokens >= a.max_model_len
         print(f"{name:>7} {p.device_memory / 1e9:7.0f} {weights / 1e9:11.2f} {temp / 1e9:8.2f} "
-              f"{max(p.budget, 0) / 1e9:13.2f} {p.kv_tokens:11d} {p.kv_tokens // a.max_model_len:12d}  "
-              f"{'yes' if ok else 'NO'}")
+              f"{max(p.budget, 0) / 1e9:13.2f} {p.kv_tokens:14d} {p.kv_tokens * ranks:12d} "
+              f"{p.kv_tokens // a.max_model_len * ranks:12d}  {'yes' if ok else 'NO'}")
         out.append(p)
     return out
 
