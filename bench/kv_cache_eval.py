@@ -27,14 +27,17 @@ from serving.api import DEFAULT_CHECKPOINT
 from serving.kv_cache import FP8_SCALE_BYTES, PagedCache
 from sharding.plan import kv_bytes_per_token
 
-flags.DEFINE_string("checkpoint", None, "checkpoint (default: the shipped model)")
-flags.DEFINE_string("text", None, "held-out text (default: the checkpoint's heldout_sample.txt)")
-flags.DEFINE_integer("max_tokens", 8192, "tokens of the text to score")
-flags.DEFINE_integer("context", 128, "window length")
-flags.DEFINE_integer("chunk", 16, "tokens per forward (a prefill chunk)")
-flags.DEFINE_integer("page_size", 16, "cache page size")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "model dtypes")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():   # at run time only: tests import this module's functions next to other flag owners
+    flags.DEFINE_string("checkpoint", None, "checkpoint (default: the shipped model)")
+    flags.DEFINE_string("text", None, "held-out text (default: the checkpoint's heldout_sample.txt)")
+    flags.DEFINE_integer("max_tokens", 8192, "tokens of the text to score")
+    flags.DEFINE_integer("context", 128, "window length")
+    flags.DEFINE_integer("chunk", 16, "tokens per forward (a prefill chunk)")
+    flags.DEFINE_integer("page_size", 16, "cache page size")
+    flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "model dtypes")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
@@ -94,4 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

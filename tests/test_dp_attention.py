@@ -17,7 +17,7 @@ from model.runtime import Runtime
 from serving import LLM, EngineConfig, SamplingParams
 
 EC = EngineConfig(page_size=8, num_pages=24, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(8, 16),
-                  decode_steps=3)
+                  decode_steps=3, decode_windows=(8,))        # one attention window: fewer executables to compile
 PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 40], [3, 1, 4],
            [9, 2, 6, 5, 35, 8, 9, 7, 9], [11, 12, 13], [2] * 12, [70, 71], [33, 34, 35, 36, 37], [8, 9],
            [90, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [44]]
@@ -66,7 +66,7 @@ def test_disaggregated_prefill_lands_in_the_owning_ranks_pages(model, reference)
 def test_paged_kernel_through_the_dp_engine(model, reference):
     with LLM(model=model, engine_config=EC, decode_mesh="dp=2,ep=2",
              runtime=Runtime(attention_impl="pallas_interpret")) as llm:
-        hlo = llm.decode_engine._decode_exe[8, EC.windows[0]].as_text()
+        hlo = llm.decode_engine._decode_exe[8, 8].as_text()
         assert "paged_mla_decode" in hlo
         outs = llm.generate(PROMPTS[:6], SamplingParams(max_tokens=N_NEW))
         assert [o.token_ids for o in outs] == reference[:6]
@@ -102,7 +102,7 @@ def test_kv_capacity_grows_linearly_with_the_ranks(model):
 
 def test_admission_places_one_request_per_rank_when_pages_are_tight(model):
     small = EngineConfig(page_size=8, num_pages=9, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(4,),
-                         decode_steps=2)               # 8 pages per rank: one 20+40-token request at a time
+                         decode_steps=2, decode_windows=(8,))   # 8 pages per rank: one 20+40-token request a rank
     with LLM(model=model, engine_config=small, decode_mesh="dp=2,ep=2") as llm:
         eng = llm.decode_engine
         reqs = [llm.submit(PROMPTS[0], SamplingParams(max_tokens=40)) for _ in range(eng.ranks + 1)]

@@ -63,8 +63,8 @@ def tiny(tmp_path_factory):
     return path
 
 
-EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
-                  decode_steps=2)
+EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(16,), decode_buckets=(4,),
+                  decode_steps=2, decode_windows=(8,))
 
 
 def test_kv_cache_sized_from_a_memory_budget(tiny):

@@ -100,7 +100,7 @@ def test_aborts_release_every_page(colocated):
 
 def test_admission_is_bounded_by_free_pages(model):
     small = EngineConfig(page_size=8, num_pages=9, max_model_len=64, prefill_buckets=(8, 16),
-                         decode_buckets=(2, 4), decode_steps=3)  # 8 usable pages: one 20+30-token request at a time
+                         decode_buckets=(4,), decode_steps=3, decode_windows=(8,))  # 8 usable pages: one 20+30-token request at a time
     with LLM(model=model, engine_config=small) as llm:
         reqs = [llm.submit(PROMPTS[0], SamplingParams(max_tokens=30)) for _ in range(3)]
         llm.step()
@@ -144,7 +144,8 @@ def test_no_compilation_on_a_fresh_engine(tmp_path_factory, kind):
     hf_reference.build(path, dict(num_hidden_layers=2, max_position_embeddings=128), seed=11,
                        with_mtp=kind == "mtp")
     kw = dict(mode="disagg", prefill_mesh="tp=2", decode_mesh="ep=2") if kind == "disagg" else dict(mtp=True)
-    with LLM(path, engine_config=EC, **kw) as llm:
+    ec = EngineConfig(**{**EC.__dict__, "decode_buckets": (4,), "decode_windows": (4, 8)})   # 2 windows
+    with LLM(path, engine_config=ec, **kw) as llm:
         compiles = _listen_for_compiles()
         outs = llm.generate(MIXED["prompts"], MIXED["params"])
         assert compiles == [] and all(o.finish_reason == "length" for o in outs)
