@@ -110,7 +110,8 @@ class MLA(nnx.Module):
             alpha = jnp.exp(m_BHT - m_new)
             p_BHTS = jnp.exp(s_BHTS - m_new[..., None])
             l_new = l_BHT * alpha + p_BHTS.sum(-1)
-            pv_BTHV = jnp.einsum("bhts,bshv->bthv", p_BHTS.astype(dtype), v_BSHV).astype(jnp.float32)
+            pv_BTHV = jnp.einsum("bhts,bshv->bhtv", p_BHTS.astype(dtype), v_BSHV).transpose(0, 2, 1, 3).astype(
+                jnp.float32)
             return m_new, l_new, acc_BTHV * alpha.transpose(0, 2, 1)[..., None] + pv_BTHV
 
         init = (jnp.full((B, H, T), _NEG_INF, jnp.float32), jnp.zeros((B, H, T), jnp.float32),
@@ -139,10 +140,12 @@ class MLA(nnx.Module):
         scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, _NEG_INF)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(kv_BSC.dtype)
         if absorbed:
-            o_lat_BTHL = jnp.einsum("bhts,bsl->bthl", probs_BHTS, c_BSL)
+            # output in the probabilities' (b, h, t) order, then transposed: XLA:CPU runs "bhts,bsl->bthl" as a
+            # slow batched dot with a strided output (6x slower at batch 64; bench/decode_grid.py)
+            o_lat_BTHL = jnp.einsum("bhts,bsl->bhtl", probs_BHTS, c_BSL).transpose(0, 2, 1, 3)
             o_BTHV = jnp.einsum("bthl,lhv->bthv", o_lat_BTHL, w_uv_LHV)
         else:
             v_BSHV = jnp.einsum("bsl,lhv->bshv", c_BSL, w_uv_LHV)
-            o_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
+            o_BTHV = jnp.einsum("bhts,bshv->bhtv", probs_BHTS, v_BSHV).transpose(0, 2, 1, 3)
         B, T, H, V = o_BTHV.shape
         return linear(o_BTHV.reshape(B, T, H * V), self.o_proj, runtime, k_ndim=2)

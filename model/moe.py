@@ -17,15 +17,19 @@ and `expert_ffn`.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import MLP, Buffer, batched_matmul, grouped_matmul, param
+from model.layers import MLP, Buffer, batched_matmul, dense, grouped_matmul, param
+from pallas_kernels.formats import QuantizedTensor
+from pallas_kernels.fp8 import Fp8Tensor
 from model.runtime import DEFAULT_RUNTIME, Runtime
 
-MOE_IMPLS = ("ragged", "dense")
+MOE_IMPLS = ("ragged", "dense", "gather", "capacity", "segment")
 
 
 def route(logits_NE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -81,7 +85,165 @@ def dense_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "x
     return batched_matmul(h_ENF, down_EFD, impl).sum(0).astype(x_ND.dtype)
 
 
-_LOCAL_IMPLS = {"ragged": routed_experts, "dense": dense_experts}
+def _take_experts(w, idx):
+    """Expert weights [E, K, N] (plain or quantized) gathered by index -> a plain [..., K, N] array."""
+    if isinstance(w, (QuantizedTensor, Fp8Tensor)):
+        return dense(_take_quantized(w, idx), jnp.float32)
+    return w[idx]
+
+
+def _take_quantized(w, idx):
+    lead = idx.shape
+    if isinstance(w, Fp8Tensor):
+        return Fp8Tensor(w.codes[idx], w.scales[idx], (*lead, *w.shape[1:]), w.lead - 1 + len(lead), w.k_ndim,
+                         w.block)
+    return QuantizedTensor(w.codes[idx], w.scales[idx], w.tensor_scale[idx], w.fmt, (*lead, *w.shape[1:]))
+
+
+def gather_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla") -> jax.Array:
+    """`routed_experts` by gathering each token copy's expert weights: exactly the top-k work (N x X x 3 matmuls
+    of [D] x [D, F]) but it reads one weight matrix per copy — fast while copies are few (decode, small batches)."""
+    dt = x_ND.dtype
+    g_NXDF = _take_experts(gate_EDF, idx_NX).astype(dt)
+    u_NXDF = _take_experts(up_EDF, idx_NX).astype(dt)
+    d_NXFD = _take_experts(down_EFD, idx_NX).astype(dt)
+    h_NXF = jax.nn.silu(jnp.einsum("nd,nxdf->nxf", x_ND, g_NXDF)) * jnp.einsum("nd,nxdf->nxf", x_ND, u_NXDF)
+    y_NXD = jnp.einsum("nxf,nxfd->nxd", h_NXF, d_NXFD)
+    return jnp.einsum("nxd,nx->nd", y_NXD, w_NX.astype(dt))
+
+
+def _expert_weight(w, e):
+    """Expert e's [K, N] weight as a plain array (dequantized when packed); e may be traced."""
+    if isinstance(w, (QuantizedTensor, Fp8Tensor)):
+        return dense(_index_quantized(w, e), jnp.float32)
+    return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+
+
+def _index_quantized(w, e):
+    one = lambda a: jax.lax.dynamic_index_in_dim(a, e, 0, keepdims=False)
+    if isinstance(w, Fp8Tensor):
+        return Fp8Tensor(one(w.codes), one(w.scales), w.shape[1:], w.lead - 1, w.k_ndim, w.block)
+    return QuantizedTensor(one(w.codes), one(w.scales), one(w.tensor_scale), w.fmt, w.shape[1:])
+
+
+def segment_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla", tile: int | None = None
+                    ) -> jax.Array:
+    """`routed_experts` as a loop over (expert, row tile) work items of the token copies sorted by expert: each
+    item multiplies up to `tile` rows of one expert by that expert's weights — the top-k work plus at most one
+    partial tile per expert, exact for any routing (no capacity to overflow), plain matmuls (no ragged_dot)."""
+    N, X = idx_NX.shape
+    E = gate_EDF.shape[0]
+    M = N * X
+    t = tile or _segment_tile(M, E)
+    flat_e = idx_NX.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    token_of = order // X
+    sizes_E = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    ends = jnp.cumsum(sizes_E)
+    starts = ends - sizes_E
+    ntiles = (sizes_E + t - 1) // t
+    tile_end = jnp.cumsum(ntiles)
+    n_items = -(-M // t) + E                                   # bounds sum_e ceil(size_e / t)
+    x_MD = jnp.pad(x_ND[token_of], ((0, t), (0, 0)))           # a t-row read from any row < M stays in bounds
+    D = x_ND.shape[1]
+
+    def body(i, y_MD):
+        e = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), E - 1).astype(jnp.int32)
+        r0 = starts[e] + (i - (tile_end[e] - ntiles[e])) * t
+        live = i < tile_end[-1]
+        xs = jax.lax.dynamic_slice_in_dim(x_MD, r0, t, 0)
+        h = jax.nn.silu(xs @ _expert_weight(gate_EDF, e).astype(xs.dtype)) * (
+            xs @ _expert_weight(up_EDF, e).astype(xs.dtype))
+        ys = h @ _expert_weight(down_EFD, e).astype(xs.dtype)
+        rows_ok = live & ((r0 + jnp.arange(t)) < ends[e])
+        old = jax.lax.dynamic_slice_in_dim(y_MD, r0, t, 0)
+        return jax.lax.dynamic_update_slice_in_dim(y_MD, jnp.where(rows_ok[:, None], ys, old), r0, 0)
+
+    y_MD = jax.lax.fori_loop(0, n_items, body, jnp.zeros((M + t, D), x_ND.dtype))[:M]
+    y_MD = y_MD * w_NX.reshape(-1)[order][:, None].astype(y_MD.dtype)
+    return jnp.zeros_like(x_ND).at[token_of].add(y_MD)
+
+
+def _segment_tile(copies: int, experts: int) -> int:
+    """Rows per work item: about the mean load per expert, a power of two in [4, 32]."""
+    return max(4, min(32, 1 << max(0, (-(-copies // experts) - 1).bit_length())))
+
+
+def capacity(n_copies: int, n_experts: int, factor: float = 2.0) -> int:
+    return max(1, math.ceil(factor * n_copies / n_experts))
+
+
+def capacity_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla",
+                     factor: float = 2.0) -> jax.Array:
+    """`routed_experts` as a capacity-padded batched matmul: token copies scattered into [E, C, D] buckets
+    (C = factor x the mean load), one batched matmul per weight, gathered back. Exact: when any expert gets more
+    than C copies the whole call takes the segment path instead (`lax.cond`; no capacity to overflow there)."""
+    N, X = idx_NX.shape
+    E = gate_EDF.shape[0]
+    C = capacity(N * X, E, factor)
+    flat_e = idx_NX.reshape(-1)
+    onehot_ME = flat_e[:, None] == jnp.arange(E)[None, :]
+    slot_M = (jnp.cumsum(onehot_ME, 0) * onehot_ME).sum(-1) - 1              # position within its expert
+    overflow = jnp.max(onehot_ME.sum(0)) > C
+
+    def padded(x_ND):
+        x_MD = jnp.repeat(x_ND, X, axis=0)
+        dest = flat_e * C + slot_M
+        x_ECD = jnp.zeros((E * C, x_ND.shape[1]), x_ND.dtype).at[dest].set(x_MD).reshape(E, C, -1)
+        h = jax.nn.silu(batched_matmul(x_ECD, gate_EDF, impl)) * batched_matmul(x_ECD, up_EDF, impl)
+        y_MD = batched_matmul(h, down_EFD, impl).reshape(E * C, -1)[dest]
+        return (y_MD * w_NX.reshape(-1)[:, None].astype(y_MD.dtype)).reshape(N, X, -1).sum(1)
+
+    return jax.lax.cond(overflow, lambda x: segment_experts(x, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl),
+                        padded, x_ND)
+
+
+# ---- choosing the implementation per shape ---------------------------------------------------------------------
+# A cost model of XLA:CPU, fitted to `bench/decode_grid.py --moe_only` on the 2-core development machine
+# (docs/BENCHMARKS.md, "Decode speed grid"): streaming expert weights ~35 GB/s, dense matmul work ~80 GMAC/s,
+# gathering per-copy weight matrices ~5 GB/s, and ragged_dot executed as a dot over every expert group.
+CPU_COSTS = dict(weight_gbps=35.0, gmacs=80.0, gather_gbps=5.0, loop_us=5.0)
+
+
+def _overflow_probability(copies: int, experts: int, cap: int) -> float:
+    """P(some expert receives more than `cap` of `copies` uniformly routed copies) (Poisson approximation)."""
+    mu = copies / experts
+    p_le, term = 0.0, math.exp(-mu)
+    for k in range(cap + 1):
+        p_le += term
+        term *= mu / (k + 1)
+    return 1.0 - min(1.0, p_le) ** experts
+
+
+def moe_costs(cfg: ModelConfig, n_tokens: int, itemsize: int = 4, costs: dict = CPU_COSTS) -> dict[str, float]:
+    """Modelled seconds of one MoE layer's routed experts for `n_tokens` rows, per local implementation."""
+    E, X, D, F = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    M, w = n_tokens * X, 3 * D * F                      # token copies; weight elements per expert
+    stream = E * w * itemsize / (costs["weight_gbps"] * 1e9)
+    dense = stream + E * n_tokens * w / (costs["gmacs"] * 1e9)
+    C = capacity(M, E)
+    t = _segment_tile(M, E)
+    items = -(-M // t) + E
+    segment = items * (t * w / (costs["gmacs"] * 1e9) + w * itemsize / (costs["weight_gbps"] * 1e9)
+                       + costs["loop_us"] * 1e-6)
+    out = {"dense": dense, "gather": M * w * itemsize / (costs["gather_gbps"] * 1e9), "segment": segment,
+           "capacity": stream + E * C * w / (costs["gmacs"] * 1e9) + _overflow_probability(M, E, C) * segment,
+           "ragged": stream + E * M * w / (costs["gmacs"] * 1e9)}
+    return out
+
+
+def choose_moe_impl(cfg: ModelConfig, n_tokens: int, platform: str, itemsize: int = 4) -> str:
+    """The routed-expert implementation for a call of `n_tokens` rows: on GPUs the sorted grouped matmul
+    (`ragged`: a grouped kernel per expert segment); elsewhere the cheapest by `moe_costs` (XLA:CPU runs ragged_dot
+    as a dot over every group, so it is never the cheapest there)."""
+    if platform in ("gpu", "cuda", "rocm", "tpu"):
+        return "ragged"
+    c = moe_costs(cfg, n_tokens, itemsize)
+    return min(("dense", "gather", "capacity", "segment"), key=lambda k: (c[k], k))
+
+
+_LOCAL_IMPLS = {"ragged": routed_experts, "dense": dense_experts, "gather": gather_experts,
+                "capacity": capacity_experts, "segment": segment_experts}
 
 
 class MoE(nnx.Module):

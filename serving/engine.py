@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.deepseek import DeepseekV3
 from model.flops import decode_flops
+from model.moe import choose_moe_impl
 from serving.kv_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PageAllocator, PagedCache, pages_for
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
@@ -191,6 +192,7 @@ class Engine:
             raise ValueError(f"roles={sorted(roles)}: choose from {sorted(self.ROLES)}")
         self.cfg, self.name, self.mesh, self.roles = cfg, name, mesh, roles
         self.model_cfg = model.cfg
+        self.model_dtype = model.dtype
         self.runtime = model.runtime
         if mesh is not None:
             self._replicated = NamedSharding(mesh, PartitionSpec())
@@ -250,13 +252,28 @@ class Engine:
                           axes=self.rank_axes if self.ranks > 1 else (), pages_per_rank=self.pages_per_rank,
                           kernel=None if impl == "xla" else impl, block_pages=block)
 
+    def moe_impl(self, n_tokens: int) -> str | None:
+        """The routed-expert implementation the executables for `n_tokens` rows use: the runtime's if set, the
+        expert-parallel dispatch's own under EP (None), else `model.moe.choose_moe_impl` for this platform."""
+        rt = self.runtime
+        if rt.moe_impl is not None or rt.expert_parallel is not None or not self.model_cfg.n_routed_experts:
+            return rt.moe_impl
+        return choose_moe_impl(self.model_cfg, n_tokens, rt.target_platform, jnp.dtype(self.model_dtype).itemsize)
+
+    def _model_for(self, params, n_tokens: int) -> DeepseekV3:
+        model = nnx.merge(self.graphdef, params)
+        impl = self.moe_impl(n_tokens)
+        if impl != model.runtime.moe_impl:
+            model.runtime = model.runtime.replace(moe_impl=impl)
+        return model
+
     # ---- compiled functions (pure; traced once per bucket at start-up) -------------------------------------------
     def _prefill_fn(self, params, cache, tokens_T, start, length, next_token, page_table_P, temperature, top_k,
                     top_p, seed):
         """One chunk: tokens at start..start+length-1. `next_token` is the prompt token after the chunk (-1 if
         this is the last chunk: then the sampled token takes its place for the MTP pass)."""
-        model = nnx.merge(self.graphdef, params)
         T = tokens_T.shape[0]
+        model = self._model_for(params, T)
         positions_T = start + jnp.arange(T, dtype=jnp.int32)
         valid_T = jnp.arange(T) < length
         layout = self._layout(page_table_P[None], valid_T[None], prefill=True)
@@ -281,7 +298,7 @@ class Engine:
 
     def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed,
                    drafts_B, q_BW, *, steps: int):
-        model = nnx.merge(self.graphdef, params)
+        model = self._model_for(params, tokens_B.shape[0] * (2 if self.cfg.mtp else 1))
         # padding rows have an all-scratch page table (each rank's scratch is its local page 0)
         valid_B1 = (page_tables_BP[:, :1] % self.pages_per_rank != SCRATCH_PAGE)
         layout = self._layout(page_tables_BP, valid_B1, kernel=True)
@@ -290,7 +307,8 @@ class Engine:
             cache, tok_B, pos_B = carry
             logits, hidden, cache = model.forward(tok_B[:, None], pos_B[:, None], cache=layout, state=cache,
                                                   absorbed=True)
-            nxt_B = sample(logits[:, 0], pos_B + 1, temperature, top_k, top_p, seed)
+            with jax.named_scope("sampling"):
+                nxt_B = sample(logits[:, 0], pos_B + 1, temperature, top_k, top_p, seed)
             return (cache, nxt_B, pos_B + 1), nxt_B
 
         def spec_step(carry, _):
@@ -424,6 +442,11 @@ class Engine:
         log.info("%s: compiled %d prefill, %d decode, %d transfer executables in %.1fs", self.name,
                  len(self._prefill_exe), len(self._decode_exe), len(self._extract_exe) + len(self._insert_exe),
                  self.compile_seconds)
+        mtp = 2 if self.cfg.mtp else 1
+        choices = {f"prefill {T}": self.moe_impl(T) for T in self._prefill_exe}
+        choices.update({f"decode {B}": self.moe_impl(B * mtp) for B in sorted({b for b, _ in self._decode_exe})})
+        log.info("%s: MoE implementation per executable (rows): %s", self.name,
+                 ", ".join(f"{k}: {v or 'expert-parallel'}" for k, v in choices.items()))
 
     # ---- the request path: numpy in, compiled executables only ----------------------------------------------------
     def page_table(self, pages: list[int], rank: int | None = None) -> np.ndarray:

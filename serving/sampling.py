@@ -94,13 +94,23 @@ def sampling_arrays(params: Sequence[SamplingParams | None], seeds: Sequence[int
     return out
 
 
+def argmax(x_BW: jax.Array) -> jax.Array:
+    """The first index of each row's maximum, as int32 [B] — `jnp.argmax`'s result, computed as a max reduce then a
+    min reduce over matching indices: two single-operand reductions that XLA:CPU vectorises (its variadic
+    (value, index) argmax reduce is ~10x slower over a vocabulary)."""
+    m_B1 = jnp.max(x_BW, axis=-1, keepdims=True)
+    W = x_BW.shape[-1]
+    iota = jax.lax.broadcasted_iota(jnp.int32, x_BW.shape, x_BW.ndim - 1)
+    return jnp.min(jnp.where(x_BW == m_B1, iota, W), axis=-1).astype(jnp.int32)
+
+
 def token_probs(logits_BW: jax.Array, temperature_B, top_k_B, top_p_B) -> jax.Array:
     """The distribution each row samples from [B, W]: one-hot argmax where temperature == 0, else
     softmax(logits / T) restricted to the top-k and then to the smallest top-p prefix, renormalised.
 
     When every row is greedy the vocabulary sort is skipped (`lax.cond` runs one branch)."""
     logits_BW = logits_BW.astype(jnp.float32)
-    greedy_BW = jax.nn.one_hot(jnp.argmax(logits_BW, axis=-1), logits_BW.shape[-1], dtype=jnp.float32)
+    greedy_BW = jax.nn.one_hot(argmax(logits_BW), logits_BW.shape[-1], dtype=jnp.float32)
     return jax.lax.cond(jnp.any(temperature_B > 0),
                         lambda: _filtered_probs(logits_BW, greedy_BW, temperature_B, top_k_B, top_p_B),
                         lambda: greedy_BW)
@@ -135,7 +145,7 @@ def keys_for(seed_B, positions_B, stream: int = 0) -> jax.Array:
 
 def draw(probs_BW: jax.Array, keys) -> jax.Array:
     """A token per row from probs (exactly the argmax for one-hot rows)."""
-    argmax_B = jnp.argmax(probs_BW, -1).astype(jnp.int32)
+    argmax_B = argmax(probs_BW)
     is_onehot_B = probs_BW.max(-1) >= 1.0
 
     def drawn():  # random bits only when some row really samples
@@ -148,8 +158,14 @@ def draw(probs_BW: jax.Array, keys) -> jax.Array:
 
 def sample(logits_BW: jax.Array, positions_B: jax.Array, temperature_B, top_k_B, top_p_B, seed_B) -> jax.Array:
     """Next token per row: greedy where temperature == 0, else temperature / top-k / top-p sampling with the
-    key of (seed, position). Runs inside jit; all arguments are per-row arrays."""
-    return draw(token_probs(logits_BW, temperature_B, top_k_B, top_p_B), keys_for(seed_B, positions_B))
+    key of (seed, position). Runs inside jit; all arguments are per-row arrays. When every row is greedy it is
+    one argmax (no distributions, no keys: `lax.cond` runs one branch)."""
+    logits_BW = logits_BW.astype(jnp.float32)
+
+    def sampled():
+        return draw(token_probs(logits_BW, temperature_B, top_k_B, top_p_B), keys_for(seed_B, positions_B))
+
+    return jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda: argmax(logits_BW))
 
 
 def speculative_accept(p_BW, q_BW, draft_B, keys_accept, keys_resample) -> tuple[jax.Array, jax.Array]:

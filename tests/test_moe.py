@@ -1,0 +1,57 @@
+"""Every routed-expert implementation equals the sorted grouped reference (`routed_experts`), plain and quantized,
+including the capacity path's overflow fallback; the engine picks one per shape and says which."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.config import ModelConfig
+from model.moe import MOE_IMPLS, _LOCAL_IMPLS, capacity, choose_moe_impl, routed_experts
+from pallas_kernels import formats, fp8
+
+
+def _inputs(N, E=8, X=2, D=32, F=16, seed=0, skew=False):
+    rng = np.random.default_rng(seed)
+    r = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    idx = np.stack([rng.choice(E, X, replace=False) for _ in range(N)])
+    if skew:
+        idx[:, 0] = 0                                         # every token picks expert 0: over capacity
+    return r(N, D), jnp.asarray(rng.random((N, X)), jnp.float32), jnp.asarray(idx, jnp.int32), \
+        r(E, D, F) / 6, r(E, D, F) / 6, r(E, F, D) / 4
+
+
+@pytest.mark.parametrize("impl", MOE_IMPLS)
+@pytest.mark.parametrize("N,skew", [(1, False), (13, False), (40, True)])
+def test_every_implementation_equals_the_reference(impl, N, skew):
+    x, w, idx, g, u, d = _inputs(N, skew=skew)
+    if skew:
+        assert (idx == 0).sum() > capacity(idx.size, 8)       # the capacity path must fall back here
+    ref = routed_experts(x, w, idx, g, u, d)
+    got = jax.jit(_LOCAL_IMPLS[impl])(x, w, idx, g, u, d)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", MOE_IMPLS)
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+def test_every_implementation_takes_quantized_experts(impl, quant):
+    x, w, idx, g, u, d = _inputs(9, D=32, F=32)
+    if quant == "fp8":
+        q = lambda a: fp8.quantize(a, lead=1, block=(16, 16))
+        deq = fp8.dequantize
+    else:
+        q = lambda a: formats.quantize(a, "nvfp4")
+        deq = formats.dequantize
+    qg, qu, qd = q(g), q(u), q(d)
+    ref = routed_experts(x, w, idx, deq(qg), deq(qu), deq(qd))
+    got = jax.jit(_LOCAL_IMPLS[impl])(x, w, idx, qg, qu, qd)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+
+
+def test_choice_follows_the_shape_and_platform():
+    cfg = lambda D, E, X: ModelConfig(hidden_size=D, moe_intermediate_size=D // 2, n_routed_experts=E,
+                                      num_experts_per_tok=X, n_group=1, topk_group=1)
+    assert choose_moe_impl(cfg(512, 64, 8), 1, "cpu") == "gather"        # 8 copies, 64 experts: gather them
+    assert choose_moe_impl(cfg(512, 64, 8), 64, "cpu") == "capacity"     # 512 copies: padded buckets
+    assert choose_moe_impl(cfg(128, 8, 2), 1, "cpu") == "dense"          # few small experts: all of them
+    assert choose_moe_impl(cfg(512, 64, 8), 64, "cuda") == "ragged"      # GPUs: the grouped kernel
