@@ -68,6 +68,34 @@ def matmul_peak() -> float:
     return 2 * 1024 ** 3 / best
 
 
+def stream_bandwidth() -> float:
+    """Bytes/s of a jitted elementwise pass over 256 MiB of f32 (read + write), best of 5."""
+    x = jnp.ones((64 << 20,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    f(x).block_until_ready()
+    best = min(_time(lambda: f(x).block_until_ready()) for _ in range(5))
+    return 2 * x.nbytes / best
+
+
+def step_weight_bytes(model, B: int) -> float:
+    """Weight bytes one decode step of B rows must read, each weight once: everything but the embedding table
+    (B rows gathered) and the MTP module; routed experts count the expected number of distinct experts B tokens
+    pick (E x (1 - (1 - k/E)^B), uniform routing)."""
+    from flax import nnx
+
+    cfg = model.cfg
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    active = E * (1 - (1 - k / E) ** B) / E if E else 0.0
+    total = 0.0
+    for path, v in jax.tree_util.tree_leaves_with_path(nnx.state(model)):
+        name = jax.tree_util.keystr(path)
+        if "['mtp']" in name or "embed_tokens" in name:
+            continue
+        nbytes = v.size * v.dtype.itemsize
+        total += nbytes * (active if "experts_" in name and "shared" not in name else 1.0)
+    return total
+
+
 def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -127,7 +155,7 @@ def profile_breakdown(llm, prompts, sp) -> dict[str, float]:
 
 
 # ---- the grid ---------------------------------------------------------------------------------------------------
-def run_cell(name, peak, batches, rng, out):
+def run_cell(name, peak, bw, batches, rng, out):
     import torch
     from transformers import DeepseekV3ForCausalLM
 
@@ -161,13 +189,21 @@ def run_cell(name, peak, batches, rng, out):
                 hf_tok_s = B * FLAGS.new_tokens / hdt
             prof = profile_breakdown(llm, prompts, sp) if FLAGS.profile else {}
             step_s = prof.get("step_ms", float("nan")) / 1e3
-            useful = decode_flops(model.cfg, B, ec.max_model_len) / step_s if prof else float("nan")
+            flops = decode_flops(model.cfg, B, ec.max_model_len)
+            useful = flops / step_s if prof else float("nan")
+            # roofline: the step can be no faster than reading its weights once at the measured bandwidth, nor
+            # than its useful FLOPs at the measured matmul peak; transformers must read the same weights
+            wbytes = step_weight_bytes(model, B)
+            roof_tok_s = B / max(wbytes / bw, flops / peak)
             r = dict(cell=name, D=D, E=E, X=X, L=L, batch=B, tok_s=tok_s, hf_tok_s=hf_tok_s,
                      ratio=tok_s / hf_tok_s, moe_impl=llm.decode_engine.moe_impl(B), useful_gflops=useful / 1e9,
-                     of_peak=useful / peak, **{f"{k}_ms": v for k, v in prof.items()})
+                     of_peak=useful / peak, weight_mb=wbytes / 1e6, roofline_tok_s=roof_tok_s,
+                     roofline_ratio=roof_tok_s / hf_tok_s, of_roofline=tok_s / roof_tok_s,
+                     **{f"{k}_ms": v for k, v in prof.items()})
             out.append(r)
             print(f"{name} D={D:4d} E={E:3d} k={X} L={L} B={B:3d} | tandem {tok_s:8.1f} hf {hf_tok_s:8.1f} "
-                  f"{r['ratio']:5.2f}x | moe={r['moe_impl']:>8} | {r['useful_gflops']:6.2f} GFLOP/s "
+                  f"{r['ratio']:5.2f}x | roofline {roof_tok_s:8.1f} = {r['roofline_ratio']:5.2f}x hf, tandem at "
+                  f"{r['of_roofline']:4.0%} | moe={r['moe_impl']:>8} | {r['useful_gflops']:6.2f} GFLOP/s "
                   f"({r['of_peak']:5.1%}) | step {prof.get('step_ms', 0):6.2f} ms = attn "
                   f"{prof.get('attention', 0):5.2f} moe {prof.get('moe', 0):5.2f} mlp {prof.get('mlp', 0):5.2f} "
                   f"samp {prof.get('sampling', 0):5.2f} other {prof.get('other', 0):5.2f} host "
@@ -219,10 +255,11 @@ def main(argv):
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        peak = matmul_peak()
-        print(f"matmul peak (f32 1024^3, now): {peak / 1e9:.1f} GFLOP/s")
+        peak, bw = matmul_peak(), stream_bandwidth()
+        print(f"matmul peak (f32 1024^3, now): {peak / 1e9:.1f} GFLOP/s; stream bandwidth (256 MiB f32 read + "
+              f"write): {bw / 1e9:.1f} GB/s")
         for name in FLAGS.configs:
-            run_cell(name, peak, batches, rng, out)
+            run_cell(name, peak, bw, batches, rng, out)
         ratios = {B: [r["ratio"] for r in out if r["batch"] == B] for B in batches}
         for B, rs in ratios.items():
             print(f"batch {B:3d}: ratio median {statistics.median(rs):.2f}x, worst {min(rs):.2f}x")

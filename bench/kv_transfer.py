@@ -186,7 +186,7 @@ def _ttft_split(rows: list[str]) -> None:
         rng = np.random.default_rng(0)
         with LLM(workers=addrs, router_config=RouterConfig(max_prefill_inflight=1 << 20), ready_timeout_s=600) as llm:
             for _ in range(2):  # every worker's health must be in before timing
-                llm.backend.wait_until(lambda s: all(w["alive"] for w in s["workers"].values()), 600)
+                llm.backend.router.wait_until(lambda s: all(w["alive"] for w in s["workers"].values()), 600)
             llm.generate([[1, 2, 3] * 10], SamplingParams(max_tokens=2))  # warm the path
             prompts = [rng.integers(1, 90, int(n)).tolist() for n in rng.integers(64, 200, _TTFT.value)]
             reqs = [llm.submit(p, SamplingParams(max_tokens=16, ignore_eos=True)) for p in prompts]

@@ -106,6 +106,7 @@ class Request:
     draft_q: np.ndarray | None = None             # MTP: its distribution
     spec_proposed: int = 0                        # MTP drafts verified (of tokens kept)
     spec_accepted: int = 0                        # ... and accepted
+    cached_tokens: int = 0                        # prompt tokens served from the prefix cache (not prefilled)
     # metrics
     prefill_start: float | None = None
     prefill_end: float | None = None
@@ -258,6 +259,7 @@ class RequestMetrics:
     spec_proposed: int = 0        # MTP drafts verified whose tokens were kept
     spec_accepted: int = 0        # ... of them accepted
     transfer_s: float | None = None   # multi-process PD: KV pull + checksum + reshard (part of prefill_s)
+    cached_tokens: int = 0        # prompt tokens served from the prefix cache (not prefilled)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -294,7 +296,7 @@ def metrics_of(r: Request) -> RequestMetrics:
         queue_s=None if r.prefill_start is None else r.prefill_start - r.arrival,
         prefill_s=(None if r.prefill_start is None or r.prefill_end is None else r.prefill_end - r.prefill_start),
         prompt_tokens=len(r.prompt_ids), output_tokens=n, spec_proposed=r.spec_proposed,
-        spec_accepted=r.spec_accepted, transfer_s=r.transfer_s)
+        spec_accepted=r.spec_accepted, transfer_s=r.transfer_s, cached_tokens=r.cached_tokens)
 
 
 def output_of(r: Request) -> RequestOutput:

@@ -42,6 +42,8 @@ class Backend(Protocol):
 
     def page_stats(self) -> dict[str, dict[str, int]]: ...
 
+    def prefix_cache_stats(self) -> dict[str, dict]: ...
+
     def close(self) -> None: ...
 
 
@@ -70,11 +72,19 @@ class LocalBackend:
         out = {}
         for eng in filter(None, (self.scheduler.prefill, self.scheduler.decode)):
             a = eng.allocator
-            out[eng.name] = {"free": a.free, "used": a.used, "leased": a.leased, "total": a.total}
+            out[eng.name] = {"free": a.free, "used": a.used, "leased": a.leased, "cached": a.cached, "total": a.total}
         return out
+
+    def prefix_cache_stats(self) -> dict[str, dict]:
+        """Per engine with prefix caching on: hits per tier, evictions, blocks and bytes per tier."""
+        return {eng.name: eng.prefix_cache.stats()
+                for eng in filter(None, (self.scheduler.prefill, self.scheduler.decode)) if eng.prefix_cache}
 
     def close(self) -> None:
         self.scheduler.close()
+        for eng in filter(None, (self.scheduler.prefill, self.scheduler.decode)):
+            if eng.prefix_cache is not None:
+                eng.prefix_cache.close()
 
 
 class RemoteBackend:
@@ -174,6 +184,12 @@ class RemoteBackend:
         snap = self.router.snapshot()
         return {a: w["info"]["pages"] for a, w in snap["workers"].items()
                 if w.get("alive") and (w.get("info") or {}).get("pages")}
+
+    def prefix_cache_stats(self) -> dict[str, dict]:
+        """{worker: prefix-cache stats} of every live worker with prefix caching on."""
+        snap = self.router.snapshot()
+        return {a: w["info"]["prefix_cache"] for a, w in snap["workers"].items()
+                if w.get("alive") and (w.get("info") or {}).get("prefix_cache")}
 
     def close(self) -> None:
         if self._closed_pages is None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import checkpoints
 from serving.api import DEFAULT_CHECKPOINT, default_max_model_len, default_mesh, output_of
+from serving import prefix_cache
 from serving.engine import EngineConfig
 from serving.llm import LLM
 from serving.sampling import SamplingParams
@@ -52,6 +53,7 @@ _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size (tokens)")
 _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "fp8"], "KV cache format (default: the "
                                  "weights' dtype; fp8: e4m3 + a per-token scale, half of bf16's bytes)")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", 512, "KV pages per engine")
+prefix_cache.define_flags()
 _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the model's "
                                       "max_position_embeddings, at most 1024)")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
@@ -174,7 +176,7 @@ def run(argv_unused=None) -> int:
     max_len = _MAX_MODEL_LEN.value or default_max_model_len(mcfg.max_position_embeddings, _PAGE_SIZE.value)
     ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len,
                       decode_buckets=buckets, decode_steps=_DECODE_STEPS.value, mtp=_MTP.value,
-                      cache_dtype=_CACHE_DTYPE.value)
+                      cache_dtype=_CACHE_DTYPE.value, **prefix_cache.config_from_flags(flags.FLAGS))
     disagg = _MODE.value == "disagg"
     heads, experts = mcfg.num_attention_heads, mcfg.n_routed_experts
     dmesh = _DECODE_MESH.value or default_mesh("decode", _DECODE_DEVICES.value, heads, experts)
@@ -249,7 +251,12 @@ def _run_job(items, max_batch: int, llm, n_dev, n_dec) -> int:
     if outputs:
         print(summarize(outputs, duration, n_dev, n_dec), flush=True)
     pages = llm.page_stats()
-    print("KV pages after drain: " + ", ".join(f"{k}: {v['free']}/{v['total']} free" for k, v in pages.items()))
+    print("KV pages after drain: " + ", ".join(f"{k}: {v['free']}/{v['total']} free, {v.get('cached', 0)} cached"
+                                               for k, v in pages.items()))
+    for name, st in llm.prefix_cache_stats().items():
+        print(f"prefix cache ({name}): {st['hits_device']} device / {st.get('hits_host', 0)} host / "
+              f"{st.get('hits_disk', 0)} disk block hits of {st.get('blocks_queried', 0)} looked up, "
+              f"{st['evictions']} evictions, {st.get('corrupt', 0)} corrupt", flush=True)
     return 0
 
 

@@ -20,6 +20,7 @@ The engine takes a model already placed on its mesh (`checkpoints.load(path, mes
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import functools
 import logging
 import time
@@ -38,6 +39,7 @@ from serving.kv_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PageAllocator, Paged
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
 from sharding.plan import plan as memory_plan
+from serving.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,12 @@ class EngineConfig:
     # positions (short requests do not pay for max_model_len). Default: pages_per_seq / 4, / 2 and all of it.
     decode_windows: tuple[int, ...] | None = None
     cache_dtype: str | None = None             # default: the model's dtype; "fp8": e4m3 + a per-token f32 scale
+    # prefix caching (serving.prefix_cache): full pages keyed by their tokens' chained hash, shared between
+    # requests, kept after release (LRU); evicted pages spill to host memory, then to disk
+    prefix_caching: bool = False
+    host_cache_pages: int = 0                  # host-memory tier, in pages (0: none)
+    disk_cache_pages: int = 0                  # disk tier, in pages (0: none; needs the host tier and a dir)
+    disk_cache_dir: str | None = None
 
     def __post_init__(self):
         if self.max_model_len % self.page_size:
@@ -65,6 +73,17 @@ class EngineConfig:
             raise ValueError(f"decode_buckets={self.decode_buckets} must be strictly increasing")
         if self.decode_steps < 1:
             raise ValueError(f"decode_steps={self.decode_steps} must be >= 1")
+        if self.host_cache_pages < 0 or self.disk_cache_pages < 0:
+            raise ValueError("host_cache_pages / disk_cache_pages must be >= 0")
+        if (self.host_cache_pages or self.disk_cache_pages) and not self.prefix_caching:
+            raise ValueError("host/disk KV tiers hold prefix-cache blocks: set prefix_caching=True")
+        if self.disk_cache_pages and not (self.host_cache_pages and self.disk_cache_dir):
+            raise ValueError("disk_cache_pages needs host_cache_pages > 0 (the disk tier takes what the host tier "
+                             "evicts) and disk_cache_dir")
+
+    @property
+    def tiers(self) -> bool:
+        return self.host_cache_pages > 0
 
     @property
     def pages_per_seq(self) -> int:
@@ -234,9 +253,28 @@ class Engine:
         else:   # allocated in place on its devices (never whole on one device first)
             self.cache = jax.jit(lambda: jnp.zeros(self.cache_shape, dtype), out_shardings=self._cache_sharding)()
         self.allocator = PageAllocator(cfg.num_pages, ranks=self.ranks)
+        self.page_bytes = int(np.prod(self.cache_shape[:1] + self.cache_shape[2:])) * jnp.dtype(dtype).itemsize
+        if cfg.tiers:   # spilling to and reloading from the host/disk tiers moves pages with extract / insert
+            self.roles = roles = roles | {"send", "receive"}
+        self.prefix_cache = None
+        if cfg.prefix_caching and not self.abstract:
+            self.prefix_cache = PrefixCache(self, host_blocks=cfg.host_cache_pages,
+                                            disk_blocks=cfg.disk_cache_pages, disk_dir=cfg.disk_cache_dir,
+                                            fingerprint=self._fingerprint())
         self.compile_seconds = 0.0
         if compile and not self.abstract:
             self._compile()
+
+    def _fingerprint(self) -> str:
+        """What a cached block's content depends on besides its tokens: model config, weights (a sample of the
+        embedding), cache layout. Names the disk tier's subdirectory, so a cache dir is never read by a
+        different model."""
+        emb = np.asarray(jax.device_get(nnx.merge(self.graphdef, self.params).embed_tokens[...][:4]), np.float32)
+        d = hashlib.blake2b(digest_size=8)
+        d.update(repr((self.model_cfg, self.cache_shape[0], self.cache_shape[2:], str(self.cache.dtype),
+                       self.cfg.mtp)).encode())
+        d.update(emb.tobytes())
+        return d.hexdigest()
 
     @property
     def max_batch(self) -> int:
@@ -480,11 +518,47 @@ class Engine:
             np.int32(sampling["seed"]))
         return PrefillOut(int(token), int(draft), np.asarray(q) if self.cfg.mtp else None)
 
-    def prefill(self, prompt: np.ndarray, pages: list[int], sampling: dict[str, np.ndarray]) -> PrefillOut:
-        """All chunks of `prompt` into `pages`: the first generated token (and MTP draft)."""
-        for chunk in self.prefill_chunks(len(prompt)):
+    def prefill(self, prompt: np.ndarray, pages: list[int], sampling: dict[str, np.ndarray],
+                start: int = 0) -> PrefillOut:
+        """The chunks of `prompt` from `start` (the tokens before it are already in `pages`, e.g. a cached
+        prefix) into `pages`: the first generated token (and MTP draft)."""
+        for chunk in self.prefill_chunks(len(prompt) - start, start):
             out = self.prefill_chunk(prompt, chunk, pages, sampling)
         return out
+
+    # ---- pages and the prefix cache --------------------------------------------------------------------------------
+    def acquire_pages(self, prompt: np.ndarray, n_pages: int, rank: int = 0,
+                      hashes: list[int] | None = None) -> tuple[list[int], int] | None:
+        """n_pages pages for a request with `prompt`, its cached prefix (if prefix caching is on) already in the
+        first ones: (pages, cached tokens), or None when the rank has no room."""
+        if self.prefix_cache is not None:
+            return self.prefix_cache.acquire(prompt, n_pages, rank, hashes)
+        if not self.allocator.can_allocate(n_pages, rank):
+            return None
+        return self.allocator.allocate(n_pages, rank), 0
+
+    def cache_prefix(self, pages: list[int], tokens, n_valid: int) -> None:
+        """Offer the full blocks among the first `n_valid` positions (KV written for `tokens`) to the cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.register(pages, tokens, n_valid)
+
+    def read_pages(self, pages: list[int]) -> jax.Array:
+        """[layers, n_bucket, Z, C] rows of `pages` (one rank's, at most the largest transfer bucket) padded to
+        a transfer bucket, as a device array (dispatched, not waited for; no compile on the request path)."""
+        n = _bucket(len(pages), self.cfg.transfer_buckets)
+        ids = np.full(n, self.allocator.scratch(self.allocator.rank_of(pages[0])), np.int32)
+        ids[: len(pages)] = pages
+        return self._extract_exe[n](self.cache, ids)
+
+    def write_pages(self, pages: list[int], data: np.ndarray) -> None:
+        """Write host rows [layers, n, Z, C] into `pages` (one rank's)."""
+        big = self.cfg.transfer_buckets[-1]
+        for i in range(0, len(pages), big):
+            part, chunk = pages[i:i + big], data[:, i:i + big]
+            n = _bucket(len(part), self.cfg.transfer_buckets)
+            pad = np.zeros((chunk.shape[0], n) + chunk.shape[2:], chunk.dtype)
+            pad[:, : len(part)] = chunk
+            self.insert(Prefix(jax.device_put(pad, self._replicated), len(part), 0, 0), part)
 
     def extract(self, pages: list[int], length: int, out: PrefillOut) -> Prefix:
         """The request's latent pages (all layers, MTP's included) and first token, ready to move."""

@@ -43,10 +43,12 @@ class LLM:
                  engine_config: EngineConfig | None = None, prefill_config: EngineConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None, quant: str | None = None, dtype=None,
                  runtime: Runtime | None = None, topology: Topology | None = None, mtp: bool | None = None,
-                 kv_memory_fraction: float | None = None, device_memory_gb: float | None = None,
+                 prefix_caching: bool | None = None, kv_memory_fraction: float | None = None,
+                 device_memory_gb: float | None = None,
                  prefill_rules=None, decode_rules=None,
                  workers: Sequence[str] | None = None, router: str | None = None,
-                 router_config: RouterConfig | None = None, token: str | None = None):
+                 router_config: RouterConfig | None = None, token: str | None = None,
+                 ready_timeout_s: float = 120.0):
         """Local engines (default) or worker processes (`workers=` / `router=`).
 
         checkpoint: HF DeepSeek-V3 directory (default: the shipped model); loaded straight onto each engine's
@@ -58,12 +60,14 @@ class LLM:
         runtime: kernel choices (`model.runtime.Runtime`: matmul_impl "xla" / "pallas" / "pallas_interpret",
             moe_impl); the expert-parallel dispatch is set per mesh.
         mtp: speculative decoding with the checkpoint's MTP module (overrides engine_config.mtp).
+        prefix_caching: reuse cached prompt prefixes (overrides engine_config.prefix_caching; host/disk tiers are
+            EngineConfig fields, see `serving.prefix_cache`).
         kv_memory_fraction: size each engine's KV cache from this fraction of its device memory (minus weights and
             executable temporaries) instead of engine_config.num_pages; `device_memory_gb` where the devices do
             not report their memory (CPU).
         workers / router: serve through PD worker processes instead (`docs/pd_multiprocess.md`); the workers
             own engines and weights, so only `checkpoint` (for the tokenizer), `tokenizer`, `router_config` and
-            `token` (default $TANDEM_TOKEN) apply.
+            `token` (default $TANDEM_TOKEN) apply; `ready_timeout_s` bounds the wait for a live decode worker.
         prefill_rules / decode_rules: the pools' `sharding.AxisRules` (default PREFILL_RULES / DECODE_RULES), e.g.
             `DECODE_RULES.replace(vocab="ep")` for a vocabulary-parallel embedding and head over the EP ranks.
         """
@@ -72,7 +76,8 @@ class LLM:
         if workers is not None or router is not None:
             given = dict(model=model, prefill_mesh=prefill_mesh, engine_config=engine_config,
                          prefill_config=prefill_config, scheduler_config=scheduler_config, quant=quant, dtype=dtype,
-                         runtime=runtime, topology=topology, mtp=mtp, kv_memory_fraction=kv_memory_fraction,
+                         runtime=runtime, topology=topology, mtp=mtp, prefix_caching=prefix_caching,
+                         kv_memory_fraction=kv_memory_fraction,
                          device_memory_gb=device_memory_gb, prefill_rules=prefill_rules, decode_rules=decode_rules)
             bad = sorted(k for k, v in given.items() if v is not None)
             if bad or mode != "colocated" or decode_mesh != "ep=1":
@@ -81,7 +86,7 @@ class LLM:
             self.tokenizer = tokenizer or Tokenizer.of_checkpoint(checkpoint)
             token = token if token is not None else read_token(None)
             self.backend = RemoteBackend.connect(workers=workers, router=router, token=token,
-                                                 router_config=router_config,
+                                                 router_config=router_config, ready_timeout_s=ready_timeout_s,
                                                  detokenize=self.tokenizer.decode if self.tokenizer else None)
             self.mode = "remote"
             return
@@ -104,7 +109,11 @@ class LLM:
                         "never trained", ec.max_model_len, mcfg.max_position_embeddings)
         if mtp is not None:
             ec = dataclasses.replace(ec, mtp=mtp)
+        if prefix_caching is not None:
+            ec = dataclasses.replace(ec, prefix_caching=prefix_caching)
         pc = dataclasses.replace(prefill_config or ec, mtp=ec.mtp)
+        if prefix_caching is not None:
+            pc = dataclasses.replace(pc, prefix_caching=prefix_caching)
         self.engine_config = ec
         topo = topology or Topology.from_devices()
         self.topology = topo
@@ -189,7 +198,13 @@ class LLM:
         return [output_of(r) for r in reqs]
 
     def page_stats(self) -> dict[str, dict[str, int]]:
+        """{engine or worker: {free, used, leased, cached, total}} KV pages."""
         return self.backend.page_stats()
+
+    def prefix_cache_stats(self) -> dict[str, dict]:
+        """{engine or worker: prefix-cache counters} (hits per tier, evictions, blocks/bytes per tier) of the
+        engines with prefix caching on."""
+        return self.backend.prefix_cache_stats()
 
     def close(self) -> None:
         self.backend.close()

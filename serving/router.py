@@ -289,7 +289,8 @@ def main(argv):
     cfg = RouterConfig(local_prefill_threshold=F.local_prefill_threshold,
                        max_prefill_inflight=F.max_prefill_inflight, heartbeat_s=F.heartbeat_s,
                        dead_after_s=F.dead_after_s, step_timeout_s=F.step_timeout_s, max_retries=F.max_retries,
-                       unavailable_timeout_s=F.unavailable_timeout_s, token=read_token(F.token_file))
+                       unavailable_timeout_s=F.unavailable_timeout_s, token=read_token(F.token_file),
+                       kv_routing=F.kv_routing, kv_overlap_weight=F.kv_overlap_weight)
     r = Router(F.workers, cfg, bind=f"{F.host}:{F.port}")
     print(f"TANDEM_ROUTER_READY {F.host}:{F.port} workers={','.join(F.workers)}", flush=True)
     try:
@@ -317,5 +318,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_retries", 2, "migrations per request before it ends with an error")
     flags.DEFINE_float("unavailable_timeout_s", 30.0, "how long a request waits for any decode worker")
     flags.DEFINE_string("token_file", None, "shared-secret token file (default: $TANDEM_TOKEN)")
+    flags.DEFINE_bool("kv_routing", True, "route by the workers' prefix-cache events (workers started with "
+                      "--prefix_caching): cost = kv_overlap_weight x blocks to prefill + blocks in flight")
+    flags.DEFINE_float("kv_overlap_weight", 1.0, "weight of the blocks a worker would have to prefill against its "
+                       "load (higher: follow the cache more, balance less)")
     flags.mark_flag_as_required("workers")
     app.run(main)

@@ -51,6 +51,11 @@ class RouterConfig:
     max_retries: int = 2
     unavailable_timeout_s: float = 30.0   # a request waits this long for any decode worker
     token: str | None = None
+    # KV-aware routing (workers with --prefix_caching publish the blocks they cache): a prefill worker's cost is
+    # kv_overlap_weight x (prompt blocks it would compute) + blocks it is already prefilling (Dynamo's KV router
+    # formula); the local-prefill threshold applies to the tokens the decode worker does not hold cached.
+    kv_routing: bool = True
+    kv_overlap_weight: float = 1.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,8 +67,9 @@ class WorkerState:
     last_seen: float = 0.0
     last_ping: float = 0.0
     info: dict = dataclasses.field(default_factory=dict)
-    inflight: dict = dataclasses.field(default_factory=dict)   # attempt rids assigned here (ordered set)
+    inflight: dict = dataclasses.field(default_factory=dict)   # attempt rid assigned here -> its prompt blocks
     joins: int = 0
+    kv_blocks: set = dataclasses.field(default_factory=set)    # block hashes it reported cached (device)
 
 
 @dataclasses.dataclass(eq=False)
@@ -123,6 +129,7 @@ class RouterCore:
         self._reconnect_fn = reconnect or (lambda addr: None)
         self._uuid = itertools.count(random.getrandbits(40) << 16 if uuid_start is None else uuid_start)
         self._now = 0.0       # the clock of the call being handled
+        self.kv_index: dict[int, set[str]] = {}   # block hash -> workers holding it (from their cache events)
 
     # ---- inputs -----------------------------------------------------------------------------------------------------
     def submit(self, rid: str, prompt: Sequence[int], sampling: dict, limit: int | None, client: object,
@@ -172,9 +179,13 @@ class RouterCore:
                     self._worker_died(w, f"worker {w.addr} restarted")
                 log.info("worker %s (%s) joined, incarnation %s", w.addr, msg["role"], msg["incarnation"])
                 w.joins += 1
+                self._drop_kv(w)     # a new process: its cache starts empty
             w.alive, w.role, w.incarnation = True, msg["role"], msg["incarnation"]
-            w.info = {k: msg.get(k) for k in ("pages", "load", "engine", "invariant_ok", "metrics")}
+            w.info = {k: msg.get(k) for k in ("pages", "load", "engine", "invariant_ok", "metrics", "prefix_cache")}
+            self._on_kv_events(w, msg.get("kv_events"))
             return
+        if w.alive:
+            self._on_kv_events(w, msg.get("kv_events"))
         rid = msg.get("rid")
         r = self.by_rid.get(rid) if isinstance(rid, str) else None
         current = r is not None and r.rid == rid and r.state != "done"
@@ -341,26 +352,79 @@ class RouterCore:
                 r.dispatch_t = now
             pre = [w for w in self.workers.values() if w.role == "prefill" and w.alive]
             free_pre = [w for w in pre if len(w.inflight) < self.cfg.max_prefill_inflight]
-            if len(prompt) <= self.cfg.local_prefill_threshold or not free_pre:
+            hashes = self._prompt_hashes(prompt, info)
+            blocks = -(-len(prompt) // max(1, int(info.get("page_size") or 16)))
+            local_todo = len(prompt) - self._overlap(d, hashes) * int(info.get("page_size") or 16)
+            if local_todo <= self.cfg.local_prefill_threshold or not free_pre:
                 r.local, r.state, r.decode_w, r.prefill_w = True, "decoding", d.addr, None
                 r.deadline = float("inf")
-                d.inflight[r.rid] = None
+                d.inflight[r.rid] = blocks
                 r.workers.append(d.addr)
                 self.metrics["local_prefills"] += 1
                 if not self._send(d, "decode", rid=r.rid, prompt=prompt, sampling=r.sampling,
                                   limit=r.limit - len(r.output)):
                     self._retry(r, f"decode worker {d.addr} unreachable")
             else:
-                p = min(free_pre, key=lambda w: (len(w.inflight), w.addr))
+                p = self._pick_prefill(free_pre, hashes, blocks)
                 r.local, r.state, r.prefill_w, r.decode_w = False, "prefilling", p.addr, None
                 r.uuid = next(self._uuid)
                 r.deadline = now + self.cfg.step_timeout_s
-                p.inflight[r.rid] = None
+                p.inflight[r.rid] = blocks
                 r.workers.append(p.addr)
                 self.metrics["remote_prefills"] += 1
                 if not self._send(p, "prefill", rid=r.rid, prompt=prompt, sampling=r.sampling, uuid=r.uuid):
                     self._retry(r, f"prefill worker {p.addr} unreachable")
         return changed
+
+    # ---- KV-aware routing ------------------------------------------------------------------------------------------
+    def _on_kv_events(self, w: WorkerState, kv) -> None:
+        if not isinstance(kv, dict):
+            return
+        for h in kv.get("stored") or ():
+            if isinstance(h, int):
+                self.kv_index.setdefault(h, set()).add(w.addr)
+                w.kv_blocks.add(h)
+        for h in kv.get("removed") or ():
+            if isinstance(h, int):
+                holders = self.kv_index.get(h)
+                if holders is not None:
+                    holders.discard(w.addr)
+                    if not holders:
+                        del self.kv_index[h]
+                w.kv_blocks.discard(h)
+
+    def _drop_kv(self, w: WorkerState) -> None:
+        self._on_kv_events(w, {"removed": list(w.kv_blocks)})
+
+    def _prompt_hashes(self, prompt: list[int], info: dict) -> list[int]:
+        if not (self.cfg.kv_routing and self.kv_index):
+            return []
+        from serving.prefix_cache import block_hashes   # (numpy + hashlib; kept out of the core's imports)
+        Z = int(info.get("page_size") or 16)
+        return block_hashes(prompt, Z, (len(prompt) - 1) // Z, lookahead=int(info.get("kv_lookahead") or 0))
+
+    def _overlap(self, w: WorkerState, hashes: list[int]) -> int:
+        """Leading prompt blocks `w` holds cached."""
+        n = 0
+        for h in hashes:
+            if w.addr not in self.kv_index.get(h, ()):
+                break
+            n += 1
+        return n
+
+    def _pick_prefill(self, cands: list[WorkerState], hashes: list[int], blocks: int) -> WorkerState:
+        """Least cost: weight x blocks it would prefill (prompt blocks minus its cached prefix) + blocks it is
+        already prefilling. Without cache events this is the least-loaded worker."""
+        def cost(w):
+            active = sum(b or 0 for b in w.inflight.values())
+            return (self.cfg.kv_overlap_weight * (blocks - self._overlap(w, hashes)) + active, len(w.inflight),
+                    w.addr)
+        p = min(cands, key=cost)
+        hit = self._overlap(p, hashes)
+        if hit:
+            self.metrics["kv_routed_requests"] += 1
+            self.metrics["kv_routed_blocks"] += hit
+        return p
 
     @staticmethod
     def _why(r: RReq) -> str:
@@ -422,6 +486,7 @@ class RouterCore:
         log.warning("%s: declaring it dead, migrating %d request(s)", why, len(w.inflight))
         self.metrics["worker_deaths"] += 1
         w.alive = False
+        self._drop_kv(w)
         victims = [self.by_rid[rid] for rid in w.inflight if rid in self.by_rid]
         w.inflight.clear()
         for r in victims:

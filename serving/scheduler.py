@@ -145,26 +145,31 @@ class Scheduler:
     def _pages_for(self, req: Request) -> int:
         return self.decode.pages_needed(len(req.prompt_ids) + req.limit)
 
-    def _pick_rank(self, n_pages: int) -> int | None:
-        """The attention rank for a new request: one with a free row and `n_pages` free pages, the most free pages
-        first (KV-aware, balances both); None when no rank has room."""
+    def _pick_rank(self, n_pages: int, hashes: list[int] | None = None) -> int | None:
+        """The attention rank for a new request: one with a free row and room for `n_pages` (less the blocks of
+        its prompt it holds cached), the longest cached prefix first, then the most free pages (KV-aware,
+        balances both); None when no rank has room."""
         a = self.decode.allocator
         load = np.bincount([a.rank_of(r.pages[0]) for r in self.running + self.prefilling if r.pages],
                            minlength=self.decode.ranks)
-        ok = [r for r in range(self.decode.ranks) if load[r] < self.rank_batch and a.can_allocate(n_pages, r)]
-        return max(ok, key=lambda r: (a.free_in(r), -load[r], -r)) if ok else None
+        hit = [a.match(hashes, r) if hashes else 0 for r in range(self.decode.ranks)]
+        ok = [r for r in range(self.decode.ranks) if load[r] < self.rank_batch and a.can_allocate(n_pages - hit[r], r)]
+        return max(ok, key=lambda r: (hit[r], a.free_in(r), -load[r], -r)) if ok else None
 
     def _admit_colocated(self) -> None:
+        pc = self.decode.prefix_cache
         with self._lock:
             while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
                 req = self.waiting[0]
                 n = self._pages_for(req)
-                rank = self._pick_rank(n)
-                if rank is None:
+                hashes = pc.hashes(req.prompt_ids) if pc is not None else None
+                rank = self._pick_rank(n, hashes)
+                got = None if rank is None else self.decode.acquire_pages(req.prompt_ids, n, rank, hashes)
+                if got is None:
                     break  # FIFO: the head waits for pages, nobody overtakes it
                 self.waiting.popleft()
-                req.pages = self.decode.allocator.allocate(n, rank)
-                req.chunks = self.decode.prefill_chunks(len(req.prompt_ids))
+                req.pages, req.cached_tokens = got
+                req.chunks = self.decode.prefill_chunks(len(req.prompt_ids) - req.cached_tokens, req.cached_tokens)
                 req.status = Status.PREFILLING
                 self.prefilling.append(req)
 
@@ -186,6 +191,7 @@ class Scheduler:
         if not req.chunks:
             req.prefill_end = time.perf_counter()
             req.draft, req.draft_q = out.draft, out.draft_q
+            self.decode.cache_prefix(req.pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
             with self._lock:
                 if req in self.prefilling:  # else aborted meanwhile (already finished)
                     self.prefilling.remove(req)
@@ -239,6 +245,11 @@ class Scheduler:
             self._finish(req, reason)
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.status == Status.RUNNING and req.pages and not self.decode.cfg.mtp:
+            # the KV of every token but the last one is written: offer its full blocks to the prefix cache
+            # (multi-turn chat resends this history). With MTP only prompt blocks are cached (see prefix_cache).
+            toks = np.concatenate([req.prompt_ids, np.asarray(req.output_ids, np.int32)])
+            self.decode.cache_prefix(req.pages, toks, len(toks) - 1)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.error = error
@@ -262,10 +273,12 @@ class Scheduler:
             try:
                 if not req.aborted:
                     n = eng.pages_needed(len(req.prompt_ids))
-                    pages = self._wait_pages(eng, n)
+                    pages, cached = self._wait_pages(eng, req.prompt_ids, n)
+                    req.cached_tokens = cached
                     try:
                         req.prefill_start = time.perf_counter()
-                        out = eng.prefill(req.prompt_ids, pages, req.sampling_row())
+                        out = eng.prefill(req.prompt_ids, pages, req.sampling_row(), start=cached)
+                        eng.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
                         prefix = eng.extract(pages, len(req.prompt_ids), out)
                     finally:
                         eng.allocator.release(pages)
@@ -280,12 +293,13 @@ class Scheduler:
                 self._ready_cv_notify()
 
     @staticmethod
-    def _wait_pages(eng: Engine, n: int) -> list[int]:
-        # One prefill thread, and it frees a request's pages before taking the next: everything is free here.
-        if not eng.allocator.can_allocate(n):
-            raise RuntimeError(f"prompt needs {n} pages, the prefill cache has {eng.allocator.free} free of "
+    def _wait_pages(eng: Engine, prompt: np.ndarray, n: int) -> tuple[list[int], int]:
+        # One prefill thread, and it frees a request's pages before taking the next: all are free or cached here.
+        got = eng.acquire_pages(prompt, n)
+        if got is None:
+            raise RuntimeError(f"prompt needs {n} pages, the prefill cache has {eng.allocator.free_in(0)} free of "
                                f"{eng.allocator.total}")
-        return eng.allocator.allocate(n)
+        return got
 
     def _ready_cv_notify(self) -> None:
         with self._ready_cv:

@@ -35,6 +35,7 @@ from absl import app, flags
 
 import checkpoints
 from serving.api import DEFAULT_CHECKPOINT, Request, default_max_model_len, default_mesh, parse_mesh_spec
+from serving import prefix_cache
 from serving.engine import Engine, EngineConfig, Prefix, size_cache
 from serving.protocol import ProtocolError, decode_message, encode_message, read_token, sampling_from_wire
 from serving.scheduler import Scheduler
@@ -57,8 +58,6 @@ class Worker:
     def __init__(self, role: str, engine, *, host: str = "127.0.0.1", port: int = 0, transport=None,
                  token: str | None = None, lease_s: float = 30.0, pull_timeout_s: float = 20.0,
                  verify_checksums: bool = True, eos_ids=(), fault_pull_delay_s: float = 0.0):
-
-
         if role not in ("prefill", "decode"):
             raise ValueError(f"role={role!r}: expected 'prefill' or 'decode'")
         self.role, self.engine, self.token = role, engine, token
@@ -77,6 +76,8 @@ class Worker:
         self.incarnation = uuidlib.uuid4().hex[:12]
         self.metrics = collections.Counter()
         self.invariant_ok = True
+        if engine.prefix_cache is not None:
+            engine.allocator.events = []   # cache events for the router (drained into health_ok / offered)
         self._stop = threading.Event()
         # prefill role
         self._jobs: collections.deque = collections.deque()
@@ -126,7 +127,7 @@ class Worker:
             lambda name, *a, **k: self.metrics.update(compiles=1) if "backend_compile" in name else None)
 
     # ---- state ----------------------------------------------------------------------------------------------------
-    def health(self) -> dict:
+    def health(self, kv_events: bool = False) -> dict:
         a = self.engine.allocator
         load = {"queued": len(self._jobs), "leases": len(self.leases)}
         if self.scheduler is not None:
@@ -135,12 +136,22 @@ class Worker:
                         pulling=len(self._pulls))
         ec, mc = self.engine.cfg, self.engine.model_cfg
         return dict(role=self.role, worker=self.address, incarnation=self.incarnation, ready=True,
-                    pages={"free": a.free, "used": a.used, "leased": a.leased, "total": a.total},
+                    pages={"free": a.free, "used": a.used, "leased": a.leased, "cached": a.cached, "total": a.total},
+                    prefix_cache=self.engine.prefix_cache.stats() if self.engine.prefix_cache else None,
+                    kv_events=self.kv_events() if kv_events else None,
                     invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
                     engine={"page_size": ec.page_size, "max_model_len": ec.max_model_len,
+                            "prefix_caching": ec.prefix_caching, "kv_lookahead": 1 if ec.mtp else 0,
                             "cache_shape": list(self.engine.cache_shape), "cache_dtype": str(self.engine.cache.dtype),
                             "vocab_size": mc.vocab_size, "eos_ids": list(mc.eos_token_ids),
                             "transport": self.transport.name, "transfer_addr": self.transport.address})
+
+    def kv_events(self) -> dict | None:
+        """Prefix-cache events since the last report (block hashes stored / evicted on this worker's device), for
+        the router's KV-aware routing; None without prefix caching."""
+        if self.engine.prefix_cache is None:
+            return None
+        return self.engine.allocator.drain_events()
 
     def _make_request(self, msg: dict, limit: int | None = None):
         prompt = np.asarray(msg["prompt"], np.int32)
@@ -160,8 +171,8 @@ class Worker:
     # ---- dispatch -------------------------------------------------------------------------------------------------
     def _handle(self, ident: bytes, msg: dict) -> None:
         t = msg["type"]
-        if t in ("health", "stats"):
-            self.send(ident, "health_ok", **self.health())
+        if t in ("health", "stats"):   # cache events go to the router's heartbeat only, not to a stats poll
+            self.send(ident, "health_ok", **self.health(kv_events=t == "health"))
         elif t == "abort":
             self._abort(msg["rid"])
         elif self.role == "prefill" and t == "prefill":
@@ -201,14 +212,17 @@ class Worker:
             self.send(ident, "error", rid=req.id, error=f"prompt needs {n} pages; the prefill cache has "
                       f"{eng.allocator.total}", kind="capacity")
             return
-        if not eng.allocator.can_allocate(n):
+        got = eng.acquire_pages(req.prompt_ids, n)   # with prefix caching: the cached prefix shared
+        if got is None:
             return  # saturated: leases must end (ack / expiry) first
         self._jobs.popleft()
-        pages = eng.allocator.allocate(n)
+        pages, cached = got
         try:
             t0 = time.perf_counter()
             queued_s = t0 - req.arrival
-            out = eng.prefill(req.prompt_ids, pages, req.sampling_row())
+            out = eng.prefill(req.prompt_ids, pages, req.sampling_row(), start=cached)
+            eng.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
+            self.metrics["cached_tokens"] += cached
             prefix = eng.extract(pages, len(req.prompt_ids), out)
             arrays = [offerable(prefix.pages)]
             sums = page_checksums(np.asarray(arrays[0]))
@@ -229,7 +243,7 @@ class Worker:
                  "draft": int(prefix.draft), "draft_q": None if prefix.draft_q is None else
                  np.asarray(prefix.draft_q, np.float32).tobytes(),
                  "lease_s": self.lease_s, "worker": self.address}
-        self.send(ident, "offered", rid=req.id, uuid=uuid, offer=offer)
+        self.send(ident, "offered", rid=req.id, uuid=uuid, offer=offer, kv_events=self.kv_events())
 
     def _end_lease(self, uuid: int, consumed: bool, why: str) -> None:
         l = self.leases.pop(uuid, None)
@@ -404,6 +418,7 @@ def _flags():
     f.DEFINE_string("token_file", None, "file holding the shared-secret token (default: $TANDEM_TOKEN if set)")
     f.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache (faster restarts)")
     f.DEFINE_float("fault_pull_delay_s", 0.0, "fault injection for tests: wait this long before each pull")
+    prefix_cache.define_flags()
     return flags.FLAGS
 
 
@@ -425,7 +440,7 @@ def main(argv):
     ec = EngineConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, max_model_len=max_len,
                       prefill_buckets=tuple(int(b) for b in FLAGS.prefill_buckets),
                       decode_buckets=tuple(int(b) for b in FLAGS.decode_buckets), decode_steps=FLAGS.decode_steps,
-                      cache_dtype=FLAGS.cache_dtype)
+                      cache_dtype=FLAGS.cache_dtype, **prefix_cache.config_from_flags(FLAGS))
     mesh_spec = FLAGS.mesh or default_mesh(role, len(jax.devices()), mcfg.num_attention_heads, mcfg.n_routed_experts)
     mesh = Topology.from_devices().allocate(role, **parse_mesh_spec(mesh_spec))
     rules = PREFILL_RULES if role == "prefill" else DECODE_RULES

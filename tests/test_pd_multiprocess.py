@@ -212,6 +212,33 @@ def test_1p2d_concurrent_load(cluster, colocated):
     check_drained([P.addr, D1.addr, D2.addr])
 
 
+def test_kv_aware_routing_sends_a_repeated_prefix_to_the_prefill_worker_that_cached_it(ckpt, cluster, colocated):
+    """Two prefill workers with --prefix_caching publish their cache events; requests sharing a system prompt
+    all land on the one that prefilled it first and reuse its pages (same tokens as colocated)."""
+    tmp = cluster["tmp"]
+    P1, P2 = Proc("prefill", ckpt, tmp, "--prefix_caching"), Proc("prefill", ckpt, tmp, "--prefix_caching")
+    cluster["Pkv1"], cluster["Pkv2"] = P1, P2
+    wait_ready([P1, P2])
+    D = cluster["D1"]
+    system = [(7 * i + 3) % 90 + 5 for i in range(24)]
+    prompts = [system + [11, 4, 9], system + [8, 8], system + [3, 14, 15, 92], system + [60]]
+    want = colocated.generate(prompts, SamplingParams(max_tokens=N_NEW))
+    with LLM(workers=[P1.addr, P2.addr, D.addr], router_config=router_cfg()) as llm:
+        # one at a time, so load never outweighs the cached prefix; the offer carries the worker's cache events,
+        # so the router's index is current before the next request is dispatched
+        got = [llm.generate([p], SamplingParams(max_tokens=N_NEW))[0] for p in prompts]
+        m = llm.backend.router.snapshot()["metrics"]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    stats = {w.addr: control(w.addr, "stats") for w in (P1, P2)}
+    hits = {a: (s["prefix_cache"] or {}).get("hits_device", 0) for a, s in stats.items()}
+    assert sorted(hits.values()) == [0, 9], hits                # 3 later requests x 3 cached blocks, one worker
+    assert m["kv_routed_requests"] == 3 and m["kv_routed_blocks"] == 9, m
+    for a, s in stats.items():
+        p = s["pages"]
+        assert s["invariant_ok"] and p["free"] + p["cached"] == p["total"] and p["used"] == p["leased"] == 0, p
+    P1.kill(), P2.kill()
+
+
 def test_load_spreads_over_both_decode_workers(cluster):
     P, D1, D2 = cluster["P"], cluster["D1"], cluster["D2"]
     with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:

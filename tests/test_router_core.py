@@ -182,6 +182,48 @@ def test_least_loaded_prefill_and_decode_workers_are_chosen():
     assert [s[0] for s in h.take("decode")] == [D2]
 
 
+# ---- KV-aware routing ------------------------------------------------------------------------------------------------
+def _blocks(prompt):
+    from serving.prefix_cache import block_hashes
+    return block_hashes(prompt, ENGINE["page_size"], (len(prompt) - 1) // ENGINE["page_size"])
+
+
+def test_repeated_prefix_goes_to_the_prefill_worker_that_cached_it_unless_it_is_much_busier():
+    h = Harness(workers=(P, P2, D1))
+    h.join(**{P: "prefill", P2: "prefill", D1: "decode"})
+    system = list(range(40, 72))                          # 4 blocks of 8
+    # P2 reports (with its offer or a heartbeat) that it cached the system prompt's blocks
+    h.msg(P2, "health_ok", role="prefill", worker=P2, incarnation="inc0", ready=True, engine=ENGINE,
+          load={"queued": 0}, kv_events={"stored": _blocks(system + [1]), "removed": []})
+    h.submit("q1", system + [5, 6, 7])
+    h.tick()
+    assert h.one("prefill")[0] == P2                      # P and P2 are equally idle; P2 computes 0 of 4 blocks
+    h.submit("q2", system + [9])                          # P2: 1 block to compute + 5 in flight = 6; P: 5 + 0
+    h.submit("other", list(range(100, 124)))              # no overlap anywhere: the least loaded (P)
+    h.tick()
+    assert [(a, f["rid"]) for a, _, f in h.take("prefill")] == [(P, "q2#0"), (P, "other#0")]
+    assert h.core.metrics["kv_routed_requests"] == 1 and h.core.metrics["kv_routed_blocks"] == 4
+    # P2 evicts the blocks: routing forgets them
+    h.msg(P2, "health_ok", role="prefill", worker=P2, incarnation="inc0", ready=True, engine=ENGINE,
+          load={"queued": 0}, kv_events={"stored": [], "removed": _blocks(system + [1])})
+    assert not h.core.kv_index
+
+
+def test_kv_index_forgets_a_dead_or_restarted_worker_and_cached_tokens_count_for_local_prefill():
+    h = Harness(workers=(P, D1), local_prefill_threshold=4)
+    h.join(**{P: "prefill", D1: "decode"})
+    prompt = list(range(40, 61))                          # 21 tokens: 2 usable blocks of 8
+    h.msg(D1, "health_ok", role="decode", worker=D1, incarnation="inc0", ready=True, engine=ENGINE,
+          load={"queued": 0}, kv_events={"stored": _blocks(prompt), "removed": []})
+    h.submit("a", prompt)                                 # 21 - 16 cached = 5 > 4: still remote
+    h.submit("b", prompt[:20])                            # 20 - 16 = 4 <= 4: local on the decode worker
+    h.tick()
+    assert h.one("prefill")[2]["rid"] == "a#0"
+    assert h.one("decode", D1)[2]["rid"] == "b#0"
+    h.health(D1, incarnation="inc1")                      # restarted: its cache is gone
+    assert not h.core.kv_index
+
+
 # ---- conditional disaggregation ----------------------------------------------------------------------------------------
 def test_short_prompt_prefills_locally_on_the_decode_worker():
     h = Harness(local_prefill_threshold=4)

@@ -30,6 +30,9 @@ class FakeEngine:
 
     prefill_chunks = Engine.prefill_chunks
     page_table = Engine.page_table
+    acquire_pages = Engine.acquire_pages
+    cache_prefix = Engine.cache_prefix
+    prefix_cache = None
 
     @property
     def max_batch(self) -> int:
