@@ -4,13 +4,13 @@
 
 Workloads (random token ids, a random DeepSeek-V3-shaped checkpoint written with `transformers`):
 * system prompts: S long system prompts and many short questions; request i = system[i % S] + question i, sent in
-  waves of `--wave` concurrent requests (every wave touches every system prompt);
+  waves of `--wave` concurrent requests (consecutive waves touch different system prompts);
 * multi-turn chat: C conversations x T turns; each turn resends the whole history (prompts + answers) plus a new
   user message.
 
 Part `local` (one colocated engine, the device cache sized to hold the running requests plus about one system
 prompt): caching off / on (device only) / on + host tier / on + small host tier + disk tier. Part `routing`
-(2 prefill workers with --prefix_caching, each able to keep about two system prompts, + 1 decode worker, real
+(2 prefill workers with --prefix_caching, each able to keep about half of the system prompts, + 1 decode worker, real
 processes): least-loaded vs KV-aware routing, each on fresh system prompts. Reported per configuration: TTFT
 p50/p99, prompt tokens prefilled (computed) vs served from the cache, hits per tier, wall time.
 """
@@ -31,9 +31,9 @@ from absl import app, flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 flags.DEFINE_list("part", ["local", "routing"], "local (engine tiers) and/or routing (worker processes)")
-flags.DEFINE_integer("systems", 4, "distinct system prompts")
+flags.DEFINE_integer("systems", 8, "distinct system prompts")
 flags.DEFINE_integer("system_len", 192, "tokens per system prompt")
-flags.DEFINE_integer("questions", 24, "requests of the system-prompt workload")
+flags.DEFINE_integer("questions", 32, "requests of the system-prompt workload")
 flags.DEFINE_integer("wave", 4, "concurrent requests per wave")
 flags.DEFINE_integer("conversations", 4, "multi-turn workload: conversations (one wave per turn)")
 flags.DEFINE_integer("turns", 4, "multi-turn workload: turns per conversation")
@@ -54,7 +54,7 @@ def _pct(xs, q):
 
 
 def _system_waves(rng) -> list[list[list[int]]]:
-    """Waves of `--wave` prompts: system[i % S] + a short question (every wave touches every system prompt)."""
+    """Waves of `--wave` prompts: system[i % S] + a short question."""
     systems = [rng.integers(2, 4096, FLAGS.system_len).tolist() for _ in range(FLAGS.systems)]
     qs = [systems[i % FLAGS.systems] + rng.integers(2, 4096, int(rng.integers(8, 24))).tolist()
           for i in range(FLAGS.questions)]
@@ -140,8 +140,8 @@ def part_routing(path) -> list[dict]:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                PYTHONPATH=root)
     sys_pages = -(-FLAGS.system_len // PAGE)
-    # a prefill worker holds the requests it is prefilling / leasing plus about two system prompts
-    pre_pages = 3 * (sys_pages + 2) + 2 * sys_pages + 1
+    # a prefill worker holds the requests it is prefilling / leasing plus about half of the system prompts
+    pre_pages = 3 * (sys_pages + 2) + (FLAGS.systems // 2) * sys_pages + 1
     common = [f"--checkpoint={path}", "--dtype=float32", f"--page_size={PAGE}", f"--max_model_len={MAX_LEN}",
               "--prefill_buckets=16,64,256", "--decode_buckets=1,2,4", "--decode_steps=4",
               f"--compilation_cache_dir={os.path.expanduser('~/.cache/tandem/xla_bench_cache')}"]
@@ -177,6 +177,7 @@ def part_routing(path) -> list[dict]:
                    "prefill_block_hits": hits, "prefill_blocks_looked_up": queried,
                    "kv_routed_requests": m.get("kv_routed_requests", 0)}
             row["cached_tokens"] = hits * PAGE
+            row["hits"]["device"] = hits
             row["prefilled_tokens"] = row["prompt_tokens"] - row["cached_tokens"]
             rows.append(row)
             print(_fmt(row), flush=True)
