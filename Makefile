@@ -9,7 +9,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench bench-model serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# the OpenAI-compatible server on the shipped model (127.0.0.1:8000)
+serve: $(STAMP)
+	$(PY) -m serving.server --port 8000
+
+# a short InferenceX-style sweep: colocated vs disaggregated servers, JSON + Pareto PNG under runs/
 bench: $(STAMP)
+	$(PY) -m serving.sweep --launch colocated,disagg --short --json runs/sweep.json --png runs/sweep.png
+
+bench-model: $(STAMP)
 	$(PY) -m bench.model_speed
 	$(PY) -m serving.bench
 

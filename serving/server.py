@@ -1,0 +1,647 @@
+"""OpenAI-compatible HTTP server over `LLM` (colocated, in-process disaggregated, or worker processes behind a
+router), with Prometheus metrics.
+
+    python -m serving.server [--checkpoint DIR] [--port 8000] [--mode colocated|disagg] [--workers a,b,c]
+                             [--api_key_file F] [--max_queue 256] [--prefix_caching] ...
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both streaming SSE or not; `n`, `max_tokens`,
+`temperature`, `top_p`, `top_k`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`), GET /v1/models, /health (the
+engine thread is alive), /ready (the engine is built and serving), /metrics (Prometheus text).
+
+Threading: one **engine thread** owns the `LLM` (its scheduler is single-threaded): it takes submissions and aborts
+from a queue, steps the engine while there is work, and hands each request's events to the HTTP side's event
+loop (`call_soon_threadsafe`). Handlers never touch the engine. A client that disconnects (streaming or not)
+aborts its request, which frees its pages. Admission is bounded: more than `--max_queue` requests in flight
+answer 429; a server that is not ready (or shutting down) answers 503. Bad requests answer 400 naming the field.
+Binds 127.0.0.1 unless told otherwise; with an API key every /v1 call needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from serving.api import Event, Request, output_of
+from serving.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# A template for checkpoints without one (the shipped model): role-tagged lines, then the assistant's tag.
+DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+class BadRequest(ValueError):
+    """A client error: answered 400 with this message."""
+
+
+# ---- request parsing (pure: unit-testable without a server) ---------------------------------------------------------
+def _num(body: dict, key: str, kind, default, lo=None, hi=None):
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise BadRequest(f"'{key}' must be an integer, got {v!r}")
+    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise BadRequest(f"'{key}' must be a number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise BadRequest(f"'{key}'={v!r} is out of range [{lo}, {hi}]")
+    return v
+
+
+def sampling_of(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int]:
+    """(SamplingParams, n) from an OpenAI request body; BadRequest naming the field."""
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise BadRequest("'logprobs' is not supported by this engine (it does not return token log-probabilities)")
+    if body.get("best_of") not in (None, 1) or body.get("echo") or body.get("suffix"):
+        raise BadRequest("'best_of', 'echo' and 'suffix' are not supported")
+    n = _num(body, "n", int, 1, 1, 16)
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
+        raise BadRequest("'stop' must be a string or a list of non-empty strings")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = default_max_tokens if max_tokens is None else _num({"max_tokens": max_tokens}, "max_tokens", int,
+                                                                     None, 1)
+    stop_ids = body.get("stop_token_ids") or ()
+    if not isinstance(stop_ids, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) for t in stop_ids):
+        raise BadRequest("'stop_token_ids' must be a list of token ids")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+        raise BadRequest("'seed' must be an integer in [0, 2**31)")
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=float(_num(body, "temperature", float, 1.0, 0, 2)),
+                                top_p=float(_num(body, "top_p", float, 1.0)), top_k=_num(body, "top_k", int, 0),
+                                seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
+                                ignore_eos=bool(body.get("ignore_eos", False)))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return params, n
+
+
+def completion_prompt(body: dict):
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]              # a batch of one
+    if isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
+        if not p:
+            raise BadRequest("'prompt' is empty")
+        return p
+    raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)")
+
+
+def chat_prompt(body: dict, template: str) -> str:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise BadRequest(f"messages[{i}] needs a 'role' of system/user/assistant/developer")
+        c = m.get("content")
+        if isinstance(c, list):   # content parts: text only
+            if any(not isinstance(x, dict) or x.get("type") != "text" for x in c):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            m = dict(m, content="".join(x.get("text", "") for x in c))
+            msgs[i] = m
+        elif not isinstance(c, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment   # chat templates are untrusted code: sandboxed
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(template).render(messages=msgs, add_generation_prompt=True, bos_token="",
+                                                eos_token="")
+    except Exception as e:  # a template error is the checkpoint's, but the request cannot proceed
+        raise BadRequest(f"chat template failed: {e}") from None
+
+
+def chat_template_of(checkpoint: str | None) -> str:
+    """The checkpoint's `tokenizer_config.json` chat_template, else DEFAULT_CHAT_TEMPLATE."""
+    p = os.path.join(checkpoint, "tokenizer_config.json") if checkpoint else ""
+    if p and os.path.exists(p):
+        with open(p) as f:
+            t = json.load(f).get("chat_template")
+        if isinstance(t, list):   # named templates: the default one
+            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+        if isinstance(t, str) and t:
+            return t
+    return DEFAULT_CHAT_TEMPLATE
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------------
+class Metrics:
+    """Prometheus collectors on a private registry (several servers can live in one process: tests)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("tandem_time_to_first_token_seconds", "arrival -> first token", buckets=lat,
+                              registry=r)
+        self.tpot = Histogram("tandem_time_per_output_token_seconds", "(e2e - ttft) / (tokens - 1)", buckets=lat,
+                              registry=r)
+        self.itl = Histogram("tandem_inter_token_latency_seconds", "gaps between streamed chunks", buckets=lat,
+                             registry=r)
+        self.e2e = Histogram("tandem_e2e_request_latency_seconds", "arrival -> finish", buckets=lat, registry=r)
+        self.requests = Counter("tandem_requests", "finished requests", ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("tandem_prompt_tokens", "prompt tokens", registry=r)
+        self.generation_tokens = Counter("tandem_generation_tokens", "generated tokens", registry=r)
+        self.cached_tokens = Counter("tandem_prefix_cached_tokens", "prompt tokens served from the prefix cache",
+                                     registry=r)
+        self.rejected = Counter("tandem_rejected_requests", "requests refused", ["code"], registry=r)
+        self.spec_proposed = Counter("tandem_spec_decode_draft_tokens", "MTP drafts verified", registry=r)
+        self.spec_accepted = Counter("tandem_spec_decode_accepted_tokens", "MTP drafts accepted", registry=r)
+        self.transfer_s = Histogram("tandem_kv_transfer_seconds", "KV transfer per request (disaggregated)",
+                                    buckets=lat, registry=r)
+        self.transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
+        self.queue = Gauge("tandem_num_requests_in_flight", "requests admitted and not finished", registry=r)
+        self.running = Gauge("tandem_num_requests_running", "requests decoding", registry=r)
+        self.waiting = Gauge("tandem_num_requests_waiting", "requests waiting or prefilling", registry=r)
+        self.pages = Gauge("tandem_kv_pages", "KV pages by state", ["engine", "state"], registry=r)
+        self.prefix_hit_rate = Gauge("tandem_prefix_cache_hit_rate", "prefix-cache block hit rate by tier",
+                                     ["engine", "tier"], registry=r)
+
+    def observe(self, req: Request, transfer_bytes: int = 0) -> None:
+        m = output_of(req).metrics
+        self.requests.labels(req.finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(m.prompt_tokens)
+        self.generation_tokens.inc(m.output_tokens)
+        self.cached_tokens.inc(m.cached_tokens)
+        for h, v in ((self.ttft, m.ttft_s), (self.tpot, m.tpot_s), (self.e2e, m.e2e_s), (self.transfer_s,
+                                                                                         m.transfer_s)):
+            if v is not None:
+                h.observe(v)
+        for g in m.itl_s:
+            self.itl.observe(g)
+        self.spec_proposed.inc(m.spec_proposed)
+        self.spec_accepted.inc(m.spec_accepted)
+        if transfer_bytes:
+            self.transfer_bytes.inc(transfer_bytes)
+
+
+# ---- the engine thread -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class Handle:
+    """One request's link between the engine thread and its HTTP handler."""
+
+    req: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+
+    def push(self, ev: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+        except RuntimeError:   # the HTTP side's loop is gone (shutdown): nobody to tell
+            pass
+
+
+class EngineLoop:
+    """Owns the `LLM` on its own thread; `submit`/`abort` are thread-safe and never block on the engine."""
+
+    def __init__(self, llm, *, max_queue: int = 256, metrics: Metrics | None = None):
+        self.llm, self.max_queue = llm, max_queue
+        self.metrics = metrics or Metrics()
+        self._cmds: queue.Queue = queue.Queue()
+        self._live: dict[str, Handle] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.error: str | None = None
+        self._page_bytes = self._transfer_page_bytes()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def submit(self, handles: list[Handle]) -> None:
+        """Admit all of `handles` or none (429 when the queue would overflow)."""
+        with self._lock:
+            if len(self._live) + len(handles) > self.max_queue:
+                raise OverflowError(f"{len(self._live)} requests in flight (limit {self.max_queue}); retry later")
+            for h in handles:
+                self._live[h.req.id] = h
+        self._cmds.put(("submit", handles))
+
+    def abort(self, rid: str) -> None:
+        self._cmds.put(("abort", rid))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._cmds.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def _transfer_page_bytes(self) -> int:
+        llm = self.llm
+        if getattr(llm, "prefill_engine", None) is not None:
+            return llm.prefill_engine.page_bytes
+        return 0
+
+    def _run(self) -> None:
+        llm = self.llm
+        try:
+            while not self._stop.is_set():
+                try:   # idle: block (bounded) until a command comes; busy: only take what is there
+                    cmd = self._cmds.get_nowait() if llm.has_work() else self._cmds.get(timeout=1.0)
+                except queue.Empty:
+                    cmd = None
+                aborted = False
+                while cmd is not None:
+                    kind, arg = cmd
+                    if kind == "stop":
+                        return
+                    if kind == "submit":
+                        for h in arg:
+                            llm.add_request(h.req)
+                    elif kind == "abort":
+                        llm.abort(arg)
+                        aborted = True
+                    try:
+                        cmd = self._cmds.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if llm.has_work() or aborted:   # an abort's final event comes out of the next step
+                    for ev in llm.step():
+                        self._deliver(ev)
+                self._sample_gauges()
+        except Exception as e:   # the engine died: every waiting handler gets an error, /health goes red
+            log.exception("engine loop failed")
+            self.error = f"{type(e).__name__}: {e}"
+            with self._lock:
+                live, self._live = list(self._live.values()), {}
+            for h in live:
+                h.req.finish_reason, h.req.error = "error", self.error
+                h.push(Event(h.req, [], "", True))
+
+    def _deliver(self, ev: Event) -> None:
+        with self._lock:
+            h = self._live.get(ev.request.id)
+            if h is not None and ev.finished:
+                del self._live[ev.request.id]
+        if h is None:
+            return
+        if ev.finished:
+            r = ev.request
+            n_pages = -(-len(r.prompt_ids) // self.llm.engine_config.page_size) if self._page_bytes else 0
+            self.metrics.observe(r, n_pages * self._page_bytes)
+        h.push(ev)
+
+    _last_gauges = 0.0
+
+    def _sample_gauges(self) -> None:
+        now = time.monotonic()
+        if now - self._last_gauges < 0.25:
+            return
+        self._last_gauges = now
+        m, llm = self.metrics, self.llm
+        s = getattr(llm, "scheduler", None)
+        m.queue.set(self.in_flight())
+        if s is not None:
+            m.running.set(len(s.running))
+            m.waiting.set(len(s.waiting) + len(s.prefilling) + len(s._ready))
+        try:
+            for eng, st in llm.page_stats().items():
+                for k in ("free", "used", "leased", "cached"):
+                    m.pages.labels(eng, k).set(st.get(k, 0))
+            for eng, st in llm.prefix_cache_stats().items():
+                for tier in ("device", "host", "disk"):
+                    m.prefix_hit_rate.labels(eng, tier).set(st.get(f"hit_rate_{tier}", 0.0))
+        except Exception:   # remote stats can time out; gauges are best effort
+            log.debug("stats unavailable", exc_info=True)
+
+
+# ---- the ASGI app ------------------------------------------------------------------------------------------------------
+def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_key: str | None = None,
+              default_max_tokens: int = 16):
+    from starlette.applications import Starlette
+    from starlette.requests import Request as HTTPRequest
+    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    llm = engine.llm
+    created = int(time.time())
+
+    def error(status: int, msg: str, kind: str = "invalid_request_error") -> JSONResponse:
+        engine.metrics.rejected.labels(str(status)).inc()
+        return JSONResponse({"error": {"message": msg, "type": kind, "code": status}}, status_code=status)
+
+    def authorized(request: HTTPRequest) -> bool:
+        if api_key is None:
+            return True
+        got = request.headers.get("authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode())
+
+    async def health(request):
+        return PlainTextResponse("ok" if engine.alive else f"engine failed: {engine.error}",
+                                 status_code=200 if engine.alive else 503)
+
+    async def ready(request):
+        ok = engine.alive and not engine._stop.is_set()
+        return PlainTextResponse("ready" if ok else "not ready", status_code=200 if ok else 503)
+
+    async def models(request):
+        if not authorized(request):
+            return error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                                         "owned_by": "tandem", "max_model_len": llm.max_model_len}]})
+
+    async def metrics(request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _watch_disconnect(request: HTTPRequest) -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    async def serve(request: HTTPRequest, chat: bool):
+        if not authorized(request):
+            return error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+        if not engine.alive or engine._stop.is_set():
+            return error(503, f"engine not available: {engine.error or 'shutting down'}", "server_error")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error(400, "request body is not valid JSON")
+        if not isinstance(body, dict):
+            return error(400, "request body must be a JSON object")
+        try:
+            if body.get("model") not in (None, model_name):
+                raise BadRequest(f"model {body.get('model')!r} is not served here (this server serves "
+                                 f"{model_name!r})")
+            params, n = sampling_of(body, default_max_tokens)
+            prompt = chat_prompt(body, chat_template) if chat else completion_prompt(body)
+            base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
+            reqs = []
+            for i in range(n):   # n choices: n requests; distinct seeds when the client fixed one
+                p = params if n == 1 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                reqs.append(llm.make_request(prompt, p, f"{base}-{i}"))
+        except (BadRequest, ValueError) as e:
+            return error(400, str(e))
+        loop = asyncio.get_running_loop()
+        handles = [Handle(r, loop, asyncio.Queue()) for r in reqs]
+        try:
+            engine.submit(handles)
+        except OverflowError as e:
+            return error(429, str(e), "rate_limit_error")
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if stream:
+            return StreamingResponse(_stream(request, handles, base, chat, include_usage),
+                                     media_type="text/event-stream")
+        watch = asyncio.ensure_future(_watch_disconnect(request))
+        try:
+            done = asyncio.ensure_future(asyncio.gather(*[_drain(h) for h in handles]))
+            await asyncio.wait([done, watch], return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():   # the client went away: abort, free the pages
+                for h in handles:
+                    engine.abort(h.req.id)
+                done.cancel()
+                return Response(status_code=499)
+        finally:
+            watch.cancel()
+        return JSONResponse(_final(handles, base, chat))
+
+    async def _drain(h: Handle) -> None:
+        while True:
+            ev = await h.events.get()
+            if ev.finished:
+                return
+
+    def _choice_text(h: Handle) -> str:
+        return h.req.text if llm.tokenizer is not None else ""
+
+    def _usage(handles) -> dict:
+        p = len(handles[0].req.prompt_ids)
+        c = sum(len(h.req.output_ids) for h in handles)
+        cached = sum(h.req.cached_tokens for h in handles)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _final(handles, base, chat) -> dict:
+        choices = []
+        for i, h in enumerate(handles):
+            r = h.req
+            fr = "length" if r.finish_reason == "length" else ("stop" if r.finish_reason == "stop" else
+                                                               r.finish_reason)
+            c = {"index": i, "finish_reason": fr, "token_ids": list(r.output_ids)}
+            if r.error:
+                c["error"] = r.error
+            if chat:
+                c["message"] = {"role": "assistant", "content": _choice_text(h)}
+            else:
+                c["text"] = _choice_text(h)
+                c["logprobs"] = None
+            choices.append(c)
+        return {"id": base, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": choices, "usage": _usage(handles)}
+
+    async def _stream(request: HTTPRequest, handles, base, chat, include_usage):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, h):
+            while True:
+                ev = await h.events.get()
+                await merged.put((i, ev))
+                if ev.finished:
+                    return
+
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+        finished = 0
+        try:
+            if chat:
+                for i in range(len(handles)):
+                    yield _sse({"id": base, "object": obj, "created": created, "model": model_name,
+                                "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]})
+            while finished < len(handles):
+                i, ev = await merged.get()
+                r = ev.request
+                fr = None
+                if ev.finished:
+                    finished += 1
+                    fr = "length" if r.finish_reason == "length" else ("stop" if r.finish_reason == "stop" else
+                                                                        r.finish_reason)
+                if not ev.new_token_ids and not ev.new_text and fr is None:
+                    continue
+                text = ev.new_text if llm.tokenizer is not None else ""
+                c = {"index": i, "finish_reason": fr, "token_ids": list(ev.new_token_ids)}
+                if chat:
+                    c["delta"] = {"content": text} if text or fr is None else {}
+                else:
+                    c["text"], c["logprobs"] = text, None
+                if r.error and fr is not None:
+                    c["error"] = r.error
+                yield _sse({"id": base, "object": obj, "created": created, "model": model_name, "choices": [c]})
+            if include_usage:
+                yield _sse({"id": base, "object": obj, "created": created, "model": model_name, "choices": [],
+                            "usage": _usage(handles)})
+            yield "data: [DONE]\n\n"
+        finally:   # a disconnect cancels this generator: abort whatever has not finished
+            for t in tasks:
+                t.cancel()
+            if finished < len(handles):
+                for h in handles:
+                    if h.req.finish_reason is None:
+                        engine.abort(h.req.id)
+
+    async def completions(request):
+        return await serve(request, chat=False)
+
+    async def chat_completions(request):
+        return await serve(request, chat=True)
+
+    return Starlette(routes=[
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ])
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, default=_np_default)}\n\n"
+
+
+def _np_default(x):
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    raise TypeError(type(x).__name__)
+
+
+class Server:
+    """uvicorn in a background thread (tests, embedding); `url` once started. `python -m serving.server` runs it
+    in the foreground instead."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                     timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> "Server":
+        self._thread.start()
+        end = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > end:
+                raise RuntimeError(f"HTTP server on {self.url} did not start within {timeout}s")
+            self._thread.join(timeout=0.01)   # bounded wait for uvicorn's start flag
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+# ---- entry point -------------------------------------------------------------------------------------------------------
+def _define_flags():
+    from absl import flags
+
+    from serving import prefix_cache
+
+    f = flags
+    f.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint dir (default: the shipped model)")
+    f.DEFINE_string("host", "127.0.0.1", "address to bind (default loopback only)")
+    f.DEFINE_integer("port", 8000, "HTTP port")
+    f.DEFINE_string("served_model_name", None, "model id in the API (default: the checkpoint directory's name)")
+    f.DEFINE_string("api_key_file", None, "file holding an API key clients must send as 'Bearer <key>' (default: "
+                    "$TANDEM_API_KEY if set, else no key)")
+    f.DEFINE_integer("max_queue", 256, "requests in flight before new ones get 429")
+    f.DEFINE_integer("default_max_tokens", 64, "max_tokens when a request does not set it")
+    f.DEFINE_enum("mode", "colocated", ["colocated", "disagg"], "one mesh, or prefill and decode meshes")
+    f.DEFINE_string("prefill_mesh", None, "disagg: prefill mesh, e.g. tp=2")
+    f.DEFINE_string("decode_mesh", "ep=1", "decode mesh, e.g. ep=4 or dp=2,ep=2")
+    f.DEFINE_list("workers", None, "serve through PD worker processes (their control addresses) instead")
+    f.DEFINE_string("router", None, "serve through a running router (host:port) instead")
+    f.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weight dtype")
+    f.DEFINE_integer("page_size", 16, "KV page size")
+    f.DEFINE_integer("num_pages", 512, "KV pages per engine")
+    f.DEFINE_integer("max_model_len", 0, "prompt + generated tokens (0: the model's, at most 1024)")
+    f.DEFINE_integer("max_batch", 16, "largest decode batch")
+    f.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
+    f.DEFINE_bool("mtp", False, "speculative decoding with the checkpoint's MTP module")
+    prefix_cache.define_flags()
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    import checkpoints
+    from serving import prefix_cache
+    from serving.api import DEFAULT_CHECKPOINT, default_max_model_len
+    from serving.engine import EngineConfig
+    from serving.llm import LLM
+    from serving.protocol import read_token
+    from serving.scheduler import SchedulerConfig
+
+    F = flags.FLAGS
+    ckpt = F.checkpoint or DEFAULT_CHECKPOINT
+    key = None
+    if F.api_key_file:
+        with open(F.api_key_file) as fh:
+            key = fh.read().strip()
+    key = key or os.environ.get("TANDEM_API_KEY") or None
+    name = F.served_model_name or os.path.basename(os.path.normpath(ckpt))
+    if F.workers or F.router:
+        llm = LLM(ckpt, workers=F.workers, router=F.router, token=read_token(None))
+    else:
+        mcfg = checkpoints.config_of(ckpt)
+        max_len = F.max_model_len or default_max_model_len(mcfg.max_position_embeddings, F.page_size)
+        buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < F.max_batch) + (F.max_batch,)
+        ec = EngineConfig(page_size=F.page_size, num_pages=F.num_pages, max_model_len=max_len,
+                          decode_buckets=buckets, decode_steps=F.decode_steps, mtp=F.mtp,
+                          **prefix_cache.config_from_flags(F))
+        llm = LLM(ckpt, mode=F.mode, prefill_mesh=F.prefill_mesh, decode_mesh=F.decode_mesh, engine_config=ec,
+                  scheduler_config=SchedulerConfig(max_batch=F.max_batch), dtype=F.dtype)
+    engine = EngineLoop(llm, max_queue=F.max_queue)
+    app_ = build_app(engine, model_name=name, chat_template=chat_template_of(ckpt), api_key=key,
+                     default_max_tokens=F.default_max_tokens)
+    import uvicorn
+
+    print(f"TANDEM_SERVER_READY http://{F.host}:{F.port} model={name}", flush=True)
+    try:
+        uvicorn.run(app_, host=F.host, port=F.port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+        llm.close()
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

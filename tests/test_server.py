@@ -1,0 +1,243 @@
+"""The OpenAI-compatible HTTP server, driven by the real `openai` client against a live server (uvicorn in a
+thread, the shipped model): completions and chat, streaming and not, n, concurrency, abort on disconnect, 400s,
+429, API key, health/ready/models/metrics; pages all come back after every test."""
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import jax.numpy as jnp
+import openai
+import pytest
+
+from serving import LLM, EngineConfig, SamplingParams
+from serving.api import DEFAULT_CHECKPOINT
+from serving.server import (DEFAULT_CHAT_TEMPLATE, BadRequest, EngineLoop, Server, build_app, chat_prompt,
+                            sampling_of)
+
+EC = EngineConfig(page_size=16, num_pages=64, max_model_len=256, prefill_buckets=(16, 64), decode_buckets=(2, 4, 8),
+                  decode_steps=4, decode_windows=(16,))
+PROMPT = "To be, or not to be"
+
+
+@pytest.fixture(scope="module")
+def served():
+    llm = LLM(DEFAULT_CHECKPOINT, engine_config=EC, dtype=jnp.float32)
+    engine = EngineLoop(llm, max_queue=32)
+    srv = Server(build_app(engine, model_name="shakespeare-moe", chat_template=DEFAULT_CHAT_TEMPLATE)).start()
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield llm, engine, srv, client
+    srv.stop()
+    engine.close()
+    llm.close()
+
+
+def _wait_drained(llm, engine, timeout=30.0):
+    """Bounded wait until nothing is in flight, then the page invariant with every page free."""
+    end = time.monotonic() + timeout
+    while engine.in_flight() or llm.has_work():
+        assert time.monotonic() < end, f"{engine.in_flight()} requests still in flight after {timeout}s"
+        threading.Event().wait(0.005)
+    for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
+        a = eng.allocator
+        a.check()
+        assert a.free == a.total and a.used == 0 and a.leased == 0, (eng.name, a.free, a.used, a.leased)
+
+
+@pytest.fixture(autouse=True)
+def _pages_back(request):
+    yield
+    if "served" in request.fixturenames:
+        llm, engine, _, _ = request.getfixturevalue("served")
+        _wait_drained(llm, engine)
+
+
+def test_completion_equals_llm_generate_and_streaming_equals_non_streaming(served):
+    llm, _, _, client = served
+    ids = llm.tokenizer.encode(PROMPT)
+    want = llm.generate([ids], SamplingParams(max_tokens=12))[0]
+    r = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text and r.choices[0].model_extra["token_ids"] == want.token_ids
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 12
+    assert r.choices[0].finish_reason == "length"
+    ids_prompt = client.completions.create(model="shakespeare-moe", prompt=ids, max_tokens=12, temperature=0)
+    assert ids_prompt.choices[0].text == want.text                # a token-id prompt: the same
+    chunks = list(client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert sum(len(c.choices[0].model_extra["token_ids"]) for c in chunks if c.choices) == 12
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_chat_streaming_and_not_n_and_seed(served):
+    llm, _, _, client = served
+    msgs = [{"role": "system", "content": "You speak verse."}, {"role": "user", "content": "What is the hour?"}]
+    want_prompt = chat_prompt({"messages": [dict(m) for m in msgs]}, DEFAULT_CHAT_TEMPLATE)
+    assert want_prompt.endswith("ASSISTANT:") and "USER: What is the hour?" in want_prompt
+    want = llm.generate([want_prompt], SamplingParams(max_tokens=10))[0].text
+    r = client.chat.completions.create(model="shakespeare-moe", messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    s = list(client.chat.completions.create(model="shakespeare-moe", messages=msgs, max_tokens=10, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == want
+    # n = 2 at T=0.9 with a seed: two (different) samples, and the same two again for the same seed
+    a = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=12, temperature=0.9, n=2,
+                                  seed=7)
+    b = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=12, temperature=0.9, n=2,
+                                  seed=7)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text and [c.index for c in a.choices] == [0, 1]
+
+
+def test_concurrent_requests_equal_sequential(served):
+    llm, _, _, client = served
+    prompts = [PROMPT, "Now is the winter", "Friends, Romans", "All the world", "O Romeo", "Once more unto",
+               "The quality of", "If music be"]
+    want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=8))]
+
+    def one(p):
+        return client.completions.create(model="shakespeare-moe", prompt=p, max_tokens=8, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        got = [r.choices[0].text for r in ex.map(one, prompts)]
+    assert got == want
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"prompt": PROMPT, "temperature": -1}, "temperature"),
+    ({"prompt": PROMPT, "top_p": 0}, "top_p"),
+    ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+    ({"prompt": ""}, "empty"),
+    ({"prompt": [1, 2, 999999]}, "vocabulary"),
+    ({"prompt": "x " * 400}, "max_model_len"),
+    ({"prompt": PROMPT, "logprobs": 2}, "logprobs"),
+    ({"prompt": PROMPT, "model": "gpt-4"}, "not served"),
+    ({"prompt": PROMPT, "stop": [""]}, "stop"),
+    ({"prompt": PROMPT, "seed": "abc"}, "seed"),
+    ({"prompt": PROMPT, "n": 0}, "'n'"),
+])
+def test_bad_requests_get_400_naming_the_problem(served, body, needle):
+    _, _, _, client = served
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**{"model": "shakespeare-moe", **body})
+    assert needle in str(e.value)
+
+
+def test_malformed_json_and_chat_messages(served):
+    _, _, srv, client = served
+    r = httpx.post(srv.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="shakespeare-moe", messages=[{"role": "wizard", "content": "hi"}])
+
+
+def test_client_disconnect_aborts_and_frees_pages(served):
+    llm, engine, srv, _ = served
+    body = {"model": "shakespeare-moe", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", srv.url + "/v1/completions", json=body) as r:
+            first = next(r.iter_lines())
+            assert first.startswith("data: ")
+            assert engine.in_flight() == 1
+    # the stream closed after one chunk: the request is aborted, its pages come back (checked by the fixture)
+    end = time.monotonic() + 30
+    while engine.in_flight():
+        assert time.monotonic() < end
+        threading.Event().wait(0.005)
+    aborted = _count(engine, "tandem_requests_total", finish_reason="abort")
+    assert aborted >= 1
+    # non-streaming: the client sends the request, then hangs up while it is being generated
+    raw = json.dumps({**body, "stream": False}).encode()
+    host, port = srv.host, srv.port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+        end = time.monotonic() + 30
+        while not engine.in_flight():
+            assert time.monotonic() < end
+            threading.Event().wait(0.001)
+    end = time.monotonic() + 30
+    while engine.in_flight():
+        assert time.monotonic() < end
+        threading.Event().wait(0.005)
+    assert _count(engine, "tandem_requests_total", finish_reason="abort") == aborted + 1
+
+
+def _count(engine, name, **labels) -> float:
+    return engine.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_full_queue_answers_429(served):
+    llm, engine, srv, client = served
+    engine.max_queue = 1
+    try:
+        body = {"model": "shakespeare-moe", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", srv.url + "/v1/completions", json=body) as r:
+                next(r.iter_lines())
+                with pytest.raises(openai.RateLimitError):
+                    client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=4)
+    finally:
+        engine.max_queue = 32
+
+
+def test_api_key_health_ready_models_metrics(served):
+    llm, engine, srv, client = served
+    keyed = Server(build_app(engine, model_name="shakespeare-moe", chat_template=DEFAULT_CHAT_TEMPLATE,
+                             api_key="sekret")).start()
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sekret", max_retries=0)
+        assert [m.id for m in ok.models.list().data] == ["shakespeare-moe"]
+        assert ok.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=3).usage.completion_tokens \
+            == 3
+    finally:
+        keyed.stop()
+    assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/ready").status_code == 200
+    client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=4)
+    engine._last_gauges = 0.0
+    text = httpx.get(srv.url + "/metrics").text
+    for name in ("tandem_time_to_first_token_seconds_count", "tandem_time_per_output_token_seconds_bucket",
+                 "tandem_inter_token_latency_seconds", "tandem_e2e_request_latency_seconds",
+                 'tandem_kv_pages{engine="decode",state="free"}', "tandem_num_requests_in_flight"):
+        assert name in text, name
+    count = [l for l in text.splitlines() if l.startswith("tandem_time_to_first_token_seconds_count")]
+    assert float(count[0].split()[-1]) >= 1
+
+
+def test_parsing_units():
+    p, n = sampling_of({"temperature": 0, "max_tokens": 5, "stop": "x", "n": 3, "top_k": 4}, 16)
+    assert (p.max_tokens, p.temperature, p.stop, p.top_k, n) == (5, 0.0, ("x",), 4, 3)
+    assert sampling_of({}, 16)[0].max_tokens == 16
+    with pytest.raises(BadRequest, match="integer"):
+        sampling_of({"max_tokens": 2.5}, 16)
+
+
+def test_disaggregated_server_equals_colocated(served):
+    llm, _, _, client = served
+    want = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=8, temperature=0)
+    small = EngineConfig(page_size=16, num_pages=16, max_model_len=64, prefill_buckets=(16,), decode_buckets=(2,),
+                         decode_steps=4, decode_windows=(4,))   # few executables: this test is about the server
+    d = LLM(DEFAULT_CHECKPOINT, engine_config=small, dtype=jnp.float32, mode="disagg", prefill_mesh="tp=1",
+            decode_mesh="ep=2")
+    eng = EngineLoop(d)
+    srv = Server(build_app(eng, model_name="shakespeare-moe", chat_template=DEFAULT_CHAT_TEMPLATE)).start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        got = c.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=8, temperature=0)
+        assert got.choices[0].text == want.choices[0].text
+        eng._last_gauges = 0.0
+        text = httpx.get(srv.url + "/metrics").text
+        line = [l for l in text.splitlines() if l.startswith("tandem_kv_transfer_bytes_total")]
+        assert line and float(line[0].split()[-1]) > 0
+        _wait_drained(d, eng)
+    finally:
+        srv.stop()
+        eng.close()
+        d.close()
