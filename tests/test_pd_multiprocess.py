@@ -239,6 +239,31 @@ def test_kv_aware_routing_sends_a_repeated_prefix_to_the_prefill_worker_that_cac
     P1.kill(), P2.kill()
 
 
+def test_http_server_over_worker_processes(cluster, colocated):
+    """The OpenAI server in front of the router and worker processes: the openai client gets the colocated tokens,
+    streaming and not, and the workers end drained."""
+    import openai
+
+    from serving.server import DEFAULT_CHAT_TEMPLATE, EngineLoop, Server, build_app
+
+    P, D = cluster["P"], cluster["D1"]
+    want = colocated.generate(PROMPTS[:2], SamplingParams(max_tokens=N_NEW))
+    with LLM(workers=[P.addr, D.addr], router_config=router_cfg()) as llm:
+        eng = EngineLoop(llm)
+        srv = Server(build_app(eng, model_name="tiny", chat_template=DEFAULT_CHAT_TEMPLATE)).start()
+        try:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+            r = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=N_NEW, temperature=0)
+            assert r.choices[0].model_extra["token_ids"] == want[0].token_ids
+            chunks = list(c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=N_NEW, temperature=0,
+                                               stream=True))
+            assert [t for ch in chunks for t in ch.choices[0].model_extra["token_ids"]] == want[1].token_ids
+        finally:
+            srv.stop()
+            eng.close()
+    check_drained([P.addr, D.addr])
+
+
 def test_load_spreads_over_both_decode_workers(cluster):
     P, D1, D2 = cluster["P"], cluster["D1"], cluster["D2"]
     with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:
