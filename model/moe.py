@@ -203,6 +203,7 @@ def capacity_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str =
 # (docs/BENCHMARKS.md, "Decode speed grid"): streaming expert weights ~35 GB/s, dense matmul work ~80 GMAC/s,
 # gathering per-copy weight matrices ~5 GB/s, and ragged_dot executed as a dot over every expert group.
 CPU_COSTS = dict(weight_gbps=35.0, gmacs=80.0, gather_gbps=5.0, loop_us=5.0)
+GATHER_CACHE_BYTES = 32 << 20   # gathered expert weights up to this size: gather's fast regime on this CPU
 
 
 def _overflow_probability(copies: int, experts: int, cap: int) -> float:
@@ -238,6 +239,13 @@ def choose_moe_impl(cfg: ModelConfig, n_tokens: int, platform: str, itemsize: in
     as a dot over every group, so it is never the cheapest there)."""
     if platform in ("gpu", "cuda", "rocm", "tpu"):
         return "ragged"
+    # Fewer token copies than experts, and their gathered weights small enough to stay in cache: most experts
+    # are idle and gathering the few used ones wins. Measured (`bench/decode_grid.py --moe_only`, 2 cores): of
+    # the 14 such grid cells gather was the fastest path in 9 and within 1.5x in 3 more; the cost model below,
+    # which charges per byte only, picked paths up to 5x slower there.
+    M, w = n_tokens * cfg.num_experts_per_tok, 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    if M < cfg.n_routed_experts and M * w * itemsize <= GATHER_CACHE_BYTES:
+        return "gather"
     c = moe_costs(cfg, n_tokens, itemsize)
     return min(("dense", "gather", "capacity", "segment"), key=lambda k: (c[k], k))
 

@@ -53,5 +53,7 @@ def test_choice_follows_the_shape_and_platform():
                                       num_experts_per_tok=X, n_group=1, topk_group=1)
     assert choose_moe_impl(cfg(512, 64, 8), 1, "cpu") == "gather"        # 8 copies, 64 experts: gather them
     assert choose_moe_impl(cfg(512, 64, 8), 64, "cpu") == "capacity"     # 512 copies: padded buckets
-    assert choose_moe_impl(cfg(128, 8, 2), 1, "cpu") == "dense"          # few small experts: all of them
+    assert choose_moe_impl(cfg(128, 8, 2), 1, "cpu") == "gather"         # 2 copies of 8 experts: gather them
+    assert choose_moe_impl(cfg(128, 8, 2), 4, "cpu") == "dense"          # 8 copies, 8 small experts: all of them
+    assert choose_moe_impl(cfg(512, 64, 8), 4, "cpu") == "dense"         # 32 copies but 50 MB to gather: not
     assert choose_moe_impl(cfg(512, 64, 8), 64, "cuda") == "ragged"      # GPUs: the grouped kernel
