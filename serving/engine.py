@@ -20,8 +20,8 @@ The engine takes a model already placed on its mesh (`checkpoints.load(path, mes
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import functools
+import hashlib
 import logging
 import time
 import typing
@@ -36,10 +36,10 @@ from model.deepseek import DeepseekV3
 from model.flops import decode_flops
 from model.moe import choose_moe_impl
 from serving.kv_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PageAllocator, PagedCache, pages_for
+from serving.prefix_cache import PrefixCache
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
 from sharding.plan import plan as memory_plan
-from serving.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 

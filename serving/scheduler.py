@@ -153,7 +153,8 @@ class Scheduler:
         load = np.bincount([a.rank_of(r.pages[0]) for r in self.running + self.prefilling if r.pages],
                            minlength=self.decode.ranks)
         hit = [a.match(hashes, r) if hashes else 0 for r in range(self.decode.ranks)]
-        ok = [r for r in range(self.decode.ranks) if load[r] < self.rank_batch and a.can_allocate(n_pages - hit[r], r)]
+        ok = [r for r in range(self.decode.ranks)
+              if load[r] < self.rank_batch and a.can_allocate(n_pages - hit[r], r)]
         return max(ok, key=lambda r: (hit[r], a.free_in(r), -load[r], -r)) if ok else None
 
     def _admit_colocated(self) -> None:
