@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import tempfile
 import time
 
 from absl import app, flags
+
+from sharding.hlo import collectives
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("ep", ["8", "16", "32"], "expert-parallel sizes")
@@ -43,62 +44,6 @@ flags.DEFINE_bool("child", False, "internal: run one configuration in this proce
 flags.DEFINE_string("hlo_dump_dir", "", "internal: where XLA dumps the module after SPMD partitioning")
 
 DENSE_LAYERS, MOE_LAYERS = 3, 58   # deepseek-v3: first_k_dense_replace=3 of 61
-_OPS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
-_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1,
-          "s64": 8, "f64": 8}
-_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\(.*?\)|\w+\[[^\]]*\](?:\{[^}]*\})?)\s+"
-                   r"(?P<op>" + "|".join(_OPS) + r")(?:-start)?\(")
-
-
-def _shape_bytes(s: str) -> int:
-    total = 0
-    for dt, dims in re.findall(r"(\w+)\[([^\]]*)\]", s):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _BYTES.get(dt, 4)
-    return total
-
-
-def _group_size(line: str, n_devices: int) -> int:
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
-    if m:  # mesh['axis_0'=8,'axis_1'=4] {'axis_0'}: groups along the named axes
-        sizes = {k: int(v) for k, v in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
-        n = 1
-        for a in re.findall(r"'(\w+)'", m.group(2)):
-            n *= sizes[a]
-        return n
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
-    if m:
-        return int(m.group(2))
-    m = re.search(r"replica_groups=\{(\{[^}]*\})", line)
-    if m:
-        return len(m.group(1).strip("{}").split(","))
-    if "collective-permute" in line:
-        return 2
-    return n_devices
-
-
-def _wire(op: str, R: int, n: int) -> float:
-    if n <= 1:
-        return 0.0
-    return {"all-to-all": (n - 1) / n * R, "all-gather": (n - 1) / n * R, "reduce-scatter": (n - 1) * R,
-            "all-reduce": 2 * (n - 1) / n * R, "collective-permute": R}[op]
-
-
-def collectives(hlo: str, n_devices: int) -> list[dict]:
-    """Every collective in an HLO module: op, result bytes, group size, wire bytes, op_name metadata."""
-    out = []
-    for line in hlo.splitlines():
-        m = _LINE.match(line)
-        if not m or "-done(" in line:
-            continue
-        R = _shape_bytes(m.group("shape"))
-        n = _group_size(line, n_devices)
-        name = re.search(r'op_name="([^"]*)"', line)
-        out.append(dict(op=m.group("op"), bytes=R, group=n, wire=_wire(m.group("op"), R, n),
-                        op_name=name.group(1) if name else ""))
-    return out
 
 
 def _child(ep: int, tp: int) -> dict:
