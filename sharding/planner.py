@@ -350,6 +350,19 @@ def _profile_wire(prof_kind: dict[str, list[float]], per: float, group: int, act
     return wire, count
 
 
+def executable_step(hw: Hardware, eff: Efficiency, flops: float, hbm_bytes: float, kernels: int, *,
+                    kind: str = "bf16", compute_eff: float = 1.0, serial: bool = False) -> StepTime:
+    """The same roofline + fixed-cost model for one compiled executable on one device with no collectives (the
+    CPU validation: FLOPs from the executable's cost analysis, kernels counted in its HLO). serial: compute and
+    memory time add up instead of overlapping (XLA:CPU runs one op at a time; a matmul-bound op and a
+    bandwidth-bound op never share the step's time)."""
+    c = flops / (hw.peak(kind) * compute_eff)
+    m = hbm_bytes / (hw.hbm_gbs * 1e9 * eff.hbm)
+    fixed = kernels * eff.kernel_overhead + eff.step_overhead
+    roof = c + m if serial else max(c, m)
+    return StepTime(roof + fixed, roof, m, 0.0, fixed, hbm_bytes, flops, 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeLayout:
     """One decode instance: DP attention over all `gpus` (each holds its rows' KV), routed experts over all of
@@ -387,8 +400,8 @@ def decode_step(mc: ModelCosts, prof: StepProfile, hw: Hardware, lay: DecodeLayo
     t_dense_c = (attn + dense_ffn) / (lin_peak * ce)
     t_moe_c = (attn + moe_other) / (lin_peak * ce) + routed / (exp_peak * ce)
     # HBM bytes per GPU: the weights it holds that the step touches + the KV it attends over
-    slots = tok * R * mc.top_k                   # routed (token, expert) pairs of the whole instance
-    touched = 1.0 - (1.0 - 1.0 / mc.experts) ** slots
+    # an expert is read when some token of the instance routes to it (uniform routing: each token picks top_k)
+    touched = 1.0 - (1.0 - mc.top_k / mc.experts) ** (tok * R)
     kv = rows * context * mc.kv_bytes_per_token_layer / tp
     b_dense = mc.dense_layer_bytes / tp + kv
     b_moe = mc.moe_attn_bytes / tp + mc.experts / n * mc.expert_bytes * touched + kv
