@@ -9,7 +9,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
-.PHONY: run test setup bench bench-model serve clean
+.PHONY: run test setup bench bench-model serve plan clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ serve: $(STAMP)
 # a short InferenceX-style sweep: colocated vs disaggregated servers, JSON + Pareto PNG under runs/
 bench: $(STAMP)
 	$(PY) -m serving.sweep --launch colocated,disagg --short --json runs/sweep.json --png runs/sweep.png
+
+# the planner: predicted tok/s/GPU vs tok/s/user for DeepSeek-R1 FP4 on HGX B200 and GB200 NVL72 (table, JSON, PNG)
+plan: $(STAMP)
+	$(PY) -m sharding.planner --dwdp --rate=20 --json_out runs/planner.json --png_out runs/planner.png
 
 bench-model: $(STAMP)
 	$(PY) -m bench.model_speed

@@ -2,12 +2,15 @@
 
     python -m bench.planner_cpu            # shipped model + a larger random config, batch 1/4/16, prefill 32/128
 
-The machine is calibrated first, with nothing of the model: the f32 matmul peak (1024^3), the weight-streaming
-bandwidth (a matvec over a 256 MiB matrix), and the fixed cost per kernel and per executable call (a chain of
-small unfusable ops, and a call taking a model-sized argument list). Then, for each engine executable (1-step
-decode at a batch, prefill at a chunk), the planner's `executable_step` predicts its time from what the compiled
-executable says it does — FLOPs from XLA's cost analysis, kernels counted in its HLO, HBM bytes = the weights it
-streams + the KV window it reads — and the executable is timed (median of 15 calls on real random weights).
+The machine is calibrated first, with generic probes and nothing of the model (`calibrate`): the f32 matmul peak
+(1024^3), the weight-streaming bandwidth (a matvec over a 256 MiB matrix), what XLA:CPU reaches on [M, 512] x
+[512, 512] dot chains (M=1: `hbm` efficiency, M=16: `compute_decode`, M=128: `compute_prefill`), the fixed cost
+per kernel (a chain of tiny links) and per executable call (a 300-leaf argument list). Then, for each engine
+executable (1-step decode at a batch, prefill at a chunk), the planner's `executable_step` predicts its time from
+what the compiled executable says it does — FLOPs from XLA's cost analysis, kernels counted in its HLO, HBM bytes
+= the weights it streams (the MoE path's own: all local experts, or the picked ones for `gather`) + the KV it
+reads — with compute and memory time added (`serial`: XLA:CPU runs one op at a time), and the executable is timed
+(median of 15 calls on random weights, after a warm-up call).
 """
 
 from __future__ import annotations
@@ -107,15 +110,6 @@ def run(reps: int) -> dict:
     from sharding.planner import Efficiency, Hardware, executable_step
     from serving.engine import Engine, EngineConfig
 
-    cal = calibrate(reps)
-    hw = Hardware("cpu", 24e9, cal["stream_bytes_s"] / 1e9, cal["matmul_flops"], cal["matmul_flops"], None, 1, 1.0,
-                  1.0, 0.0, "this CPU (calibrated)")
-    eff = Efficiency(hbm=cal["hbm_eff"], compute_decode=cal["compute_decode"], compute_prefill=cal["compute_prefill"],
-                     kernel_overhead=cal["kernel_s"], step_overhead=cal["call_s"])
-    print(f"calibration: matmul {cal['matmul_flops'] / 1e9:.1f} GFLOP/s, streaming {cal['stream_bytes_s'] / 1e9:.1f} "
-          f"GB/s; on [M, 512] x [512, 512] chains: hbm {eff.hbm:.2f}, compute_decode {eff.compute_decode:.2f}, "
-          f"compute_prefill {eff.compute_prefill:.2f}; {cal['kernel_s'] * 1e6:.1f} us/kernel, "
-          f"{cal['call_s'] * 1e6:.0f} us/call")
     rows = []
     for name, cfg in _configs().items():
         m = _model(name, cfg)
@@ -125,6 +119,16 @@ def run(reps: int) -> dict:
                           decode_buckets=(1, 4, 16), decode_steps=1, decode_windows=(L // Z,))
         eng = Engine(m, ec)
         params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(eng.params))
+        # calibrated right before this model's timings: this shared machine drifts by tens of % within minutes
+        cal = calibrate(reps)
+        hw = Hardware("cpu", 24e9, cal["stream_bytes_s"] / 1e9, cal["matmul_flops"], cal["matmul_flops"], None, 1, 1.0,
+                      1.0, 0.0, "this CPU (calibrated)")
+        eff = Efficiency(hbm=cal["hbm_eff"], compute_decode=cal["compute_decode"], compute_prefill=cal["compute_prefill"],
+                         kernel_overhead=cal["kernel_s"], step_overhead=cal["call_s"])
+        print(f"calibration: matmul {cal['matmul_flops'] / 1e9:.1f} GFLOP/s, streaming {cal['stream_bytes_s'] / 1e9:.1f} "
+              f"GB/s; on [M, 512] x [512, 512] chains: hbm {eff.hbm:.2f}, compute_decode {eff.compute_decode:.2f}, "
+              f"compute_prefill {eff.compute_prefill:.2f}; {cal['kernel_s'] * 1e6:.1f} us/kernel, "
+              f"{cal['call_s'] * 1e6:.0f} us/call")
         embed = mcfg.vocab_size * mcfg.hidden_size * 4
         kv_tok = mcfg.num_hidden_layers * mcfg.cache_width * 4
         for B in (1, 4, 16):
@@ -154,7 +158,7 @@ def run(reps: int) -> dict:
                 jax.block_until_ready(out)
 
             meas = _median_time(call, reps)
-            rows.append(dict(model=name, exe=f"decode B={B}", moe_impl=impl, flops=pred.flops, hbm_bytes=hbm,
+            rows.append(dict(calibration=cal, model=name, exe=f"decode B={B}", moe_impl=impl, flops=pred.flops, hbm_bytes=hbm,
                              kernels=k, measured_s=meas, predicted_s=pred.seconds, error=pred.seconds / meas - 1,
                              parts=pred.parts()))
         for T in (32, 128):
@@ -174,10 +178,10 @@ def run(reps: int) -> dict:
                 jax.block_until_ready(out)
 
             meas = _median_time(callp, reps)
-            rows.append(dict(model=name, exe=f"prefill T={T}", moe_impl=eng.moe_impl(T), flops=pred.flops,
+            rows.append(dict(calibration=cal, model=name, exe=f"prefill T={T}", moe_impl=eng.moe_impl(T), flops=pred.flops,
                              hbm_bytes=params_bytes - embed + T * kv_tok, kernels=k, measured_s=meas,
                              predicted_s=pred.seconds, error=pred.seconds / meas - 1, parts=pred.parts()))
-    return dict(calibration=cal, rows=rows)
+    return dict(rows=rows)
 
 
 def main(argv):
