@@ -627,17 +627,17 @@ def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff:
 
 
 def _agg_prefill_seconds(mc, prof, hw, n, tokens_per_gpu, isl, eff, act_bytes) -> float:
-    """Prefill work added to a step of an aggregated DEP instance: `tokens_per_gpu` prompt tokens per GPU, compute
-    at the prefill efficiency and the EP all-to-all (the weights are already being streamed by the decode step)."""
+    """Prefill work added to a step of an aggregated DEP instance: `tokens_per_gpu` prompt tokens per GPU — their
+    compute at the prefill efficiency and their EP all-to-all; not the weights (the decode step streams them
+    already). One extra set of kernels and collective latencies per step."""
     if tokens_per_gpu <= 0:
         return 0.0
     lay = PrefillLayout(n, "ep")
-    # prefill_time for one batch of n prompts of isl tokens, scaled to the tokens this step carries
-    t, _ = prefill_time(mc, prof, hw, lay, isl, eff.replace(step_overhead=0.0), act_bytes=act_bytes)
-    w_dev = mc.total_weight_bytes / n / (hw.hbm_gbs * 1e9 * eff.hbm)
-    fixed = mc.layers * eff.kernels_per_layer * eff.kernel_overhead
-    var = max(t - fixed - min(w_dev, t - fixed), 0.0) if t > w_dev + fixed else t - fixed
-    return var * tokens_per_gpu / isl + fixed
+    no_fixed = eff.replace(hbm=float("inf"), kernel_overhead=0.0, collective_latency_in=0.0,
+                           collective_latency_out=0.0)
+    t_var, _ = prefill_time(mc, prof, hw, lay, isl, no_fixed, act_bytes=act_bytes)   # isl tokens per GPU
+    t_all, _ = prefill_time(mc, prof, hw, lay, isl, eff.replace(hbm=float("inf")), act_bytes=act_bytes)
+    return t_var * tokens_per_gpu / isl + (t_all - t_var)
 
 
 def _usd(hw: Hardware, tok_s_gpu: float) -> float:
