@@ -220,8 +220,10 @@ class StepProfile:
     decode: dict[str, dict[str, list[float]]]  # kind -> op -> [float bytes per row, other bytes per row]
     prefill_tp: int
     prefill_tokens: int
-    prefill: dict[str, dict[str, list[float]]]  # kind -> op -> [float bytes per token, other bytes per token]
+    prefill: dict[str, dict[str, list[float]]]  # kind -> op -> [float, other] bytes per token a device holds
     capacity_factor: float
+    prefill_ep: int = 0
+    prefill_ep_bytes: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)  # as prefill
     check: dict[str, Any] = dataclasses.field(default_factory=dict)
     compile_s: float = 0.0
 
@@ -283,18 +285,25 @@ def _compile_collectives(cfg, pool: str, mesh_spec: dict, *, rows: int = 0, toke
 
 
 def build_profile(cfg, name: str, *, decode_ep: int = 8, rows: tuple[int, int] = (1, 8), prefill_tp: int = 8,
-                  prefill_tokens: int = 256, check_ep: int = 4, capacity_factor: float = 2.0) -> StepProfile:
+                  prefill_ep: int = 8, prefill_tokens: int = 256, check_ep: int = 4, capacity_factor: float = 2.0
+                  ) -> StepProfile:
     """Compile the anchors: decode at ep=decode_ep with rows[0] and rows[1] rows per device (bytes per row = the
-    slope), prefill at tp=prefill_tp, and a check: decode at ep=check_ep, predicted from the slope vs compiled."""
+    slope), prefill at tp=prefill_tp and at ep=prefill_ep (the prompt's tokens split over the EP ranks), and a
+    check: decode at ep=check_ep, predicted from the slope vs compiled."""
     t0 = time.perf_counter()
     (a, _, _), (b, _, _) = (_compile_collectives(cfg, "decode", dict(ep=decode_ep), rows=r,
                                                  capacity_factor=capacity_factor) for r in rows)
     dr = rows[1] - rows[0]
     decode = {k: {op: [(b[k][op][i] - a.get(k, {}).get(op, [0, 0])[i]) / dr for i in (0, 1)] for op in b[k]}
               for k in b}
+    # per token a device holds: TP replicates the chunk's tokens on every device, EP splits them over the ranks
+    per_token = lambda pf, t: {k: {op: [v[0] / t, v[1] / t] for op, v in d.items()} for k, d in pf.items()}
     pf, _, _ = _compile_collectives(cfg, "prefill", dict(tp=prefill_tp), tokens=prefill_tokens)
-    prefill = {k: {op: [v[0] / prefill_tokens, v[1] / prefill_tokens] for op, v in d.items()} for k, d in pf.items()}
-    prof = StepProfile(name, decode_ep, list(rows), decode, prefill_tp, prefill_tokens, prefill, capacity_factor)
+    pe, _, _ = _compile_collectives(cfg, "prefill", dict(ep=prefill_ep), tokens=prefill_tokens,
+                                    capacity_factor=capacity_factor)
+    prof = StepProfile(name, decode_ep, list(rows), decode, prefill_tp, prefill_tokens,
+                       per_token(pf, prefill_tokens), capacity_factor, prefill_ep,
+                       per_token(pe, prefill_tokens / prefill_ep))
     if check_ep:
         c, _, _ = _compile_collectives(cfg, "decode", dict(ep=check_ep), rows=rows[1], capacity_factor=capacity_factor)
         comp = sum(v[0] + v[1] for d in c.values() for v in d.values())
@@ -402,7 +411,7 @@ def decode_step(mc: ModelCosts, prof: StepProfile, hw: Hardware, lay: DecodeLayo
     # HBM bytes per GPU: the weights it holds that the step touches + the KV it attends over
     # an expert is read when some token of the instance routes to it (uniform routing: each token picks top_k)
     touched = 1.0 - (1.0 - mc.top_k / mc.experts) ** (tok * R)
-    kv = rows * context * mc.kv_bytes_per_token_layer / tp
+    kv = rows * context * mc.kv_bytes_per_token_layer    # the latent has no head axis: tp ranks read it all
     b_dense = mc.dense_layer_bytes / tp + kv
     b_moe = mc.moe_attn_bytes / tp + mc.experts / n * mc.expert_bytes * touched + kv
     hbm = hw.hbm_gbs * 1e9 * eff.hbm
@@ -468,29 +477,19 @@ def prefill_time(mc: ModelCosts, prof: StepProfile, hw: Hardware, lay: PrefillLa
         # prefetch of layer i+1 overlaps layer i: the step is bound by the slower of compute and fetch, per layer
         t = max(t_c, t_m, fetch) + fixed
         return t, tokens / t / n
-    per_tok = tokens / n
-    kinds = {"tp": prof.prefill, "ep": prof.prefill}[lay.mode]
-    if lay.mode == "ep":   # attention data-parallel, experts over n: the all-to-all of the MoE layers only
-        w_moe, c = _profile_wire(_a2a_only(kinds.get("moe", {}), prof, mc), per_tok, n, act_bytes)
-        wire, ncoll = (mc.layers - mc.dense_layers) * w_moe, (mc.layers - mc.dense_layers) * c
-    else:
-        w_moe, c1 = _profile_wire(kinds.get("moe", {}), per_tok, n, act_bytes)
-        w_dense, c2 = _profile_wire(kinds.get("dense", {}), per_tok, n, act_bytes)
-        wire = (mc.layers - mc.dense_layers) * w_moe + mc.dense_layers * w_dense
-        ncoll = (mc.layers - mc.dense_layers) * c1 + mc.dense_layers * c2
+    per_tok = tokens if lay.mode == "tp" else tokens / n     # tokens each device holds (see build_profile)
+    kinds = prof.prefill if lay.mode == "tp" else prof.prefill_ep_bytes
+    if lay.mode == "ep" and not kinds:
+        raise ValueError("this step profile has no EP prefill anchor; rebuild it (--rebuild_profile)")
+    w_moe, c1 = _profile_wire(kinds.get("moe", {}), per_tok, n, act_bytes)
+    w_dense, c2 = _profile_wire(kinds.get("dense", {}), per_tok, n, act_bytes)
+    w_other, c3 = _profile_wire(kinds.get("other", {}), per_tok, n, act_bytes)
+    wire = (mc.layers - mc.dense_layers) * w_moe + mc.dense_layers * w_dense + w_other
+    ncoll = (mc.layers - mc.dense_layers) * c1 + mc.dense_layers * c2 + c3
     t_w, cross = _comm_seconds(hw, eff, wire, n)
     lat = ncoll * (eff.collective_latency_out if cross else eff.collective_latency_in)
     t = max(t_c, t_m) + t_w * (1 - eff.overlap_prefill) + lat + fixed
     return t, tokens / t / n
-
-
-def _a2a_only(kind: dict, prof: StepProfile, mc: ModelCosts) -> dict:
-    """The prefill EP all-to-all per token, from the decode profile's per-row all-to-all (same dispatch: a row's
-    hidden state to its top-k experts' owners and back) at capacity factor 1 for the prefill's large buckets."""
-    a2a = prof.decode.get("moe", {}).get("all-to-all")
-    if not a2a:
-        return {}
-    return {"all-to-all": [a2a[0] / prof.capacity_factor, a2a[1]]}
 
 
 # ---- deployment simulation ------------------------------------------------------------------------------------
@@ -536,7 +535,7 @@ def kv_fits(mc: ModelCosts, hw: Hardware, lay: DecodeLayout, rows: int, max_len:
     weights = (mc.dense_layers * mc.dense_layer_bytes + (mc.layers - mc.dense_layers + (1 if mtp else 0))
                * (mc.moe_attn_bytes + mc.experts * mc.expert_bytes / lay.gpus * lay.tp) + mc.embed_bytes
                + mc.head_bytes) / lay.tp
-    kv = rows * max_len * mc.kv_bytes_per_token() / lay.tp
+    kv = rows * max_len * mc.kv_bytes_per_token()     # a rank's pages, replicated over its tp ranks
     return weights + kv <= hw.hbm_bytes * eff.kv_memory_fraction
 
 
