@@ -79,6 +79,10 @@ def test_profile_bytes_match_the_dispatch_by_hand(tiny_profile):
     assert a2a[1] == pytest.approx(ep * 4 * math.ceil(2.0 * k / ep))
     # prefill TP: the MoE and dense layers all-reduce a D-wide f32 row per token (attention out + FFN)
     assert tiny_profile.prefill["dense"]["all-reduce"][0] == pytest.approx(2 * D * 4)
+    # prefill EP8 of 16 tokens: 2 per device, capacity min(ceil(2.0 x 2 x k / 8), 2 x min(k, E / 8)) = 1 per
+    # destination; per token a device holds: dispatch + combine of [8, 1, D] f32, halved
+    C = min(math.ceil(2.0 * 2 * k / 8), 2 * min(k, cfg.n_routed_experts // 8))
+    assert tiny_profile.prefill_ep_bytes["moe"]["all-to-all"][0] == pytest.approx(2 * 8 * C * D * 4 / 2)
     assert abs(tiny_profile.check["error"]) < 0.1
     back = StepProfile.from_json(json.loads(json.dumps(tiny_profile.to_json())))
     assert back.decode == tiny_profile.decode
