@@ -87,7 +87,9 @@ class Efficiency:
     collective_latency_in: float = 8e-6    # s per collective inside a domain
     collective_latency_out: float = 25e-6  # s per collective across domains
     kernels_per_layer: int = 16        # kernel launches per decoder layer
-    kernel_overhead: float = 1.5e-6    # s per kernel (launch/tail under CUDA graphs)
+    # s per kernel: launch gap, tail and sync. 1.5 us a priori (CUDA graphs); 4.7 us is the one value fitted to a
+    # published figure (HGX B200, docs/planner.md), which then predicts the GB200 NVL72 figure within 2%
+    kernel_overhead: float = 4.7e-6
     step_overhead: float = 300e-6      # s per step: scheduling, sampling, host work
     ep_imbalance: float = 1.15         # busiest EP rank's routed work / mean
     prefill_util: float = 0.8          # target utilization of the prefill pool (queueing)
@@ -418,14 +420,24 @@ def decode_step(mc: ModelCosts, prof: StepProfile, hw: Hardware, lay: DecodeLayo
     t_dense = max(t_dense_c, b_dense / hbm)
     t_moe = max(t_moe_c, b_moe / hbm)
     t_head = max(head / (hw.peak("bf16") * ce), (mc.head_bytes / tp + (mc.mtp_extra_bytes if mtp else 0)) / hbm)
-    # collectives: per-row bytes from the compiled profile, scaled to this instance
-    w_moe, c_moe = _profile_wire(prof.decode.get("moe", {}), tok, n, act_bytes, cf / prof.capacity_factor)
-    w_dense, c_dense = _profile_wire(prof.decode.get("dense", {}), tok, n, act_bytes)
-    w_other, c_other = _profile_wire(prof.decode.get("other", {}), tok, n, act_bytes)
+    # collectives: per-row bytes from the compiled profile, scaled to this instance. The EP dispatch runs among
+    # the attention ranks (group R; its GPUs span all n); with tp > 1 each rank's heads, FFN widths and vocab are
+    # split over tp and every layer all-reduces its rows' outputs: the TP prefill anchor's bytes per token held.
+    w_moe, c_moe = _profile_wire(prof.decode.get("moe", {}), tok, R, act_bytes, cf / prof.capacity_factor)
+    w_dense, c_dense = _profile_wire(prof.decode.get("dense", {}), tok, R, act_bytes)
+    w_other, c_other = _profile_wire(prof.decode.get("other", {}), tok, R, act_bytes)
     wire = moe_layers * w_moe + mc.dense_layers * w_dense + w_other
-    t_wire, cross = _comm_seconds(hw, eff, wire, n)
-    ncoll = moe_layers * c_moe + mc.dense_layers * c_dense + c_other
-    lat = ncoll * (eff.collective_latency_out if cross else eff.collective_latency_in) if n > 1 else 0.0
+    t_wire, cross = _comm_seconds(hw, eff, wire, n) if R > 1 else (0.0, False)
+    ncoll = (moe_layers * c_moe + mc.dense_layers * c_dense + c_other) if R > 1 else 0
+    lat = ncoll * (eff.collective_latency_out if cross else eff.collective_latency_in)
+    if tp > 1:
+        t_moe_w, t_c1 = _profile_wire(prof.prefill.get("moe", {}), tok, tp, act_bytes)
+        t_dense_w, t_c2 = _profile_wire(prof.prefill.get("dense", {}), tok, tp, act_bytes)
+        t_other_w, t_c3 = _profile_wire(prof.prefill.get("other", {}), tok, tp, act_bytes)
+        tp_wire = moe_layers * t_moe_w + mc.dense_layers * t_dense_w + t_other_w
+        t_wire += _comm_seconds(hw, eff, tp_wire, tp)[0]
+        wire += tp_wire
+        lat += (moe_layers * t_c1 + mc.dense_layers * t_c2 + t_c3) * eff.collective_latency_in
     kernels = (mc.layers + (1 if mtp else 0)) * eff.kernels_per_layer
     fixed = kernels * eff.kernel_overhead + eff.step_overhead + lat
     compute = mc.dense_layers * t_dense + (moe_layers) * t_moe + t_head
@@ -520,7 +532,7 @@ class Point:
     prefill: str
     prefill_gpus: int
     decode_gpus: int
-    rows_per_gpu: int
+    rows_per_rank: int        # decode rows per attention rank (= per GPU for DEP; a TP group shares them)
     mtp: bool
     tpot_s: float
     ttft_s: float
@@ -565,6 +577,20 @@ def best_prefill(mc, prof, hw, wl: Workload, eff: Efficiency, *, act_bytes=2.0, 
     return best
 
 
+def decode_layouts(hw: Hardware, sizes) -> list[DecodeLayout]:
+    """DEP n (DP attention over every GPU, wide EP) for each size, plus attention TP inside one domain: TP t
+    (one rank) and DP x TP for t in 4, 8 — fewer rows per step but each GPU reads 1/t of the attention weights."""
+    out = []
+    for n in sizes:
+        if n > 4 * hw.domain or (n > hw.domain and n % hw.domain):
+            continue
+        out.append(DecodeLayout(n))
+        for t in (4, 8):
+            if 1 < t <= min(n, hw.domain) and n % t == 0:
+                out.append(DecodeLayout(n, t))
+    return out
+
+
 def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff: Efficiency = Efficiency(), *,
              act_bytes: float = 2.0, capacity_factor: float | None = None, dwdp: bool = False,
              decode_sizes: tuple[int, ...] | None = None, max_prefill_instances: int = 64) -> list[Point]:
@@ -576,13 +602,14 @@ def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff:
     prefill): step = decode step + that prefill work."""
     sizes = decode_sizes or tuple(sorted({s for s in (1, 2, 4, 8, 16, 32, 36, 64, 72, 128) if s <= 4 * hw.domain
                                          and (s <= hw.domain or s % hw.domain == 0) and s >= 1}))
+    layouts = decode_layouts(hw, sizes)
     p_lay, p_t, p_rate = best_prefill(mc, prof, hw, wl, eff, act_bytes=act_bytes, dwdp=dwdp)
     isl, osl = wl.mean_isl, wl.mean_osl
     ctx = int(isl + osl / 2)
     max_len = wl.isl + wl.osl
     out: list[Point] = []
-    for n in sizes:
-        lay = DecodeLayout(n)
+    for lay in layouts:
+        n = lay.gpus
         for mtp in ((False, True) if wl.mtp else (False,)):
             tps = 1 + (wl.mtp_acceptance if mtp else 0.0)         # tokens per row per step
             for rows in (2 ** i for i in range(0, 11)):
@@ -591,7 +618,7 @@ def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff:
                 st = decode_step(mc, prof, hw, lay, rows, ctx, eff, mtp=mtp, act_bytes=act_bytes,
                                  capacity_factor=capacity_factor)
                 tpot = st.seconds / tps
-                dec_rate = rows * n / tpot                         # output tokens/s of the instance
+                dec_rate = rows * lay.ranks / tpot                 # output tokens/s of the instance
                 req_rate = dec_rate / osl
                 # disaggregated: x prefill instances per y decode instances
                 best = None
@@ -614,12 +641,13 @@ def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff:
                     out.append(Point(hw.name, "disagg", str(lay), str(p_lay), x * p_lay.gpus, y * n, rows, mtp, tpot,
                                      ttft, 1 / tpot, tsg, _usd(hw, tsg), st.parts()))
                 # aggregated: the same instance also prefills isl tokens per finished row
-                pf_tok_per_gpu_step = rows * tps / osl * isl
+                pf_tok_per_gpu_step = rows * tps / osl * isl / lay.tp   # a rank's prompts, over its tp GPUs
                 t_pf = _agg_prefill_seconds(mc, prof, hw, n, pf_tok_per_gpu_step, int(isl), eff, act_bytes)
                 step = st.seconds + t_pf
                 tpot_a = step / tps
-                tsg_a = rows / tpot_a
-                ttft_a = (isl / max(pf_tok_per_gpu_step, 1e-9)) * step if pf_tok_per_gpu_step < isl else step
+                tsg_a = rows * lay.ranks / n / tpot_a
+                # a new prompt is prefilled as one chunk in the next step, on its rank's tp GPUs
+                ttft_a = step + _agg_prefill_seconds(mc, prof, hw, n, isl / lay.tp, int(isl), eff, act_bytes)
                 out.append(Point(hw.name, "agg", str(lay), f"chunked in {lay}", 0, n, rows, mtp, tpot_a, ttft_a,
                                  1 / tpot_a, tsg_a, _usd(hw, tsg_a), st.parts()))
     return out
@@ -627,16 +655,14 @@ def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff:
 
 def _agg_prefill_seconds(mc, prof, hw, n, tokens_per_gpu, isl, eff, act_bytes) -> float:
     """Prefill work added to a step of an aggregated DEP instance: `tokens_per_gpu` prompt tokens per GPU — their
-    compute at the prefill efficiency and their EP all-to-all; not the weights (the decode step streams them
-    already). One extra set of kernels and collective latencies per step."""
+    compute at the prefill efficiency and their EP all-to-all bytes. Not the weights (the decode step streams them
+    already) and no extra kernels or collective latencies: chunked prefill rides in the decode step's kernels."""
     if tokens_per_gpu <= 0:
         return 0.0
-    lay = PrefillLayout(n, "ep")
     no_fixed = eff.replace(hbm=float("inf"), kernel_overhead=0.0, collective_latency_in=0.0,
                            collective_latency_out=0.0)
-    t_var, _ = prefill_time(mc, prof, hw, lay, isl, no_fixed, act_bytes=act_bytes)   # isl tokens per GPU
-    t_all, _ = prefill_time(mc, prof, hw, lay, isl, eff.replace(hbm=float("inf")), act_bytes=act_bytes)
-    return t_var * tokens_per_gpu / isl + (t_all - t_var)
+    t_var, _ = prefill_time(mc, prof, hw, PrefillLayout(n, "ep"), isl, no_fixed, act_bytes=act_bytes)
+    return t_var * tokens_per_gpu / isl        # prefill_time's batch holds isl tokens per GPU
 
 
 def _usd(hw: Hardware, tok_s_gpu: float) -> float:
@@ -668,10 +694,8 @@ def size_for_slo(mc, prof, hw, wl: Workload, eff: Efficiency, *, rate: float, tt
     p_lay, _, p_rate = best_prefill(mc, prof, hw, wl, eff, act_bytes=act_bytes, dwdp=dwdp)
     isl, osl = wl.mean_isl, wl.mean_osl
     best = None
-    for n in sorted({1, 2, 4, 8, 16, 32, 64, 72} & set(range(1, 4 * hw.domain + 1))):
-        if n > hw.domain and n % hw.domain:
-            continue
-        lay = DecodeLayout(n)
+    for lay in decode_layouts(hw, (1, 2, 4, 8, 16, 32, 64, 72)):
+        n = lay.gpus
         for mtp in ((False, True) if wl.mtp else (False,)):
             tps = 1 + (wl.mtp_acceptance if mtp else 0.0)
             for rows in (2 ** i for i in range(11)):
@@ -681,10 +705,10 @@ def size_for_slo(mc, prof, hw, wl: Workload, eff: Efficiency, *, rate: float, tt
                 tpot = st.seconds / tps
                 if tpot > tpot_slo:
                     continue
-                per_instance = rows * n / tpot / osl            # requests/s one instance completes
+                per_instance = rows * lay.ranks / tpot / osl    # requests/s one instance completes
                 y = math.ceil(rate / per_instance)
                 if best is None or y * n < best["decode_gpus"]:
-                    best = dict(decode=str(lay), rows_per_gpu=rows, mtp=mtp, decode_instances=y, decode_gpus=y * n,
+                    best = dict(decode=str(lay), rows_per_rank=rows, mtp=mtp, decode_instances=y, decode_gpus=y * n,
                                 tpot_s=tpot)
     if best is None:
         raise ValueError(f"no decode layout on {hw.name} meets TPOT <= {tpot_slo * 1e3:.0f} ms")
@@ -711,6 +735,18 @@ PUBLISHED = {"interactivity": 125.0, "gb200": 4130.0, "b200": 941.0}
 DEFAULT_PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "planner")
 
 
+def profile_name(cfg) -> str:
+    """Profiles depend on the architecture's dimensions, not its weights: DeepSeek-V3 and R1 share one."""
+    from model.config import preset
+
+    v3 = preset("deepseek-v3")
+    keys = ("hidden_size", "n_routed_experts", "num_experts_per_tok", "num_attention_heads", "kv_lora_rank",
+            "q_lora_rank", "moe_intermediate_size", "intermediate_size", "vocab_size", "n_shared_experts")
+    if all(getattr(cfg, k) == getattr(v3, k) for k in keys):
+        return "deepseek-v3"
+    return "arch-" + "-".join(str(getattr(cfg, k)) for k in keys)
+
+
 def load_profile(cfg, name: str, path: str | None = None, rebuild: bool = False, **kw) -> StepProfile:
     """The step profile of `name` from `path` (default assets/planner/<name>.json); compiled and written there when
     missing or `rebuild`."""
@@ -723,6 +759,34 @@ def load_profile(cfg, name: str, path: str | None = None, rebuild: bool = False,
     with open(path, "w") as f:
         json.dump(prof.to_json(), f, indent=1)
     return prof
+
+
+# fields a published figure may be fitted with, and the range searched
+FIT_RANGES = {"kernel_overhead": (1.5e-6, 50e-6), "compute_decode": (0.02, 0.4), "hbm": (0.05, 0.8),
+              "step_overhead": (3e-4, 0.02), "collective_latency_in": (8e-6, 400e-6)}
+
+
+def fit_published(mc, prof, wl: Workload, eff: Efficiency, *, fit_on: str = "b200", check: str = "gb200",
+                  points: int = 40, **kw) -> list[dict]:
+    """For each field of FIT_RANGES alone: the value (of `points` log-spaced in its range) at which the best
+    tok/s/GPU at the published interactivity on `fit_on` comes closest to its published figure — kept if within
+    3% (the front moves in steps: rows per GPU are powers of two) — and what `check` is then predicted at."""
+    def best(hw, e):
+        p = at_interactivity(simulate(mc, prof, HARDWARE[hw], wl, e, **kw), PUBLISHED["interactivity"])
+        return p.tok_s_gpu if p else 0.0
+
+    target, out = PUBLISHED[fit_on], []
+    for field, (lo, hi) in FIT_RANGES.items():
+        vals = [lo * (hi / lo) ** (i / (points - 1)) for i in range(points)]
+        got = [(abs(best(fit_on, eff.replace(**{field: v})) / target - 1), v) for v in vals]
+        err, v = min(got)
+        row = {"field": field, "value": None, "closest_err": err}
+        if err < 0.03:
+            e = eff.replace(**{field: v})
+            pred = best(check, e)
+            row.update(value=v, fit=best(fit_on, e), check=pred, check_err=pred / PUBLISHED[check] - 1)
+        out.append(row)
+    return out
 
 
 def _args(argv):
@@ -748,6 +812,8 @@ def _args(argv):
     ap.add_argument("--tpot_slo", type=float, default=0.02)
     ap.add_argument("--profile", default="", help="step profile JSON (default assets/planner/<model>.json)")
     ap.add_argument("--rebuild_profile", action="store_true", help="compile the anchors again (about a minute)")
+    ap.add_argument("--fit_published", action="store_true", help="fit each efficiency field alone to the published "
+                    "B200 figure and print the GB200 figure it then predicts (the sensitivity in docs/planner.md)")
     ap.add_argument("--json_out", default="runs/planner.json")
     ap.add_argument("--png_out", default="runs/planner.png")
     return ap.parse_args(argv)
@@ -759,20 +825,36 @@ def main(argv=None) -> dict:
         import jax
 
         jax.config.update("jax_num_cpu_devices", 8)   # fake devices for profiling the anchors (when needed)
-    from model.config import preset
+    from model.config import ModelConfig, preset, presets
 
     t0 = time.perf_counter()
-    cfg = preset(a.model)
-    eff = Efficiency().replace(**{k: type(getattr(Efficiency(), k))(v) for k, v in (e.split("=") for e in a.eff)})
+    if a.model in presets():
+        cfg = preset(a.model)
+    elif os.path.exists(os.path.join(a.model, "config.json")):
+        cfg = ModelConfig.from_hf(a.model)
+    else:
+        raise SystemExit(f"--model {a.model!r}: not a preset ({', '.join(presets())}) nor an HF checkpoint directory")
+    fields = {f.name: f.type for f in dataclasses.fields(Efficiency)}
+    overrides = {}
+    for e in a.eff:
+        k, _, v = e.partition("=")
+        if k not in fields or not v:
+            raise SystemExit(f"--eff {e!r}: expected name=value with name one of {sorted(fields)}")
+        overrides[k] = int(v) if fields[k] in ("int", int) else float(v)
+    eff = Efficiency().replace(**overrides)
+    prices = {}
+    for p in a.price:
+        k, _, v = p.partition("=")
+        if k not in HARDWARE or not v:
+            raise SystemExit(f"--price {p!r}: expected name=usd with name one of {sorted(HARDWARE)}")
+        prices[k] = float(v)
     hws = []
-    prices = dict(p.split("=") for p in a.price)
     for h in a.hardware.split(","):
         if h not in HARDWARE:
             raise SystemExit(f"unknown hardware {h!r}; known: {sorted(HARDWARE)}")
         hw = HARDWARE[h]
-        hws.append(dataclasses.replace(hw, usd_per_gpu_hour=float(prices[h])) if h in prices else hw)
-    prof = load_profile(cfg, a.model if a.model != "deepseek-r1" else "deepseek-v3", a.profile or None,
-                        a.rebuild_profile)
+        hws.append(dataclasses.replace(hw, usd_per_gpu_hour=prices[h]) if h in prices else hw)
+    prof = load_profile(cfg, profile_name(cfg), a.profile or None, a.rebuild_profile)
     mc = model_costs(cfg, a.quant, a.cache_dtype, a.model)
     wl = Workload(a.isl, a.osl, mtp=not a.no_mtp, mtp_acceptance=a.mtp_acceptance)
     print(f"{a.model} {a.quant}: {mc.total_weight_bytes / 1e9:.0f} GB of weights, KV {mc.kv_bytes_per_token() / 1e3:.1f}"
@@ -799,14 +881,14 @@ def main(argv=None) -> dict:
         print(f"\n## {hw.system}: prefill {p_lay} at {p_rate:,.0f} tok/s/GPU" +
               (f" (DWDP {r['dwdp']['layout']} {r['dwdp']['tok_s_gpu']:,.0f} tok/s/GPU vs {r['dwdp']['vs']} "
                 f"{r['dwdp']['vs_tok_s_gpu']:,.0f}: {r['dwdp_prefill_gain']:+.1%})" if a.dwdp else ""))
-        print("| mode | tok/s/user | tok/s/GPU | $/Mtok | TPOT ms | TTFT s | layout | rows/GPU | MTP | decode step |")
+        print("| mode | tok/s/user | tok/s/GPU | $/Mtok | TPOT ms | TTFT s | layout | rows/rank | MTP | decode step |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for mode in ("disagg", "agg"):
             for p in fronts[hw.name, mode]:
                 lay = f"{p.prefill_gpus} P ({p.prefill}) + {p.decode_gpus} D ({p.decode})" if mode == "disagg" \
                     else f"{p.decode_gpus} ({p.decode})"
                 print(f"| {mode} | {p.tok_s_user:.0f} | {p.tok_s_gpu:,.0f} | {p.usd_per_mtok:.3f} | "
-                      f"{p.tpot_s * 1e3:.1f} | {p.ttft_s:.2f} | {lay} | {p.rows_per_gpu} | {'y' if p.mtp else 'n'} | "
+                      f"{p.tpot_s * 1e3:.1f} | {p.ttft_s:.2f} | {lay} | {p.rows_per_rank} | {'y' if p.mtp else 'n'} | "
                       f"{p.step} |")
         r["at_125"] = {}
         for mode in ("disagg", "agg"):
@@ -819,7 +901,7 @@ def main(argv=None) -> dict:
             s = r["slo"]
             print(f"\nSLO sizing for {a.rate:g} req/s (TTFT <= {a.ttft_slo:g} s, TPOT <= {a.tpot_slo * 1e3:g} ms): "
                   f"{s['prefill_instances']} x {s['prefill']} prefill + {s['decode_instances']} x {s['decode']} decode"
-                  f" ({s['rows_per_gpu']} rows/GPU, MTP {'on' if s['mtp'] else 'off'}) = {s['total_gpus']} GPUs, "
+                  f" ({s['rows_per_rank']} rows per attention rank, MTP {'on' if s['mtp'] else 'off'}) = {s['total_gpus']} GPUs, "
                   f"TTFT {s['ttft_s']:.2f} s, TPOT {s['tpot_s'] * 1e3:.1f} ms, ${s['usd_per_mtok']:.3f}/Mtok")
         result["hardware"][hw.name] = r
     # published comparison (DeepSeek-R1 FP4 1k/1k): tok/s/GPU at 125 tok/s/user
@@ -835,6 +917,17 @@ def main(argv=None) -> dict:
                   f"~{PUBLISHED['b200']:,.0f}, {cmp['b200_err']:+.0%}); ratio {cmp['ratio_pred']:.2f}x (published "
                   f"~{cmp['ratio_pub']:.2f}x)")
         result["published"] = cmp
+    if a.fit_published:
+        rows = fit_published(mc, prof, wl, eff, act_bytes=a.act_bytes, capacity_factor=a.capacity_factor, dwdp=a.dwdp)
+        result["fit_published"] = rows
+        print(f"\nOne field fitted to the published B200 figure ({PUBLISHED['b200']:,.0f}), everything else as set:")
+        print("| field | fitted value | B200 | GB200 predicted | vs published GB200 |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            if r["value"] is None:
+                print(f"| {r['field']} | none within 3% (closest {r['closest_err']:+.0%} off) | | | |")
+            else:
+                print(f"| {r['field']} | {r['value']:.4g} | {r['fit']:,.0f} | {r['check']:,.0f} | {r['check_err']:+.0%} |")
     for hw in hws:
         r = result["hardware"][hw.name]["at_125"]
         if r["disagg"] and r["agg"]:

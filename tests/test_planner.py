@@ -111,7 +111,7 @@ def test_plan_a_small_layout_from_compiled_executables(tiny_profile):
     front = planner.pareto([p for p in pts if p.mode == "disagg"])
     assert front and all(a.tok_s_user <= b.tok_s_user and a.tok_s_gpu >= b.tok_s_gpu for a, b in zip(front, front[1:]))
     for p in pts:   # tok/s/GPU = decode rows x tokens per step / step, shared with the prefill GPUs
-        assert p.tok_s_gpu <= p.rows_per_gpu * p.tok_s_user + 1e-6
+        assert p.tok_s_gpu <= p.rows_per_rank * p.tok_s_user + 1e-6
         assert p.usd_per_mtok == pytest.approx(HW.usd_per_gpu_hour / (3600 * p.tok_s_gpu / 1e6))
     s = planner.size_for_slo(mc, tiny_profile, HW, wl, eff, rate=100.0, ttft_slo=0.5, tpot_slo=0.005)
     assert s["tpot_s"] <= 0.005 and s["ttft_s"] <= 0.5 and s["total_gpus"] == s["prefill_gpus"] + s["decode_gpus"]
@@ -143,3 +143,18 @@ def test_cli_prints_the_pareto_table_and_writes_json_png(tmp_path, capsys):
     saved = json.loads((tmp_path / "p.json").read_text())
     assert set(saved["hardware"]) == {"b200", "gb200"} and saved["published"]["b200_pub"] == 941.0
     assert res["hardware"]["gb200"]["at_125"]["best"] > res["hardware"]["b200"]["at_125"]["best"]
+
+
+def test_fit_published_finds_a_value_within_three_percent():
+    cfg = preset("deepseek-r1")
+    mc = planner.model_costs(cfg, "nvfp4", "fp8", "r1")
+    prof = planner.load_profile(None, planner.profile_name(cfg))
+    wl = Workload(1024, 1024, mtp=True, mtp_acceptance=0.75)
+    rows = {r["field"]: r for r in planner.fit_published(mc, prof, wl, Efficiency(kernel_overhead=1.5e-6), points=12)}
+    assert set(rows) == set(planner.FIT_RANGES)
+    fitted = [r for r in rows.values() if r["value"] is not None]
+    assert fitted, rows
+    for r in fitted:
+        lo, hi = planner.FIT_RANGES[r["field"]]
+        assert lo <= r["value"] <= hi and abs(r["fit"] / planner.PUBLISHED["b200"] - 1) < 0.03
+        assert r["check_err"] == pytest.approx(r["check"] / planner.PUBLISHED["gb200"] - 1)
