@@ -767,7 +767,7 @@ FIT_RANGES = {"kernel_overhead": (1.5e-6, 50e-6), "compute_decode": (0.02, 0.4),
 
 
 def fit_published(mc, prof, wl: Workload, eff: Efficiency, *, fit_on: str = "b200", check: str = "gb200",
-                  points: int = 40, **kw) -> list[dict]:
+                  points: int = 40, fields: tuple[str, ...] | None = None, **kw) -> list[dict]:
     """For each field of FIT_RANGES alone: the value (of `points` log-spaced in its range) at which the best
     tok/s/GPU at the published interactivity on `fit_on` comes closest to its published figure — kept if within
     3% (the front moves in steps: rows per GPU are powers of two) — and what `check` is then predicted at."""
@@ -776,7 +776,8 @@ def fit_published(mc, prof, wl: Workload, eff: Efficiency, *, fit_on: str = "b20
         return p.tok_s_gpu if p else 0.0
 
     target, out = PUBLISHED[fit_on], []
-    for field, (lo, hi) in FIT_RANGES.items():
+    for field in fields or tuple(FIT_RANGES):
+        lo, hi = FIT_RANGES[field]
         vals = [lo * (hi / lo) ** (i / (points - 1)) for i in range(points)]
         got = [(abs(best(fit_on, eff.replace(**{field: v})) / target - 1), v) for v in vals]
         err, v = min(got)
