@@ -540,6 +540,8 @@ class Point:
     tok_s_gpu: float
     usd_per_mtok: float
     step: str
+    concurrency: int = 0      # requests in flight over the decode GPUs (decode rows of every instance)
+    itl_s: float = 0.0        # gap between token deliveries: one step (with MTP a step delivers 1 or 2 tokens)
 
 
 def kv_fits(mc: ModelCosts, hw: Hardware, lay: DecodeLayout, rows: int, max_len: int, eff: Efficiency,
@@ -639,7 +641,8 @@ def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff:
                     kv_move = isl * mc.kv_bytes_per_token() / (hw.scaleout_gbs * 1e9 * eff.scaleout)
                     ttft = service + wait + kv_move + st.seconds
                     out.append(Point(hw.name, "disagg", str(lay), str(p_lay), x * p_lay.gpus, y * n, rows, mtp, tpot,
-                                     ttft, 1 / tpot, tsg, _usd(hw, tsg), st.parts()))
+                                     ttft, 1 / tpot, tsg, _usd(hw, tsg), st.parts(), rows * lay.ranks * y,
+                                     st.seconds))
                 # aggregated: the same instance also prefills isl tokens per finished row
                 pf_tok_per_gpu_step = rows * tps / osl * isl / lay.tp   # a rank's prompts, over its tp GPUs
                 t_pf = _agg_prefill_seconds(mc, prof, hw, n, pf_tok_per_gpu_step, int(isl), eff, act_bytes)
@@ -649,7 +652,7 @@ def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff:
                 # a new prompt is prefilled as one chunk in the next step, on its rank's tp GPUs
                 ttft_a = step + _agg_prefill_seconds(mc, prof, hw, n, isl / lay.tp, int(isl), eff, act_bytes)
                 out.append(Point(hw.name, "agg", str(lay), f"chunked in {lay}", 0, n, rows, mtp, tpot_a, ttft_a,
-                                 1 / tpot_a, tsg_a, _usd(hw, tsg_a), st.parts()))
+                                 1 / tpot_a, tsg_a, _usd(hw, tsg_a), st.parts(), rows * lay.ranks, step))
     return out
 
 
@@ -882,14 +885,15 @@ def main(argv=None) -> dict:
         print(f"\n## {hw.system}: prefill {p_lay} at {p_rate:,.0f} tok/s/GPU" +
               (f" (DWDP {r['dwdp']['layout']} {r['dwdp']['tok_s_gpu']:,.0f} tok/s/GPU vs {r['dwdp']['vs']} "
                 f"{r['dwdp']['vs_tok_s_gpu']:,.0f}: {r['dwdp_prefill_gain']:+.1%})" if a.dwdp else ""))
-        print("| mode | tok/s/user | tok/s/GPU | $/Mtok | TPOT ms | TTFT s | layout | rows/rank | MTP | decode step |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| mode | tok/s/user | tok/s/GPU | $/Mtok | TPOT ms | ITL ms | TTFT s | concurrency | layout | rows/rank | "
+              "MTP | decode step |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for mode in ("disagg", "agg"):
             for p in fronts[hw.name, mode]:
                 lay = f"{p.prefill_gpus} P ({p.prefill}) + {p.decode_gpus} D ({p.decode})" if mode == "disagg" \
                     else f"{p.decode_gpus} ({p.decode})"
                 print(f"| {mode} | {p.tok_s_user:.0f} | {p.tok_s_gpu:,.0f} | {p.usd_per_mtok:.3f} | "
-                      f"{p.tpot_s * 1e3:.1f} | {p.ttft_s:.2f} | {lay} | {p.rows_per_rank} | {'y' if p.mtp else 'n'} | "
+                      f"{p.tpot_s * 1e3:.1f} | {p.itl_s * 1e3:.1f} | {p.ttft_s:.2f} | {p.concurrency} | {lay} | {p.rows_per_rank} | {'y' if p.mtp else 'n'} | "
                       f"{p.step} |")
         r["at_125"] = {}
         for mode in ("disagg", "agg"):
