@@ -88,7 +88,7 @@ class Efficiency:
     collective_latency_out: float = 25e-6  # s per collective across domains
     kernels_per_layer: int = 16        # kernel launches per decoder layer
     # s per kernel: launch gap, tail and sync. 1.5 us a priori (CUDA graphs); 4.7 us is the one value fitted to a
-    # published figure (HGX B200, docs/planner.md), which then predicts the GB200 NVL72 figure within 2%
+    # published figure (HGX B200, docs/planner.md); the GB200 NVL72 figure is then predicted at +40%
     kernel_overhead: float = 4.7e-6
     step_overhead: float = 300e-6      # s per step: scheduling, sampling, host work
     ep_imbalance: float = 1.15         # busiest EP rank's routed work / mean
@@ -507,6 +507,11 @@ def prefill_time(mc: ModelCosts, prof: StepProfile, hw: Hardware, lay: PrefillLa
 # ---- deployment simulation ------------------------------------------------------------------------------------
 
 
+# decode rows per attention rank tried: powers of two and their 1.5x (a front this dense reads off a target
+# interactivity within a few %)
+ROWS = tuple(sorted({2 ** i for i in range(11)} | {3 * 2 ** i for i in range(9)}))
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     isl: int = 1024
@@ -614,7 +619,7 @@ def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff:
         n = lay.gpus
         for mtp in ((False, True) if wl.mtp else (False,)):
             tps = 1 + (wl.mtp_acceptance if mtp else 0.0)         # tokens per row per step
-            for rows in (2 ** i for i in range(0, 11)):
+            for rows in ROWS:
                 if not kv_fits(mc, hw, lay, rows, max_len, eff, mtp):
                     break
                 st = decode_step(mc, prof, hw, lay, rows, ctx, eff, mtp=mtp, act_bytes=act_bytes,
@@ -701,7 +706,7 @@ def size_for_slo(mc, prof, hw, wl: Workload, eff: Efficiency, *, rate: float, tt
         n = lay.gpus
         for mtp in ((False, True) if wl.mtp else (False,)):
             tps = 1 + (wl.mtp_acceptance if mtp else 0.0)
-            for rows in (2 ** i for i in range(11)):
+            for rows in ROWS:
                 if not kv_fits(mc, hw, lay, rows, wl.isl + wl.osl, eff, mtp):
                     break
                 st = decode_step(mc, prof, hw, lay, rows, int(isl + osl / 2), eff, mtp=mtp, act_bytes=act_bytes)
