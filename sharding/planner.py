@@ -17,9 +17,12 @@ A step's time on a device is built from what it must do, per device:
   links for the off-domain share.
 
 step = sum over layers of max(FLOPs / (peak x compute_eff), bytes / (HBM x hbm_eff))
-       + collective time x (1 - overlap) + collective latency + kernels x kernel_overhead.
+       + collective time x (1 - overlap) + collective latency + kernels x kernel_overhead + step_overhead.
 
-Every efficiency is a named field of `Efficiency` (docs/planner.md says why each default). The deployment
+Every efficiency is a named field of `Efficiency` (docs/planner.md says why each default; all are a-priori values
+but `kernel_overhead`, fitted to one published figure). Matmuls run at the tensor-core rate of the weight format
+(W8A8 / W4A4, as TensorRT-LLM serves DeepSeek-R1-FP4); `--weight_only` models dequantize-in-kernel W8A16 / W4A16
+instead (Tandem's Pallas kernels today: bf16 rate). The deployment
 simulation turns step times into TTFT / TPOT / tok/s/GPU / tok/s/user / $ per Mtok for xPyD layouts and the
 aggregated (colocated) baseline, finds the Pareto front and sizes pools for an SLO.
 """
@@ -813,6 +816,8 @@ def _args(argv):
     ap.add_argument("--act_bytes", type=float, default=2.0, help="bytes per activation element on the wire")
     ap.add_argument("--capacity_factor", type=float, default=None, help="EP dispatch capacity factor (default: the "
                     "profile's, i.e. Tandem's engine default; 1 = a ragged dispatch sending only routed rows)")
+    ap.add_argument("--weight_only", action="store_true", help="matmuls at the bf16 rate (W8A16/W4A16 kernels that "
+                    "dequantize in the kernel, as Tandem's today) instead of the weight format's tensor-core rate")
     ap.add_argument("--dwdp", action="store_true", help="allow DWDP prefill (distributed weights, data-parallel)")
     ap.add_argument("--price", action="append", default=[], help="name=usd per GPU-hour override")
     ap.add_argument("--eff", action="append", default=[], help="Efficiency field override, e.g. hbm=0.7")
@@ -865,6 +870,8 @@ def main(argv=None) -> dict:
         hws.append(dataclasses.replace(hw, usd_per_gpu_hour=prices[h]) if h in prices else hw)
     prof = load_profile(cfg, profile_name(cfg), a.profile or None, a.rebuild_profile)
     mc = model_costs(cfg, a.quant, a.cache_dtype, a.model)
+    if a.weight_only:
+        mc = dataclasses.replace(mc, expert_format="bf16", linear_format="bf16")
     wl = Workload(a.isl, a.osl, mtp=not a.no_mtp, mtp_acceptance=a.mtp_acceptance)
     print(f"{a.model} {a.quant}: {mc.total_weight_bytes / 1e9:.0f} GB of weights, KV {mc.kv_bytes_per_token() / 1e3:.1f}"
           f" kB/token ({a.cache_dtype}); ISL/OSL {a.isl}/{a.osl}; MTP acceptance {wl.mtp_acceptance if wl.mtp else 0}")
