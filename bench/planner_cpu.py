@@ -123,10 +123,12 @@ def run(reps: int) -> dict:
         cal = calibrate(reps)
         hw = Hardware("cpu", 24e9, cal["stream_bytes_s"] / 1e9, cal["matmul_flops"], cal["matmul_flops"], None, 1, 1.0,
                       1.0, 0.0, "this CPU (calibrated)")
-        eff = Efficiency(hbm=cal["hbm_eff"], compute_decode=cal["compute_decode"], compute_prefill=cal["compute_prefill"],
-                         kernel_overhead=cal["kernel_s"], step_overhead=cal["call_s"])
-        print(f"calibration: matmul {cal['matmul_flops'] / 1e9:.1f} GFLOP/s, streaming {cal['stream_bytes_s'] / 1e9:.1f} "
-              f"GB/s; on [M, 512] x [512, 512] chains: hbm {eff.hbm:.2f}, compute_decode {eff.compute_decode:.2f}, "
+        eff = Efficiency(hbm=cal["hbm_eff"], compute_decode=cal["compute_decode"],
+                         compute_prefill=cal["compute_prefill"], kernel_overhead=cal["kernel_s"],
+                         step_overhead=cal["call_s"])
+        print(f"calibration: matmul {cal['matmul_flops'] / 1e9:.1f} GFLOP/s, streaming "
+              f"{cal['stream_bytes_s'] / 1e9:.1f} GB/s; on [M, 512] x [512, 512] chains: hbm {eff.hbm:.2f}, "
+              f"compute_decode {eff.compute_decode:.2f}, "
               f"compute_prefill {eff.compute_prefill:.2f}; {cal['kernel_s'] * 1e6:.1f} us/kernel, "
               f"{cal['call_s'] * 1e6:.0f} us/call")
         embed = mcfg.vocab_size * mcfg.hidden_size * 4
@@ -158,7 +160,8 @@ def run(reps: int) -> dict:
                 jax.block_until_ready(out)
 
             meas = _median_time(call, reps)
-            rows.append(dict(calibration=cal, model=name, exe=f"decode B={B}", moe_impl=impl, flops=pred.flops, hbm_bytes=hbm,
+            rows.append(dict(calibration=cal, model=name, exe=f"decode B={B}", moe_impl=impl, flops=pred.flops,
+                             hbm_bytes=hbm,
                              kernels=k, measured_s=meas, predicted_s=pred.seconds, error=pred.seconds / meas - 1,
                              parts=pred.parts()))
         for T in (32, 128):
@@ -178,7 +181,8 @@ def run(reps: int) -> dict:
                 jax.block_until_ready(out)
 
             meas = _median_time(callp, reps)
-            rows.append(dict(calibration=cal, model=name, exe=f"prefill T={T}", moe_impl=eng.moe_impl(T), flops=pred.flops,
+            rows.append(dict(calibration=cal, model=name, exe=f"prefill T={T}", moe_impl=eng.moe_impl(T),
+                             flops=pred.flops,
                              hbm_bytes=params_bytes - embed + T * kv_tok, kernels=k, measured_s=meas,
                              predicted_s=pred.seconds, error=pred.seconds / meas - 1, parts=pred.parts()))
     return dict(rows=rows)

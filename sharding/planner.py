@@ -550,6 +550,7 @@ class Point:
     step: str
     concurrency: int = 0      # requests in flight over the decode GPUs (decode rows of every instance)
     itl_s: float = 0.0        # gap between token deliveries: one step (with MTP a step delivers 1 or 2 tokens)
+    itl_p99_s: float = 0.0    # aggregated: a step that carries a new prompt's whole chunk, when >= 1% of steps do
 
 
 def kv_fits(mc: ModelCosts, hw: Hardware, lay: DecodeLayout, rows: int, max_len: int, eff: Efficiency,
@@ -650,17 +651,21 @@ def simulate(mc: ModelCosts, prof: StepProfile, hw: Hardware, wl: Workload, eff:
                     ttft = service + wait + kv_move + st.seconds
                     out.append(Point(hw.name, "disagg", str(lay), str(p_lay), x * p_lay.gpus, y * n, rows, mtp, tpot,
                                      ttft, 1 / tpot, tsg, _usd(hw, tsg), st.parts(), rows * lay.ranks * y,
-                                     st.seconds))
+                                     st.seconds, st.seconds))
                 # aggregated: the same instance also prefills isl tokens per finished row
                 pf_tok_per_gpu_step = rows * tps / osl * isl / lay.tp   # a rank's prompts, over its tp GPUs
                 t_pf = _agg_prefill_seconds(mc, prof, hw, n, pf_tok_per_gpu_step, int(isl), eff, act_bytes)
                 step = st.seconds + t_pf
                 tpot_a = step / tps
                 tsg_a = rows * lay.ranks / n / tpot_a
-                # a new prompt is prefilled as one chunk in the next step, on its rank's tp GPUs
-                ttft_a = step + _agg_prefill_seconds(mc, prof, hw, n, isl / lay.tp, int(isl), eff, act_bytes)
+                # a new prompt is prefilled as one chunk in the next step, on its rank's tp GPUs; every row of that
+                # rank waits for it (the interference tail disaggregation removes)
+                chunk = _agg_prefill_seconds(mc, prof, hw, n, isl / lay.tp, int(isl), eff, act_bytes)
+                ttft_a = step + chunk
+                arrivals = rows * tps / osl                  # new prompts per step on one rank
+                itl_p99 = st.seconds + chunk if arrivals >= 0.01 else step
                 out.append(Point(hw.name, "agg", str(lay), f"chunked in {lay}", 0, n, rows, mtp, tpot_a, ttft_a,
-                                 1 / tpot_a, tsg_a, _usd(hw, tsg_a), st.parts(), rows * lay.ranks, step))
+                                 1 / tpot_a, tsg_a, _usd(hw, tsg_a), st.parts(), rows * lay.ranks, step, itl_p99))
     return out
 
 
@@ -873,8 +878,9 @@ def main(argv=None) -> dict:
     if a.weight_only:
         mc = dataclasses.replace(mc, expert_format="bf16", linear_format="bf16")
     wl = Workload(a.isl, a.osl, mtp=not a.no_mtp, mtp_acceptance=a.mtp_acceptance)
-    print(f"{a.model} {a.quant}: {mc.total_weight_bytes / 1e9:.0f} GB of weights, KV {mc.kv_bytes_per_token() / 1e3:.1f}"
-          f" kB/token ({a.cache_dtype}); ISL/OSL {a.isl}/{a.osl}; MTP acceptance {wl.mtp_acceptance if wl.mtp else 0}")
+    print(f"{a.model} {a.quant}: {mc.total_weight_bytes / 1e9:.0f} GB of weights, KV "
+          f"{mc.kv_bytes_per_token() / 1e3:.1f} kB/token ({a.cache_dtype}); ISL/OSL {a.isl}/{a.osl}; "
+          f"MTP acceptance {wl.mtp_acceptance if wl.mtp else 0}")
     print(f"profile: compiled collectives per row, decode DEP{prof.decode_ep} / prefill TP{prof.prefill_tp} "
           f"(check at ep={prof.check.get('ep')}: predicted/compiled bytes - 1 = {prof.check.get('error', 0):+.1%})")
     result: dict[str, Any] = {"model": a.model, "quant": a.quant, "isl": a.isl, "osl": a.osl,
@@ -897,16 +903,16 @@ def main(argv=None) -> dict:
         print(f"\n## {hw.system}: prefill {p_lay} at {p_rate:,.0f} tok/s/GPU" +
               (f" (DWDP {r['dwdp']['layout']} {r['dwdp']['tok_s_gpu']:,.0f} tok/s/GPU vs {r['dwdp']['vs']} "
                 f"{r['dwdp']['vs_tok_s_gpu']:,.0f}: {r['dwdp_prefill_gain']:+.1%})" if a.dwdp else ""))
-        print("| mode | tok/s/user | tok/s/GPU | $/Mtok | TPOT ms | ITL ms | TTFT s | concurrency | layout | rows/rank | "
-              "MTP | decode step |")
+        print("| mode | tok/s/user | tok/s/GPU | $/Mtok | TPOT ms | ITL mean / p99 ms | TTFT s | concurrency | "
+              "layout | rows/rank | MTP | decode step |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for mode in ("disagg", "agg"):
             for p in fronts[hw.name, mode]:
                 lay = f"{p.prefill_gpus} P ({p.prefill}) + {p.decode_gpus} D ({p.decode})" if mode == "disagg" \
                     else f"{p.decode_gpus} ({p.decode})"
                 print(f"| {mode} | {p.tok_s_user:.0f} | {p.tok_s_gpu:,.0f} | {p.usd_per_mtok:.3f} | "
-                      f"{p.tpot_s * 1e3:.1f} | {p.itl_s * 1e3:.1f} | {p.ttft_s:.2f} | {p.concurrency} | {lay} | {p.rows_per_rank} | {'y' if p.mtp else 'n'} | "
-                      f"{p.step} |")
+                      f"{p.tpot_s * 1e3:.1f} | {p.itl_s * 1e3:.1f} / {p.itl_p99_s * 1e3:.1f} | {p.ttft_s:.2f} | "
+                      f"{p.concurrency} | {lay} | {p.rows_per_rank} | {'y' if p.mtp else 'n'} | {p.step} |")
         r["at_125"] = {}
         for mode in ("disagg", "agg"):
             p = at_interactivity([q for q in pts if q.mode == mode], PUBLISHED["interactivity"])
@@ -918,7 +924,8 @@ def main(argv=None) -> dict:
             s = r["slo"]
             print(f"\nSLO sizing for {a.rate:g} req/s (TTFT <= {a.ttft_slo:g} s, TPOT <= {a.tpot_slo * 1e3:g} ms): "
                   f"{s['prefill_instances']} x {s['prefill']} prefill + {s['decode_instances']} x {s['decode']} decode"
-                  f" ({s['rows_per_rank']} rows per attention rank, MTP {'on' if s['mtp'] else 'off'}) = {s['total_gpus']} GPUs, "
+                  f" ({s['rows_per_rank']} rows per attention rank, MTP {'on' if s['mtp'] else 'off'}) = "
+                  f"{s['total_gpus']} GPUs, "
                   f"TTFT {s['ttft_s']:.2f} s, TPOT {s['tpot_s'] * 1e3:.1f} ms, ${s['usd_per_mtok']:.3f}/Mtok")
         result["hardware"][hw.name] = r
     # published comparison (DeepSeek-R1 FP4 1k/1k): tok/s/GPU at 125 tok/s/user
@@ -929,7 +936,8 @@ def main(argv=None) -> dict:
         if g and b:
             cmp.update(ratio_pred=g / b, ratio_pub=PUBLISHED["gb200"] / PUBLISHED["b200"],
                        gb200_err=g / PUBLISHED["gb200"] - 1, b200_err=b / PUBLISHED["b200"] - 1)
-            print(f"\nAt {PUBLISHED['interactivity']:.0f} tok/s/user (best of disaggregated and aggregated): GB200 NVL72 {g:,.0f} tok/s/GPU "
+            print(f"\nAt {PUBLISHED['interactivity']:.0f} tok/s/user (best of disaggregated and aggregated): "
+                  f"GB200 NVL72 {g:,.0f} tok/s/GPU "
                   f"(published ~{PUBLISHED['gb200']:,.0f}, {cmp['gb200_err']:+.0%}), HGX B200 {b:,.0f} (published "
                   f"~{PUBLISHED['b200']:,.0f}, {cmp['b200_err']:+.0%}); ratio {cmp['ratio_pred']:.2f}x (published "
                   f"~{cmp['ratio_pub']:.2f}x)")
@@ -944,7 +952,8 @@ def main(argv=None) -> dict:
             if r["value"] is None:
                 print(f"| {r['field']} | none within 3% (closest {r['closest_err']:+.0%} off) | | | |")
             else:
-                print(f"| {r['field']} | {r['value']:.4g} | {r['fit']:,.0f} | {r['check']:,.0f} | {r['check_err']:+.0%} |")
+                print(f"| {r['field']} | {r['value']:.4g} | {r['fit']:,.0f} | {r['check']:,.0f} | "
+                      f"{r['check_err']:+.0%} |")
     for hw in hws:
         r = result["hardware"][hw.name]["at_125"]
         if r["disagg"] and r["agg"]:

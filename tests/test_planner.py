@@ -157,5 +157,6 @@ def test_fit_published_finds_a_value_within_three_percent():
     assert r["check_err"] == pytest.approx(r["check"] / planner.PUBLISHED["gb200"] - 1)
     # the fitted value's own run reproduces it: B200 at the published interactivity
     e = Efficiency(kernel_overhead=r["value"])
-    p = planner.at_interactivity(planner.simulate(mc, prof, HARDWARE["b200"], wl, e), planner.PUBLISHED["interactivity"])
+    pts = planner.simulate(mc, prof, HARDWARE["b200"], wl, e)
+    p = planner.at_interactivity(pts, planner.PUBLISHED["interactivity"])
     assert p.tok_s_gpu == pytest.approx(r["fit"])
