@@ -10,11 +10,11 @@ Needs the `test` extra (torch + transformers) for the reference side.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 
 from absl import app, flags
+
+from bench.timing import median_time as _median_time
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint directory")
 _BATCH = flags.DEFINE_integer("batch", 1, "batch size")
@@ -24,15 +24,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions (median reporte
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shakespeare-moe")
 
-
-def _median_time(fn, repeats):
-    fn()  # warm-up (compilation / caches)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _tiny_hf_checkpoint(path):

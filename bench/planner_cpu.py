@@ -15,15 +15,15 @@ reads — with compute and memory time added (`serial`: XLA:CPU runs one op at a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from bench.timing import median_time as _median_time
 
 from bench.decode_grid import matmul_peak, stream_bandwidth   # (defines its flags; none collide)
 
@@ -31,15 +31,6 @@ flags.DEFINE_string("json_out", None, "write the results here too")
 flags.DEFINE_integer("reps", 15, "timed calls per executable")
 FLAGS = flags.FLAGS
 
-
-def _median_time(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _chain_time(D: int, M: int, links: int, reps: int) -> float:
@@ -191,8 +182,8 @@ def run(reps: int) -> dict:
 def main(argv):
     del argv
     res = run(FLAGS.reps)
-    print(f"\n| model | executable | MoE path | GFLOP | MB streamed | kernels | measured ms | predicted ms | error | "
-          f"predicted parts |")
+    print("\n| model | executable | MoE path | GFLOP | MB streamed | kernels | measured ms | predicted ms | error | "
+          "predicted parts |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         print(f"| {r['model']} | {r['exe']} | {r['moe_impl'] or '-'} | {r['flops'] / 1e9:.3f} | "

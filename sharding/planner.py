@@ -185,11 +185,12 @@ def model_costs(cfg, quant: str = "nvfp4", cache_dtype: str = "bfloat16", name: 
             continue
         name_ = ".".join(map(str, path))
         b = sum(int(np.prod(x.shape, dtype=np.int64)) * x.dtype.itemsize for x in jax.tree.leaves(var.get_value()))
+        if name_.startswith("mtp.0.block."):
+            continue                    # an MoE layer like layers.1: counted as one by `total_weight_bytes`
         if name_.startswith("layers.0."):
             key = "dense"
-        elif name_.startswith("layers.1.") or name_.startswith("mtp.0.block."):
+        elif name_.startswith("layers.1."):
             key = "experts" if ".experts_" in name_ else "moe_attn"
-            key = key if name_.startswith("layers.1.") else "mtp_" + key
         elif name_.startswith("mtp."):
             key = "mtp_extra"
         elif name_.startswith("embed"):

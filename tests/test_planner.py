@@ -1,6 +1,5 @@
 """The planner: its arithmetic on hand-computed cases, and a plan built from executables compiled on fake devices."""
 
-import dataclasses
 import json
 import math
 
