@@ -156,7 +156,7 @@ def run(reps: int) -> dict:
                              kernels=k, measured_s=meas, predicted_s=pred.seconds, error=pred.seconds / meas - 1,
                              parts=pred.parts()))
         for T in (32, 128):
-            exe = eng._prefill_exe[T]
+            exe = eng._prefill_exe[1, T]
             ca = exe.cost_analysis()
             ca = ca[0] if isinstance(ca, (list, tuple)) else ca
             k = kernel_count(exe.as_text())
@@ -166,8 +166,9 @@ def run(reps: int) -> dict:
             pt[: T // Z] = np.arange(1, T // Z + 1)
 
             def callp():
-                out = exe(eng.params, eng.cache, np.ones(T, np.int32), np.int32(0), np.int32(T), np.int32(T - 1),
-                          pt, np.float32(0), np.int32(0), np.float32(1), np.int32(0))
+                one = lambda v, dt: np.full(1, v, dt)
+                out = exe(eng.params, eng.cache, np.ones((1, T), np.int32), one(0, i32), one(T, i32), one(T - 1, i32),
+                          pt[None], one(0, f32), one(0, i32), one(1, f32), one(0, i32))
                 eng.cache = out[-1] if isinstance(out, tuple) else out
                 jax.block_until_ready(out)
 

@@ -50,6 +50,10 @@ class EngineConfig:
     num_pages: int = 256                       # including the scratch page
     max_model_len: int = 512                   # prompt + generated tokens per request
     prefill_buckets: tuple[int, ...] = (16, 32, 64, 128)   # chunk lengths; longer prompts are chunked
+    # batched prefill: rows (requests) per prefill call. A (rows, T) executable exists for every rows x T within
+    # the largest bucket's tokens, so no call holds more tokens (activations, latency) than one largest chunk:
+    # with the defaults 4 prompts of <= 32 tokens prefill in one call, longer ones alone.
+    prefill_rows: tuple[int, ...] = (1, 4)
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)     # batch sizes; the largest is the batch limit
     decode_steps: int = 4                      # decode steps per dispatch (each emits 1, or 1-2 with MTP)
     mtp: bool = False                          # speculative decoding with the model's MTP module (k = 1)
@@ -69,6 +73,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} must be a multiple of page_size={self.page_size}")
         if sorted(set(self.prefill_buckets)) != list(self.prefill_buckets) or not self.prefill_buckets:
             raise ValueError(f"prefill_buckets={self.prefill_buckets} must be strictly increasing")
+        if sorted(set(self.prefill_rows)) != list(self.prefill_rows) or self.prefill_rows[:1] != (1,):
+            raise ValueError(f"prefill_rows={self.prefill_rows} must be strictly increasing and start at 1")
         if sorted(set(self.decode_buckets)) != list(self.decode_buckets) or not self.decode_buckets:
             raise ValueError(f"decode_buckets={self.decode_buckets} must be strictly increasing")
         if self.decode_steps < 1:
@@ -103,6 +109,17 @@ class EngineConfig:
     def max_batch(self) -> int:
         """The largest decode batch this engine can run (its largest bucket)."""
         return self.decode_buckets[-1]
+
+    @property
+    def prefill_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(rows, T) of every prefill executable: each chunk bucket T with the row buckets R of `prefill_rows`
+        whose R x T tokens fit in the largest bucket (always R = 1)."""
+        big = self.prefill_buckets[-1]
+        return tuple((R, T) for T in self.prefill_buckets for R in self.prefill_rows if R == 1 or R * T <= big)
+
+    def rows_for(self, T: int) -> tuple[int, ...]:
+        """The row buckets of chunk bucket T."""
+        return tuple(R for R, t in self.prefill_shapes if t == T)
 
     @property
     def transfer_buckets(self) -> tuple[int, ...]:
@@ -286,9 +303,11 @@ class Engine:
         block = 0
         if prefill and self.runtime.prefill_attention == "blockwise":
             block = max(1, self.runtime.prefill_block // self.cfg.page_size)
+        # prefill rows are any requests' (not R equal slices, one per rank): computed by every rank, each written
+        # by the rank owning its pages
         return PagedCache(page_table_BP, valid_BT, mesh=self.mesh if self.ranks > 1 else None,
                           axes=self.rank_axes if self.ranks > 1 else (), pages_per_rank=self.pages_per_rank,
-                          kernel=None if impl == "xla" else impl, block_pages=block)
+                          kernel=None if impl == "xla" else impl, block_pages=block, split_rows=not prefill)
 
     def moe_impl(self, n_tokens: int) -> str | None:
         """The routed-expert implementation the executables for `n_tokens` rows use: the runtime's if set, the
@@ -306,33 +325,31 @@ class Engine:
         return model
 
     # ---- compiled functions (pure; traced once per bucket at start-up) -------------------------------------------
-    def _prefill_fn(self, params, cache, tokens_T, start, length, next_token, page_table_P, temperature, top_k,
-                    top_p, seed):
-        """One chunk: tokens at start..start+length-1. `next_token` is the prompt token after the chunk (-1 if
-        this is the last chunk: then the sampled token takes its place for the MTP pass)."""
-        T = tokens_T.shape[0]
-        model = self._model_for(params, T)
-        positions_T = start + jnp.arange(T, dtype=jnp.int32)
-        valid_T = jnp.arange(T) < length
-        layout = self._layout(page_table_P[None], valid_T[None], prefill=True)
-        last = jnp.maximum(length - 1, 0)
-        logits_B1W, hidden_BTD, cache = model.forward(tokens_T[None], positions_T[None], cache=layout, state=cache,
-                                                      logits_at=last[None])
-        logits_W = logits_B1W[0, 0]
-        token = sample(logits_W[None], (start + length)[None], temperature[None], top_k[None], top_p[None],
-                       seed[None])[0]
-        W = logits_B1W.shape[-1]
+    def _prefill_fn(self, params, cache, tokens_RT, start_R, length_R, next_token_R, page_table_RP, temperature_R,
+                    top_k_R, top_p_R, seed_R):
+        """One chunk of each of R requests (a batched prefill; padding rows have length 0 and an all-scratch page
+        table): row r's tokens at start_r..start_r+length_r-1. `next_token_R` is the prompt token after each
+        chunk (-1 if it is the prompt's last chunk: then the sampled token takes its place for the MTP pass)."""
+        R, T = tokens_RT.shape
+        model = self._model_for(params, R * T)
+        positions_RT = start_R[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        valid_RT = jnp.arange(T)[None] < length_R[:, None]
+        layout = self._layout(page_table_RP, valid_RT, prefill=True)
+        last_R = jnp.maximum(length_R - 1, 0)
+        logits_R1W, hidden_RTD, cache = model.forward(tokens_RT, positions_RT, cache=layout, state=cache,
+                                                      logits_at=last_R)
+        token_R = sample(logits_R1W[:, 0], start_R + length_R, temperature_R, top_k_R, top_p_R, seed_R)
         if not self.cfg.mtp:
-            return token, jnp.int32(0), jnp.zeros((W,), jnp.float32), cache
+            return token_R, jnp.zeros((R,), jnp.int32), jnp.zeros((R, 1), jnp.float32), cache
         # MTP over the chunk: position t sees (h_t, x_{t+1}); fills the MTP layer's cache and drafts x_{n+1}.
-        follow = jnp.where(next_token >= 0, next_token, token)
-        next_T = jnp.concatenate([tokens_T[1:], jnp.zeros((1,), tokens_T.dtype)])
-        next_T = jnp.where(jnp.arange(T) == last, follow, next_T)
-        m_logits, _, cache = model.mtp_forward(hidden_BTD, next_T[None], positions_T[None], cache=layout,
-                                               state=cache, logits_at=last[None])
-        q_W = token_probs(m_logits[0, 0][None], temperature[None], top_k[None], top_p[None])[0]
-        draft = draw(q_W[None], keys_for(seed[None], (start + length + 1)[None], stream=3))[0]
-        return token, draft, q_W, cache
+        follow_R = jnp.where(next_token_R >= 0, next_token_R, token_R)
+        next_RT = jnp.concatenate([tokens_RT[:, 1:], jnp.zeros((R, 1), tokens_RT.dtype)], axis=1)
+        next_RT = jnp.where(jnp.arange(T)[None] == last_R[:, None], follow_R[:, None], next_RT)
+        m_logits, _, cache = model.mtp_forward(hidden_RTD, next_RT, positions_RT, cache=layout, state=cache,
+                                               logits_at=last_R)
+        q_RW = token_probs(m_logits[:, 0], temperature_R, top_k_R, top_p_R)
+        draft_R = draw(q_RW, keys_for(seed_R, start_R + length_R + 1, stream=3))
+        return token_R, draft_R, q_RW, cache
 
     def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed,
                    drafts_B, q_BW, *, steps: int):
@@ -419,7 +436,7 @@ class Engine:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
 
     def lowered(self, platform: str | None = None) -> dict[tuple, jax.stages.Lowered]:
-        """Every executable of this engine's roles, lowered for its mesh (not compiled): ("prefill", T),
+        """Every executable of this engine's roles, lowered for its mesh (not compiled): ("prefill", R, T),
         ("decode", B, window), ("extract", n), ("insert", n). Works on an abstract engine (`compile=False` with
         ShapeDtypeStruct weights), which is how real-dims executables are built and measured without weights.
         platform: lower for another platform than the host's (e.g. "cuda"; give the model a Runtime with the
@@ -428,13 +445,12 @@ class Engine:
         self._lower_platform = platform
         cache_sds = jax.ShapeDtypeStruct(self.cache_shape, self.cache.dtype, sharding=self.cache.sharding)
         P = cfg.pages_per_seq
-        scalar = lambda dt: self._sds((), dt)
-        samp_row = (scalar(f32), scalar(i32), scalar(f32), scalar(i32))
         out = {}
-        for T in (cfg.prefill_buckets if "prefill" in self.roles else ()):
-            out["prefill", T] = self._lower(jax.jit(self._prefill_fn, donate_argnums=(1,)),
-                                            self.params, cache_sds, self._sds((T,), i32), scalar(i32), scalar(i32),
-                                            scalar(i32), self._sds((P,), i32), *samp_row)
+        for R, T in (cfg.prefill_shapes if "prefill" in self.roles else ()):
+            vec = lambda dt: self._sds((R,), dt)
+            out["prefill", R, T] = self._lower(jax.jit(self._prefill_fn, donate_argnums=(1,)), self.params,
+                                               cache_sds, self._sds((R, T), i32), vec(i32), vec(i32), vec(i32),
+                                               self._sds((R, P), i32), vec(f32), vec(i32), vec(f32), vec(i32))
         for B in (self.decode_buckets if "decode" in self.roles else ()):
             for Pw in cfg.windows:
                 out["decode", B, Pw] = self._lower_decode(B, Pw, cfg.decode_steps)
@@ -481,7 +497,7 @@ class Engine:
                  len(self._prefill_exe), len(self._decode_exe), len(self._extract_exe) + len(self._insert_exe),
                  self.compile_seconds)
         mtp = 2 if self.cfg.mtp else 1
-        choices = {f"prefill {T}": self.moe_impl(T) for T in self._prefill_exe}
+        choices = {f"prefill {R}x{T}": self.moe_impl(R * T) for R, T in self._prefill_exe}
         choices.update({f"decode {B}": self.moe_impl(B * mtp) for B in sorted({b for b, _ in self._decode_exe})})
         log.info("%s: MoE implementation per executable (rows): %s", self.name,
                  ", ".join(f"{k}: {v or 'expert-parallel'}" for k, v in choices.items()))
@@ -508,15 +524,37 @@ class Engine:
                       sampling: dict[str, np.ndarray]) -> PrefillOut:
         """Run one chunk of `prompt` (all tokens before it are already in `pages`); returns the token sampled
         after it (meaningful after the last chunk) and, with MTP, the draft of the one after that."""
-        start, n, T = chunk
-        toks = np.zeros(T, np.int32)
-        toks[:n] = prompt[start:start + n]
-        nxt = int(prompt[start + n]) if start + n < len(prompt) else -1
-        token, draft, q, self.cache = self._prefill_exe[T](
-            self.params, self.cache, toks, np.int32(start), np.int32(n), np.int32(nxt), self.page_table(pages),
-            np.float32(sampling["temperature"]), np.int32(sampling["top_k"]), np.float32(sampling["top_p"]),
-            np.int32(sampling["seed"]))
-        return PrefillOut(int(token), int(draft), np.asarray(q) if self.cfg.mtp else None)
+        return self.prefill_batch([(prompt, chunk, pages, sampling)])[0]
+
+    def prefill_batch(self, items: list[tuple[np.ndarray, tuple[int, int, int], list[int], dict]]
+                      ) -> list[PrefillOut]:
+        """One chunk each of several requests in one call: items of (prompt, chunk, pages, sampling row), every
+        chunk of the same bucket T, at most `cfg.rows_for(T)[-1]` of them (padded to the next row bucket)."""
+        T = items[0][1][2]
+        if any(c[2] != T for _, c, _, _ in items):
+            raise ValueError(f"prefill_batch: chunks of buckets {[c[2] for _, c, _, _ in items]}, expected one")
+        R = next((r for r in self.cfg.rows_for(T) if r >= len(items)), None)
+        if R is None:
+            raise ValueError(f"prefill_batch: {len(items)} rows of T={T}; at most {self.cfg.rows_for(T)[-1]}")
+        toks = np.zeros((R, T), np.int32)
+        start, length, nxt = (np.zeros(R, np.int32) for _ in range(3))
+        pt = np.full((R, self.cfg.pages_per_seq), self.allocator.scratch(0), np.int32)
+        samp = {"temperature": np.zeros(R, np.float32), "top_k": np.zeros(R, np.int32),
+                "top_p": np.ones(R, np.float32), "seed": np.zeros(R, np.int32)}
+        for r, (prompt, (s, n, _), pages, sampling) in enumerate(items):
+            toks[r, :n] = prompt[s:s + n]
+            start[r], length[r] = s, n
+            nxt[r] = int(prompt[s + n]) if s + n < len(prompt) else -1
+            pt[r] = self.page_table(pages)
+            for k in samp:
+                samp[k][r] = sampling[k]
+        token, draft, q, self.cache = self._prefill_exe[R, T](
+            self.params, self.cache, toks, start, length, nxt, pt, samp["temperature"], samp["top_k"],
+            samp["top_p"], samp["seed"])
+        token, draft = np.asarray(token), np.asarray(draft)
+        q = np.asarray(q) if self.cfg.mtp else None
+        return [PrefillOut(int(token[r]), int(draft[r]), q[r] if q is not None else None)
+                for r in range(len(items))]
 
     def prefill(self, prompt: np.ndarray, pages: list[int], sampling: dict[str, np.ndarray],
                 start: int = 0) -> PrefillOut:

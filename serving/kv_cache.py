@@ -100,13 +100,15 @@ class PagedCache:
     kernel: str | None = dataclasses.field(default=None, metadata=dict(static=True))
     # prefill: attend block by block over only the pages the rows have (pages per block; 0 = one gathered window)
     block_pages: int = dataclasses.field(default=0, metadata=dict(static=True))
+    # a batch of R x b rows is R slices, one per rank (decode); False: rows of any ranks (batched prefill)
+    split_rows: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @property
     def ranks(self) -> int:
         return 1 if not self.axes else int(np.prod([self.mesh.shape[a] for a in self.axes]))
 
     def _split(self, B: int) -> bool:
-        return B % self.ranks == 0
+        return self.split_rows and B % self.ranks == 0
 
     def _shard(self, body, state, *row_args, split: bool, out_rows: int):
         ax = self.axes

@@ -176,20 +176,29 @@ class Scheduler:
 
     def _prefill_chunks(self) -> None:
         """Prefill chunks of the admitted requests, in order, until this step's token budget is spent (at least
-        one chunk), so a burst of short prompts starts decoding together while a long prompt is still chunked."""
+        one chunk), so a burst of short prompts starts decoding together while a long prompt is still chunked.
+        Next chunks of the same bucket from several requests go in one batched call (`Engine.prefill_batch`)."""
         budget = self.config.prefill_budget
         while self.prefilling and budget > 0:
-            budget -= self._prefill_one_chunk()
+            budget -= self._prefill_group(budget)
 
-    def _prefill_one_chunk(self) -> int:
-        req = self.prefilling[0]
-        if req.prefill_start is None:
-            req.prefill_start = time.perf_counter()
-        chunk = req.chunks.pop(0)
-        out = self.decode.prefill_chunk(req.prompt_ids, chunk, req.pages, req.sampling_row())
-        if req.aborted and req not in self.prefilling:
-            return chunk[2]
-        if not req.chunks:
+    def _prefill_group(self, budget: int) -> int:
+        """One prefill call: the first admitted request's next chunk and, up to the engine's rows for its bucket
+        and the budget, the next chunks of the same bucket of the requests after it. Returns the tokens run."""
+        first = self.prefilling[0]
+        T = first.chunks[0][2]
+        rows = max(1, min(self.decode.cfg.rows_for(T)[-1], budget // T))
+        group = [first] + [r for r in self.prefilling[1:] if r.chunks and r.chunks[0][2] == T][: rows - 1]
+        now = time.perf_counter()
+        for req in group:
+            if req.prefill_start is None:
+                req.prefill_start = now
+        chunks = [req.chunks.pop(0) for req in group]
+        outs = self.decode.prefill_batch([(req.prompt_ids, c, req.pages, req.sampling_row())
+                                          for req, c in zip(group, chunks)])
+        for req, out in zip(group, outs):
+            if (req.aborted and req not in self.prefilling) or req.chunks:
+                continue
             req.prefill_end = time.perf_counter()
             req.draft, req.draft_q = out.draft, out.draft_q
             self.decode.cache_prefix(req.pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
@@ -197,7 +206,7 @@ class Scheduler:
                 if req in self.prefilling:  # else aborted meanwhile (already finished)
                     self.prefilling.remove(req)
                     self._start_running(req, out.token)
-        return chunk[2]
+        return T * len(group)
 
     def _start_running(self, req: Request, first_token: int) -> None:
         req.status = Status.RUNNING

@@ -285,7 +285,7 @@ def _compile_collectives(cfg, pool: str, mesh_spec: dict, *, rows: int = 0, toke
                       decode_windows=(L // Z,))
     eng = Engine(model, ec, mesh=mesh, roles={pool}, compile=False)
     t0 = time.perf_counter()
-    low = eng._lower_decode(B, L // Z, 1) if pool == "decode" else eng.lowered()["prefill", tokens]
+    low = eng._lower_decode(B, L // Z, 1) if pool == "decode" else eng.lowered()["prefill", 1, tokens]
     exe = low.compile()
     return _by_kind(collectives(exe.as_text(), n)), time.perf_counter() - t0, n
 

@@ -17,7 +17,8 @@ from model.runtime import Runtime
 from serving import LLM, EngineConfig, SamplingParams
 
 EC = EngineConfig(page_size=8, num_pages=24, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(8, 16),
-                  decode_steps=3, decode_windows=(8,))        # one attention window: fewer executables to compile
+                  decode_steps=3, decode_windows=(8,),        # one attention window: fewer executables to compile
+                  prefill_rows=(1, 2))                        # batched prefill: rows of different ranks in one call
 PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 40], [3, 1, 4],
            [9, 2, 6, 5, 35, 8, 9, 7, 9], [11, 12, 13], [2] * 12, [70, 71], [33, 34, 35, 36, 37], [8, 9],
            [90, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [44]]

@@ -15,8 +15,9 @@ import hf_reference
 from model.runtime import Runtime
 from serving import LLM, EngineConfig, SamplingParams
 
+# prefill_rows (1, 2): two 8-token chunks of different requests prefill in one call (batched prefill)
 EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
-                  decode_steps=3)
+                  decode_steps=3, prefill_rows=(1, 2))
 PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 40],  # > largest bucket: chunked
            [3, 1, 4], [9, 2, 6, 5, 35, 8, 9, 7, 9]]
 N_NEW = 8
@@ -45,10 +46,15 @@ def _check_pages(llm):
         assert a.free == a.total and a.used == 0 and a.leased == 0, (eng.name, a.free, a.used, a.leased)
 
 
-def test_greedy_through_engine_equals_teacher_forced_argmax(colocated, model):
-    assert colocated.decode_engine._layout(np.zeros((1, 8), np.int32), np.ones((1, 4), bool), prefill=True).blockwise
+def test_greedy_through_engine_equals_teacher_forced_argmax(colocated, model, monkeypatch):
+    eng = colocated.decode_engine
+    assert eng._layout(np.zeros((1, 8), np.int32), np.ones((1, 4), bool), prefill=True).blockwise
+    rows, batch = [], eng.prefill_batch
+    monkeypatch.setattr(eng, "prefill_batch", lambda items: rows.append(len(items)) or batch(items))
     outs = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
     assert [o.token_ids for o in outs] == hf_reference.argmax_rollout(model, PROMPTS, N_NEW)
+    # the 20-token prompt's second chunk (4 tokens after 16) and the 3-token prompt ran in one 2-row call
+    assert rows == [1, 2, 1], rows
     assert all(o.finish_reason == "length" for o in outs)
     _check_pages(colocated)
 
