@@ -28,7 +28,7 @@ from serving import prefix_cache
 from serving.engine import EngineConfig
 from serving.llm import LLM
 from serving.sampling import SamplingParams
-from serving.scheduler import SchedulerConfig
+from serving.scheduler import OFFLINE_PREFILL_BUDGET, SchedulerConfig
 
 _INPUT = flags.DEFINE_string("input", None, "input JSONL file")
 _OUTPUT = flags.DEFINE_string("output", None, "output JSONL file (appended to; existing ids are skipped)")
@@ -58,6 +58,8 @@ _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 0, "prompt + generated to
                                       "max_position_embeddings, at most 1024)")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "largest decode batch (buckets are powers of two up to it)")
+_PREFILL_BUDGET = flags.DEFINE_integer("prefill_budget", OFFLINE_PREFILL_BUDGET,
+                                       "prompt tokens prefilled per scheduler step (offline: throughput first)")
 _ROUTER = flags.DEFINE_string("router", None, "send the job to a running router (python -m serving.router) at "
                               "host:port; the workers own the engines and --checkpoint only gives the tokenizer")
 _MTP = flags.DEFINE_bool("mtp", False, "speculative decoding with the checkpoint's MTP module (k = 1)")
@@ -183,7 +185,8 @@ def run(argv_unused=None) -> int:
     pmesh = (_PREFILL_MESH.value or default_mesh("prefill", _PREFILL_DEVICES.value, heads, experts)) if disagg else None
     t0 = time.perf_counter()
     llm = LLM(ckpt, mode=_MODE.value, prefill_mesh=pmesh, decode_mesh=dmesh, engine_config=ec,
-              scheduler_config=SchedulerConfig(max_batch=_MAX_BATCH.value), dtype=_DTYPE.value, quant=_QUANT.value,
+              scheduler_config=SchedulerConfig(max_batch=_MAX_BATCH.value, prefill_budget=_PREFILL_BUDGET.value),
+              dtype=_DTYPE.value, quant=_QUANT.value,
               kv_memory_fraction=_KV_FRACTION.value, device_memory_gb=_DEVICE_MEMORY.value)
     n_dec = llm.decode_engine.mesh.devices.size
     n_dev = n_dec + (llm.prefill_engine.mesh.devices.size if disagg else 0)

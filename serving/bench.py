@@ -26,6 +26,7 @@ from absl import app, flags
 
 import checkpoints
 from serving.api import DEFAULT_CHECKPOINT, Tokenizer, output_of
+from serving.scheduler import SchedulerConfig
 from serving.engine import DecodeBatch, EngineConfig
 from serving.llm import LLM
 from serving.sampling import SamplingParams, sampling_arrays
@@ -237,7 +238,8 @@ def main(argv):
         for mode, kw in (("colocated", {}), ("disagg", dict(prefill_mesh="tp=1", decode_mesh="ep=1"))):
             ecm = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len, prefill_buckets=(16, 64, 128),
                                decode_buckets=(4, 8, 16), decode_steps=_DECODE_STEPS.value)
-            with LLM(model=model, engine_config=ecm, mode=mode, **kw) as m:
+            # the online budget (256 prompt tokens per step), which this measurement is about
+            with LLM(model=model, engine_config=ecm, mode=mode, scheduler_config=SchedulerConfig(), **kw) as m:
                 mixed_load(m, V, _LONG.value)  # warm-up pass
                 tpot, itl = mixed_load(m, V, _LONG.value)
             res[mode] = (tpot, itl)

@@ -31,7 +31,7 @@ from serving.engine import Engine, EngineConfig, size_cache
 from serving.protocol import read_token
 from serving.router import RouterConfig
 from serving.sampling import SamplingParams
-from serving.scheduler import Scheduler, SchedulerConfig
+from serving.scheduler import OFFLINE_PREFILL_BUDGET, Scheduler, SchedulerConfig
 from sharding import DECODE_RULES, PREFILL_RULES, Topology, place
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,8 @@ class LLM:
         if mode == "disagg":
             pmesh = topo.allocate("prefill", **parse_mesh_spec(prefill_mesh or "tp=1"))
             self.prefill_engine = engine(pc, pmesh, prefill_rules or PREFILL_RULES, "prefill", {"prefill", "send"})
-        self.scheduler = Scheduler(self.decode_engine, self.prefill_engine, config=scheduler_config,
+        self.scheduler = Scheduler(self.decode_engine, self.prefill_engine,
+                                   config=scheduler_config or SchedulerConfig(prefill_budget=OFFLINE_PREFILL_BUDGET),
                                    eos_ids=mcfg.eos_token_ids, detokenize=tokenizer.decode if tokenizer else None)
         self.backend = LocalBackend(self.scheduler, vocab_size=mcfg.vocab_size, max_model_len=ec.max_model_len)
 

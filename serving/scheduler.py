@@ -36,6 +36,12 @@ from serving.sampling import sampling_arrays
 log = logging.getLogger(__name__)
 
 
+# Offline use (`LLM` without a scheduler_config, the batch job): every request is known up front and only throughput
+# counts, so a step may prefill many prompts before the next decode dispatch (fewer dispatches at partial batch).
+# The online default (256) bounds the stall a burst of prompts puts between two decode steps instead.
+OFFLINE_PREFILL_BUDGET = 2048
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """Batching policy (the engine's buckets bound what can run; this decides what does)."""
