@@ -3,8 +3,9 @@
     python -m bench.decode_grid [--configs A,B,...] [--batches 1,4,16,64] [--moe_only]
 
 For each config (hidden, routed experts, top-k, layers) a random HF checkpoint is written with `transformers`
-(test extra), then decoded by Tandem (`LLM`, one device, f32, 8 steps per dispatch, the MoE path chosen per shape
-by `model.moe.choose_moe_impl`) and by `transformers` `generate()` (torch, f32, greedy) on the same 32-token
+(test extra), then decoded by Tandem (`LLM` with its offline defaults — 2048 prompt tokens prefilled per scheduler
+step, batched prefill of up to 4 prompts per call — one device, f32, 8 steps per dispatch, the MoE path chosen per
+shape by `model.moe.choose_moe_impl`) and by `transformers` `generate()` (torch, f32, greedy) on the same 32-token
 prompts, 64 new tokens, in one run. Per cell: tok/s of both and the ratio, useful FLOP/s per step
 (`model.flops.decode_flops`) as a fraction of the matmul peak measured in the run, and where a decode step's
 time goes — attention, MoE (routed + shared experts and router), dense MLP, sampling, other device work and host —
@@ -171,7 +172,7 @@ def run_cell(name, peak, bw, batches, rng, out):
     path = tempfile.mkdtemp(prefix=f"tandem-grid-{name}-")
     hf_reference.build(path, hf_config(D, E, X, L), seed=1)
     model = checkpoints.load(path, dtype=jnp.float32)
-    ec = EngineConfig(page_size=16, num_pages=64 * 8 + 1, max_model_len=128, prefill_buckets=(32,),
+    ec = EngineConfig(page_size=16, num_pages=64 * 8 + 1, max_model_len=128, prefill_buckets=(32, 128),
                       decode_buckets=tuple(batches), decode_steps=8, decode_windows=(8,))
     hf = None if FLAGS.skip_hf else DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     sp = SamplingParams(max_tokens=FLAGS.new_tokens, ignore_eos=True)

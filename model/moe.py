@@ -143,23 +143,23 @@ def segment_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = 
     starts = ends - sizes_E
     ntiles = (sizes_E + t - 1) // t
     tile_end = jnp.cumsum(ntiles)
-    n_items = -(-M // t) + E                                   # bounds sum_e ceil(size_e / t)
     x_MD = jnp.pad(x_ND[token_of], ((0, t), (0, 0)))           # a t-row read from any row < M stays in bounds
     D = x_ND.shape[1]
 
     def body(i, y_MD):
         e = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), E - 1).astype(jnp.int32)
         r0 = starts[e] + (i - (tile_end[e] - ntiles[e])) * t
-        live = i < tile_end[-1]
         xs = jax.lax.dynamic_slice_in_dim(x_MD, r0, t, 0)
         h = jax.nn.silu(xs @ _expert_weight(gate_EDF, e).astype(xs.dtype)) * (
             xs @ _expert_weight(up_EDF, e).astype(xs.dtype))
         ys = h @ _expert_weight(down_EFD, e).astype(xs.dtype)
-        rows_ok = live & ((r0 + jnp.arange(t)) < ends[e])
+        rows_ok = (r0 + jnp.arange(t)) < ends[e]
         old = jax.lax.dynamic_slice_in_dim(y_MD, r0, t, 0)
         return jax.lax.dynamic_update_slice_in_dim(y_MD, jnp.where(rows_ok[:, None], ys, old), r0, 0)
 
-    y_MD = jax.lax.fori_loop(0, n_items, body, jnp.zeros((M + t, D), x_ND.dtype))[:M]
+    # only the live items (sum_e ceil(size_e / t), a traced count): idle experts cost nothing (a while loop;
+    # the static bound ceil(M / t) + E would run every idle expert's matmuls too)
+    y_MD = jax.lax.fori_loop(0, tile_end[-1], body, jnp.zeros((M + t, D), x_ND.dtype))[:M]
     y_MD = y_MD * w_NX.reshape(-1)[order][:, None].astype(y_MD.dtype)
     return jnp.zeros_like(x_ND).at[token_of].add(y_MD)
 
@@ -216,6 +216,17 @@ def _overflow_probability(copies: int, experts: int, cap: int) -> float:
     return 1.0 - min(1.0, p_le) ** experts
 
 
+def _expected_items(copies: int, experts: int, t: int) -> float:
+    """E[sum_e ceil(n_e / t)]: the segment path's live work items for uniformly routed copies (n_e ~ Poisson)."""
+    mu = copies / experts
+    total, term, k = 0.0, math.exp(-mu), 0
+    while k <= max(4 * mu, 8) + 16:
+        total += term * -(-k // t)
+        k += 1
+        term *= mu / k
+    return experts * total
+
+
 def moe_costs(cfg: ModelConfig, n_tokens: int, itemsize: int = 4, costs: dict = CPU_COSTS) -> dict[str, float]:
     """Modelled seconds of one MoE layer's routed experts for `n_tokens` rows, per local implementation."""
     E, X, D, F = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
@@ -224,7 +235,7 @@ def moe_costs(cfg: ModelConfig, n_tokens: int, itemsize: int = 4, costs: dict = 
     dense = stream + E * n_tokens * w / (costs["gmacs"] * 1e9)
     C = capacity(M, E)
     t = _segment_tile(M, E)
-    items = -(-M // t) + E
+    items = _expected_items(M, E, t)
     segment = items * (t * w / (costs["gmacs"] * 1e9) + w * itemsize / (costs["weight_gbps"] * 1e9)
                        + costs["loop_us"] * 1e-6)
     out = {"dense": dense, "gather": M * w * itemsize / (costs["gather_gbps"] * 1e9), "segment": segment,

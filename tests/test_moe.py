@@ -52,8 +52,10 @@ def test_choice_follows_the_shape_and_platform():
     cfg = lambda D, E, X: ModelConfig(hidden_size=D, moe_intermediate_size=D // 2, n_routed_experts=E,
                                       num_experts_per_tok=X, n_group=1, topk_group=1)
     assert choose_moe_impl(cfg(512, 64, 8), 1, "cpu") == "gather"        # 8 copies, 64 experts: gather them
-    assert choose_moe_impl(cfg(512, 64, 8), 64, "cpu") == "capacity"     # 512 copies: padded buckets
+    assert choose_moe_impl(cfg(512, 64, 8), 64, "cpu") == "segment"      # 512 copies: each live expert's rows
     assert choose_moe_impl(cfg(128, 8, 2), 1, "cpu") == "gather"         # 2 copies of 8 experts: gather them
     assert choose_moe_impl(cfg(128, 8, 2), 4, "cpu") == "dense"          # 8 copies, 8 small experts: all of them
-    assert choose_moe_impl(cfg(512, 64, 8), 4, "cpu") == "dense"         # 32 copies but 50 MB to gather: not
+    assert choose_moe_impl(cfg(512, 64, 8), 4, "cpu") == "segment"       # 32 copies but 50 MB to gather: not;
+    # ~26 of 64 experts live: their tiles only (dense would run all 64)
+    assert choose_moe_impl(cfg(128, 8, 2), 64, "cpu") == "capacity"      # 128 copies of 8 experts: padded buckets
     assert choose_moe_impl(cfg(512, 64, 8), 64, "cuda") == "ragged"      # GPUs: the grouped kernel
