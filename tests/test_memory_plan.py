@@ -17,7 +17,7 @@ from model.config import preset
 from model.runtime import Runtime
 from serving import LLM, EngineConfig, SamplingParams
 from serving.engine import Engine
-from sharding import DECODE_RULES, Topology
+from sharding import DECODE_RULES, PREFILL_RULES, Topology
 from sharding.plan import MemoryPlanError, kv_bytes_per_token, plan, weight_bytes_per_device
 
 V3 = preset("deepseek-v3")
@@ -105,3 +105,25 @@ def test_v3_dims_decode_exports_for_cuda_with_kernels_and_compiles_for_cpu(quant
     (low,) = Engine(cpu, ec, mesh=mesh, roles={"decode"}, compile=False).lowered().values()
     assert low.compile().memory_analysis().temp_size_in_bytes > 0
     assert math.isclose(weight_bytes_per_device(m), weight_bytes_per_device(cpu))
+
+
+def test_v3_dims_batched_prefill_exports_for_cuda():
+    """Batched prefill at DeepSeek-V3's real dimensions (one dense + one MoE layer, 256 experts, FP8, tp=8): the
+    4-row x 16-token prefill executable exports for cuda with the FP8 kernels inside, next to the 1-row ones, and
+    compiles for 8 fake CPU devices."""
+    cfg = V3.replace(num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
+    mesh = Topology.preset("cpu:8/1").allocate("v3-prefill", tp=8)
+    ec = EngineConfig(page_size=64, num_pages=9, max_model_len=512, prefill_buckets=(16, 64), prefill_rows=(1, 4),
+                      decode_buckets=(1,), decode_windows=(8,))
+    assert ec.prefill_shapes == ((1, 16), (4, 16), (1, 64))
+    m = checkpoints.abstract_model(cfg, quant="fp8", fp8_linears=True, mesh=mesh, rules=PREFILL_RULES,
+                                   runtime=Runtime(platform="cuda"))
+    exp = Engine(m, ec, mesh=mesh, roles={"prefill"}, compile=False).exported("cuda")
+    assert sorted(exp) == [("prefill", 1, 16), ("prefill", 1, 64), ("prefill", 4, 16)]
+    four = exp["prefill", 4, 16]
+    assert four.platforms == ("cuda",) and "fp8_block_matmul" in four.mlir_module()
+    assert {(4, 16), (4, 8)} <= {a.shape for a in four.in_avals}          # tokens 4 x 16, page tables 4 x 8
+    # and lowered for this host's 8 fake devices (XLA path), the 4-row executable compiles
+    cpu = checkpoints.abstract_model(cfg, quant="fp8", fp8_linears=True, mesh=mesh, rules=PREFILL_RULES)
+    low = Engine(cpu, ec, mesh=mesh, roles={"prefill"}, compile=False).lowered()["prefill", 4, 16]
+    assert low.compile().memory_analysis().temp_size_in_bytes > 0
