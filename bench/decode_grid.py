@@ -12,6 +12,10 @@ time goes — attention, MoE (routed + shared experts and router), dense MLP, sa
 from a `jax.profiler` trace of one generation: each XLA op of the trace is mapped to the named scope it was
 traced under (the compiled HLO's op metadata), host = dispatch wall time - device time.
 
+Two bounds per cell, both measured in the run: the roofline (weights once at the streaming bandwidth, useful FLOPs
+at the 1024^3 matmul peak) and the same at the rate XLA:CPU's GEMMs reach on the cell's own [B, D] x [D, D] shape
+(a chain of dots, their fixed cost included): how fast an XLA engine could be on this CPU.
+
 `--moe_only` times each routed-expert implementation (dense / gather / capacity / ragged) on one MoE layer per cell
 instead: the data behind the cost model's constants.
 """
@@ -79,6 +83,27 @@ def stream_bandwidth() -> float:
     f(W, v).block_until_ready()
     best = min(_time(lambda: f(W, v).block_until_ready()) for _ in range(5))
     return W.nbytes / best
+
+
+_GEMM_RATES: dict[tuple[int, int], float] = {}
+
+
+def gemm_rate(M: int, D: int, links: int = 20) -> float:
+    """FLOP/s XLA:CPU reaches on this cell's GEMM shape: a jitted chain of `links` [M, D] x [D, D] f32 dots (each
+    with its own weight, as a decode step's layers), best of 5 (cached per shape)."""
+    if (M, D) not in _GEMM_RATES:
+        ws = [jnp.full((D, D), 1e-3, jnp.float32) + i for i in range(links)]
+
+        def chain(x, ws):
+            for w in ws:
+                x = jnp.tanh(x @ w)
+            return x
+
+        f, x = jax.jit(chain), jnp.ones((M, D), jnp.float32)
+        f(x, ws).block_until_ready()
+        best = min(_time(lambda: f(x, ws).block_until_ready()) for _ in range(5))
+        _GEMM_RATES[M, D] = 2 * M * D * D * links / best
+    return _GEMM_RATES[M, D]
 
 
 def step_weight_bytes(model, B: int) -> float:
@@ -199,15 +224,21 @@ def run_cell(name, peak, bw, batches, rng, out):
             # than its useful FLOPs at the measured matmul peak; transformers must read the same weights
             wbytes = step_weight_bytes(model, B)
             roof_tok_s = B / max(wbytes / bw, flops / peak)
+            # the same bound at the rate XLA:CPU's GEMMs reach on this cell's [B, D] x [D, D] shape (a chain of
+            # dots, per-dot cost included) instead of the 1024^3 peak: what this CPU allows an XLA engine
+            gemm_tok_s = B / max(wbytes / bw, flops / gemm_rate(B, D))
             r = dict(cell=name, D=D, E=E, X=X, L=L, batch=B, tok_s=tok_s, hf_tok_s=hf_tok_s,
                      ratio=tok_s / hf_tok_s, moe_impl=llm.decode_engine.moe_impl(B), useful_gflops=useful / 1e9,
                      of_peak=useful / peak, weight_mb=wbytes / 1e6, roofline_tok_s=roof_tok_s,
                      roofline_ratio=roof_tok_s / hf_tok_s, of_roofline=tok_s / roof_tok_s,
+                     gemm_gflops=gemm_rate(B, D) / 1e9, gemm_tok_s=gemm_tok_s, gemm_ratio=gemm_tok_s / hf_tok_s,
+                     of_gemm=tok_s / gemm_tok_s,
                      **{f"{k}_ms": v for k, v in prof.items()})
             out.append(r)
             print(f"{name} D={D:4d} E={E:3d} k={X} L={L} B={B:3d} | tandem {tok_s:8.1f} hf {hf_tok_s:8.1f} "
                   f"{r['ratio']:5.2f}x | roofline {roof_tok_s:8.1f} = {r['roofline_ratio']:5.2f}x hf, tandem at "
-                  f"{r['of_roofline']:4.0%} | moe={r['moe_impl']:>8} | {r['useful_gflops']:6.2f} GFLOP/s "
+                  f"{r['of_roofline']:4.0%} | at XLA's GEMM rate ({r['gemm_gflops']:.0f} GFLOP/s) {gemm_tok_s:8.1f} = "
+                  f"{r['gemm_ratio']:5.2f}x hf | moe={r['moe_impl']:>8} | {r['useful_gflops']:6.2f} GFLOP/s "
                   f"({r['of_peak']:5.1%}) | step {prof.get('step_ms', 0):6.2f} ms = attn "
                   f"{prof.get('attention', 0):5.2f} moe {prof.get('moe', 0):5.2f} mlp {prof.get('mlp', 0):5.2f} "
                   f"samp {prof.get('sampling', 0):5.2f} other {prof.get('other', 0):5.2f} host "
