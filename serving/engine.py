@@ -3,11 +3,12 @@
 The seam with the scheduler is JetStream's, kept small:
 
     out = engine.prefill(prompt_ids, pages, sampling_row)           # writes the prompt's latents into `pages`
+    outs = engine.prefill_batch([(prompt, chunk, pages, row), ...])     # one chunk each of several requests
     prefix = engine.extract(pages, ...)                                 # latent pages -> a Prefix (for transfer)
     engine.insert(prefix, pages)                                        # another engine: write them into its cache
     tokens = engine.generate(batch)                                     # `decode_steps` tokens for every row
 
-Every executable is compiled at construction for a small set of padded buckets (prefill chunk lengths, decode
+Every executable is compiled at construction for a small set of padded buckets (prefill rows x chunk lengths, decode
 batch sizes x attention windows, transfer page counts); the request path only runs them, on numpy inputs — no
 tracing, no compile (`tests/test_serving.py::test_no_compilation_on_the_request_path` and its disaggregated, MTP
 and worker-process variants check with JAX's compile events). The cache argument is donated, so XLA updates it
