@@ -52,9 +52,11 @@ class EngineConfig:
     max_model_len: int = 512                   # prompt + generated tokens per request
     prefill_buckets: tuple[int, ...] = (16, 32, 64, 128)   # chunk lengths; longer prompts are chunked
     # batched prefill: rows (requests) per prefill call. A (rows, T) executable exists for every rows x T within
-    # the largest bucket's tokens, so no call holds more tokens (activations, latency) than one largest chunk:
-    # with the defaults 4 prompts of <= 32 tokens prefill in one call, longer ones alone.
+    # `prefill_tokens` (default: the largest bucket's tokens, so no call holds more tokens — activations, the
+    # stall before the next decode step — than one largest chunk): with the defaults 4 prompts of <= 32 tokens
+    # prefill in one call, longer ones alone.
     prefill_rows: tuple[int, ...] = (1, 4)
+    prefill_tokens: int | None = None
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)     # batch sizes; the largest is the batch limit
     decode_steps: int = 4                      # decode steps per dispatch (each emits 1, or 1-2 with MTP)
     mtp: bool = False                          # speculative decoding with the model's MTP module (k = 1)
@@ -76,6 +78,8 @@ class EngineConfig:
             raise ValueError(f"prefill_buckets={self.prefill_buckets} must be strictly increasing")
         if sorted(set(self.prefill_rows)) != list(self.prefill_rows) or self.prefill_rows[:1] != (1,):
             raise ValueError(f"prefill_rows={self.prefill_rows} must be strictly increasing and start at 1")
+        if self.prefill_tokens is not None and self.prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens={self.prefill_tokens} must be >= 1")
         if sorted(set(self.decode_buckets)) != list(self.decode_buckets) or not self.decode_buckets:
             raise ValueError(f"decode_buckets={self.decode_buckets} must be strictly increasing")
         if self.decode_steps < 1:
@@ -114,8 +118,8 @@ class EngineConfig:
     @property
     def prefill_shapes(self) -> tuple[tuple[int, int], ...]:
         """(rows, T) of every prefill executable: each chunk bucket T with the row buckets R of `prefill_rows`
-        whose R x T tokens fit in the largest bucket (always R = 1)."""
-        big = self.prefill_buckets[-1]
+        whose R x T tokens fit in `prefill_tokens` (default the largest bucket; always R = 1)."""
+        big = self.prefill_tokens or self.prefill_buckets[-1]
         return tuple((R, T) for T in self.prefill_buckets for R in self.prefill_rows if R == 1 or R * T <= big)
 
     def rows_for(self, T: int) -> tuple[int, ...]:

@@ -189,12 +189,14 @@ class Scheduler:
             budget -= self._prefill_group(budget)
 
     def _prefill_group(self, budget: int) -> int:
-        """One prefill call: the first admitted request's next chunk and, up to the engine's rows for its bucket
-        and the budget, the next chunks of the same bucket of the requests after it. Returns the tokens run."""
+        """One prefill call: the first admitted request's next chunk and the next chunks of the same bucket of the
+        requests after it — as many as the largest row bucket that they and the budget fill (no padding rows; the
+        rest go in the next call). Returns the tokens run."""
         first = self.prefilling[0]
         T = first.chunks[0][2]
-        rows = max(1, min(self.decode.cfg.rows_for(T)[-1], budget // T))
-        group = [first] + [r for r in self.prefilling[1:] if r.chunks and r.chunks[0][2] == T][: rows - 1]
+        same = [first] + [r for r in self.prefilling[1:] if r.chunks and r.chunks[0][2] == T]
+        fill = max(1, min(len(same), budget // T))
+        group = same[: max(r for r in self.decode.cfg.rows_for(T) if r <= fill)]
         now = time.perf_counter()
         for req in group:
             if req.prefill_start is None:

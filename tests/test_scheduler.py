@@ -9,6 +9,7 @@ import gc
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from serving.api import Request
 from serving.engine import DecodeOut, Engine, EngineConfig, PrefillOut
@@ -93,3 +94,15 @@ def test_ten_thousand_requests_leave_no_trace_and_memory_stays_flat():
     assert sizes[10_000] - sizes[1_000] < 64 * 1024, sizes   # flat: no per-request residue
     # 2-token prompts: up to 4 in one batched prefill call (the engine's rows for bucket 2)
     assert max(s.decode.prefill_rows) == 4 and sum(k * v for k, v in s.decode.prefill_rows.items()) == 10_000
+
+
+def test_prefill_shapes_stay_within_the_token_cap():
+    ec = EngineConfig(max_model_len=128, prefill_buckets=(32, 128), prefill_rows=(1, 4, 16))
+    assert ec.prefill_shapes == ((1, 32), (4, 32), (1, 128))                    # cap: the largest bucket
+    ec = EngineConfig(max_model_len=128, prefill_buckets=(32, 128), prefill_rows=(1, 4, 16), prefill_tokens=512)
+    assert ec.prefill_shapes == ((1, 32), (4, 32), (16, 32), (1, 128), (4, 128))
+    assert ec.rows_for(32) == (1, 4, 16)
+    with pytest.raises(ValueError, match="prefill_rows"):
+        EngineConfig(prefill_rows=(2, 4))
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        EngineConfig(prefill_tokens=0)
