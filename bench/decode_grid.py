@@ -91,18 +91,10 @@ _GEMM_RATES: dict[tuple[int, int], float] = {}
 def gemm_rate(M: int, D: int, links: int = 20) -> float:
     """FLOP/s XLA:CPU reaches on this cell's GEMM shape: a jitted chain of `links` [M, D] x [D, D] f32 dots (each
     with its own weight, as a decode step's layers), best of 9 (cached per shape)."""
+    from bench.timing import dot_chain_seconds
+
     if (M, D) not in _GEMM_RATES:
-        ws = [jnp.full((D, D), 1e-3, jnp.float32) + i for i in range(links)]
-
-        def chain(x, ws):
-            for w in ws:
-                x = jnp.tanh(x @ w)
-            return x
-
-        f, x = jax.jit(chain), jnp.ones((M, D), jnp.float32)
-        f(x, ws).block_until_ready()
-        best = min(_time(lambda: f(x, ws).block_until_ready()) for _ in range(9))
-        _GEMM_RATES[M, D] = 2 * M * D * D * links / best
+        _GEMM_RATES[M, D] = 2 * M * D * D / dot_chain_seconds(M, D, links, 9, reduce=min)
     return _GEMM_RATES[M, D]
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench.timing import median_time as _median_time
+from bench.timing import dot_chain_seconds, median_time as _median_time
 
 from bench.decode_grid import matmul_peak, stream_bandwidth   # (defines its flags; none collide)
 
@@ -34,16 +34,8 @@ FLAGS = flags.FLAGS
 
 
 def _chain_time(D: int, M: int, links: int, reps: int) -> float:
-    """Seconds per link of a jitted chain x <- tanh(x @ W_i) with `links` distinct [D, D] f32 weights, M rows."""
-    ws = [jnp.full((D, D), 1e-3, jnp.float32) + i for i in range(links)]
-
-    def chain(x, ws):
-        for w in ws:
-            x = jnp.tanh(x @ w)
-        return x
-
-    f, x = jax.jit(chain), jnp.ones((M, D), jnp.float32)
-    return _median_time(lambda: f(x, ws).block_until_ready(), reps) / links
+    """Seconds per link of a [M, D] x [D, D] dot chain (`bench.timing.dot_chain_seconds`), median of reps."""
+    return dot_chain_seconds(M, D, links, reps)
 
 
 def calibrate(reps: int = 15) -> dict:
