@@ -36,7 +36,7 @@ bench: $(STAMP)
 
 # the planner: predicted tok/s/GPU vs tok/s/user for DeepSeek-R1 FP4 on HGX B200 and GB200 NVL72 (table, JSON, PNG)
 plan: $(STAMP)
-	$(PY) -m sharding.planner --dwdp --rate=20 --json_out runs/planner.json --png_out runs/planner.png
+	$(PY) -m planner --dwdp --rate=20 --json_out runs/planner.json --png_out runs/planner.png
 
 bench-model: $(STAMP)
 	$(PY) -m bench.model_speed

@@ -90,7 +90,7 @@ def _model(name, cfg):
 
 def run(reps: int) -> dict:
     from sharding.hlo import kernel_count
-    from sharding.planner import Efficiency, Hardware, executable_step
+    from planner import Efficiency, Hardware, executable_step
     from serving.engine import Engine, EngineConfig
 
     rows = []

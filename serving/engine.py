@@ -429,7 +429,7 @@ class Engine:
                                                               PartitionSpec()),
                              out_specs=PartitionSpec(None, ax), check_vma=False)(cache, pages_N, data)
 
-    def _lower_decode(self, B: int, Pw: int, steps: int):
+    def lower_decode(self, B: int, Pw: int, steps: int):
         i32, f32 = jnp.int32, jnp.float32
         cache_sds = jax.ShapeDtypeStruct(self.cache_shape, self.cache.dtype, sharding=self.cache.sharding)
         vec = lambda dt: self._sds((B,), dt)
@@ -458,7 +458,7 @@ class Engine:
                                                self._sds((R, P), i32), vec(f32), vec(i32), vec(f32), vec(i32))
         for B in (self.decode_buckets if "decode" in self.roles else ()):
             for Pw in cfg.windows:
-                out["decode", B, Pw] = self._lower_decode(B, Pw, cfg.decode_steps)
+                out["decode", B, Pw] = self.lower_decode(B, Pw, cfg.decode_steps)
         L, _, Z, C = self.cache_shape
         for n in cfg.transfer_buckets:
             if "send" in self.roles:
@@ -683,7 +683,7 @@ class Engine:
         * `dispatch_flops` = decode_steps x the per-step figure: what one dispatch really computes."""
         B = batch or self.decode_buckets[-1]
         Pw = window or self.cfg.windows[-1]
-        ca = self._lower_decode(B, Pw, 1).compile().cost_analysis()
+        ca = self.lower_decode(B, Pw, 1).compile().cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         step = float(ca.get("flops", 0.0))
         model = decode_flops(self.model_cfg, B, Pw * self.cfg.page_size, tokens_per_row=2 if self.cfg.mtp else 1,

@@ -6,9 +6,11 @@ import math
 import pytest
 
 from model.config import preset
-from sharding import planner
+import planner
+import planner.cluster
+import planner.step
 from sharding.hlo import collectives, kernel_count, wire_factor
-from sharding.planner import (HARDWARE, DecodeLayout, Efficiency, Hardware, PrefillLayout, StepProfile, Workload)
+from planner import (HARDWARE, DecodeLayout, Efficiency, Hardware, PrefillLayout, StepProfile, Workload)
 
 HW = Hardware("toy", 100e9, 1000.0, 1e15, 2e15, None, 8, 500.0, 50.0, 3.6, "toy")
 
@@ -36,11 +38,11 @@ ENTRY %main (p: bf16[4,64]) -> bf16[4,64] {
 
 def test_comm_seconds_in_and_across_domains():
     eff = Efficiency(nvlink=0.5, scaleout=0.5)
-    t, cross = planner._comm_seconds(HW, eff, 1e9, 8)
+    t, cross = planner.step._comm_seconds(HW, eff, 1e9, 8)
     assert not cross and t == pytest.approx(1e9 / 250e9)
-    t, cross = planner._comm_seconds(HW, eff, 1e9, 16)   # 8 of the 15 peers are off-domain
+    t, cross = planner.step._comm_seconds(HW, eff, 1e9, 16)   # 8 of the 15 peers are off-domain
     assert cross and t == pytest.approx(max(1e9 * 8 / 15 / 25e9, 1e9 * 7 / 15 / 250e9))
-    assert planner._comm_seconds(HW, eff, 1e9, 1) == (0.0, False)
+    assert planner.step._comm_seconds(HW, eff, 1e9, 1) == (0.0, False)
 
 
 def test_executable_step_roofline_and_serial():
@@ -52,7 +54,7 @@ def test_executable_step_roofline_and_serial():
 
 
 def test_usd_per_mtok_pareto_and_interactivity():
-    assert planner._usd(HW, 1000.0) == pytest.approx(3.6 / 3.6)      # $3.6/h at 1000 tok/s = 3.6 Mtok/h
+    assert planner.cluster._usd(HW, 1000.0) == pytest.approx(3.6 / 3.6)      # $3.6/h at 1000 tok/s = 3.6 Mtok/h
     mk = lambda u, g: planner.Point("toy", "disagg", "d", "p", 0, 8, 1, False, 1 / u, 0.1, u, g, 0, "")
     pts = [mk(10, 100), mk(20, 80), mk(15, 50), mk(30, 20), mk(25, 10)]
     assert [(p.tok_s_user, p.tok_s_gpu) for p in planner.pareto(pts)] == [(10, 100), (20, 80), (30, 20)]
