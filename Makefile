@@ -14,7 +14,7 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,train]"
+	$(PY) -m pip install -q -e ".[test,train,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -32,7 +32,7 @@ serve: $(STAMP)
 
 # a short InferenceX-style sweep: colocated vs disaggregated servers, JSON + Pareto PNG under runs/
 bench: $(STAMP)
-	$(PY) -m serving.sweep --launch colocated,disagg --short --json runs/sweep.json --png runs/sweep.png
+	$(PY) -m bench.sweep --launch colocated,disagg --short --json runs/sweep.json --png runs/sweep.png
 
 # the planner: predicted tok/s/GPU vs tok/s/user for DeepSeek-R1 FP4 on HGX B200 and GB200 NVL72 (table, JSON, PNG)
 plan: $(STAMP)
@@ -40,7 +40,7 @@ plan: $(STAMP)
 
 bench-model: $(STAMP)
 	$(PY) -m bench.model_speed
-	$(PY) -m serving.bench
+	$(PY) -m bench.engine_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache

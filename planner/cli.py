@@ -266,7 +266,11 @@ def main(argv=None) -> dict:
 
 
 def plot(fronts: dict, path: str, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:   # an optional dependency (the `bench` extra): the table and JSON are the result
+        print(f"no plot written to {path}: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -53,3 +53,19 @@ def test_the_layer_check_catches_an_upward_import(tmp_path):
     (tmp_path / "model" / "m.py").write_text("def f():\n    from serving.engine import Engine\n    return Engine\n")
     (tmp_path / "planner" / "p.py").write_text("import serving\nimport model\n")       # downward: fine
     assert upward_imports(tmp_path) == ["model/m.py:2 imports serving (model sits below it)"]
+
+
+EXTRAS_ONLY = {"torch", "transformers", "httpx", "matplotlib", "optax", "openai"}   # test / bench / train extras
+
+
+def test_runtime_packages_need_no_extra_at_import():
+    """The runtime install is lean: no module of the runtime packages imports an extra-only library at module
+    level (a lazy, guarded import inside a function, like the planner's optional plot, is fine)."""
+    bad = []
+    for pkg in LAYERS:
+        for f in _sources(pkg):
+            for node in ast.parse(f.read_text()).body:   # module level only
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                bad += [f"{f.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in EXTRAS_ONLY]
+    assert bad == []

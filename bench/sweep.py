@@ -1,8 +1,8 @@
 """Serving benchmark sweep in the InferenceX protocol against OpenAI-compatible servers.
 
-    python -m serving.sweep --targets colocated=http://127.0.0.1:8000@1,disagg=http://127.0.0.1:8001@2 \\
+    python -m bench.sweep --targets colocated=http://127.0.0.1:8000@1,disagg=http://127.0.0.1:8001@2 \\
         [--isl 1024 --osl 1024 --concurrency 1,2,4,...,64] [--json out.json --png out.png]
-    python -m serving.sweep --launch colocated,disagg [--short]     # starts `serving.server`s itself
+    python -m bench.sweep --launch colocated,disagg [--short]     # starts `serving.server`s itself
 
 Protocol: fixed input/output lengths — each prompt has a uniform random length in [0.8 ISL, ISL] (random token
 ids, sent as a token-id prompt), exactly OSL output tokens (`ignore_eos`); concurrency doubles from 1 to the

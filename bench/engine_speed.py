@@ -10,7 +10,7 @@
 5. MTP speculation: tok/s with and without, and the acceptance rate on held-out text prompts (the shipped model's
    held-out play), greedy and T=0.8, counting only verify steps whose tokens were kept.
 
-    python -m serving.bench [--checkpoint DIR] [--new_tokens 64] [--skip_hf]
+    python -m bench.engine_speed [--checkpoint DIR] [--new_tokens 64] [--skip_hf]
 """
 
 from __future__ import annotations
