@@ -9,7 +9,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from model.attention import MLA
-from model.cache import NoCache
+from model.cache import BLOCKWISE_PREFILL, KERNEL_DECODE, NoCache, check_layout
 from model.config import ModelConfig
 from model.layers import MLP, RMSNorm, param
 from model.moe import MoE
@@ -31,17 +31,16 @@ class DecoderLayer(nnx.Module):
             h_BTD = self.input_layernorm(x_BTD)
             q_nope, q_rope = self.self_attn.queries(h_BTD, cos, sin, runtime)
             kv_BTC = self.self_attn.latents(h_BTD, cos, sin, runtime)
-            if absorbed and getattr(cache, "kernel", None):   # a paged cache whose decode reads run in a kernel
+            caps = check_layout(cache)
+            if absorbed and KERNEL_DECODE in caps:   # decode reads run in the layout's kernel
                 state = cache.write(state, cache_layer, kv_BTC, positions_BT)
                 x_BTD = x_BTD + self.self_attn.attend_paged(q_nope, q_rope, cache, state, cache_layer, positions_BT,
                                                             runtime)
-            elif not absorbed and getattr(cache, "blockwise", False):   # prefill: only the blocks the rows reach
+            elif not absorbed and BLOCKWISE_PREFILL in caps:   # prefill: only the blocks the rows reach
                 state = cache.write(state, cache_layer, kv_BTC, positions_BT)
-                Z = state.shape[2]
                 x_BTD = x_BTD + self.self_attn.attend_blockwise(
                     q_nope, q_rope, lambda j: cache.read_block(state, cache_layer, j, kv_BTC.dtype),
-                    cache.block_pages * Z,
-                    positions_BT, runtime)
+                    cache.block_tokens(state), positions_BT, runtime)
             else:
                 state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)
                 x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed,

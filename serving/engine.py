@@ -36,7 +36,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from model.deepseek import DeepseekV3
 from model.flops import decode_flops
 from model.moe import choose_moe_impl
-from serving.kv_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PageAllocator, PagedCache, pages_for
+from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PagedCache
+from serving.pages import PageAllocator, pages_for
 from serving.prefix_cache import PrefixCache
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
@@ -177,7 +178,7 @@ class DecodeBatch:
 
 def cache_layout(cfg: EngineConfig, model) -> tuple[jnp.dtype, int]:
     """(dtype, row width) of the paged cache: the model's dtype (or `cache_dtype`) and C = L + R values per token,
-    or for `cache_dtype="fp8"` uint8 rows of C e4m3 codes + a 4-byte f32 per-token scale (`kv_cache.encode_fp8_rows`)."""
+    or for `cache_dtype="fp8"` uint8 rows of C e4m3 codes + a 4-byte f32 per-token scale (`model.paged_cache.encode_fp8_rows`)."""
     C = model.cfg.cache_width
     if cfg.cache_dtype == "fp8":
         return jnp.dtype(jnp.uint8), C + FP8_SCALE_BYTES

@@ -13,7 +13,7 @@ import checkpoints
 import hf_reference
 from bench.kv_cache_eval import perplexity
 from serving import LLM, EngineConfig, SamplingParams
-from serving.kv_cache import decode_fp8_rows, encode_fp8_rows
+from model.paged_cache import decode_fp8_rows, encode_fp8_rows
 from sharding.plan import kv_bytes_per_token
 
 EC = EngineConfig(page_size=8, num_pages=24, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(4,),

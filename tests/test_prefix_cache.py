@@ -11,7 +11,7 @@ import pytest
 import checkpoints
 import hf_reference
 from serving import LLM, EngineConfig, SamplingParams
-from serving.kv_cache import OutOfPages, PageAllocator
+from serving.pages import OutOfPages, PageAllocator
 from serving.prefix_cache import CorruptBlock, DiskTier, HostTier, block_hashes
 
 

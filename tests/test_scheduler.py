@@ -13,7 +13,7 @@ import pytest
 
 from serving.api import Request
 from serving.engine import DecodeOut, Engine, EngineConfig, PrefillOut
-from serving.kv_cache import PageAllocator, pages_for
+from serving.pages import PageAllocator, pages_for
 from serving.sampling import SamplingParams
 from serving.scheduler import Scheduler, SchedulerConfig
 

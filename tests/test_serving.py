@@ -48,7 +48,7 @@ def _check_pages(llm):
 
 def test_greedy_through_engine_equals_teacher_forced_argmax(colocated, model, monkeypatch):
     eng = colocated.decode_engine
-    assert eng._layout(np.zeros((1, 8), np.int32), np.ones((1, 4), bool), prefill=True).blockwise
+    assert "blockwise_prefill" in eng._layout(np.zeros((1, 8), np.int32), np.ones((1, 4), bool), prefill=True).capabilities
     rows, batch = [], eng.prefill_batch
     monkeypatch.setattr(eng, "prefill_batch", lambda items: rows.append(len(items)) or batch(items))
     outs = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
