@@ -36,7 +36,7 @@ def prefill_part():
     from model.flops import attention_flops
     from model.runtime import Runtime
     from serving import LLM, EngineConfig, SamplingParams
-    from serving.api import DEFAULT_CHECKPOINT
+    from serving.config import DEFAULT_CHECKPOINT
 
     L = FLAGS.max_model_len
     model = checkpoints.load(DEFAULT_CHECKPOINT, dtype="float32")
@@ -75,7 +75,7 @@ def dp_part():
 
     import checkpoints
     from serving import LLM, EngineConfig, SamplingParams
-    from serving.api import DEFAULT_CHECKPOINT
+    from serving.config import DEFAULT_CHECKPOINT
     from sharding import DECODE_RULES
 
     model = checkpoints.load(DEFAULT_CHECKPOINT, dtype="float32")

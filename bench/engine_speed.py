@@ -25,31 +25,26 @@ import numpy as np
 from absl import app, flags
 
 import checkpoints
-from serving.api import DEFAULT_CHECKPOINT, Tokenizer, output_of
-from serving.scheduler import SchedulerConfig
-from serving.engine import DecodeBatch, EngineConfig
+from serving.api import Tokenizer, output_of
+from serving.config import DEFAULT_CHECKPOINT, EngineConfig, SchedulerConfig
+from serving.engine import DecodeBatch
+from serving import flags as serving_flags
+from serving.build import resolve_dtype
 from serving.llm import LLM
 from serving.sampling import SamplingParams, sampling_arrays
 
-_CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint (default: the shipped model)")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "tokens generated per request in the throughput runs")
 _PROMPT = flags.DEFINE_integer("prompt_len", 16, "prompt tokens in the throughput runs")
 _BATCHES = flags.DEFINE_list("batches", ["1", "16"], "batch sizes")
-_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "decode steps per dispatch")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "skip the transformers baseline")
 _MIXED = flags.DEFINE_bool("mixed", True, "run the mixed-load disaggregated vs colocated comparison")
 _LONG = flags.DEFINE_integer("long_prompt", 448, "prompt tokens of the long requests in the mixed load")
-_MTP = flags.DEFINE_bool("mtp", True, "compare decode with and without MTP speculation (needs an MTP layer)")
+_MTP = flags.DEFINE_bool("compare_mtp", True, "compare decode with and without MTP speculation (needs an MTP layer)")
 _MTP_TEXT = flags.DEFINE_string("mtp_text", None, "held-out text whose speeches (blank-line separated) give the MTP "
                                 "prompts (default: the checkpoint's heldout_sample.txt; random tokens if none)")
 _MTP_PROMPT_TOKENS = flags.DEFINE_integer("mtp_prompt_tokens", 24, "tokens per MTP prompt (a speech's start)")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weight dtype (float32: the transformers "
-                           "baseline runs in float32 too)")
-_QUANT = flags.DEFINE_enum("quant", None, ["fp8", "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense"], "quantize "
-                           "weights at load")
-_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size (tokens)")
-_NUM_PAGES = flags.DEFINE_integer("num_pages", 1024, "KV pages per engine")
-_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 512, "prompt + generated tokens per request")
+serving_flags.define_engine_flags()   # the engine flags of every entry point (checkpoint, dtype, quant, KV, ...)
+F = flags.FLAGS
 
 
 def _pct(xs, q):
@@ -153,9 +148,9 @@ def mtp_compare(model, batches, new_tokens, max_len, tokenizer, ckpt):
                                                   seed=7))):
             res = {}
             for mtp in (False, True):
-                ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len,
+                ec = EngineConfig(page_size=F.page_size, num_pages=F.num_pages, max_model_len=max_len,
                                   prefill_buckets=(16, 64, 128), decode_buckets=(B,),
-                                  decode_steps=_DECODE_STEPS.value, mtp=mtp)
+                                  decode_steps=F.decode_steps, mtp=mtp)
                 with LLM(model=model, engine_config=ec) as llm:
                     llm.generate(ps, sp)
                     t0 = time.perf_counter()
@@ -171,15 +166,15 @@ def mtp_compare(model, batches, new_tokens, max_len, tokenizer, ckpt):
 
 def main(argv):
     del argv
-    path = _CKPT.value or DEFAULT_CHECKPOINT
-    model = checkpoints.load(path, dtype=_DTYPE.value, quant=_QUANT.value)
+    path = F.checkpoint or DEFAULT_CHECKPOINT
+    model = checkpoints.load(path, dtype=resolve_dtype(F.dtype, None), quant=F.quant)
     tokenizer = Tokenizer.of_checkpoint(path)
     V = model.cfg.vocab_size
     batches = [int(b) for b in _BATCHES.value]
     N, T = _NEW.value, _PROMPT.value
-    max_len = _MAX_MODEL_LEN.value
-    ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len, prefill_buckets=(16, 64, 128),
-                      decode_buckets=tuple(sorted(set(batches) | {max(batches)})), decode_steps=_DECODE_STEPS.value)
+    max_len = F.max_model_len or 512
+    ec = EngineConfig(page_size=F.page_size, num_pages=F.num_pages, max_model_len=max_len, prefill_buckets=(16, 64, 128),
+                      decode_buckets=tuple(sorted(set(batches) | {max(batches)})), decode_steps=F.decode_steps)
     print(f"checkpoint {path}; {os.cpu_count()} CPU cores, jax {jax.__version__}, devices {len(jax.devices())}")
     peak = matmul_peak_flops()
     print(f"matmul peak (f32 1024^3, measured now): {peak / 1e9:.1f} GFLOP/s")
@@ -236,8 +231,8 @@ def main(argv):
         print(f"\nmixed load: 8 short requests decoding 96 tokens; 4 prompts of {_LONG.value} tokens arrive meanwhile")
         res = {}
         for mode, kw in (("colocated", {}), ("disagg", dict(prefill_mesh="tp=1", decode_mesh="ep=1"))):
-            ecm = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len, prefill_buckets=(16, 64, 128),
-                               decode_buckets=(4, 8, 16), decode_steps=_DECODE_STEPS.value)
+            ecm = EngineConfig(page_size=F.page_size, num_pages=F.num_pages, max_model_len=max_len, prefill_buckets=(16, 64, 128),
+                               decode_buckets=(4, 8, 16), decode_steps=F.decode_steps)
             # the online budget (256 prompt tokens per step), which this measurement is about
             with LLM(model=model, engine_config=ecm, mode=mode, scheduler_config=SchedulerConfig(), **kw) as m:
                 mixed_load(m, V, _LONG.value)  # warm-up pass

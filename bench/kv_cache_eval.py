@@ -23,7 +23,7 @@ from flax import nnx
 
 import checkpoints
 from model.evaluate import encode, load_tokenizer
-from serving.api import DEFAULT_CHECKPOINT
+from serving.config import DEFAULT_CHECKPOINT
 from model.paged_cache import FP8_SCALE_BYTES, PagedCache
 from sharding.plan import kv_bytes_per_token
 

@@ -81,7 +81,7 @@ def _model(name, cfg):
 
     import checkpoints
     import model as model_lib
-    from serving.api import DEFAULT_CHECKPOINT
+    from serving.config import DEFAULT_CHECKPOINT
 
     if cfg is None:
         return checkpoints.load(DEFAULT_CHECKPOINT, dtype=jnp.float32)
@@ -91,7 +91,8 @@ def _model(name, cfg):
 def run(reps: int) -> dict:
     from sharding.hlo import kernel_count
     from planner import Efficiency, Hardware, executable_step
-    from serving.engine import Engine, EngineConfig
+    from serving.engine import Engine
+    from serving.config import EngineConfig
 
     rows = []
     for name, cfg in _configs().items():

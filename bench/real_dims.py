@@ -57,7 +57,8 @@ def plan_part():
     import checkpoints
     from model.config import preset
     from model.runtime import Runtime
-    from serving.engine import Engine, EngineConfig
+    from serving.engine import Engine
+    from serving.config import EngineConfig
     from sharding import DECODE_RULES, PREFILL_RULES, Topology
     from sharding.plan import DEVICE_MEMORY, MemoryPlan, kv_bytes_per_token, weight_bytes_per_device
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from checkpoints.safetensors_io import Checkpoint, CheckpointError, dtype_name
 from model.config import ModelConfig
 from model.deepseek import DeepseekV3
-from model.runtime import Runtime
+from model.runtime import Runtime, platform_dtype
 from pallas_kernels import formats, fp8
 from pallas_kernels.formats import QuantizedTensor
 from sharding.apply import runtime_for, variable_sharding
@@ -503,12 +503,13 @@ def _get_path(tree, path):
     return tree
 
 
-def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=None, quant: str | None = None,
+def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: str | None = None,
          keep_fp8: bool = True, fp8_block: tuple[int, int] = fp8.BLOCK, runtime: Runtime | None = None,
          capacity_factor: float = 2.0, threads: int = 4, progress: bool = False) -> DeepseekV3:
     """Load an HF DeepSeek-V3/R1 checkpoint directory into a `DeepseekV3` model, placed tensor by tensor.
 
-    dtype: the weights' dtype (default bfloat16; pass float32 explicitly for f32 compute). The router and its
+    dtype: the weights' dtype (default by the target platform, `model.runtime.platform_dtype`: float32 on CPU,
+    bfloat16 on GPU/TPU). The router and its
     correction bias always stay float32. The MTP module is loaded when the checkpoint has
     `model.layers.{num_hidden_layers}.*`; otherwise the model has none.
     mesh / rules: place each weight onto its sharding as it is read (`sharding.rules`) and set the model's
@@ -536,7 +537,10 @@ def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=None, 
         log.info("checkpoint has %d MTP layer(s) (config says %d); loading %d", n_mtp,
                  cfg.num_nextn_predict_layers, n_mtp)
         cfg = cfg.replace(num_nextn_predict_layers=n_mtp)
-    dtype = jnp.dtype(dtype if dtype is not None else jnp.bfloat16)
+    if dtype is None:
+        dtype = platform_dtype((runtime.platform if runtime is not None and runtime.platform else None)
+                               or (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform)
+    dtype = jnp.dtype(dtype)
     block = weight_block_size(path)
     stored = checkpoint_quant(path)
     if stored is not None:

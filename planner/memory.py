@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import checkpoints
 from model.config import ModelConfig, preset, presets
 from model.runtime import Runtime
-from serving.api import parse_mesh_spec
-from serving.engine import Engine, EngineConfig
+from serving.config import EngineConfig, parse_mesh_spec
+from serving.engine import Engine
 from sharding.plan import DEVICE_MEMORY, TOPOLOGY_DEVICE, MemoryPlan, kv_bytes_per_token, weight_bytes_per_device
 from sharding.rules import DECODE_RULES, PREFILL_RULES
 from sharding.topology import Topology

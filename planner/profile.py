@@ -60,7 +60,8 @@ def _compile_collectives(cfg, pool: str, mesh_spec: dict, *, rows: int = 0, toke
     import jax.numpy as jnp
 
     import checkpoints
-    from serving.engine import Engine, EngineConfig
+    from serving.engine import Engine
+    from serving.config import EngineConfig
     from sharding.hlo import collectives
     from sharding.rules import DECODE_RULES, PREFILL_RULES
     from sharding.topology import Topology

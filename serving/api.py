@@ -14,44 +14,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-import re
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
 from serving.sampling import SamplingParams, sampling_arrays
-
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
-                                  "shakespeare-moe")
-# max_model_len when none is given: the checkpoint's max_position_embeddings, at most this, in whole pages.
-DEFAULT_MAX_MODEL_LEN_CAP = 1024
-
-
-# ---- defaults ---------------------------------------------------------------------------------------------------
-def default_max_model_len(max_position_embeddings: int, page_size: int, cap: int = DEFAULT_MAX_MODEL_LEN_CAP) -> int:
-    """min(max_position_embeddings, cap) rounded down to whole pages (at least one page)."""
-    return max(page_size, min(cap, max_position_embeddings) // page_size * page_size)
-
-
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """'tp=2' / 'ep=4' / 'dp=2,ep=2' -> {'dp':.., 'ep':.., 'tp':..} (missing axes are 1)."""
-    out = {"dp": 1, "ep": 1, "tp": 1}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        m = re.fullmatch(r"(dp|ep|tp)=(\d+)", part)
-        if not m or int(m.group(2)) < 1:
-            raise ValueError(f"bad mesh spec {spec!r}: expected comma-separated dp=N, ep=N, tp=N")
-        out[m.group(1)] = int(m.group(2))
-    return out
-
-
-def default_mesh(role: str, n: int, num_attention_heads: int, n_routed_experts: int) -> str:
-    """The mesh of a pool of n devices: tp over heads for prefill, ep over experts for decode, when they divide;
-    else data parallel."""
-    if role == "prefill":
-        return f"tp={n}" if num_attention_heads % n == 0 else f"dp={n}"
-    return f"ep={n}" if n_routed_experts % n == 0 else f"dp={n}"
-
 
 # ---- tokenizer --------------------------------------------------------------------------------------------------
 class Tokenizer:

@@ -23,46 +23,17 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 import checkpoints
-from serving.api import DEFAULT_CHECKPOINT, default_max_model_len, default_mesh, output_of
-from serving import prefix_cache
-from serving.engine import EngineConfig
-from serving.llm import LLM
+from serving.api import output_of
+from serving import flags as serving_flags
+from serving.config import OFFLINE_PREFILL_BUDGET
 from serving.sampling import SamplingParams
-from serving.scheduler import OFFLINE_PREFILL_BUDGET, SchedulerConfig
 
 _INPUT = flags.DEFINE_string("input", None, "input JSONL file")
 _OUTPUT = flags.DEFINE_string("output", None, "output JSONL file (appended to; existing ids are skipped)")
-_CKPT = flags.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint dir (default: the shipped model)")
-_MODE = flags.DEFINE_enum("mode", "disagg", ["disagg", "colocated"], "PD disaggregation or one mesh for both")
-_PREFILL_DEVICES = flags.DEFINE_integer("prefill_devices", 1, "devices of the prefill pool (disagg)")
-_DECODE_DEVICES = flags.DEFINE_integer("decode_devices", 1, "devices of the decode pool")
-_PREFILL_MESH = flags.DEFINE_string("prefill_mesh", None, "prefill mesh, e.g. 'tp=2' (default: tp over "
-                                    "--prefill_devices)")
-_DECODE_MESH = flags.DEFINE_string("decode_mesh", None, "decode mesh, e.g. 'ep=4' or 'dp=2,ep=2' (default: ep "
-                                   "over --decode_devices)")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "default max_tokens for lines that do not set it")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "default temperature for lines that do not set it")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weight dtype (FP8 / FP4 stay packed)")
-_QUANT = flags.DEFINE_enum("quant", None, ["fp8", "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense"], "quantize "
-                           "weights at load (default: the checkpoint's own formats; block-FP8 stays FP8)")
-_KV_FRACTION = flags.DEFINE_float("kv_memory_fraction", None, "size each KV cache from this fraction of device "
-                                  "memory (minus weights and temporaries) instead of --num_pages")
-_DEVICE_MEMORY = flags.DEFINE_float("device_memory_gb", None, "device memory for --kv_memory_fraction where the "
-                                    "devices do not report it (CPU)")
-_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size (tokens)")
-_CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "fp8"], "KV cache format (default: the "
-                                 "weights' dtype; fp8: e4m3 + a per-token scale, half of bf16's bytes)")
-_NUM_PAGES = flags.DEFINE_integer("num_pages", 512, "KV pages per engine")
-prefix_cache.define_flags()
-_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the model's "
-                                      "max_position_embeddings, at most 1024)")
-_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "largest decode batch (buckets are powers of two up to it)")
-_PREFILL_BUDGET = flags.DEFINE_integer("prefill_budget", OFFLINE_PREFILL_BUDGET,
-                                       "prompt tokens prefilled per scheduler step (offline: throughput first)")
-_ROUTER = flags.DEFINE_string("router", None, "send the job to a running router (python -m serving.router) at "
-                              "host:port; the workers own the engines and --checkpoint only gives the tokenizer")
-_MTP = flags.DEFINE_bool("mtp", False, "speculative decoding with the checkpoint's MTP module (k = 1)")
+serving_flags.define_engine_flags()
+serving_flags.define_pool_flags()
 _PRINT = flags.DEFINE_bool("print_outputs", False, "print each completion as it finishes")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "start the output file afresh instead of resuming")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
@@ -150,8 +121,8 @@ def run(argv_unused=None) -> int:
         raise app.UsageError("--input and --output are required")
     if not os.path.exists(_INPUT.value):
         raise app.UsageError(f"--input {_INPUT.value} does not exist")
-    ckpt = _CKPT.value or DEFAULT_CHECKPOINT
-    mcfg = None if _ROUTER.value else checkpoints.config_of(ckpt)
+    ckpt = serving_flags.checkpoint()
+    mcfg = None if (flags.FLAGS.router or flags.FLAGS.workers) else checkpoints.config_of(ckpt)
     if _OVERWRITE.value and os.path.exists(_OUTPUT.value):
         os.remove(_OUTPUT.value)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
@@ -172,35 +143,26 @@ def run(argv_unused=None) -> int:
     if done:
         print(f"resuming: {len(done)} ids already in {_OUTPUT.value}, {len(items)} to go", flush=True)
 
-    buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < _MAX_BATCH.value) + (_MAX_BATCH.value,)
-    if _ROUTER.value:   # the workers own the engines; only the in-flight window is sized here
-        return _run_job(items, _MAX_BATCH.value, *_remote_llm(ckpt))
-    max_len = _MAX_MODEL_LEN.value or default_max_model_len(mcfg.max_position_embeddings, _PAGE_SIZE.value)
-    ec = EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value, max_model_len=max_len,
-                      decode_buckets=buckets, decode_steps=_DECODE_STEPS.value, mtp=_MTP.value,
-                      cache_dtype=_CACHE_DTYPE.value, **prefix_cache.config_from_flags(flags.FLAGS))
-    disagg = _MODE.value == "disagg"
-    heads, experts = mcfg.num_attention_heads, mcfg.n_routed_experts
-    dmesh = _DECODE_MESH.value or default_mesh("decode", _DECODE_DEVICES.value, heads, experts)
-    pmesh = (_PREFILL_MESH.value or default_mesh("prefill", _PREFILL_DEVICES.value, heads, experts)) if disagg else None
+    F = flags.FLAGS
+    if F.router or F.workers:   # the workers own the engines; only the in-flight window is sized here
+        return _run_job(items, F.max_batch, *_remote_llm())
     t0 = time.perf_counter()
-    llm = LLM(ckpt, mode=_MODE.value, prefill_mesh=pmesh, decode_mesh=dmesh, engine_config=ec,
-              scheduler_config=SchedulerConfig(max_batch=_MAX_BATCH.value, prefill_budget=_PREFILL_BUDGET.value),
-              dtype=_DTYPE.value, quant=_QUANT.value,
-              kv_memory_fraction=_KV_FRACTION.value, device_memory_gb=_DEVICE_MEMORY.value)
+    llm = serving_flags.llm(OFFLINE_PREFILL_BUDGET)
+    pmesh, dmesh = serving_flags.pool_meshes(mcfg)
     n_dec = llm.decode_engine.mesh.devices.size
-    n_dev = n_dec + (llm.prefill_engine.mesh.devices.size if disagg else 0)
-    print(f"model {ckpt}: {_MODE.value}, decode mesh {dmesh}" + (f", prefill mesh {pmesh}" if disagg else "")
-          + f"; engines ready in {time.perf_counter() - t0:.1f}s", flush=True)
-    return _run_job(items, _MAX_BATCH.value, llm, n_dev, n_dec)
+    n_dev = n_dec + (llm.prefill_engine.mesh.devices.size if pmesh else 0)
+    print(f"model {ckpt}: {F.mode}, decode mesh {dmesh}" + (f", prefill mesh {pmesh}" if pmesh else "")
+          + f"; weights {llm.decode_engine.model_dtype.name}; engines ready in {time.perf_counter() - t0:.1f}s",
+          flush=True)
+    return _run_job(items, F.max_batch, llm, n_dev, n_dec)
 
 
-def _remote_llm(ckpt):
-    """--router: a client of a running router; device counts are the workers' (one line per worker)."""
-    llm = LLM(ckpt, router=_ROUTER.value)   # the checkpoint's tokenizer (text prompts, stop strings)
+def _remote_llm():
+    """--router / --workers: a router client; device counts are the workers' (one line per worker)."""
+    llm = serving_flags.llm(OFFLINE_PREFILL_BUDGET)   # the checkpoint's tokenizer (text prompts, stop strings)
     workers = {a: w for a, w in llm.backend.router.info["workers"].items() if w["alive"]}
     n_dec = max(1, sum(w["role"] == "decode" for w in workers.values()))
-    print(f"router {_ROUTER.value}: {len(workers)} live workers ({n_dec} decode)", flush=True)
+    print(f"router {flags.FLAGS.router or flags.FLAGS.workers}: {len(workers)} live workers ({n_dec} decode)", flush=True)
     return llm, max(1, len(workers)), n_dec
 
 

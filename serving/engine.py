@@ -37,6 +37,7 @@ from model.deepseek import DeepseekV3
 from model.flops import decode_flops
 from model.moe import choose_moe_impl
 from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PagedCache
+from serving.config import EngineConfig
 from serving.pages import PageAllocator, pages_for
 from serving.prefix_cache import PrefixCache
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
@@ -44,97 +45,6 @@ from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weig
 from sharding.plan import plan as memory_plan
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    page_size: int = 16
-    num_pages: int = 256                       # including the scratch page
-    max_model_len: int = 512                   # prompt + generated tokens per request
-    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128)   # chunk lengths; longer prompts are chunked
-    # batched prefill: rows (requests) per prefill call. A (rows, T) executable exists for every rows x T within
-    # `prefill_tokens` (default: the largest bucket's tokens, so no call holds more tokens — activations, the
-    # stall before the next decode step — than one largest chunk): with the defaults 4 prompts of <= 32 tokens
-    # prefill in one call, longer ones alone.
-    prefill_rows: tuple[int, ...] = (1, 4)
-    prefill_tokens: int | None = None
-    decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)     # batch sizes; the largest is the batch limit
-    decode_steps: int = 4                      # decode steps per dispatch (each emits 1, or 1-2 with MTP)
-    mtp: bool = False                          # speculative decoding with the model's MTP module (k = 1)
-    # Attention windows of decode, in pages: a dispatch attends over the smallest window that holds every row's
-    # positions (short requests do not pay for max_model_len). Default: pages_per_seq / 4, / 2 and all of it.
-    decode_windows: tuple[int, ...] | None = None
-    cache_dtype: str | None = None             # default: the model's dtype; "fp8": e4m3 + a per-token f32 scale
-    # prefix caching (serving.prefix_cache): full pages keyed by their tokens' chained hash, shared between
-    # requests, kept after release (LRU); evicted pages spill to host memory, then to disk
-    prefix_caching: bool = False
-    host_cache_pages: int = 0                  # host-memory tier, in pages (0: none)
-    disk_cache_pages: int = 0                  # disk tier, in pages (0: none; needs the host tier and a dir)
-    disk_cache_dir: str | None = None
-
-    def __post_init__(self):
-        if self.max_model_len % self.page_size:
-            raise ValueError(f"max_model_len={self.max_model_len} must be a multiple of page_size={self.page_size}")
-        if sorted(set(self.prefill_buckets)) != list(self.prefill_buckets) or not self.prefill_buckets:
-            raise ValueError(f"prefill_buckets={self.prefill_buckets} must be strictly increasing")
-        if sorted(set(self.prefill_rows)) != list(self.prefill_rows) or self.prefill_rows[:1] != (1,):
-            raise ValueError(f"prefill_rows={self.prefill_rows} must be strictly increasing and start at 1")
-        if self.prefill_tokens is not None and self.prefill_tokens < 1:
-            raise ValueError(f"prefill_tokens={self.prefill_tokens} must be >= 1")
-        if sorted(set(self.decode_buckets)) != list(self.decode_buckets) or not self.decode_buckets:
-            raise ValueError(f"decode_buckets={self.decode_buckets} must be strictly increasing")
-        if self.decode_steps < 1:
-            raise ValueError(f"decode_steps={self.decode_steps} must be >= 1")
-        if self.host_cache_pages < 0 or self.disk_cache_pages < 0:
-            raise ValueError("host_cache_pages / disk_cache_pages must be >= 0")
-        if (self.host_cache_pages or self.disk_cache_pages) and not self.prefix_caching:
-            raise ValueError("host/disk KV tiers hold prefix-cache blocks: set prefix_caching=True")
-        if self.disk_cache_pages and not (self.host_cache_pages and self.disk_cache_dir):
-            raise ValueError("disk_cache_pages needs host_cache_pages > 0 (the disk tier takes what the host tier "
-                             "evicts) and disk_cache_dir")
-
-    @property
-    def tiers(self) -> bool:
-        return self.host_cache_pages > 0
-
-    @property
-    def pages_per_seq(self) -> int:
-        return self.max_model_len // self.page_size
-
-    @property
-    def windows(self) -> tuple[int, ...]:
-        if self.decode_windows is not None:
-            w = tuple(self.decode_windows)
-            if sorted(set(w)) != list(w) or w[-1] != self.pages_per_seq or w[0] < 1:
-                raise ValueError(f"decode_windows={w} must increase and end at pages_per_seq={self.pages_per_seq}")
-            return w
-        P = self.pages_per_seq
-        return tuple(sorted({max(1, P // 4), max(1, P // 2), P}))
-
-    @property
-    def max_batch(self) -> int:
-        """The largest decode batch this engine can run (its largest bucket)."""
-        return self.decode_buckets[-1]
-
-    @property
-    def prefill_shapes(self) -> tuple[tuple[int, int], ...]:
-        """(rows, T) of every prefill executable: each chunk bucket T with the row buckets R of `prefill_rows`
-        whose R x T tokens fit in `prefill_tokens` (default the largest bucket; always R = 1)."""
-        big = self.prefill_tokens or self.prefill_buckets[-1]
-        return tuple((R, T) for T in self.prefill_buckets for R in self.prefill_rows if R == 1 or R * T <= big)
-
-    def rows_for(self, T: int) -> tuple[int, ...]:
-        """The row buckets of chunk bucket T."""
-        return tuple(R for R, t in self.prefill_shapes if t == T)
-
-    @property
-    def transfer_buckets(self) -> tuple[int, ...]:
-        """Page counts a Prefix is padded to: powers of two up to pages_per_seq."""
-        out, n = [], 1
-        while n < self.pages_per_seq:
-            out.append(n)
-            n *= 2
-        return tuple(out) + (self.pages_per_seq,)
 
 
 @dataclasses.dataclass

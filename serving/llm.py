@@ -20,19 +20,17 @@ import logging
 import os
 from typing import Iterator, Sequence
 
-import jax.numpy as jnp
-
 import checkpoints
 from model.runtime import Runtime
-from serving.api import (DEFAULT_CHECKPOINT, Event, Request, RequestOutput, Tokenizer, as_prompt_list,
-                         default_max_model_len, new_request, output_of, params_list, parse_mesh_spec)
+from serving.api import Event, Request, RequestOutput, Tokenizer, as_prompt_list, new_request, output_of, params_list
 from serving.backend import LocalBackend, RemoteBackend
-from serving.engine import Engine, EngineConfig, size_cache
+from serving.build import build_engine
+from serving.config import DEFAULT_CHECKPOINT, OFFLINE_PREFILL_BUDGET, default_max_model_len, EngineConfig, parse_mesh_spec, SchedulerConfig
 from serving.protocol import read_token
 from serving.router import RouterConfig
 from serving.sampling import SamplingParams
-from serving.scheduler import OFFLINE_PREFILL_BUDGET, Scheduler, SchedulerConfig
-from sharding import DECODE_RULES, PREFILL_RULES, Topology, place
+from serving.scheduler import Scheduler
+from sharding import DECODE_RULES, PREFILL_RULES, Topology
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +50,7 @@ class LLM:
         """Local engines (default) or worker processes (`workers=` / `router=`).
 
         checkpoint: HF DeepSeek-V3 directory (default: the shipped model); loaded straight onto each engine's
-            mesh, in `dtype` (default: the checkpoint's, bf16 for bf16/fp8 checkpoints), `quant` as in
+            mesh, in `dtype` (default: by platform, float32 on CPU and bfloat16 on GPU — `serving.config`), `quant` as in
             `checkpoints.load`. Or `model=`: an already built model, placed onto each engine's mesh.
         mode: "colocated" (one mesh prefills and decodes) or "disagg" (prefill on its own mesh and thread).
         prefill_mesh / decode_mesh: 'dp=..,ep=..,tp=..' over disjoint devices of `topology` (default prefill
@@ -119,15 +117,10 @@ class LLM:
         self.topology = topo
 
         def engine(cfg, mesh, rules, name, roles):
-            if model is not None:
-                m = place(model, mesh, rules, runtime=runtime)
-            else:
-                m = checkpoints.load(checkpoint, mesh=mesh, rules=rules, dtype=dtype or jnp.bfloat16, quant=quant,
-                                     runtime=runtime)
-            if kv_memory_fraction is not None:
-                cfg, _ = size_cache(m, cfg, mesh=mesh, roles=roles, kv_memory_fraction=kv_memory_fraction,
-                                    device_memory=device_memory_gb * 1e9 if device_memory_gb else None)
-            return Engine(m, cfg, mesh=mesh, name=name, roles=roles)
+            return build_engine(cfg, mesh=mesh, rules=rules, name=name, roles=roles,
+                                checkpoint=checkpoint if model is None else None, model=model, dtype=dtype,
+                                quant=quant, runtime=runtime, kv_memory_fraction=kv_memory_fraction,
+                                device_memory_gb=device_memory_gb)
 
         dmesh = topo.allocate("decode", **parse_mesh_spec(decode_mesh))
         self.decode_engine = engine(ec, dmesh, decode_rules or DECODE_RULES, "decode",

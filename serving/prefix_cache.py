@@ -374,22 +374,3 @@ class PrefixCache:
                 disk_bytes=self.disk.bytes if self.disk is not None else 0)
         out["device_bytes"] = out["device_blocks"] * self.engine.page_bytes
         return out
-
-
-# ---- absl flags shared by the launch scripts (batch job, workers, bench) ------------------------------------------
-def define_flags() -> None:
-    from absl import flags
-    flags.DEFINE_bool("prefix_caching", False, "reuse the KV of cached prompt prefixes (full pages, chained token "
-                      "hashes, LRU) instead of prefilling them again")
-    flags.DEFINE_integer("kv_host_pages", 0, "host-memory KV tier: pages evicted from the device are kept here "
-                         "(0: none; needs --prefix_caching)")
-    flags.DEFINE_integer("kv_disk_pages", 0, "disk KV tier: pages the host tier evicts are written under "
-                         "--kv_disk_dir (0: none; needs --kv_host_pages)")
-    flags.DEFINE_string("kv_disk_dir", None, "directory of the disk KV tier (one checksummed file per page; a "
-                        "subdirectory per model fingerprint)")
-
-
-def config_from_flags(FLAGS) -> dict:
-    """EngineConfig fields from the flags `define_flags` declared."""
-    return dict(prefix_caching=FLAGS.prefix_caching, host_cache_pages=FLAGS.kv_host_pages,
-                disk_cache_pages=FLAGS.kv_disk_pages, disk_cache_dir=FLAGS.kv_disk_dir)

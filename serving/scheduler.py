@@ -20,7 +20,6 @@ events handed to the caller), so a long-running server's memory stays flat.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import queue
 import threading
@@ -30,30 +29,11 @@ from typing import Callable
 import numpy as np
 
 from serving.api import Event, Request, Status, append_tokens
+from serving.config import SchedulerConfig
 from serving.engine import DecodeBatch, Engine, Prefix
 from serving.sampling import sampling_arrays
 
 log = logging.getLogger(__name__)
-
-
-# Offline use (`LLM` without a scheduler_config, the batch job): every request is known up front and only throughput
-# counts, so a step may prefill many prompts before the next decode dispatch (fewer dispatches at partial batch).
-# The online default (256) bounds the stall a burst of prompts puts between two decode steps instead.
-OFFLINE_PREFILL_BUDGET = 2048
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    """Batching policy (the engine's buckets bound what can run; this decides what does)."""
-
-    max_batch: int | None = None   # running requests at once; None = the decode engine's largest bucket
-    prefill_budget: int = 256      # colocated: prompt tokens prefilled per step (at least one chunk)
-
-    def __post_init__(self):
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
-        if self.prefill_budget < 1:
-            raise ValueError(f"prefill_budget={self.prefill_budget} must be >= 1")
 
 
 class Scheduler:

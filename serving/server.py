@@ -570,10 +570,9 @@ class Server:
 def _define_flags():
     from absl import flags
 
-    from serving import prefix_cache
+    from serving import flags as serving_flags
 
     f = flags
-    f.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint dir (default: the shipped model)")
     f.DEFINE_string("host", "127.0.0.1", "address to bind (default loopback only)")
     f.DEFINE_integer("port", 8000, "HTTP port")
     f.DEFINE_string("served_model_name", None, "model id in the API (default: the checkpoint directory's name)")
@@ -581,52 +580,26 @@ def _define_flags():
                     "$TANDEM_API_KEY if set, else no key)")
     f.DEFINE_integer("max_queue", 256, "requests in flight before new ones get 429")
     f.DEFINE_integer("default_max_tokens", 64, "max_tokens when a request does not set it")
-    f.DEFINE_enum("mode", "colocated", ["colocated", "disagg"], "one mesh, or prefill and decode meshes")
-    f.DEFINE_string("prefill_mesh", None, "disagg: prefill mesh, e.g. tp=2")
-    f.DEFINE_string("decode_mesh", "ep=1", "decode mesh, e.g. ep=4 or dp=2,ep=2")
-    f.DEFINE_list("workers", None, "serve through PD worker processes (their control addresses) instead")
-    f.DEFINE_string("router", None, "serve through a running router (host:port) instead")
-    f.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weight dtype")
-    f.DEFINE_integer("page_size", 16, "KV page size")
-    f.DEFINE_integer("num_pages", 512, "KV pages per engine")
-    f.DEFINE_integer("max_model_len", 0, "prompt + generated tokens (0: the model's, at most 1024)")
-    f.DEFINE_integer("max_batch", 16, "largest decode batch")
-    f.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
-    f.DEFINE_bool("mtp", False, "speculative decoding with the checkpoint's MTP module")
-    prefix_cache.define_flags()
+    serving_flags.define_engine_flags()
+    serving_flags.define_pool_flags()
 
 
 def main(argv):
     del argv
     from absl import flags
 
-    import checkpoints
-    from serving import prefix_cache
-    from serving.api import DEFAULT_CHECKPOINT, default_max_model_len
-    from serving.engine import EngineConfig
-    from serving.llm import LLM
-    from serving.protocol import read_token
-    from serving.scheduler import SchedulerConfig
+    from serving import flags as serving_flags
+    from serving.config import ONLINE_PREFILL_BUDGET
 
     F = flags.FLAGS
-    ckpt = F.checkpoint or DEFAULT_CHECKPOINT
+    ckpt = serving_flags.checkpoint(F)
     key = None
     if F.api_key_file:
         with open(F.api_key_file) as fh:
             key = fh.read().strip()
     key = key or os.environ.get("TANDEM_API_KEY") or None
     name = F.served_model_name or os.path.basename(os.path.normpath(ckpt))
-    if F.workers or F.router:
-        llm = LLM(ckpt, workers=F.workers, router=F.router, token=read_token(None))
-    else:
-        mcfg = checkpoints.config_of(ckpt)
-        max_len = F.max_model_len or default_max_model_len(mcfg.max_position_embeddings, F.page_size)
-        buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < F.max_batch) + (F.max_batch,)
-        ec = EngineConfig(page_size=F.page_size, num_pages=F.num_pages, max_model_len=max_len,
-                          decode_buckets=buckets, decode_steps=F.decode_steps, mtp=F.mtp,
-                          **prefix_cache.config_from_flags(F))
-        llm = LLM(ckpt, mode=F.mode, prefill_mesh=F.prefill_mesh, decode_mesh=F.decode_mesh, engine_config=ec,
-                  scheduler_config=SchedulerConfig(max_batch=F.max_batch), dtype=F.dtype)
+    llm = serving_flags.llm(ONLINE_PREFILL_BUDGET, F)
     engine = EngineLoop(llm, max_queue=F.max_queue)
     app_ = build_app(engine, model_name=name, chat_template=chat_template_of(ckpt), api_key=key,
                      default_max_tokens=F.default_max_tokens)

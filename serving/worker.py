@@ -34,9 +34,11 @@ import zmq
 from absl import app, flags
 
 import checkpoints
-from serving.api import DEFAULT_CHECKPOINT, Request, default_max_model_len, default_mesh, parse_mesh_spec
-from serving import prefix_cache
-from serving.engine import Engine, EngineConfig, Prefix, size_cache
+from serving.api import Request
+from serving import flags as serving_flags
+from serving.build import build_engine
+from serving.config import default_mesh, parse_mesh_spec
+from serving.engine import Engine, Prefix
 from serving.protocol import ProtocolError, decode_message, encode_message, read_token, sampling_from_wire
 from serving.scheduler import Scheduler
 from serving.transfer import layout_of, make_transport, offerable, page_checksums, spec_from_wire, verify_pages
@@ -393,32 +395,16 @@ def _flags():
     f.DEFINE_integer("port", 0, "control port (0: pick a free one; printed on the READY line)")
     f.DEFINE_integer("transfer_port", 0, "KV transfer server port (0: pick a free one)")
     f.DEFINE_enum("transport", "jax", ["jax", "tcp"], "KV data plane: jax.experimental.transfer or plain TCP")
-    f.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint dir (default: the shipped model)")
-    f.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weight dtype (FP8 / FP4 weights stay packed)")
-    f.DEFINE_enum("quant", None, ["fp8", "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense"], "quantize weights at "
-                  "load (default: the checkpoint's own formats; DeepSeek block-FP8 stays FP8)")
-    f.DEFINE_float("kv_memory_fraction", None, "size the KV cache from this fraction of device memory (minus "
-                   "weights and temporaries) instead of --num_pages")
-    f.DEFINE_float("device_memory_gb", None, "device memory for --kv_memory_fraction where devices do not "
-                   "report it (CPU)")
     f.DEFINE_integer("devices", 1, "CPU devices of this process (jax_num_cpu_devices; ignored on GPU/TPU)")
     f.DEFINE_string("mesh", None, "engine mesh, e.g. 'tp=2' (default: tp over --devices for prefill, ep for "
                     "decode)")
-    f.DEFINE_integer("page_size", 16, "KV page size (tokens)")
-    f.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "fp8"], "KV cache format (equal on every worker)")
-    f.DEFINE_integer("num_pages", 512, "KV pages of this engine")
-    f.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the checkpoint's "
-                     "max_position_embeddings, at most 1024, rounded down to pages); equal on every worker")
-    f.DEFINE_list("prefill_buckets", ["16", "32", "64", "128"], "prefill chunk lengths")
-    f.DEFINE_list("decode_buckets", ["1", "2", "4", "8", "16"], "decode batch sizes")
-    f.DEFINE_integer("decode_steps", 4, "decode steps per dispatch")
     f.DEFINE_float("lease_s", 30.0, "an offered KV lease expires after this many seconds without an ack")
     f.DEFINE_float("pull_timeout_s", 20.0, "a KV pull that takes longer fails")
     f.DEFINE_bool("verify_checksums", True, "verify per-page checksums of pulled KV")
     f.DEFINE_string("token_file", None, "file holding the shared-secret token (default: $TANDEM_TOKEN if set)")
     f.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache (faster restarts)")
     f.DEFINE_float("fault_pull_delay_s", 0.0, "fault injection for tests: wait this long before each pull")
-    prefix_cache.define_flags()
+    serving_flags.define_engine_flags()   # the engine flags every entry point shares (serving.flags)
     return flags.FLAGS
 
 
@@ -434,27 +420,20 @@ def main(argv):
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     t0 = time.perf_counter()
     role = FLAGS.role
-    ckpt = FLAGS.checkpoint or DEFAULT_CHECKPOINT
+    ckpt = serving_flags.checkpoint(FLAGS)
     mcfg = checkpoints.config_of(ckpt)
-    max_len = FLAGS.max_model_len or default_max_model_len(mcfg.max_position_embeddings, FLAGS.page_size)
-    ec = EngineConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, max_model_len=max_len,
-                      prefill_buckets=tuple(int(b) for b in FLAGS.prefill_buckets),
-                      decode_buckets=tuple(int(b) for b in FLAGS.decode_buckets), decode_steps=FLAGS.decode_steps,
-                      cache_dtype=FLAGS.cache_dtype, **prefix_cache.config_from_flags(FLAGS))
     mesh_spec = FLAGS.mesh or default_mesh(role, len(jax.devices()), mcfg.num_attention_heads, mcfg.n_routed_experts)
     mesh = Topology.from_devices().allocate(role, **parse_mesh_spec(mesh_spec))
-    rules = PREFILL_RULES if role == "prefill" else DECODE_RULES
-    model = checkpoints.load(ckpt, mesh=mesh, rules=rules, dtype=FLAGS.dtype, quant=FLAGS.quant,
-                             progress=True)   # placed once, shard by shard
-    if FLAGS.kv_memory_fraction is not None:
-        ec, _ = size_cache(model, ec, mesh=mesh, roles={role}, kv_memory_fraction=FLAGS.kv_memory_fraction,
-                           device_memory=FLAGS.device_memory_gb * 1e9 if FLAGS.device_memory_gb else None)
-    engine = Engine(model, ec, mesh=mesh, name=role)
+    engine = build_engine(serving_flags.engine_config(mcfg, FLAGS), mesh=mesh,
+                          rules=PREFILL_RULES if role == "prefill" else DECODE_RULES, name=role, roles=Engine.ROLES,
+                          checkpoint=ckpt, dtype=FLAGS.dtype, quant=FLAGS.quant,
+                          kv_memory_fraction=FLAGS.kv_memory_fraction, device_memory_gb=FLAGS.device_memory_gb,
+                          progress=True)
     token = read_token(FLAGS.token_file)
     transport = make_transport(FLAGS.transport, FLAGS.host, FLAGS.transfer_port, token)
     w = Worker(role, engine, host=FLAGS.host, port=FLAGS.port, transport=transport, token=token,
                lease_s=FLAGS.lease_s, pull_timeout_s=FLAGS.pull_timeout_s, verify_checksums=FLAGS.verify_checksums,
-               eos_ids=model.cfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s)
+               eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s)
     w.count_compiles()   # from here on, any XLA compile is on the request path (reported in health_ok)
     print("TANDEM_WORKER_READY " + json.dumps({"role": role, "control": w.address, "transfer": transport.address,
                                                "mesh": mesh_spec, "startup_s": round(time.perf_counter() - t0, 2)}),

@@ -64,6 +64,7 @@ def test_batch_job_resumes_after_kill_without_loss_or_duplicates(ckpt, tmp_path)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
     assert "resuming" in log and "TTFT" in log and "p99" in log
+    assert "weights float32" in log   # no --dtype: the CPU platform's default, said at start
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(ids)  # each id exactly once
     by_id = {r["id"]: r for r in rows}

@@ -111,7 +111,10 @@ def test_block_fp8_checkpoint_loads_and_matches_dequantized(tmp_path, base_ckpt,
 def test_bf16_checkpoint_loads_as_bf16(tmp_path, base_ckpt, base_model):
     _, _, base = base_ckpt
     bf = {k: v.astype(ml_dtypes.bfloat16) for k, v in base.items()}
-    m = checkpoints.load(_variant(tmp_path, base_ckpt, bf, None, "bf16"))
+    path = _variant(tmp_path, base_ckpt, bf, None, "bf16")
+    # the weight dtype follows the target platform unless asked for: f32 on this CPU, bf16 when asked
+    assert checkpoints.load(path).embed_tokens[...].dtype == jnp.float32
+    m = checkpoints.load(path, dtype=jnp.bfloat16)
     assert m.embed_tokens[...].dtype == jnp.bfloat16
     assert m.layers[1].mlp.gate[...].dtype == jnp.float32  # router stays float32
     out = np.asarray(m(jnp.asarray(IDS)))

@@ -21,7 +21,7 @@ import hf_reference
 from model.runtime import Runtime
 from pallas_kernels import fp8
 from pallas_kernels.fp8 import Fp8Tensor
-from serving.api import parse_mesh_spec
+from serving.config import parse_mesh_spec
 from sharding import DECODE_RULES, PREFILL_RULES, Topology, data_sharding
 from sharding.rules import RulesError
 
@@ -101,8 +101,8 @@ def test_fp8_checkpoint_stays_fp8_and_equals_the_dequantized_model(ckpts):
     assert not _fp8_leaves(deq)
     np.testing.assert_allclose(np.asarray(_fwd(kept, IDS)), np.asarray(_fwd(deq, IDS)), rtol=0, atol=2e-4)
     # bf16 compute: within bf16 tolerance of the dequantized bf16 model
-    kept16 = checkpoints.load(dst)
-    deq16 = checkpoints.load(dst, keep_fp8=False)
+    kept16 = checkpoints.load(dst, dtype=jnp.bfloat16)
+    deq16 = checkpoints.load(dst, dtype=jnp.bfloat16, keep_fp8=False)
     a, b = np.asarray(_fwd(kept16, IDS)), np.asarray(_fwd(deq16, IDS))
     assert np.abs(a - b).max() <= 0.02 * np.abs(b).max()
 

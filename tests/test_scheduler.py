@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from serving.api import Request
-from serving.engine import DecodeOut, Engine, EngineConfig, PrefillOut
+from serving.engine import DecodeOut, Engine, PrefillOut
+from serving.config import EngineConfig, SchedulerConfig
 from serving.pages import PageAllocator, pages_for
 from serving.sampling import SamplingParams
-from serving.scheduler import Scheduler, SchedulerConfig
+from serving.scheduler import Scheduler
 
 V = 50
 

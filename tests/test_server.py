@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from serving import LLM, EngineConfig, SamplingParams
-from serving.api import DEFAULT_CHECKPOINT
+from serving.config import DEFAULT_CHECKPOINT
 from serving.server import (DEFAULT_CHAT_TEMPLATE, BadRequest, EngineLoop, Server, build_app, chat_prompt,
                             sampling_of)
 

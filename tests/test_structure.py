@@ -6,7 +6,11 @@ Every import statement counts, lazy ones inside functions too; there is no excep
 """
 
 import ast
+import os
 import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +73,36 @@ def test_runtime_packages_need_no_extra_at_import():
                          [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
                 bad += [f"{f.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in EXTRAS_ONLY]
     assert bad == []
+
+
+ENTRY_POINTS = ("serving.batch", "serving.server", "serving.worker", "bench.engine_speed")
+
+
+def _engine_flag_help(module: str) -> str:
+    """The `serving.flags` section of `python -m MODULE --helpfull` (absl groups flags by defining module)."""
+    out = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    text = out.stdout + out.stderr
+    start = text.index("serving.flags:")
+    end = re.search(r"\n\S", text[start + 1:])
+    return text[start: start + 1 + end.start()] if end else text[start:]
+
+
+def _blocks(section: str) -> dict[str, str]:
+    """{flag name: its help block} of a --helpfull section."""
+    return {m.group(1): m.group(0).rstrip() for m in re.finditer(r"  --(?:\[no\])?(\w+):.*?(?=\n  --|\Z)", section, re.S)}
+
+
+def test_every_entry_point_has_the_same_engine_flags_and_defaults():
+    """One flag definer: the batch job, the server, the worker and the engine bench show the same engine flags
+    with the same defaults and help (the server now takes --quant, --cache_dtype, --kv_memory_fraction too);
+    the batch job and the server also share the pool flags (mode, meshes, workers)."""
+    blocks = {m: _blocks(_engine_flag_help(m)) for m in ENTRY_POINTS}
+    engine = {"checkpoint", "dtype", "quant", "cache_dtype", "page_size", "num_pages", "kv_memory_fraction",
+              "device_memory_gb", "max_model_len", "max_batch", "decode_buckets", "prefill_buckets", "decode_steps",
+              "prefill_budget", "mtp", "prefix_caching", "kv_host_pages", "kv_disk_pages", "kv_disk_dir"}
+    first = blocks["serving.batch"]
+    assert "(default: '512')" in first["num_pages"] and "float32 on CPU" in first["dtype"]
+    for m, b in blocks.items():
+        assert {k: b.get(k) for k in engine} == {k: first[k] for k in engine}, m
+    assert blocks["serving.server"] == first   # pool flags too

@@ -1,0 +1,174 @@
+"""Every serving setting and its default, in one module: what gets compiled (`EngineConfig`), the batching policy
+(`SchedulerConfig`), and the defaults the entry points share (checkpoint, max_model_len, meshes, weight dtype per
+platform, decode buckets). The launch scripts read these through one flag definer (`serving.flags`) and build
+engines through one builder (`serving.build`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+
+import jax.numpy as jnp
+
+from model.runtime import platform_dtype
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                                  "shakespeare-moe")
+# max_model_len when none is given: the checkpoint's max_position_embeddings, at most this, in whole pages.
+DEFAULT_MAX_MODEL_LEN_CAP = 1024
+
+
+# ---- defaults ---------------------------------------------------------------------------------------------------
+def default_max_model_len(max_position_embeddings: int, page_size: int, cap: int = DEFAULT_MAX_MODEL_LEN_CAP) -> int:
+    """min(max_position_embeddings, cap) rounded down to whole pages (at least one page)."""
+    return max(page_size, min(cap, max_position_embeddings) // page_size * page_size)
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """'tp=2' / 'ep=4' / 'dp=2,ep=2' -> {'dp':.., 'ep':.., 'tp':..} (missing axes are 1)."""
+    out = {"dp": 1, "ep": 1, "tp": 1}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = re.fullmatch(r"(dp|ep|tp)=(\d+)", part)
+        if not m or int(m.group(2)) < 1:
+            raise ValueError(f"bad mesh spec {spec!r}: expected comma-separated dp=N, ep=N, tp=N")
+        out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def default_mesh(role: str, n: int, num_attention_heads: int, n_routed_experts: int) -> str:
+    """The mesh of a pool of n devices: tp over heads for prefill, ep over experts for decode, when they divide;
+    else data parallel."""
+    if role == "prefill":
+        return f"tp={n}" if num_attention_heads % n == 0 else f"dp={n}"
+    return f"ep={n}" if n_routed_experts % n == 0 else f"dp={n}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int = 256                       # including the scratch page
+    max_model_len: int = 512                   # prompt + generated tokens per request
+    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128)   # chunk lengths; longer prompts are chunked
+    # batched prefill: rows (requests) per prefill call. A (rows, T) executable exists for every rows x T within
+    # `prefill_tokens` (default: the largest bucket's tokens, so no call holds more tokens — activations, the
+    # stall before the next decode step — than one largest chunk): with the defaults 4 prompts of <= 32 tokens
+    # prefill in one call, longer ones alone.
+    prefill_rows: tuple[int, ...] = (1, 4)
+    prefill_tokens: int | None = None
+    decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)     # batch sizes; the largest is the batch limit
+    decode_steps: int = 4                      # decode steps per dispatch (each emits 1, or 1-2 with MTP)
+    mtp: bool = False                          # speculative decoding with the model's MTP module (k = 1)
+    # Attention windows of decode, in pages: a dispatch attends over the smallest window that holds every row's
+    # positions (short requests do not pay for max_model_len). Default: pages_per_seq / 4, / 2 and all of it.
+    decode_windows: tuple[int, ...] | None = None
+    cache_dtype: str | None = None             # default: the model's dtype; "fp8": e4m3 + a per-token f32 scale
+    # prefix caching (serving.prefix_cache): full pages keyed by their tokens' chained hash, shared between
+    # requests, kept after release (LRU); evicted pages spill to host memory, then to disk
+    prefix_caching: bool = False
+    host_cache_pages: int = 0                  # host-memory tier, in pages (0: none)
+    disk_cache_pages: int = 0                  # disk tier, in pages (0: none; needs the host tier and a dir)
+    disk_cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.max_model_len % self.page_size:
+            raise ValueError(f"max_model_len={self.max_model_len} must be a multiple of page_size={self.page_size}")
+        if sorted(set(self.prefill_buckets)) != list(self.prefill_buckets) or not self.prefill_buckets:
+            raise ValueError(f"prefill_buckets={self.prefill_buckets} must be strictly increasing")
+        if sorted(set(self.prefill_rows)) != list(self.prefill_rows) or self.prefill_rows[:1] != (1,):
+            raise ValueError(f"prefill_rows={self.prefill_rows} must be strictly increasing and start at 1")
+        if self.prefill_tokens is not None and self.prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens={self.prefill_tokens} must be >= 1")
+        if sorted(set(self.decode_buckets)) != list(self.decode_buckets) or not self.decode_buckets:
+            raise ValueError(f"decode_buckets={self.decode_buckets} must be strictly increasing")
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps={self.decode_steps} must be >= 1")
+        if self.host_cache_pages < 0 or self.disk_cache_pages < 0:
+            raise ValueError("host_cache_pages / disk_cache_pages must be >= 0")
+        if (self.host_cache_pages or self.disk_cache_pages) and not self.prefix_caching:
+            raise ValueError("host/disk KV tiers hold prefix-cache blocks: set prefix_caching=True")
+        if self.disk_cache_pages and not (self.host_cache_pages and self.disk_cache_dir):
+            raise ValueError("disk_cache_pages needs host_cache_pages > 0 (the disk tier takes what the host tier "
+                             "evicts) and disk_cache_dir")
+
+    @property
+    def tiers(self) -> bool:
+        return self.host_cache_pages > 0
+
+    @property
+    def pages_per_seq(self) -> int:
+        return self.max_model_len // self.page_size
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        if self.decode_windows is not None:
+            w = tuple(self.decode_windows)
+            if sorted(set(w)) != list(w) or w[-1] != self.pages_per_seq or w[0] < 1:
+                raise ValueError(f"decode_windows={w} must increase and end at pages_per_seq={self.pages_per_seq}")
+            return w
+        P = self.pages_per_seq
+        return tuple(sorted({max(1, P // 4), max(1, P // 2), P}))
+
+    @property
+    def max_batch(self) -> int:
+        """The largest decode batch this engine can run (its largest bucket)."""
+        return self.decode_buckets[-1]
+
+    @property
+    def prefill_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(rows, T) of every prefill executable: each chunk bucket T with the row buckets R of `prefill_rows`
+        whose R x T tokens fit in `prefill_tokens` (default the largest bucket; always R = 1)."""
+        big = self.prefill_tokens or self.prefill_buckets[-1]
+        return tuple((R, T) for T in self.prefill_buckets for R in self.prefill_rows if R == 1 or R * T <= big)
+
+    def rows_for(self, T: int) -> tuple[int, ...]:
+        """The row buckets of chunk bucket T."""
+        return tuple(R for R, t in self.prefill_shapes if t == T)
+
+    @property
+    def transfer_buckets(self) -> tuple[int, ...]:
+        """Page counts a Prefix is padded to: powers of two up to pages_per_seq."""
+        out, n = [], 1
+        while n < self.pages_per_seq:
+            out.append(n)
+            n *= 2
+        return tuple(out) + (self.pages_per_seq,)
+
+
+# Offline use (`LLM` without a scheduler_config, the batch job): every request is known up front and only throughput
+# counts, so a step may prefill many prompts before the next decode dispatch (fewer dispatches at partial batch).
+# The online default (256) bounds the stall a burst of prompts puts between two decode steps instead.
+OFFLINE_PREFILL_BUDGET = 2048
+ONLINE_PREFILL_BUDGET = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching policy (the engine's buckets bound what can run; this decides what does)."""
+
+    max_batch: int | None = None   # running requests at once; None = the decode engine's largest bucket
+    prefill_budget: int = ONLINE_PREFILL_BUDGET   # colocated: prompt tokens prefilled per step (at least one chunk)
+
+    def __post_init__(self):
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
+        if self.prefill_budget < 1:
+            raise ValueError(f"prefill_budget={self.prefill_budget} must be >= 1")
+
+
+def decode_buckets_up_to(max_batch: int) -> tuple[int, ...]:
+    """Decode batch buckets: powers of two below `max_batch`, then `max_batch` itself."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch={max_batch} must be >= 1")
+    return tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch) + (max_batch,)
+
+
+def default_dtype(platform: str) -> jnp.dtype:
+    """The weight dtype when none is asked for, from the platform the engine runs on (`model.runtime`): float32 on
+    CPU (XLA:CPU runs bf16 dots ~2x slower than f32, and f32 makes disaggregated and colocated tokens agree),
+    bfloat16 on GPU/TPU."""
+    return platform_dtype(platform)

@@ -1,0 +1,119 @@
+"""One absl flag definer for every launch script (batch job, HTTP server, worker, benches): the same engine flags
+with the same defaults everywhere, read back into an `EngineConfig` / `SchedulerConfig` / `LLM` here.
+
+    define_engine_flags()   # the engine: checkpoint, dtype, quant, KV cache, buckets, MTP, prefix caching
+    define_pool_flags()     # in-process pools (batch job, server): mode, meshes, or worker processes / a router
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from serving.config import (DEFAULT_CHECKPOINT, ONLINE_PREFILL_BUDGET, EngineConfig, SchedulerConfig,
+                            decode_buckets_up_to, default_max_model_len, default_mesh)
+
+QUANTS = ["fp8", "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense"]
+
+
+def _once(name: str) -> bool:
+    return name in flags.FLAGS
+
+
+def define_engine_flags() -> None:
+    """Engine settings shared by every entry point (idempotent)."""
+    if _once("page_size"):
+        return
+    f = flags
+    f.DEFINE_string("checkpoint", None, "HF DeepSeek-V3 checkpoint dir (default: the shipped model)")
+    f.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "weight dtype; FP8 / FP4 weights stay packed (default: "
+                  "by platform, float32 on CPU, bfloat16 on GPU; logged at start)")
+    f.DEFINE_enum("quant", None, QUANTS, "quantize weights at load: fp8 = block-FP8 every decoder linear; nvfp4 / "
+                  "mxfp4 = FP4 routed experts (+dense: also dense MLPs and shared experts)")
+    f.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "fp8"], "KV cache format (default: the weights' "
+                  "dtype; fp8 = e4m3 + a per-token scale, half of bf16's bytes)")
+    f.DEFINE_integer("page_size", 16, "KV page size (tokens)")
+    f.DEFINE_integer("num_pages", 512, "KV pages per engine (per attention rank); see --kv_memory_fraction")
+    f.DEFINE_float("kv_memory_fraction", None, "size each KV cache from this fraction of device memory minus "
+                   "weights and executable temporaries, instead of --num_pages")
+    f.DEFINE_float("device_memory_gb", None, "device memory for --kv_memory_fraction where devices do not report "
+                   "it (CPU)")
+    f.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the checkpoint's "
+                     "max_position_embeddings, at most 1024)")
+    f.DEFINE_integer("max_batch", 16, "largest decode batch (running requests)")
+    f.DEFINE_list("decode_buckets", None, "decode batch buckets (default: powers of two up to --max_batch)")
+    f.DEFINE_list("prefill_buckets", [str(b) for b in EngineConfig.prefill_buckets], "prefill chunk lengths")
+    f.DEFINE_integer("decode_steps", EngineConfig.decode_steps, "decode steps per dispatch")
+    f.DEFINE_integer("prefill_budget", 0, "colocated: prompt tokens prefilled per scheduler step (0: the entry "
+                     f"point's policy: the batch job 2048, throughput; the server {ONLINE_PREFILL_BUDGET}, latency)")
+    f.DEFINE_bool("mtp", False, "speculative decoding with the checkpoint's MTP module (k = 1)")
+    f.DEFINE_bool("prefix_caching", False, "reuse the KV of cached prompt prefixes (full pages, chained token "
+                  "hashes, LRU) instead of prefilling them again")
+    f.DEFINE_integer("kv_host_pages", 0, "host-memory KV tier: pages evicted from the device are kept here "
+                     "(0: none; needs --prefix_caching)")
+    f.DEFINE_integer("kv_disk_pages", 0, "disk KV tier: pages the host tier evicts are written under "
+                     "--kv_disk_dir (0: none; needs --kv_host_pages)")
+    f.DEFINE_string("kv_disk_dir", None, "directory of the disk KV tier (one checksummed file per page; a "
+                    "subdirectory per model fingerprint)")
+
+
+def define_pool_flags() -> None:
+    """Where an in-process `LLM` runs (batch job, server): one mesh or two, or worker processes (idempotent)."""
+    if _once("mode"):
+        return
+    f = flags
+    f.DEFINE_enum("mode", "colocated", ["colocated", "disagg"], "one mesh prefills and decodes, or PD "
+                  "disaggregation over two meshes")
+    f.DEFINE_integer("prefill_devices", 1, "devices of the prefill pool (disagg)")
+    f.DEFINE_integer("decode_devices", 1, "devices of the decode pool")
+    f.DEFINE_string("prefill_mesh", None, "prefill mesh, e.g. 'tp=2' (default: tp over --prefill_devices when "
+                    "the heads divide, else dp)")
+    f.DEFINE_string("decode_mesh", None, "decode mesh, e.g. 'ep=4' or 'dp=2,ep=2' (default: ep over "
+                    "--decode_devices when the experts divide, else dp)")
+    f.DEFINE_list("workers", None, "serve through PD worker processes (their control addresses) instead")
+    f.DEFINE_string("router", None, "serve through a running router (python -m serving.router) at host:port")
+
+
+def checkpoint(F=flags.FLAGS) -> str:
+    return F.checkpoint or DEFAULT_CHECKPOINT
+
+
+def engine_config(mcfg, F=flags.FLAGS) -> EngineConfig:
+    """The EngineConfig the engine flags describe, for a model config `mcfg` (its max_position_embeddings)."""
+    return EngineConfig(
+        page_size=F.page_size, num_pages=F.num_pages,
+        max_model_len=F.max_model_len or default_max_model_len(mcfg.max_position_embeddings, F.page_size),
+        prefill_buckets=tuple(int(b) for b in F.prefill_buckets),
+        decode_buckets=(tuple(int(b) for b in F.decode_buckets) if F.decode_buckets
+                        else decode_buckets_up_to(F.max_batch)),
+        decode_steps=F.decode_steps, mtp=F.mtp, cache_dtype=F.cache_dtype, prefix_caching=F.prefix_caching,
+        host_cache_pages=F.kv_host_pages, disk_cache_pages=F.kv_disk_pages, disk_cache_dir=F.kv_disk_dir)
+
+
+def scheduler_config(default_budget: int, F=flags.FLAGS) -> SchedulerConfig:
+    return SchedulerConfig(max_batch=F.max_batch, prefill_budget=F.prefill_budget or default_budget)
+
+
+def pool_meshes(mcfg, F=flags.FLAGS) -> tuple[str | None, str]:
+    """(prefill mesh or None when colocated, decode mesh) from the pool flags."""
+    heads, experts = mcfg.num_attention_heads, mcfg.n_routed_experts
+    dmesh = F.decode_mesh or default_mesh("decode", F.decode_devices, heads, experts)
+    pmesh = None
+    if F.mode == "disagg":
+        pmesh = F.prefill_mesh or default_mesh("prefill", F.prefill_devices, heads, experts)
+    return pmesh, dmesh
+
+
+def llm(default_budget: int, F=flags.FLAGS, **kw):
+    """The `LLM` the engine and pool flags describe (local engines, or worker processes / a router)."""
+    import checkpoints
+    from serving.llm import LLM
+    from serving.protocol import read_token
+
+    ckpt = checkpoint(F)
+    if F.workers or F.router:
+        return LLM(ckpt, workers=F.workers, router=F.router, token=read_token(None), **kw)
+    mcfg = checkpoints.config_of(ckpt)
+    pmesh, dmesh = pool_meshes(mcfg, F)
+    return LLM(ckpt, mode=F.mode, prefill_mesh=pmesh, decode_mesh=dmesh, engine_config=engine_config(mcfg, F),
+               scheduler_config=scheduler_config(default_budget, F), dtype=F.dtype, quant=F.quant,
+               kv_memory_fraction=F.kv_memory_fraction, device_memory_gb=F.device_memory_gb, **kw)
