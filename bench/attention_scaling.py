@@ -101,7 +101,7 @@ def dp_part():
                 best = min(best, time.perf_counter() - t0)
             tok = sum(len(o.token_ids) for o in outs) / best
             per_dev = eng.cache.sharding.shard_shape(eng.cache.shape)[1]
-            print(f"{label:>34} {eng.ranks:6d} {eng.allocator.total * ec.page_size:10d} {per_dev:13d} {tok:8.1f}",
+            print(f"{label:>34} {eng.ranks:6d} {llm.scheduler.pages.allocator.total * ec.page_size:10d} {per_dev:13d} {tok:8.1f}",
                   flush=True)
 
 

@@ -141,7 +141,7 @@ def profile_breakdown(llm, prompts, sp) -> dict[str, float]:
     """ms per decode step: attention / moe / mlp / sampling / other device / host, from one traced generation."""
     eng = llm.decode_engine
     scopes = {}
-    for exe in eng._decode_exe.values():
+    for exe in (e for k, e in eng.executables().items() if k[0] == "decode"):
         scopes.update(_scope_of_instructions(exe.as_text()))
     d = tempfile.mkdtemp(prefix="tandem-prof-")
     steps_before = 0

@@ -201,7 +201,7 @@ def main(argv):
         eng = llm.decode_engine
         cost = eng.decode_cost(B, eng.window_for(np.full(B, T)))
 
-        pages = eng.allocator.allocate(eng.pages_needed(T + N) * B)
+        pages = llm.scheduler.pages.allocator.allocate(eng.pages_needed(T + N) * B)
         per = eng.pages_needed(T + N)
         batch = DecodeBatch(np.full(B, 3, np.int32), np.full(B, T, np.int32),
                             np.stack([eng.page_table(pages[i * per:(i + 1) * per]) for i in range(B)]),
@@ -212,7 +212,7 @@ def main(argv):
             t0 = time.perf_counter()
             eng.generate(batch)
             ts.append(time.perf_counter() - t0)
-        eng.allocator.release(pages)
+        llm.scheduler.pages.allocator.release(pages)
         med = statistics.median(ts)
         # useful = the analytic count (top-k experts only); XLA = what the compiled step executes per XLA's cost
         # analysis of a 1-step executable (XLA:CPU runs ragged_dot as a dot over every expert group)

@@ -118,7 +118,7 @@ def run(reps: int) -> dict:
         embed = mcfg.vocab_size * mcfg.hidden_size * 4
         kv_tok = mcfg.num_hidden_layers * mcfg.cache_width * 4
         for B in (1, 4, 16):
-            exe = eng._decode_exe[B, L // Z]
+            exe = eng.executables()["decode", B, L // Z]
             ca = exe.cost_analysis()
             ca = ca[0] if isinstance(ca, (list, tuple)) else ca
             k = kernel_count(exe.as_text())
@@ -149,7 +149,7 @@ def run(reps: int) -> dict:
                              kernels=k, measured_s=meas, predicted_s=pred.seconds, error=pred.seconds / meas - 1,
                              parts=pred.parts()))
         for T in (32, 128):
-            exe = eng._prefill_exe[1, T]
+            exe = eng.executables()["prefill", 1, T]
             ca = exe.cost_analysis()
             ca = ca[0] if isinstance(ca, (list, tuple)) else ca
             k = kernel_count(exe.as_text())

@@ -3,9 +3,6 @@ but `serving.sampling`).
 
 * requests and their results: `Request`, `Event`, `RequestOutput`, `RequestMetrics`, `output_of`;
 * prompt validation (`validate_prompt`, `new_request`) with errors that name the problem;
-* the stop / length / detokenize rules as one pure function (`apply_stop_rules`), used by the in-process
-  scheduler and by the remote backend alike;
-* defaults in one place (`DEFAULT_CHECKPOINT`, `default_max_model_len`, `default_mesh`, `parse_mesh_spec`);
 * `Tokenizer` (`tokenizer.json` through the `tokenizers` library).
 """
 
@@ -15,7 +12,6 @@ import dataclasses
 import enum
 import os
 import time
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -75,6 +71,7 @@ class Request:
     spec_proposed: int = 0                        # MTP drafts verified (of tokens kept)
     spec_accepted: int = 0                        # ... and accepted
     cached_tokens: int = 0                        # prompt tokens served from the prefix cache (not prefilled)
+    stop_rules: object = dataclasses.field(default=None, repr=False, compare=False)   # serving.stops.StopRules
     # metrics
     prefill_start: float | None = None
     prefill_end: float | None = None
@@ -156,60 +153,6 @@ def params_list(n: int, sampling_params) -> list[SamplingParams]:
     if len(sp) != n:
         raise ValueError(f"{len(sp)} sampling params for {n} prompts")
     return sp
-
-
-# ---- stop rules ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class StopOutcome:
-    tokens: list[int]          # the new tokens kept (up to and including a stop token / the length limit)
-    text: str                  # the full output text after them ("" without a detokenizer)
-    reason: str | None         # "stop" | "length" | None (not finished)
-
-
-def apply_stop_rules(output_ids: Sequence[int], new_tokens: Sequence[int], params: SamplingParams, limit: int,
-                     eos_ids: Sequence[int], detokenize: Callable[[list[int]], str] | None) -> StopOutcome:
-    """Which of `new_tokens` a request with `output_ids` so far keeps, its text, and whether it is finished.
-
-    A stop token (stop_token_ids, or EOS unless ignore_eos) is kept in the ids and left out of the text; the
-    limit (max_tokens capped by max_model_len) ends it with "length"; a stop string ends it with "stop" and cuts
-    the text before it. Pure: the scheduler and the remote backend both apply it to their requests."""
-    kept, reason = [], None
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-    for t in new_tokens:
-        kept.append(int(t))
-        if t in stop_ids:
-            reason = "stop"
-            break
-        if len(output_ids) + len(kept) >= limit:
-            reason = "length"
-            break
-    text = ""
-    if detokenize is not None:
-        ids = list(output_ids) + kept
-        if reason == "stop" and ids and ids[-1] in stop_ids:
-            ids = ids[:-1]
-        text = detokenize(ids)
-        for s in params.stop:
-            i = text.find(s)
-            if i >= 0:
-                text, reason = text[:i], "stop"
-    return StopOutcome(kept, text, reason)
-
-
-def append_tokens(req: Request, tokens: Sequence[int], now: float, eos_ids: Sequence[int],
-                  detokenize: Callable[[list[int]], str] | None) -> tuple[Event, str | None]:
-    """Apply `apply_stop_rules` to `req`: extend its ids, text and token times. Returns the event to stream and
-    the finish reason (None while it runs); the caller ends the request when there is one."""
-    out = apply_stop_rules(req.output_ids, tokens, req.params, req.limit, eos_ids, detokenize)
-    if req.first_token_time is None and out.tokens:
-        req.first_token_time = now
-    req.output_ids.extend(out.tokens)
-    req.token_times.extend([now] * len(out.tokens))
-    old_text = req.text
-    if detokenize is not None:
-        req.text = out.text
-    new_text = req.text[len(old_text):] if req.text.startswith(old_text) else req.text
-    return Event(req, out.tokens, new_text, out.reason is not None), out.reason
 
 
 # ---- results ------------------------------------------------------------------------------------------------------

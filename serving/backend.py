@@ -7,7 +7,7 @@
     backend.page_stats() -> {engine or worker: {free, used, leased, total}}
     backend.close()
 
-Both apply the same stop / length / detokenize rules (`serving.api.apply_stop_rules`): the scheduler to the
+Both apply the same stop / length / detokenize rules (`serving.stops.append_tokens`): the scheduler to the
 tokens its engine emits, the remote backend to the tokens the router streams.
 """
 
@@ -18,7 +18,8 @@ import logging
 import time
 from typing import Callable, Protocol, Sequence
 
-from serving.api import Event, Request, Status, append_tokens
+from serving.api import Event, Request, Status
+from serving.stops import append_tokens
 from serving.protocol import sampling_to_wire
 from serving.router import Router, RouterConfig
 from serving.router_client import RouterClient
@@ -68,23 +69,19 @@ class LocalBackend:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def pools(self):
+        s = self.scheduler
+        return [(s.decode.name, s.pages)] + ([(s.prefill.name, s.prefill_pages)] if s.prefill is not None else [])
+
     def page_stats(self) -> dict[str, dict[str, int]]:
-        out = {}
-        for eng in filter(None, (self.scheduler.prefill, self.scheduler.decode)):
-            a = eng.allocator
-            out[eng.name] = {"free": a.free, "used": a.used, "leased": a.leased, "cached": a.cached, "total": a.total}
-        return out
+        return {name: pool.stats() for name, pool in self.pools()}
 
     def prefix_cache_stats(self) -> dict[str, dict]:
         """Per engine with prefix caching on: hits per tier, evictions, blocks and bytes per tier."""
-        return {eng.name: eng.prefix_cache.stats()
-                for eng in filter(None, (self.scheduler.prefill, self.scheduler.decode)) if eng.prefix_cache}
+        return {name: pool.prefix_cache.stats() for name, pool in self.pools() if pool.prefix_cache is not None}
 
     def close(self) -> None:
-        self.scheduler.close()
-        for eng in filter(None, (self.scheduler.prefill, self.scheduler.decode)):
-            if eng.prefix_cache is not None:
-                eng.prefix_cache.close()
+        self.scheduler.close()   # and its page pools (prefix-cache offload threads)
 
 
 class RemoteBackend:

@@ -38,8 +38,7 @@ from model.flops import decode_flops
 from model.moe import choose_moe_impl
 from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PagedCache
 from serving.config import EngineConfig
-from serving.pages import PageAllocator, pages_for
-from serving.prefix_cache import PrefixCache
+from serving.pages import pages_for
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
 from sharding.plan import plan as memory_plan
@@ -185,20 +184,14 @@ class Engine:
             self.cache = jax.ShapeDtypeStruct(self.cache_shape, dtype, sharding=self._cache_sharding)
         else:   # allocated in place on its devices (never whole on one device first)
             self.cache = jax.jit(lambda: jnp.zeros(self.cache_shape, dtype), out_shardings=self._cache_sharding)()
-        self.allocator = PageAllocator(cfg.num_pages, ranks=self.ranks)
         self.page_bytes = int(np.prod(self.cache_shape[:1] + self.cache_shape[2:])) * jnp.dtype(dtype).itemsize
         if cfg.tiers:   # spilling to and reloading from the host/disk tiers moves pages with extract / insert
             self.roles = roles = roles | {"send", "receive"}
-        self.prefix_cache = None
-        if cfg.prefix_caching and not self.abstract:
-            self.prefix_cache = PrefixCache(self, host_blocks=cfg.host_cache_pages,
-                                            disk_blocks=cfg.disk_cache_pages, disk_dir=cfg.disk_cache_dir,
-                                            fingerprint=self._fingerprint())
         self.compile_seconds = 0.0
         if compile and not self.abstract:
             self._compile()
 
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
         """What a cached block's content depends on besides its tokens: model config, weights (a sample of the
         embedding), cache layout. Names the disk tier's subdirectory, so a cache dir is never read by a
         different model."""
@@ -208,6 +201,14 @@ class Engine:
                        self.cfg.mtp)).encode())
         d.update(emb.tobytes())
         return d.hexdigest()
+
+    def scratch(self, rank: int = 0) -> int:
+        """Rank's scratch page (its local page 0): padding rows and unused page-table entries point there."""
+        return rank * self.pages_per_rank + SCRATCH_PAGE
+
+    def rank_of(self, page: int) -> int:
+        """The attention rank whose pool holds global page `page`."""
+        return page // self.pages_per_rank
 
     @property
     def max_batch(self) -> int:
@@ -418,12 +419,21 @@ class Engine:
         log.info("%s: MoE implementation per executable (rows): %s", self.name,
                  ", ".join(f"{k}: {v or 'expert-parallel'}" for k, v in choices.items()))
 
+    def executables(self) -> dict[tuple, "jax.stages.Compiled"]:
+        """The compiled executables, keyed like `lowered()`: ("prefill", R, T), ("decode", B, window), ("extract",
+        n), ("insert", n) — for inspection (HLO, cost and memory analysis); the request path calls them itself."""
+        out = {("prefill",) + k: v for k, v in self._prefill_exe.items()}
+        out.update({("decode",) + k: v for k, v in self._decode_exe.items()})
+        out.update({("extract", k): v for k, v in self._extract_exe.items()})
+        out.update({("insert", k): v for k, v in self._insert_exe.items()})
+        return out
+
     # ---- the request path: numpy in, compiled executables only ----------------------------------------------------
     def page_table(self, pages: list[int], rank: int | None = None) -> np.ndarray:
         """A request's page table (global page ids), padded with its rank's scratch page."""
         if rank is None:
-            rank = self.allocator.rank_of(pages[0]) if len(pages) else 0
-        pt = np.full(self.cfg.pages_per_seq, self.allocator.scratch(rank), np.int32)
+            rank = self.rank_of(pages[0]) if len(pages) else 0
+        pt = np.full(self.cfg.pages_per_seq, self.scratch(rank), np.int32)
         pt[: len(pages)] = pages
         return pt
 
@@ -454,7 +464,7 @@ class Engine:
             raise ValueError(f"prefill_batch: {len(items)} rows of T={T}; at most {self.cfg.rows_for(T)[-1]}")
         toks = np.zeros((R, T), np.int32)
         start, length, nxt = (np.zeros(R, np.int32) for _ in range(3))
-        pt = np.full((R, self.cfg.pages_per_seq), self.allocator.scratch(0), np.int32)
+        pt = np.full((R, self.cfg.pages_per_seq), self.scratch(0), np.int32)
         samp = {"temperature": np.zeros(R, np.float32), "top_k": np.zeros(R, np.int32),
                 "top_p": np.ones(R, np.float32), "seed": np.zeros(R, np.int32)}
         for r, (prompt, (s, n, _), pages, sampling) in enumerate(items):
@@ -480,27 +490,12 @@ class Engine:
             out = self.prefill_chunk(prompt, chunk, pages, sampling)
         return out
 
-    # ---- pages and the prefix cache --------------------------------------------------------------------------------
-    def acquire_pages(self, prompt: np.ndarray, n_pages: int, rank: int = 0,
-                      hashes: list[int] | None = None) -> tuple[list[int], int] | None:
-        """n_pages pages for a request with `prompt`, its cached prefix (if prefix caching is on) already in the
-        first ones: (pages, cached tokens), or None when the rank has no room."""
-        if self.prefix_cache is not None:
-            return self.prefix_cache.acquire(prompt, n_pages, rank, hashes)
-        if not self.allocator.can_allocate(n_pages, rank):
-            return None
-        return self.allocator.allocate(n_pages, rank), 0
-
-    def cache_prefix(self, pages: list[int], tokens, n_valid: int) -> None:
-        """Offer the full blocks among the first `n_valid` positions (KV written for `tokens`) to the cache."""
-        if self.prefix_cache is not None:
-            self.prefix_cache.register(pages, tokens, n_valid)
-
+    # ---- page I/O (the scheduler side's prefix cache moves pages to and from its host/disk tiers) -----------
     def read_pages(self, pages: list[int]) -> jax.Array:
         """[layers, n_bucket, Z, C] rows of `pages` (one rank's, at most the largest transfer bucket) padded to
         a transfer bucket, as a device array (dispatched, not waited for; no compile on the request path)."""
         n = _bucket(len(pages), self.cfg.transfer_buckets)
-        ids = np.full(n, self.allocator.scratch(self.allocator.rank_of(pages[0])), np.int32)
+        ids = np.full(n, self.scratch(self.rank_of(pages[0])), np.int32)
         ids[: len(pages)] = pages
         return self._extract_exe[n](self.cache, ids)
 
@@ -517,7 +512,7 @@ class Engine:
     def extract(self, pages: list[int], length: int, out: PrefillOut) -> Prefix:
         """The request's latent pages (all layers, MTP's included) and first token, ready to move."""
         n = _bucket(len(pages), self.cfg.transfer_buckets)
-        ids = np.full(n, self.allocator.scratch(self.allocator.rank_of(pages[0])), np.int32)
+        ids = np.full(n, self.scratch(self.rank_of(pages[0])), np.int32)
         ids[: len(pages)] = pages
         return Prefix(self._extract_exe[n](self.cache, ids), len(pages), length, out.token, out.draft, out.draft_q)
 
@@ -528,7 +523,7 @@ class Engine:
     def insert(self, prefix: Prefix, pages: list[int]) -> None:
         """Write a received prefix into this engine's pages (the first prefix.n_pages of `pages`)."""
         n = prefix.pages.shape[1]
-        ids = np.full(n, self.allocator.scratch(self.allocator.rank_of(pages[0])), np.int32)
+        ids = np.full(n, self.scratch(self.rank_of(pages[0])), np.int32)
         ids[: prefix.n_pages] = pages[: prefix.n_pages]
         self.cache = self._insert_exe[n](self.cache, ids, prefix.pages)
 

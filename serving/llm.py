@@ -191,6 +191,10 @@ class LLM:
             pass
         return [output_of(r) for r in reqs]
 
+    def page_pools(self) -> dict:
+        """{engine name: its `serving.pages.PagePool`} of the local engines (the scheduler side owns the pages)."""
+        return dict(self.backend.pools()) if self.scheduler is not None else {}
+
     def page_stats(self) -> dict[str, dict[str, int]]:
         """{engine or worker: {free, used, leased, cached, total}} KV pages."""
         return self.backend.page_stats()

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import collections
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.paged_cache import SCRATCH_PAGE
+
+if TYPE_CHECKING:
+    from serving.engine import Engine
 
 class OutOfPages(RuntimeError):
     pass
@@ -212,3 +216,51 @@ class PageAllocator:
 
 def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
+
+
+class PagePool:
+    """The scheduler side's pages of one engine: which pages a request gets (the allocator) and which of them hold
+    a cached prefix (the prefix cache, with its host/disk tiers). The engine only moves pages in and out
+    (`Engine.read_pages` / `write_pages`); it never decides who owns one."""
+
+    def __init__(self, engine: "Engine"):
+        from serving.prefix_cache import PrefixCache
+
+        cfg = engine.cfg
+        self.engine_name = engine.name
+        self.allocator = PageAllocator(cfg.num_pages, ranks=engine.ranks)
+        self.prefix_cache = None
+        if cfg.prefix_caching and not engine.abstract:
+            self.prefix_cache = PrefixCache(engine, self.allocator, host_blocks=cfg.host_cache_pages,
+                                            disk_blocks=cfg.disk_cache_pages, disk_dir=cfg.disk_cache_dir,
+                                            fingerprint=engine.fingerprint())
+
+    def hashes(self, prompt) -> list[int] | None:
+        """The prompt's block hashes when prefix caching is on (else None)."""
+        return self.prefix_cache.hashes(prompt) if self.prefix_cache is not None else None
+
+    def acquire(self, prompt, n_pages: int, rank: int = 0,
+                hashes: list[int] | None = None) -> tuple[list[int], int] | None:
+        """n_pages pages for a request with `prompt`, its cached prefix (if prefix caching is on) already in the
+        first ones: (pages, cached tokens), or None when the rank has no room."""
+        if self.prefix_cache is not None:
+            return self.prefix_cache.acquire(prompt, n_pages, rank, hashes)
+        if not self.allocator.can_allocate(n_pages, rank):
+            return None
+        return self.allocator.allocate(n_pages, rank), 0
+
+    def cache_prefix(self, pages: list[int], tokens, n_valid: int) -> None:
+        """Offer the full blocks among the first `n_valid` positions (KV written for `tokens`) to the cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.register(pages, tokens, n_valid)
+
+    def release(self, pages: list[int]) -> None:
+        self.allocator.release(pages)
+
+    def stats(self) -> dict[str, int]:
+        a = self.allocator
+        return {"free": a.free, "used": a.used, "leased": a.leased, "cached": a.cached, "total": a.total}
+
+    def close(self) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()

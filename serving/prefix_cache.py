@@ -37,6 +37,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from serving.engine import Engine
+    from serving.pages import PageAllocator
 
 log = logging.getLogger(__name__)
 
@@ -201,16 +202,17 @@ def _dtype(name: str) -> np.dtype:
 
 
 class PrefixCache:
-    """An engine's prefix cache: device pages (through its `PageAllocator`) plus optional host and disk tiers.
+    """An engine's prefix cache, on the scheduler side: device pages (through the pool's `PageAllocator`, read and
+    written through the engine's page I/O) plus optional host and disk tiers.
 
     `acquire(tokens, n_pages, rank)` gives a request its pages with the cached prefix already in them and says how
     many tokens that covers; `register(pages, tokens, n_valid)` records the full blocks a request has written.
     Counters in `stats()`: blocks looked up, hits per tier, evictions, bytes per tier, corrupt blocks."""
 
-    def __init__(self, engine: "Engine", *, host_blocks: int = 0, disk_blocks: int = 0, disk_dir: str | None = None,
-                 fingerprint: str = ""):
-        self.engine = engine
-        self.alloc = engine.allocator
+    def __init__(self, engine: "Engine", allocator: "PageAllocator", *, host_blocks: int = 0, disk_blocks: int = 0,
+                 disk_dir: str | None = None, fingerprint: str = ""):
+        self.engine = engine                     # page I/O only: read_pages / write_pages
+        self.alloc = allocator
         self.page_size = engine.cfg.page_size
         self.lookahead = 1 if engine.cfg.mtp else 0
         self.host = HostTier(host_blocks) if host_blocks > 0 else None

@@ -28,10 +28,12 @@ from typing import Callable
 
 import numpy as np
 
-from serving.api import Event, Request, Status, append_tokens
+from serving.api import Event, Request, Status
 from serving.config import SchedulerConfig
 from serving.engine import DecodeBatch, Engine, Prefix
+from serving.pages import PagePool
 from serving.sampling import sampling_arrays
+from serving.stops import append_tokens
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ class Scheduler:
     def __init__(self, decode: Engine, prefill: Engine | None = None, *, config: SchedulerConfig | None = None,
                  eos_ids: tuple[int, ...] = (), detokenize: Callable[[list[int]], str] | None = None):
         self.decode, self.prefill = decode, prefill
+        # the scheduler side owns the pages: who holds which, and which hold a cached prefix
+        self.pages = PagePool(decode)
+        self.prefill_pages = PagePool(prefill) if prefill is not None else None
         self.config = config or SchedulerConfig()
         self.max_batch = min(self.config.max_batch or decode.max_batch, decode.max_batch)
         # data-parallel attention: each of the decode engine's R ranks runs at most max_batch / R rows
@@ -112,6 +117,15 @@ class Scheduler:
             self._stop.set()
             self._to_prefill.put(None)
             self._thread.join(timeout=30)
+        for pool in filter(None, (self.pages, self.prefill_pages)):
+            pool.close()
+
+    def stats(self) -> dict[str, int]:
+        """Requests in flight by state: waiting for pages, prefilling (colocated chunks), in the prefill thread
+        (disaggregated), ready (prefilled, waiting for decode pages), running."""
+        with self._lock:
+            return {"waiting": len(self.waiting), "prefilling": len(self.prefilling), "in_prefill": self._in_prefill,
+                    "ready": len(self._ready), "running": len(self.running)}
 
     # ---- one scheduling step (caller's thread) -------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -135,7 +149,7 @@ class Scheduler:
         """The attention rank for a new request: one with a free row and room for `n_pages` (less the blocks of
         its prompt it holds cached), the longest cached prefix first, then the most free pages (KV-aware,
         balances both); None when no rank has room."""
-        a = self.decode.allocator
+        a = self.pages.allocator
         load = np.bincount([a.rank_of(r.pages[0]) for r in self.running + self.prefilling if r.pages],
                            minlength=self.decode.ranks)
         hit = [a.match(hashes, r) if hashes else 0 for r in range(self.decode.ranks)]
@@ -144,14 +158,13 @@ class Scheduler:
         return max(ok, key=lambda r: (hit[r], a.free_in(r), -load[r], -r)) if ok else None
 
     def _admit_colocated(self) -> None:
-        pc = self.decode.prefix_cache
         with self._lock:
             while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
                 req = self.waiting[0]
                 n = self._pages_for(req)
-                hashes = pc.hashes(req.prompt_ids) if pc is not None else None
+                hashes = self.pages.hashes(req.prompt_ids)
                 rank = self._pick_rank(n, hashes)
-                got = None if rank is None else self.decode.acquire_pages(req.prompt_ids, n, rank, hashes)
+                got = None if rank is None else self.pages.acquire(req.prompt_ids, n, rank, hashes)
                 if got is None:
                     break  # FIFO: the head waits for pages, nobody overtakes it
                 self.waiting.popleft()
@@ -189,7 +202,7 @@ class Scheduler:
                 continue
             req.prefill_end = time.perf_counter()
             req.draft, req.draft_q = out.draft, out.draft_q
-            self.decode.cache_prefix(req.pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
+            self.pages.cache_prefix(req.pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
             with self._lock:
                 if req in self.prefilling:  # else aborted meanwhile (already finished)
                     self.prefilling.remove(req)
@@ -209,7 +222,7 @@ class Scheduler:
             positions=np.array([r.position for r in rows], np.int32),
             page_tables=np.stack([self.decode.page_table(r.pages) for r in rows]),
             sampling=sampling_arrays([r.params for r in rows], [r.seed for r in rows]),
-            ranks=np.array([self.decode.allocator.rank_of(r.pages[0]) for r in rows], np.int64))
+            ranks=np.array([self.decode.rank_of(r.pages[0]) for r in rows], np.int64))
         if self.decode.cfg.mtp:
             batch.drafts = np.array([r.draft for r in rows], np.int32)
             batch.draft_q = np.stack([r.draft_q for r in rows])
@@ -232,7 +245,7 @@ class Scheduler:
                         r.spec_accepted += int(ok)
                         done += size
 
-    # ---- token bookkeeping: stops, limits, text (serving.api.apply_stop_rules) -----------------------------------
+    # ---- token bookkeeping: stops, limits, text (serving.stops, incremental) -----------------------------------
     def _append(self, req: Request, tokens: list[int], now: float) -> None:
         """Add tokens (under self._lock, or on the only thread touching `req`) and end the request on a stop."""
         event, reason = append_tokens(req, tokens, now, self.eos_ids, self.detokenize)
@@ -247,13 +260,13 @@ class Scheduler:
             # the KV of every token but the last one is written: offer its full blocks to the prefix cache
             # (multi-turn chat resends this history). With MTP only prompt blocks are cached (see prefix_cache).
             toks = np.concatenate([req.prompt_ids, np.asarray(req.output_ids, np.int32)])
-            self.decode.cache_prefix(req.pages, toks, len(toks) - 1)
+            self.pages.cache_prefix(req.pages, toks, len(toks) - 1)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.error = error
         req.finish_time = time.perf_counter()
         if req.pages:
-            self.decode.allocator.release(req.pages)
+            self.pages.release(req.pages)
             req.pages = []
         self.requests.pop(req.id, None)
         req.chunks, req.draft_q = [], None
@@ -262,7 +275,7 @@ class Scheduler:
 
     # ---- disaggregated: the prefill thread and the hand-off -------------------------------------------------------
     def _prefill_loop(self) -> None:
-        eng = self.prefill
+        eng, pool = self.prefill, self.prefill_pages
         while not self._stop.is_set():
             req = self._to_prefill.get()
             if req is None:
@@ -271,15 +284,15 @@ class Scheduler:
             try:
                 if not req.aborted:
                     n = eng.pages_needed(len(req.prompt_ids))
-                    pages, cached = self._wait_pages(eng, req.prompt_ids, n)
+                    pages, cached = self._wait_pages(pool, req.prompt_ids, n)
                     req.cached_tokens = cached
                     try:
                         req.prefill_start = time.perf_counter()
                         out = eng.prefill(req.prompt_ids, pages, req.sampling_row(), start=cached)
-                        eng.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
+                        pool.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
                         prefix = eng.extract(pages, len(req.prompt_ids), out)
                     finally:
-                        eng.allocator.release(pages)
+                        pool.release(pages)
                     prefix = self.decode.receive(prefix)      # device_put onto the decode mesh
                     req.prefill_end = time.perf_counter()
             except Exception as e:  # a failed prefill ends that request, never the loop
@@ -291,12 +304,12 @@ class Scheduler:
                 self._ready_cv_notify()
 
     @staticmethod
-    def _wait_pages(eng: Engine, prompt: np.ndarray, n: int) -> tuple[list[int], int]:
+    def _wait_pages(pool: PagePool, prompt: np.ndarray, n: int) -> tuple[list[int], int]:
         # One prefill thread, and it frees a request's pages before taking the next: all are free or cached here.
-        got = eng.acquire_pages(prompt, n)
+        got = pool.acquire(prompt, n)
         if got is None:
-            raise RuntimeError(f"prompt needs {n} pages, the prefill cache has {eng.allocator.free_in(0)} free of "
-                               f"{eng.allocator.total}")
+            raise RuntimeError(f"prompt needs {n} pages, the prefill cache has {pool.allocator.free_in(0)} free of "
+                               f"{pool.allocator.total}")
         return got
 
     def _ready_cv_notify(self) -> None:
@@ -322,7 +335,7 @@ class Scheduler:
                 if rank is None:
                     break
                 self._ready.popleft()
-                req.pages = self.decode.allocator.allocate(n, rank)
+                req.pages = self.pages.allocator.allocate(n, rank)
                 self.decode.insert(prefix, req.pages)
                 req.draft, req.draft_q = prefix.draft, prefix.draft_q
                 self._start_running(req, prefix.first_token)

@@ -314,8 +314,9 @@ class EngineLoop:
         s = getattr(llm, "scheduler", None)
         m.queue.set(self.in_flight())
         if s is not None:
-            m.running.set(len(s.running))
-            m.waiting.set(len(s.waiting) + len(s.prefilling) + len(s._ready))
+            st = s.stats()
+            m.running.set(st["running"])
+            m.waiting.set(st["waiting"] + st["prefilling"] + st["in_prefill"] + st["ready"])
         try:
             for eng, st in llm.page_stats().items():
                 for k in ("free", "used", "leased", "cached"):

@@ -39,6 +39,7 @@ from serving import flags as serving_flags
 from serving.build import build_engine
 from serving.config import default_mesh, parse_mesh_spec
 from serving.engine import Engine, Prefix
+from serving.pages import PagePool
 from serving.protocol import ProtocolError, decode_message, encode_message, read_token, sampling_from_wire
 from serving.scheduler import Scheduler
 from serving.transfer import layout_of, make_transport, offerable, page_checksums, spec_from_wire, verify_pages
@@ -78,14 +79,16 @@ class Worker:
         self.incarnation = uuidlib.uuid4().hex[:12]
         self.metrics = collections.Counter()
         self.invariant_ok = True
-        if engine.prefix_cache is not None:
-            engine.allocator.events = []   # cache events for the router (drained into health_ok / offered)
         self._stop = threading.Event()
         # prefill role
         self._jobs: collections.deque = collections.deque()
         self.leases: dict[int, Lease] = {}
         # decode role
         self.scheduler = Scheduler(engine, None, eos_ids=eos_ids) if role == "decode" else None
+        # the pages of this worker's engine: its scheduler's (decode) or its own (prefill)
+        self.pages = self.scheduler.pages if self.scheduler is not None else PagePool(engine)
+        if self.pages.prefix_cache is not None:
+            self.pages.allocator.events = []   # cache events for the router (drained into health_ok / offered)
         self._owner: dict[str, bytes] = {}
         self._pulls: dict[str, dict] = {}              # rid -> pending pull state
         self._pulled: queue.Queue = queue.Queue()
@@ -130,16 +133,15 @@ class Worker:
 
     # ---- state ----------------------------------------------------------------------------------------------------
     def health(self, kv_events: bool = False) -> dict:
-        a = self.engine.allocator
         load = {"queued": len(self._jobs), "leases": len(self.leases)}
         if self.scheduler is not None:
-            s = self.scheduler
-            load.update(running=len(s.running), waiting=len(s.waiting) + len(s._ready) + len(s.prefilling),
+            st = self.scheduler.stats()
+            load.update(running=st["running"], waiting=st["waiting"] + st["ready"] + st["prefilling"],
                         pulling=len(self._pulls))
         ec, mc = self.engine.cfg, self.engine.model_cfg
         return dict(role=self.role, worker=self.address, incarnation=self.incarnation, ready=True,
-                    pages={"free": a.free, "used": a.used, "leased": a.leased, "cached": a.cached, "total": a.total},
-                    prefix_cache=self.engine.prefix_cache.stats() if self.engine.prefix_cache else None,
+                    pages=self.pages.stats(),
+                    prefix_cache=self.pages.prefix_cache.stats() if self.pages.prefix_cache else None,
                     kv_events=self.kv_events() if kv_events else None,
                     invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
                     engine={"page_size": ec.page_size, "max_model_len": ec.max_model_len,
@@ -151,9 +153,9 @@ class Worker:
     def kv_events(self) -> dict | None:
         """Prefix-cache events since the last report (block hashes stored / evicted on this worker's device), for
         the router's KV-aware routing; None without prefix caching."""
-        if self.engine.prefix_cache is None:
+        if self.pages.prefix_cache is None:
             return None
-        return self.engine.allocator.drain_events()
+        return self.pages.allocator.drain_events()
 
     def _make_request(self, msg: dict, limit: int | None = None):
         prompt = np.asarray(msg["prompt"], np.int32)
@@ -209,12 +211,12 @@ class Worker:
         ident, req, uuid = self._jobs[0]
         eng = self.engine
         n = eng.pages_needed(len(req.prompt_ids))
-        if n > eng.allocator.total:
+        if n > self.pages.allocator.total:
             self._jobs.popleft()
             self.send(ident, "error", rid=req.id, error=f"prompt needs {n} pages; the prefill cache has "
-                      f"{eng.allocator.total}", kind="capacity")
+                      f"{self.pages.allocator.total}", kind="capacity")
             return
-        got = eng.acquire_pages(req.prompt_ids, n)   # with prefix caching: the cached prefix shared
+        got = self.pages.acquire(req.prompt_ids, n)   # with prefix caching: the cached prefix shared
         if got is None:
             return  # saturated: leases must end (ack / expiry) first
         self._jobs.popleft()
@@ -223,16 +225,16 @@ class Worker:
             t0 = time.perf_counter()
             queued_s = t0 - req.arrival
             out = eng.prefill(req.prompt_ids, pages, req.sampling_row(), start=cached)
-            eng.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
+            self.pages.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
             self.metrics["cached_tokens"] += cached
             prefix = eng.extract(pages, len(req.prompt_ids), out)
             arrays = [offerable(prefix.pages)]
             sums = page_checksums(np.asarray(arrays[0]))
             prefill_s = time.perf_counter() - t0
-            eng.allocator.lease(pages)
+            self.pages.allocator.lease(pages)
             self.transport.offer(uuid, arrays)
         except Exception as e:
-            eng.allocator.release(pages)
+            self.pages.allocator.release(pages)
             log.exception("prefill of %s failed", req.id)
             self.send(ident, "error", rid=req.id, error=f"prefill failed: {e}", kind="prefill")
             return
@@ -252,7 +254,7 @@ class Worker:
         if l is None:
             return
         self.transport.release(uuid, consumed=consumed)
-        self.engine.allocator.release(l.pages)   # drops the lease and frees the pages
+        self.pages.allocator.release(l.pages)   # drops the lease and frees the pages
         self.metrics[f"leases_ended_{why}"] += 1
 
     def _expire_leases(self) -> None:
@@ -354,7 +356,7 @@ class Worker:
     # ---- loop -----------------------------------------------------------------------------------------------------
     def busy(self) -> bool:
         if self.role == "prefill":
-            return bool(self._jobs) and self.engine.allocator.can_allocate(
+            return bool(self._jobs) and self.pages.allocator.can_allocate(
                 self.engine.pages_needed(len(self._jobs[0][1].prompt_ids)))
         return self.scheduler.has_work() or not self._pulled.empty()
 
@@ -373,7 +375,7 @@ class Worker:
                 if self.scheduler.has_work():
                     self._decode_step()
             try:
-                self.engine.allocator.check()
+                self.pages.allocator.check()
             except AssertionError as e:
                 if self.invariant_ok:
                     log.critical("page invariant violated (free, used, leased, total) = %s", e)
@@ -385,6 +387,7 @@ class Worker:
     def close(self) -> None:
         self.sock.close(0)
         self.transport.close()
+        self.pages.close()
 
 
 # ---- process entry point -----------------------------------------------------------------------------------------

@@ -40,16 +40,16 @@ def reference(model):
 
 
 def _check_pages(llm):
-    for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
-        eng.allocator.check()
-        assert eng.allocator.free == eng.allocator.total, eng.name
+    for name, pool in llm.page_pools().items():
+        pool.allocator.check()
+        assert pool.allocator.free == pool.allocator.total, name
 
 
 @pytest.mark.parametrize("mesh", ["dp=2,ep=4", "dp=4,ep=2"])
 def test_dp_attention_equals_the_single_device_engine(model, reference, mesh):
     with LLM(model=model, engine_config=EC, decode_mesh=mesh) as llm:
         eng = llm.decode_engine
-        assert eng.ranks == 8 and eng.allocator.total == 8 * (EC.num_pages - 1)
+        assert eng.ranks == 8 and llm.scheduler.pages.allocator.total == 8 * (EC.num_pages - 1)
         assert eng.model.runtime.expert_parallel.n_shards == 8          # wide EP over dp x ep
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
         assert [o.token_ids for o in outs] == reference
@@ -67,7 +67,7 @@ def test_disaggregated_prefill_lands_in_the_owning_ranks_pages(model, reference)
 def test_paged_kernel_through_the_dp_engine(model, reference):
     with LLM(model=model, engine_config=EC, decode_mesh="dp=2,ep=2",
              runtime=Runtime(attention_impl="pallas_interpret")) as llm:
-        hlo = llm.decode_engine._decode_exe[8, 8].as_text()
+        hlo = llm.decode_engine.executables()["decode", 8, 8].as_text()
         assert "paged_mla_decode" in hlo
         outs = llm.generate(PROMPTS[:6], SamplingParams(max_tokens=N_NEW))
         assert [o.token_ids for o in outs] == reference[:6]
@@ -78,7 +78,7 @@ def test_decode_step_never_gathers_the_cache(model):
     with LLM(model=model, engine_config=EC, decode_mesh="dp=2,ep=4") as llm:
         eng = llm.decode_engine
         _, P, Z, C = eng.cache_shape
-        for (B, Pw), exe in eng._decode_exe.items():
+        for (_, B, Pw), exe in ((k, e) for k, e in eng.executables().items() if k[0] == "decode"):
             hlo = exe.as_text()
             gathers = re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather", hlo)
             assert gathers, "expected the EP dispatch's gathers in the program"
@@ -89,13 +89,14 @@ def test_decode_step_never_gathers_the_cache(model):
 
 def test_kv_capacity_grows_linearly_with_the_ranks(model):
     from serving.engine import Engine
+    from serving.pages import PagePool
     from sharding import DECODE_RULES, Topology, place
 
     caps = {}
     for spec in (dict(ep=1), dict(ep=2), dict(dp=2, ep=2), dict(dp=2, ep=4)):
         mesh = Topology.preset("cpu:8/1").allocate("cap-" + "-".join(map(str, spec.values())), **spec)
         eng = Engine(place(model, mesh, DECODE_RULES), EC, mesh=mesh, compile=False)   # nothing compiled
-        caps[eng.ranks] = eng.allocator.total
+        caps[eng.ranks] = PagePool(eng).allocator.total   # the scheduler side sizes the pools
         assert eng.cache.shape[1] == eng.ranks * EC.num_pages
         assert eng.cache.sharding.shard_shape(eng.cache.shape)[1] == EC.num_pages    # one pool per device
     assert caps == {1: 23, 2: 46, 4: 92, 8: 184}
@@ -110,7 +111,7 @@ def test_admission_places_one_request_per_rank_when_pages_are_tight(model):
         llm.step()
         running = [r for r in reqs if r.status.value != "waiting"]
         assert len(running) == eng.ranks == 4            # one request per rank fits; the last one waits
-        assert len({eng.allocator.rank_of(r.pages[0]) for r in running}) == 4
+        assert len({eng.rank_of(r.pages[0]) for r in running}) == 4
         while llm.has_work():
             llm.step()
         assert all(r.finish_reason == "length" for r in reqs)

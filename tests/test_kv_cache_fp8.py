@@ -59,6 +59,6 @@ def test_engine_serves_with_the_fp8_cache(model, mode):
             with LLM(model=model, engine_config=EngineConfig(**{**EC.__dict__, "cache_dtype": None})) as ref:
                 want = ref.generate(PROMPTS, SamplingParams(max_tokens=1))
             assert [o.token_ids[0] for o in outs] == [w.token_ids[0] for w in want]
-        for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
-            eng.allocator.check()
-            assert eng.allocator.free == eng.allocator.total
+        for name, pool in llm.page_pools().items():
+            pool.allocator.check()
+            assert pool.allocator.free == pool.allocator.total

@@ -42,9 +42,9 @@ def mtp_colocated(model):
 
 
 def _check_pages(llm):
-    for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
-        eng.allocator.check()
-        assert eng.allocator.free == eng.allocator.total
+    for name, pool in llm.page_pools().items():
+        pool.allocator.check()
+        assert pool.allocator.free == pool.allocator.total
 
 
 @pytest.mark.parametrize("mode", ["colocated", "disagg"])
@@ -84,7 +84,7 @@ def test_a_correct_draft_is_accepted_and_yields_two_tokens(model, mtp_colocated)
     llm = mtp_colocated
     ref = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=8))[0].token_ids
     eng = llm.decode_engine
-    pages = eng.allocator.allocate(eng.pages_needed(len(PROMPTS[1]) + 8))
+    pages = llm.scheduler.pages.allocator.allocate(eng.pages_needed(len(PROMPTS[1]) + 8))
     samp = sampling_arrays([SamplingParams()], [0])
     out = eng.prefill(np.asarray(PROMPTS[1], np.int32), pages, {k: v[0] for k, v in samp.items()})
     assert out.token == ref[0]
@@ -96,7 +96,7 @@ def test_a_correct_draft_is_accepted_and_yields_two_tokens(model, mtp_colocated)
     assert res.accepted[0][0] and res.step_sizes[0][0] == 2 and res.tokens[0][:2] == ref[1:3]
     assert res.tokens[0] == ref[1:1 + len(res.tokens[0])]  # the rest of the dispatch is still greedy
     assert len(res.tokens[0]) == EC.decode_steps + sum(res.accepted[0]) == sum(res.step_sizes[0])
-    eng.allocator.release(pages)
+    llm.scheduler.pages.allocator.release(pages)
 
 
 def test_mtp_on_a_model_without_mtp_is_refused(tmp_path):

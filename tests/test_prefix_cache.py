@@ -140,8 +140,8 @@ def reference(model):
 
 
 def _check(llm):
-    for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
-        a = eng.allocator
+    for name, pool in llm.page_pools().items():
+        a = pool.allocator
         a.check()
         assert a.free + a.used + a.leased + a.cached == a.total and a.used == 0 and a.leased == 0
 
@@ -178,12 +178,12 @@ def test_spill_to_host_and_disk_and_reload_equal_recompute(model, reference, tmp
     greedy = SamplingParams(max_tokens=N_NEW)
     fillers = [[(13 * i + j * 7) % 90 + 5 for i in range(33)] for j in range(14)]   # 5 pages each, distinct
     with LLM(model=model, engine_config=ec) as llm:
-        pc = llm.decode_engine.prefix_cache
+        pc = llm.scheduler.pages.prefix_cache
         hashes = pc.hashes(SYS + QUESTIONS[0])
         _same(llm, reference, [SYS + QUESTIONS[0]], greedy)
         _same(llm, reference, fillers[:4], greedy)      # churn: the system prompt's pages leave the device
         pc.flush()
-        a = llm.decode_engine.allocator
+        a = llm.scheduler.pages.allocator
         assert a.match(hashes) == 0 and all(h in pc.host for h in hashes)
         out = _same(llm, reference, [SYS + QUESTIONS[1]], greedy)[0]
         st = pc.stats()

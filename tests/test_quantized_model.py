@@ -211,7 +211,7 @@ def test_pallas_kernels_serve_through_the_engine(ckpt, tmp_path_factory, mode):
         with LLM(dst, engine_config=ec, dtype=jnp.float32, runtime=Runtime(matmul_impl=impl), **kw) as llm:
             rt = llm.decode_engine.model.runtime
             assert rt.resolved_matmul_impl() == impl and rt.expert_parallel is not None
-            hlo = llm.decode_engine._decode_exe[2, ec.windows[-1]].as_text()
+            hlo = llm.decode_engine.executables()["decode", 2, ec.windows[-1]].as_text()
             assert ("fp4_nvfp4_grouped_matmul" in hlo) == (impl == "pallas_interpret")  # the kernel is in it
             got[impl] = [o.token_ids for o in llm.generate(prompts, sp)]
     assert got["pallas_interpret"] == got["xla"]

@@ -14,7 +14,7 @@ import pytest
 from serving.api import Request
 from serving.engine import DecodeOut, Engine, PrefillOut
 from serving.config import EngineConfig, SchedulerConfig
-from serving.pages import PageAllocator, pages_for
+from serving.pages import pages_for
 from serving.sampling import SamplingParams
 from serving.scheduler import Scheduler
 
@@ -30,14 +30,17 @@ class FakeEngine:
     def __init__(self):
         self.cfg = EngineConfig(page_size=4, num_pages=65, max_model_len=32, prefill_buckets=(2, 8),
                                 decode_buckets=(1, 2, 4, 8), decode_steps=2)
-        self.allocator = PageAllocator(self.cfg.num_pages)
         self.prefill_rows = collections.Counter()   # rows per prefill call
 
+    abstract = False
     prefill_chunks = Engine.prefill_chunks
     page_table = Engine.page_table
-    acquire_pages = Engine.acquire_pages
-    cache_prefix = Engine.cache_prefix
-    prefix_cache = None
+    scratch = Engine.scratch
+    rank_of = Engine.rank_of
+
+    @property
+    def pages_per_rank(self) -> int:
+        return self.cfg.num_pages
 
     @property
     def max_batch(self) -> int:
@@ -89,7 +92,7 @@ def test_ten_thousand_requests_leave_no_trace_and_memory_stays_flat():
     tracemalloc.stop()
     assert done == 10_000
     assert s.requests == {} and not s.running and not s.waiting and not s.prefilling
-    a = s.decode.allocator
+    a = s.pages.allocator
     a.check()
     assert a.free == a.total
     assert sizes[10_000] - sizes[1_000] < 64 * 1024, sizes   # flat: no per-request residue

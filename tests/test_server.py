@@ -41,10 +41,10 @@ def _wait_drained(llm, engine, timeout=30.0):
     while engine.in_flight() or llm.has_work():
         assert time.monotonic() < end, f"{engine.in_flight()} requests still in flight after {timeout}s"
         threading.Event().wait(0.005)
-    for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
-        a = eng.allocator
+    for name, pool in llm.page_pools().items():
+        a = pool.allocator
         a.check()
-        assert a.free == a.total and a.used == 0 and a.leased == 0, (eng.name, a.free, a.used, a.leased)
+        assert a.free == a.total and a.used == 0 and a.leased == 0, (name, a.free, a.used, a.leased)
 
 
 @pytest.fixture(autouse=True)

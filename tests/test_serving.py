@@ -40,10 +40,10 @@ def colocated(model):
 
 
 def _check_pages(llm):
-    for eng in filter(None, (llm.prefill_engine, llm.decode_engine)):
-        a = eng.allocator
+    for name, pool in llm.page_pools().items():
+        a = pool.allocator
         a.check()
-        assert a.free == a.total and a.used == 0 and a.leased == 0, (eng.name, a.free, a.used, a.leased)
+        assert a.free == a.total and a.used == 0 and a.leased == 0, (name, a.free, a.used, a.leased)
 
 
 def test_greedy_through_engine_equals_teacher_forced_argmax(colocated, model, monkeypatch):
@@ -114,7 +114,7 @@ def test_admission_is_bounded_by_free_pages(model):
         assert sum(r.status.value == "waiting" for r in reqs) == 2
         while llm.scheduler.has_work():
             llm.step()
-            assert llm.decode_engine.allocator.used <= llm.decode_engine.allocator.total
+            assert llm.scheduler.pages.allocator.used <= llm.scheduler.pages.allocator.total
         assert [r.finish_reason for r in reqs] == ["length"] * 3
         assert reqs[0].output_ids == reqs[1].output_ids == reqs[2].output_ids
         _check_pages(llm)

@@ -1,0 +1,109 @@
+"""Stop rules, decided in one place, and incremental detokenization.
+
+Both backends (the in-process scheduler and the router client) end a request through `append_tokens`:
+
+* token rules — a stop token (`stop_token_ids`, or EOS unless `ignore_eos`) is kept in the ids and left out of the
+  text; the limit (max_tokens capped by max_model_len) ends the request with "length";
+* text rules — a stop string ends it with "stop" and cuts the text before it.
+
+Text is built incrementally (`IncrementalDetokenizer`): each step decodes only a short window of the newest tokens
+(vLLM's prefix/read offsets), and stop strings are searched only where the new text could complete one. A step's
+cost is O(new tokens), not O(output so far): the whole output is never decoded again.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from serving.api import Event, Request
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a growing list of token ids.
+
+    `push(ids)` returns the text the new ids add. Two offsets bound the work: text is decoded from `prefix` (a few
+    tokens back, so a token whose text depends on its left neighbour decodes right) and what lies before `read` was
+    already returned. A delta that ends in an incomplete UTF-8 sequence ("\\ufffd") is held back until the next
+    token completes it; `flush()` returns whatever is left."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.ids.extend(int(t) for t in ids)
+        if not ids:
+            return ""
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):] if len(now) > len(before) else ""
+
+
+class StopRules:
+    """One request's stop state: its token rules and, with a detokenizer, its text and stop strings."""
+
+    def __init__(self, req: Request, eos_ids: Sequence[int], decode: Callable[[list[int]], str] | None):
+        p = req.params
+        self.limit = req.limit
+        self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+        self.stop_strings = tuple(p.stop)
+        self.detok = IncrementalDetokenizer(decode) if decode is not None else None
+        self.text = ""           # the output text so far (cut before a stop string)
+        self.sent = 0            # how much of it has been streamed
+        # streaming holds back the chars a stop string could still start in: never send text it would cut
+        self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
+
+    def apply(self, n_before: int, new_tokens: Sequence[int]) -> tuple[list[int], str, str | None]:
+        """(tokens kept, text delta, finish reason or None) for `new_tokens` after `n_before` output tokens."""
+        kept, reason = [], None
+        for t in new_tokens:
+            kept.append(int(t))
+            if t in self.stop_ids:
+                reason = "stop"
+                break
+            if n_before + len(kept) >= self.limit:
+                reason = "length"
+                break
+        if self.detok is None:
+            return kept, "", reason
+        shown = kept[:-1] if reason == "stop" and kept and kept[-1] in self.stop_ids else kept
+        delta = self.detok.push(shown)
+        if reason is not None:
+            delta += self.detok.flush()
+        start = len(self.text)
+        full = self.text + delta
+        for s in self.stop_strings:   # only where the new text can complete a stop string
+            i = full.find(s, max(0, start - len(s) + 1))
+            if i >= 0:
+                full, reason = full[:i], "stop"
+        self.text = full
+        end = len(full) if reason is not None else max(self.sent, len(full) - self.hold)
+        out, self.sent = full[self.sent:end], end
+        return kept, out, reason
+
+
+def append_tokens(req: Request, tokens: Sequence[int], now: float, eos_ids: Sequence[int],
+                  detokenize: Callable[[list[int]], str] | None) -> tuple[Event, str | None]:
+    """Apply the stop rules to `req`'s new tokens: extend its ids, text and token times. Returns the event to stream
+    and the finish reason (None while it runs); the caller ends the request when there is one."""
+    rules = req.stop_rules
+    if rules is None:
+        rules = req.stop_rules = StopRules(req, eos_ids, detokenize)
+    kept, delta, reason = rules.apply(len(req.output_ids), tokens)
+    if req.first_token_time is None and kept:
+        req.first_token_time = now
+    req.output_ids.extend(kept)
+    req.token_times.extend([now] * len(kept))
+    req.text = rules.text
+    return Event(req, kept, delta, reason is not None), reason
