@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints import safetensors_io
-from checkpoints.loader import (QUANT_FORMATS, QUANT_METHOD, mtp_layers_present, parse_quant, plans,
-                                quantized_target, read_tensor, weight_block_size)
+from checkpoints.loader import mtp_layers_present, plans
+from checkpoints.tensors import (QUANT_FORMATS, QUANT_METHOD, parse_quant, quantized_target, read_tensor,
+                                 weight_block_size)
 from checkpoints.safetensors_io import Checkpoint, CheckpointError
 from model.config import ModelConfig
 from pallas_kernels import formats

@@ -40,8 +40,6 @@ from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PagedCache
 from serving.config import EngineConfig
 from serving.pages import pages_for
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
-from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
-from sharding.plan import plan as memory_plan
 
 log = logging.getLogger(__name__)
 
@@ -92,31 +90,6 @@ def cache_layout(cfg: EngineConfig, model) -> tuple[jnp.dtype, int]:
     if cfg.cache_dtype == "fp8":
         return jnp.dtype(jnp.uint8), C + FP8_SCALE_BYTES
     return (jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else jnp.dtype(model.dtype)), C
-
-
-def size_cache(model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None, roles, kv_memory_fraction: float,
-               device_memory: float | None = None) -> tuple[EngineConfig, MemoryPlan]:
-    """`cfg` with `num_pages` sized from a device-memory budget (like vLLM's `gpu_memory_utilization`):
-    fraction x device memory - the placed weights - the largest prefill/decode executable's temporaries (compiled
-    once here, on a one-sequence cache, for their `memory_analysis`) = the KV budget. Raises `MemoryPlanError`
-    naming what to change when not even one `max_model_len` sequence fits."""
-    device = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
-    device_memory = device_memory or device_memory_of(device)
-    if device_memory is None:
-        raise ValueError(f"kv_memory_fraction needs the device memory, and {device.platform} devices do not report "
-                         "it: pass device_memory (bytes; --device_memory_gb) or a fixed num_pages")
-    probe = dataclasses.replace(cfg, num_pages=cfg.pages_per_seq + 1, prefill_buckets=cfg.prefill_buckets[-1:],
-                                decode_buckets=cfg.decode_buckets[-1:], decode_windows=(cfg.pages_per_seq,))
-    eng = Engine(model, probe, mesh=mesh, roles=set(roles) & {"prefill", "decode"} or {"decode"}, name="probe",
-                 compile=False)
-    temp = max((low.compile().memory_analysis().temp_size_in_bytes for low in eng.lowered().values()), default=0)
-    del eng
-    p = memory_plan(device_memory, weight_bytes_per_device(model), kv_bytes_per_token(model.cfg, cfg.cache_dtype or
-                                                                                      model.dtype),
-                    fraction=kv_memory_fraction, temp=temp, page_size=cfg.page_size, min_tokens=cfg.max_model_len)
-    log.info("KV cache sized from %.0f%% of %.1f GB: weights %.2f GB, temporaries %.2f GB -> %d pages (%d tokens)",
-             100 * kv_memory_fraction, device_memory / 1e9, p.weights / 1e9, p.temp / 1e9, p.num_pages, p.kv_tokens)
-    return dataclasses.replace(cfg, num_pages=p.num_pages + 1), p   # + the scratch page
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:

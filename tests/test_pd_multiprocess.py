@@ -244,7 +244,8 @@ def test_http_server_over_worker_processes(cluster, colocated):
     streaming and not, and the workers end drained."""
     import openai
 
-    from serving.server import DEFAULT_CHAT_TEMPLATE, EngineLoop, Server, build_app
+    from serving.openai_api import DEFAULT_CHAT_TEMPLATE
+    from serving.server import EngineLoop, Server, build_app
 
     P, D = cluster["P"], cluster["D1"]
     want = colocated.generate(PROMPTS[:2], SamplingParams(max_tokens=N_NEW))

@@ -15,8 +15,8 @@ import pytest
 
 from serving import LLM, EngineConfig, SamplingParams
 from serving.config import DEFAULT_CHECKPOINT
-from serving.server import (DEFAULT_CHAT_TEMPLATE, BadRequest, EngineLoop, Server, build_app, chat_prompt,
-                            sampling_of)
+from serving.openai_api import DEFAULT_CHAT_TEMPLATE, BadRequest, chat_prompt, sampling_of
+from serving.server import EngineLoop, Server, build_app
 
 EC = EngineConfig(page_size=16, num_pages=64, max_model_len=256, prefill_buckets=(16, 64), decode_buckets=(2, 4, 8),
                   decode_steps=4, decode_windows=(16,))

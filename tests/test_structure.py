@@ -106,3 +106,10 @@ def test_every_entry_point_has_the_same_engine_flags_and_defaults():
     for m, b in blocks.items():
         assert {k: b.get(k) for k in engine} == {k: first[k] for k in engine}, m
     assert blocks["serving.server"] == first   # pool flags too
+
+
+@pytest.mark.parametrize("pkg", LAYERS)
+def test_no_module_over_600_lines(pkg):
+    long = {str(f.relative_to(ROOT)): n for f in _sources(pkg)
+            if (n := len(f.read_text().splitlines())) > MAX_LINES}
+    assert long == {}

@@ -1,0 +1,111 @@
+"""The OpenAI API's request side, pure (no server needed to test it): sampling fields -> `SamplingParams` with 400s
+naming the field, completion and chat prompts, chat templates (jinja2 sandbox)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from serving.sampling import SamplingParams
+
+# A template for checkpoints without one (the shipped model): role-tagged lines, then the assistant's tag.
+DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+class BadRequest(ValueError):
+    """A client error: answered 400 with this message."""
+
+
+# ---- request parsing (pure: unit-testable without a server) ---------------------------------------------------------
+def _num(body: dict, key: str, kind, default, lo=None, hi=None):
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise BadRequest(f"'{key}' must be an integer, got {v!r}")
+    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise BadRequest(f"'{key}' must be a number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise BadRequest(f"'{key}'={v!r} is out of range [{lo}, {hi}]")
+    return v
+
+
+def sampling_of(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int]:
+    """(SamplingParams, n) from an OpenAI request body; BadRequest naming the field."""
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise BadRequest("'logprobs' is not supported by this engine (it does not return token log-probabilities)")
+    if body.get("best_of") not in (None, 1) or body.get("echo") or body.get("suffix"):
+        raise BadRequest("'best_of', 'echo' and 'suffix' are not supported")
+    n = _num(body, "n", int, 1, 1, 16)
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
+        raise BadRequest("'stop' must be a string or a list of non-empty strings")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = default_max_tokens if max_tokens is None else _num({"max_tokens": max_tokens}, "max_tokens", int,
+                                                                     None, 1)
+    stop_ids = body.get("stop_token_ids") or ()
+    if not isinstance(stop_ids, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) for t in stop_ids):
+        raise BadRequest("'stop_token_ids' must be a list of token ids")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+        raise BadRequest("'seed' must be an integer in [0, 2**31)")
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=float(_num(body, "temperature", float, 1.0, 0, 2)),
+                                top_p=float(_num(body, "top_p", float, 1.0)), top_k=_num(body, "top_k", int, 0),
+                                seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
+                                ignore_eos=bool(body.get("ignore_eos", False)))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return params, n
+
+
+def completion_prompt(body: dict):
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]              # a batch of one
+    if isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
+        if not p:
+            raise BadRequest("'prompt' is empty")
+        return p
+    raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)")
+
+
+def chat_prompt(body: dict, template: str) -> str:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise BadRequest(f"messages[{i}] needs a 'role' of system/user/assistant/developer")
+        c = m.get("content")
+        if isinstance(c, list):   # content parts: text only
+            if any(not isinstance(x, dict) or x.get("type") != "text" for x in c):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            m = dict(m, content="".join(x.get("text", "") for x in c))
+            msgs[i] = m
+        elif not isinstance(c, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment   # chat templates are untrusted code: sandboxed
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(template).render(messages=msgs, add_generation_prompt=True, bos_token="",
+                                                eos_token="")
+    except Exception as e:  # a template error is the checkpoint's, but the request cannot proceed
+        raise BadRequest(f"chat template failed: {e}") from None
+
+
+def chat_template_of(checkpoint: str | None) -> str:
+    """The checkpoint's `tokenizer_config.json` chat_template, else DEFAULT_CHAT_TEMPLATE."""
+    p = os.path.join(checkpoint, "tokenizer_config.json") if checkpoint else ""
+    if p and os.path.exists(p):
+        with open(p) as f:
+            t = json.load(f).get("chat_template")
+        if isinstance(t, list):   # named templates: the default one
+            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+        if isinstance(t, str) and t:
+            return t
+    return DEFAULT_CHAT_TEMPLATE
