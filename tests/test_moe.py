@@ -1,5 +1,6 @@
-"""Every routed-expert implementation equals the sorted grouped reference (`routed_experts`), plain and quantized,
-including the capacity path's overflow fallback; the engine picks one per shape and says which."""
+"""Every routed-expert implementation (the ragged/sorted grouped one included) equals an independent per-token
+float64 numpy loop, plain and quantized, including the capacity path's overflow fallback; the engine picks one per
+shape and says which."""
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +22,38 @@ def _inputs(N, E=8, X=2, D=32, F=16, seed=0, skew=False):
         r(E, D, F) / 6, r(E, D, F) / 6, r(E, F, D) / 4
 
 
+def numpy_experts(x, w, idx, g, u, d) -> np.ndarray:
+    """The definition, token by token in float64: out[n] = sum_k w[n, k] * down_e(silu(x gate_e) * (x up_e)), e =
+    idx[n, k]. Shares no code with the model (no sort, no grouping, no jax)."""
+    x, w, g, u, d = (np.asarray(a, np.float64) for a in (x, w, g, u, d))
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for k, e in enumerate(np.asarray(idx)[n]):
+            h = x[n] @ g[e]
+            out[n] += w[n, k] * ((h / (1 + np.exp(-h))) * (x[n] @ u[e])) @ d[e]
+    return out
+
+
+def test_the_numpy_reference_catches_a_wrong_expert():
+    """Control: routing one token copy to the wrong expert is visible against the reference."""
+    x, w, idx, g, u, d = _inputs(13)
+    bad = np.asarray(idx).copy()
+    bad[3, 0] = (bad[3, 0] + 1) % 8
+    if bad[3, 0] == bad[3, 1]:
+        bad[3, 0] = (bad[3, 0] + 1) % 8
+    got = np.asarray(routed_experts(x, w, jnp.asarray(bad), g, u, d))
+    assert np.abs(got - numpy_experts(x, w, idx, g, u, d)).max() > 1e-3
+
+
 @pytest.mark.parametrize("impl", MOE_IMPLS)
 @pytest.mark.parametrize("N,skew", [(1, False), (13, False), (40, True)])
 def test_every_implementation_equals_the_reference(impl, N, skew):
     x, w, idx, g, u, d = _inputs(N, skew=skew)
     if skew:
         assert (idx == 0).sum() > capacity(idx.size, 8)       # the capacity path must fall back here
-    ref = routed_experts(x, w, idx, g, u, d)
+    ref = numpy_experts(x, w, idx, g, u, d)
     got = jax.jit(_LOCAL_IMPLS[impl])(x, w, idx, g, u, d)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", MOE_IMPLS)
@@ -43,7 +67,7 @@ def test_every_implementation_takes_quantized_experts(impl, quant):
         q = lambda a: formats.quantize(a, "nvfp4")
         deq = formats.dequantize
     qg, qu, qd = q(g), q(u), q(d)
-    ref = routed_experts(x, w, idx, deq(qg), deq(qu), deq(qd))
+    ref = numpy_experts(x, w, idx, deq(qg), deq(qu), deq(qd))
     got = jax.jit(_LOCAL_IMPLS[impl])(x, w, idx, qg, qu, qd)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
