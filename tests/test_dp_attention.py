@@ -2,10 +2,12 @@
 their KV pages (the cache's page axis split over the ranks), with the routed experts spread over all of them.
 
 Specification: greedy output equals the single-device engine token for token (dp=2,ep=4 and dp=4,ep=2, colocated
-and disaggregated, XLA and the paged Pallas kernel); the compiled decode step never all-gathers the cache; KV
+and disaggregated, XLA and the paged Pallas kernel); the compiled decode step moves no cache page or window
+between ranks (a control with unsplit rows trips the check); DP prefill broadcasts each row's window; KV
 capacity grows linearly with the ranks; every page comes back.
 """
 
+import dataclasses
 import re
 
 import jax.numpy as jnp
@@ -74,17 +76,50 @@ def test_paged_kernel_through_the_dp_engine(model, reference):
         _check_pages(llm)
 
 
-def test_decode_step_never_gathers_the_cache(model):
+COLLECTIVE = re.compile(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                        r"collective-permute|collective-broadcast)(?:-start)?\(")
+
+
+def window_collectives(hlo: str, Z: int, C: int, windows) -> list[str]:
+    """Collectives of any kind whose result is shaped like cache pages [.., Z, C] or an attention window
+    [.., Pw * Z, C] (the latent width C last)."""
+    rows = {Z} | {w * Z for w in windows}
+    out = []
+    for dims, op in COLLECTIVE.findall(hlo):
+        d = [int(x) for x in dims.split(",") if x]
+        if len(d) >= 2 and d[-1] == C and d[-2] in rows:
+            out.append(f"{op} [{dims}]")
+    return out
+
+
+def test_decode_step_moves_no_cache_window_between_ranks(model, monkeypatch):
     with LLM(model=model, engine_config=EC, decode_mesh="dp=2,ep=4") as llm:
         eng = llm.decode_engine
-        _, P, Z, C = eng.cache_shape
-        for (_, B, Pw), exe in ((k, e) for k, e in eng.executables().items() if k[0] == "decode"):
+        _, _, Z, C = eng.cache_shape
+        decode = {k: e for k, e in eng.executables().items() if k[0] == "decode"}
+        assert len(decode) == 2
+        for key, exe in decode.items():
             hlo = exe.as_text()
-            gathers = re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather", hlo)
-            assert gathers, "expected the EP dispatch's gathers in the program"
-            for dims in gathers:   # nothing shaped like cache pages [.., Z, C] or a gathered window [.., S, C]
-                d = [int(x) for x in dims.split(",") if x]
-                assert not (len(d) >= 2 and d[-1] == C and d[-2] in (Z, Pw * Z)), (B, Pw, dims)
+            assert COLLECTIVE.search(hlo), "expected the EP dispatch's collectives in the program"
+            assert window_collectives(hlo, Z, C, EC.windows) == [], key
+        # Control: rows not split over the ranks (every rank computes every row, the owner's window broadcast by a
+        # psum) is caught: the same decode step then all-reduces [B, S, C] windows.
+        layout = type(eng)._layout
+        monkeypatch.setattr(type(eng), "_layout", lambda self, *a, **k: dataclasses.replace(
+            layout(self, *a, **k), split_rows=False))
+        bad = eng.lower_decode(8, EC.windows[-1], 1).compile().as_text()
+        assert any(w.startswith("all-reduce") for w in window_collectives(bad, Z, C, EC.windows))
+
+
+def test_dp_prefill_broadcasts_each_rows_window_as_the_readme_says(model):
+    """What DP prefill does (README): every rank computes each prefill row and the owning rank's window is
+    broadcast to the others by an all-reduce of [rows, S, C] per layer; no page array [.., Z, C] moves."""
+    with LLM(model=model, engine_config=EC, decode_mesh="dp=2,ep=4") as llm:
+        eng = llm.decode_engine
+        _, _, Z, C = eng.cache_shape
+        for (_, R, T), exe in ((k, e) for k, e in eng.executables().items() if k[0] == "prefill"):
+            found = window_collectives(exe.as_text(), Z, C, EC.windows)
+            assert f"all-reduce [{R},{EC.windows[-1] * Z},{C}]" in found, (R, T, found)
 
 
 def test_kv_capacity_grows_linearly_with_the_ranks(model):
