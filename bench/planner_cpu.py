@@ -6,11 +6,13 @@ The machine is calibrated first, with generic probes and nothing of the model (`
 (1024^3), the weight-streaming bandwidth (a matvec over a 256 MiB matrix), what XLA:CPU reaches on [M, 512] x
 [512, 512] dot chains (M=1: `hbm` efficiency, M=16: `compute_decode`, M=128: `compute_prefill`), the fixed cost
 per kernel (a chain of tiny links) and per executable call (a 300-leaf argument list). Then, for each engine
-executable (1-step decode at a batch, prefill at a chunk), the planner's `executable_step` predicts its time from
-what the compiled executable says it does — FLOPs from XLA's cost analysis, kernels counted in its HLO, HBM bytes
-= the weights it streams (the MoE path's own: all local experts, or the picked ones for `gather`) + the KV it
-reads — with compute and memory time added (`serial`: XLA:CPU runs one op at a time), and the executable is timed
-(median of 15 calls on random weights, after a warm-up call).
+executable (1-step decode at a batch, prefill at a chunk), the *same step functions the GPU predictions use*
+(`planner.decode_step`, `planner.prefill_time`) predict its time on this CPU as `Hardware`, from the model's costs
+(`planner.model_costs` of the config in f32: weight bytes from the abstract model, FLOPs from the engine's analytic
+count), a 1-device layout (no collectives), kernels per layer counted in the executable's HLO and
+`Efficiency(serial=True)` (compute and memory time add up: XLA:CPU runs one op at a time). The engine's routed
+experts run the `segment` path (only live experts' rows, as a GPU's grouped GEMM). Each executable is timed
+(median of 15 calls, after a warm-up call).
 """
 
 from __future__ import annotations
@@ -88,55 +90,56 @@ def _model(name, cfg):
     return model_lib.DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
 
 
-def run(reps: int) -> dict:
-    from sharding.hlo import kernel_count
-    from planner import Efficiency, Hardware, executable_step
-    from serving.engine import Engine
+def _profile():
+    from planner import StepProfile
+
+    return StepProfile(model="cpu", decode_ep=1, decode_rows=[1], decode={}, prefill_tp=1, prefill_tokens=1,
+                       prefill={}, capacity_factor=1.0, prefill_ep=1, prefill_ep_bytes={"other": {}})
+
+
+def run(reps: int, configs=None, batches=(1, 4, 16), chunks=(32, 128)) -> dict:
+    """Predict each executable with the GPU planner's own step functions (`planner.decode_step` on a 1-device
+    `DecodeLayout`, `planner.prefill_time` on a 1-device TP layout) on this CPU as `Hardware`, then time it."""
+    from planner import DecodeLayout, Efficiency, Hardware, PrefillLayout, decode_step, model_costs, prefill_time
     from serving.config import EngineConfig
+    from serving.engine import Engine
+    from sharding.hlo import kernel_count
 
     rows = []
-    for name, cfg in _configs().items():
+    prof = _profile()
+    for name, cfg in (configs or _configs()).items():
         m = _model(name, cfg)
+        # the routed experts as the GPU model prices them: only the live experts' rows (grouped GEMM); XLA:CPU's
+        # other paths (dense over all experts, gathered copies) are not what a GPU runs
+        m.runtime = m.runtime.replace(moe_impl="segment")
         mcfg = m.cfg
         Z, L = 16, 256
-        ec = EngineConfig(page_size=Z, num_pages=16 * (L // Z) + 2, max_model_len=L, prefill_buckets=(32, 128),
-                          decode_buckets=(1, 4, 16), decode_steps=1, decode_windows=(L // Z,))
+        ec = EngineConfig(page_size=Z, num_pages=max(batches) * (L // Z) + 2, max_model_len=L,
+                          prefill_buckets=tuple(chunks), decode_buckets=tuple(batches), decode_steps=1,
+                          decode_windows=(L // Z,), prefill_rows=(1,))
         eng = Engine(m, ec)
-        params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(eng.params))
+        mc = model_costs(mcfg, "f32", "float32", name)
         # calibrated right before this model's timings: this shared machine drifts by tens of % within minutes
         cal = calibrate(reps)
-        hw = Hardware("cpu", 24e9, cal["stream_bytes_s"] / 1e9, cal["matmul_flops"], cal["matmul_flops"], None, 1, 1.0,
-                      1.0, 0.0, "this CPU (calibrated)")
-        eff = Efficiency(hbm=cal["hbm_eff"], compute_decode=cal["compute_decode"],
-                         compute_prefill=cal["compute_prefill"], kernel_overhead=cal["kernel_s"],
-                         step_overhead=cal["call_s"])
+        hw = Hardware("cpu", 24e9, cal["stream_bytes_s"] / 1e9, cal["matmul_flops"], cal["matmul_flops"], None, 1,
+                      1.0, 1.0, 0.0, "this CPU (calibrated)")
+        layers = mcfg.num_hidden_layers
         print(f"calibration: matmul {cal['matmul_flops'] / 1e9:.1f} GFLOP/s, streaming "
-              f"{cal['stream_bytes_s'] / 1e9:.1f} GB/s; on [M, 512] x [512, 512] chains: hbm {eff.hbm:.2f}, "
-              f"compute_decode {eff.compute_decode:.2f}, "
-              f"compute_prefill {eff.compute_prefill:.2f}; {cal['kernel_s'] * 1e6:.1f} us/kernel, "
-              f"{cal['call_s'] * 1e6:.0f} us/call")
-        embed = mcfg.vocab_size * mcfg.hidden_size * 4
-        kv_tok = mcfg.num_hidden_layers * mcfg.cache_width * 4
-        for B in (1, 4, 16):
+              f"{cal['stream_bytes_s'] / 1e9:.1f} GB/s; on [M, 512] x [512, 512] chains: hbm {cal['hbm_eff']:.2f}, "
+              f"compute_decode {cal['compute_decode']:.2f}, compute_prefill {cal['compute_prefill']:.2f}; "
+              f"{cal['kernel_s'] * 1e6:.1f} us/kernel, {cal['call_s'] * 1e6:.0f} us/call")
+        i32, f32 = np.int32, np.float32
+        for B in batches:
             exe = eng.executables()["decode", B, L // Z]
-            ca = exe.cost_analysis()
-            ca = ca[0] if isinstance(ca, (list, tuple)) else ca
             k = kernel_count(exe.as_text())
-            E, X = mcfg.n_routed_experts, mcfg.num_experts_per_tok
-            # the weights a step streams: all but the embedding table (B rows gathered); XLA:CPU's MoE paths read
-            # every local expert (dense / capacity) or the picked ones (gather): the executable's own choice
-            impl = eng.moe_impl(B)
-            hbm = params_bytes - embed + B * L * kv_tok
-            if impl == "gather":
-                expert = sum(x.size * 4 for p, x in jax.tree_util.tree_leaves_with_path(eng.params)
-                             if "experts_" in jax.tree_util.keystr(p) and "shared" not in jax.tree_util.keystr(p))
-                hbm -= expert * (1 - (1 - (1 - X / E) ** B))
-            pred = executable_step(hw, eff, float(ca.get("flops", 0)), hbm, k, compute_eff=eff.compute_decode,
-                                   serial=True)
-            i32, f32 = np.int32, np.float32
+            eff = Efficiency(hbm=cal["hbm_eff"], compute_decode=cal["compute_decode"],
+                             compute_prefill=cal["compute_prefill"], kernel_overhead=cal["kernel_s"],
+                             step_overhead=cal["call_s"], kernels_per_layer=max(1, round(k / layers)),
+                             ep_imbalance=1.0, serial=True)
+            pred = decode_step(mc, prof, hw, DecodeLayout(1), B, L, eff, act_bytes=4.0)
             args = (np.ones(B, i32), np.full(B, 8, i32), np.zeros((B, L // Z), i32), np.zeros(B, f32),
                     np.zeros(B, i32), np.ones(B, f32), np.zeros(B, i32), np.zeros(B, i32),
-                    np.zeros((B, eng._q_width), f32))
+                    np.zeros((B, 1), f32))
 
             def call():
                 out = exe(eng.params, eng.cache, *args)
@@ -144,17 +147,18 @@ def run(reps: int) -> dict:
                 jax.block_until_ready(out)
 
             meas = _median_time(call, reps)
-            rows.append(dict(calibration=cal, model=name, exe=f"decode B={B}", moe_impl=impl, flops=pred.flops,
-                             hbm_bytes=hbm,
-                             kernels=k, measured_s=meas, predicted_s=pred.seconds, error=pred.seconds / meas - 1,
-                             parts=pred.parts()))
-        for T in (32, 128):
+            rows.append(dict(calibration=cal, model=name, exe=f"decode B={B}", moe_impl="segment",
+                             flops=pred.flops, hbm_bytes=pred.hbm_bytes, kernels=k, measured_s=meas,
+                             predicted_s=pred.seconds, error=pred.seconds / meas - 1, parts=pred.parts()))
+        for T in chunks:
             exe = eng.executables()["prefill", 1, T]
-            ca = exe.cost_analysis()
-            ca = ca[0] if isinstance(ca, (list, tuple)) else ca
             k = kernel_count(exe.as_text())
-            pred = executable_step(hw, eff, float(ca.get("flops", 0)), params_bytes - embed + T * kv_tok, k,
-                                   compute_eff=eff.compute_prefill, serial=True)
+            eff = Efficiency(hbm=cal["hbm_eff"], compute_decode=cal["compute_decode"],
+                             compute_prefill=cal["compute_prefill"], kernel_overhead=cal["kernel_s"],
+                             step_overhead=cal["call_s"], kernels_per_layer=max(1, round(k / layers)),
+                             ep_imbalance=1.0, serial=True)
+            t_pred, _ = prefill_time(mc, prof, hw, PrefillLayout(1, "tp"), T, eff, act_bytes=4.0, batch=1)
+            t_pred += eff.step_overhead
             pt = np.zeros(ec.pages_per_seq, np.int32)
             pt[: T // Z] = np.arange(1, T // Z + 1)
 
@@ -166,10 +170,9 @@ def run(reps: int) -> dict:
                 jax.block_until_ready(out)
 
             meas = _median_time(callp, reps)
-            rows.append(dict(calibration=cal, model=name, exe=f"prefill T={T}", moe_impl=eng.moe_impl(T),
-                             flops=pred.flops,
-                             hbm_bytes=params_bytes - embed + T * kv_tok, kernels=k, measured_s=meas,
-                             predicted_s=pred.seconds, error=pred.seconds / meas - 1, parts=pred.parts()))
+            rows.append(dict(calibration=cal, model=name, exe=f"prefill T={T}", moe_impl="segment", flops=float("nan"),
+                             hbm_bytes=mc.total_weight_bytes, kernels=k, measured_s=meas, predicted_s=t_pred,
+                             error=t_pred / meas - 1, parts=f"{t_pred * 1e3:.2f} ms"))
     return dict(rows=rows)
 
 

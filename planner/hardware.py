@@ -65,6 +65,9 @@ class Efficiency:
     ep_imbalance: float = 1.15         # busiest EP rank's routed work / mean
     prefill_util: float = 0.8          # target utilization of the prefill pool (queueing)
     kv_memory_fraction: float = 0.9    # of HBM the engine may use
+    # compute and memory time of a layer add up instead of overlapping (XLA:CPU runs one op at a time: a
+    # matmul-bound op and a bandwidth-bound op never share time); False on GPUs
+    serial: bool = False
 
     def replace(self, **kw) -> "Efficiency":
         return dataclasses.replace(self, **kw)
@@ -135,9 +138,11 @@ class ModelCosts:
 
 def model_costs(cfg, quant: str = "nvfp4", cache_dtype: str = "bfloat16", name: str = "") -> ModelCosts:
     """Weight bytes by part from the abstract model of a 1 dense + 1 MoE layer cut of `cfg` (+ its MTP module) in
-    the checkpoint representation `quant` ("bf16", "fp8" = DeepSeek block FP8, "nvfp4"/"mxfp4" = FP4 experts and
+    the checkpoint representation `quant` ("bf16", "f32" (plain float32 weights, priced at the "bf16" matmul rate of
+    the hardware: the CPU validation), "fp8" = DeepSeek block FP8, "nvfp4"/"mxfp4" = FP4 experts and
     FP8 other linears, NVIDIA's DeepSeek-R1-FP4 layout)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -145,8 +150,10 @@ def model_costs(cfg, quant: str = "nvfp4", cache_dtype: str = "bfloat16", name: 
     from sharding.plan import kv_bytes_per_token
 
     cut = cfg.replace(num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=1)
-    q = None if quant == "bf16" else ("fp8" if quant == "fp8" else quant)
-    m = checkpoints.abstract_model(cut, quant=q, fp8_linears=quant != "bf16")
+    plain = quant in ("bf16", "f32")
+    q = None if plain else ("fp8" if quant == "fp8" else quant)
+    m = checkpoints.abstract_model(cut, quant=q, fp8_linears=not plain,
+                                   dtype=jnp.float32 if quant == "f32" else jnp.bfloat16)
     parts: dict[str, float] = {}
     for path, var in nnx.iter_graph(m):
         if not isinstance(var, nnx.Variable):
@@ -175,4 +182,4 @@ def model_costs(cfg, quant: str = "nvfp4", cache_dtype: str = "bfloat16", name: 
                       cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, parts.get("dense", 0),
                       parts.get("moe_attn", 0), parts.get("experts", 0) / max(cfg.n_routed_experts, 1),
                       parts.get("embed", 0) + parts.get("norm", 0), parts.get("head", 0),
-                      parts.get("mtp_extra", 0), kv_layer, fmt, "bf16" if quant == "bf16" else "fp8", cfg)
+                      parts.get("mtp_extra", 0), kv_layer, fmt, "bf16" if plain else "fp8", cfg)

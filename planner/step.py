@@ -26,6 +26,11 @@ class StepTime:
                 f"comm {self.comm * 1e3:.2f}, fixed {self.fixed * 1e3:.2f})")
 
 
+def _roof(compute: float, memory: float, eff: Efficiency) -> float:
+    """A layer's roofline time: compute and memory overlap (GPU), or add up (`Efficiency.serial`, XLA:CPU)."""
+    return compute + memory if eff.serial else max(compute, memory)
+
+
 def _comm_seconds(hw: Hardware, eff: Efficiency, wire: float, group: int) -> tuple[float, bool]:
     """Seconds for `wire` bytes per device over a group of `group` GPUs: inside a domain at NVLink speed; a group
     spanning domains sends the off-domain share over the NIC (the two run concurrently)."""
@@ -108,9 +113,9 @@ def decode_step(mc: ModelCosts, prof: StepProfile, hw: Hardware, lay: DecodeLayo
     b_dense = mc.dense_layer_bytes / tp + kv
     b_moe = mc.moe_attn_bytes / tp + mc.experts / n * mc.expert_bytes * touched + kv
     hbm = hw.hbm_gbs * 1e9 * eff.hbm
-    t_dense = max(t_dense_c, b_dense / hbm)
-    t_moe = max(t_moe_c, b_moe / hbm)
-    t_head = max(head / (hw.peak("bf16") * ce), (mc.head_bytes / tp + (mc.mtp_extra_bytes if mtp else 0)) / hbm)
+    t_dense = _roof(t_dense_c, b_dense / hbm, eff)
+    t_moe = _roof(t_moe_c, b_moe / hbm, eff)
+    t_head = _roof(head / (hw.peak("bf16") * ce), (mc.head_bytes / tp + (mc.mtp_extra_bytes if mtp else 0)) / hbm, eff)
     # collectives: per-row bytes from the compiled profile, scaled to this instance. The EP dispatch runs among
     # the attention ranks (group R; its GPUs span all n); with tp > 1 each rank's heads, FFN widths and vocab are
     # split over tp and every layer all-reduces its rows' outputs: the TP prefill anchor's bytes per token held.
@@ -191,5 +196,5 @@ def prefill_time(mc: ModelCosts, prof: StepProfile, hw: Hardware, lay: PrefillLa
     ncoll = (mc.layers - mc.dense_layers) * c1 + mc.dense_layers * c2 + c3
     t_w, cross = _comm_seconds(hw, eff, wire, n)
     lat = ncoll * (eff.collective_latency_out if cross else eff.collective_latency_in)
-    t = max(t_c, t_m) + t_w * (1 - eff.overlap_prefill) + lat + fixed
+    t = _roof(t_c, t_m, eff) + t_w * (1 - eff.overlap_prefill) + lat + fixed
     return t, tokens / t / n

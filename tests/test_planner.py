@@ -161,3 +161,26 @@ def test_fit_published_finds_a_value_within_three_percent():
     pts = planner.simulate(mc, prof, HARDWARE["b200"], wl, e)
     p = planner.at_interactivity(pts, planner.PUBLISHED["interactivity"])
     assert p.tok_s_gpu == pytest.approx(r["fit"])
+
+
+def test_cpu_validation_runs_the_step_function_of_the_gpu_predictions(monkeypatch):
+    """`bench.planner_cpu` predicts each CPU executable with `planner.decode_step` / `planner.prefill_time` — the
+    functions behind every GPU figure — not a separate CPU-only formula."""
+    from bench import planner_cpu
+
+    cal = dict(matmul_flops=50e9, stream_bytes_s=10e9, hbm_eff=0.5, compute_decode=0.3, compute_prefill=0.5,
+               kernel_s=2e-6, call_s=50e-6)
+    monkeypatch.setattr(planner_cpu, "calibrate", lambda reps: cal)   # the probes' timing is not under test
+    calls = {"decode": [], "prefill": []}
+    real_d, real_p = planner.decode_step, planner.prefill_time
+    monkeypatch.setattr(planner, "decode_step", lambda *a, **k: calls["decode"].append(real_d(*a, **k))
+                        or calls["decode"][-1])
+    monkeypatch.setattr(planner, "prefill_time", lambda *a, **k: calls["prefill"].append(real_p(*a, **k))
+                        or calls["prefill"][-1])
+    res = planner_cpu.run(2, configs={"tiny": preset("tiny").replace(num_nextn_predict_layers=0)}, batches=(1, 2),
+                          chunks=(16,))
+    dec = [r for r in res["rows"] if r["exe"].startswith("decode")]
+    pre = [r for r in res["rows"] if r["exe"].startswith("prefill")]
+    assert [r["predicted_s"] for r in dec] == [st.seconds for st in calls["decode"]]
+    assert [r["predicted_s"] for r in pre] == [t + cal["call_s"] for t, _ in calls["prefill"]]
+    assert all(r["measured_s"] > 0 for r in res["rows"])
