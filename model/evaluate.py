@@ -15,22 +15,24 @@ Reported per dtype:
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def load_tokenizer(checkpoint: str):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(os.path.join(checkpoint, "tokenizer.json"))
+from model.tokenizer import Tokenizer
 
 
-def encode(tok, text: str, bos_id: int | None) -> np.ndarray:
-    ids = tok.encode(text).ids
+def load_tokenizer(checkpoint: str) -> Tokenizer:
+    tok = Tokenizer.of_checkpoint(checkpoint)
+    if tok is None:
+        raise FileNotFoundError(f"{checkpoint} has no tokenizer.json")
+    return tok
+
+
+def encode(tok: Tokenizer, text: str, bos_id: int | None) -> np.ndarray:
+    ids = tok.encode(text)
     return np.asarray(([bos_id] if bos_id is not None else []) + ids, dtype=np.int32)
 
 

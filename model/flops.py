@@ -66,11 +66,3 @@ def decode_flops(cfg: ModelConfig, batch: int, context: int, *, tokens_per_row: 
     if mtp:
         per_row += mtp_flops(cfg, tokens_per_row, context, absorbed=True)
     return batch * per_row
-
-
-def prefill_flops(cfg: ModelConfig, prompt: int, context: int | None = None, *, mtp: bool = False) -> int:
-    """Prefill of one `prompt`-token chunk (naive MLA) attending over `context` keys (default: the prompt); the
-    head runs on the last position only (the serving engine's `logits_at`)."""
-    context = prompt if context is None else context
-    f = forward_flops(cfg, prompt, context, absorbed=False, head_tokens=1)
-    return f + (mtp_flops(cfg, prompt, context, absorbed=False) - head_flops(cfg, prompt - 1) if mtp else 0)

@@ -7,10 +7,14 @@ Routing (as the HF reference / DeepSeek's release):
   pick num_experts_per_tok experts by `choice` within the kept groups
   weights = scores of the picked experts (unbiased), / their sum if norm_topk_prob, * routed_scaling_factor
 
-Routed experts, local implementations (`MOE_IMPLS`, chosen by `Runtime.moe_impl`; all exact, none drops a token):
-  ragged — token copies sorted by expert, one grouped matmul per weight (`lax.ragged_dot`);
-  dense  — every expert on every token, weighted by the router (zero for unpicked experts): E/X times the FLOPs,
-           but plain batched matmuls (fast where ragged_dot is slow and E is small, e.g. XLA:CPU).
+Routed experts, local implementations (`MOE_IMPLS`, chosen by `Runtime.moe_impl` or per shape by
+`choose_moe_impl`; all exact, none drops a token):
+  ragged   — token copies sorted by expert, one grouped matmul per weight (`lax.ragged_dot`; the GPU kernels);
+  dense    — every expert on every token, weighted by the router (zero for unpicked experts): E/X times the
+             FLOPs, but plain batched matmuls (fast where ragged_dot is slow and E is small, e.g. XLA:CPU);
+  gather   — each token copy's expert weights gathered and applied as a batched matvec (few copies, many experts);
+  capacity — copies bucketed per expert up to a capacity, one batched matmul, with an exact fallback on overflow;
+  segment  — a loop over only the live (expert, row tile) items of the copies sorted by expert.
 Expert parallelism (all_to_all across devices) is `model.expert_parallel.ExpertParallel`, which reuses `route`
 and `expert_ffn`.
 """

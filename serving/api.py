@@ -10,33 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 import time
 
 import numpy as np
 
+from model.tokenizer import Tokenizer
 from serving.sampling import SamplingParams, sampling_arrays
-
-# ---- tokenizer --------------------------------------------------------------------------------------------------
-class Tokenizer:
-    """`tokenizer.json` through the `tokenizers` library."""
-
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer as _T
-
-        self._t = _T.from_file(path)
-
-    @classmethod
-    def of_checkpoint(cls, checkpoint: str | None) -> "Tokenizer | None":
-        p = os.path.join(checkpoint, "tokenizer.json") if checkpoint else ""
-        return cls(p) if p and os.path.exists(p) else None
-
-    def encode(self, text: str) -> list[int]:
-        return self._t.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self._t.decode(ids)
-
 
 # ---- requests -----------------------------------------------------------------------------------------------------
 class Status(enum.Enum):

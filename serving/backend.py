@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
+    """What `LLM` drives: the in-process scheduler (`LocalBackend`) or a router of worker processes
+    (`RemoteBackend`)."""
+
     vocab_size: int
     max_model_len: int
     eos_ids: tuple[int, ...]

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import checkpoints
 from model.runtime import Runtime
 from serving.api import Event, Request, RequestOutput, Tokenizer, as_prompt_list, new_request, output_of, params_list
-from serving.backend import LocalBackend, RemoteBackend
+from serving.backend import Backend, LocalBackend, RemoteBackend
 from serving.build import build_engine
 from serving.config import DEFAULT_CHECKPOINT, OFFLINE_PREFILL_BUDGET, default_max_model_len, EngineConfig, parse_mesh_spec, SchedulerConfig
 from serving.protocol import read_token
@@ -83,7 +83,7 @@ class LLM:
                                  "processes own the engines")
             self.tokenizer = tokenizer or Tokenizer.of_checkpoint(checkpoint)
             token = token if token is not None else read_token(None)
-            self.backend = RemoteBackend.connect(workers=workers, router=router, token=token,
+            self.backend: Backend = RemoteBackend.connect(workers=workers, router=router, token=token,
                                                  router_config=router_config, ready_timeout_s=ready_timeout_s,
                                                  detokenize=self.tokenizer.decode if self.tokenizer else None)
             self.mode = "remote"
@@ -132,7 +132,7 @@ class LLM:
         self.scheduler = Scheduler(self.decode_engine, self.prefill_engine,
                                    config=scheduler_config or SchedulerConfig(prefill_budget=OFFLINE_PREFILL_BUDGET),
                                    eos_ids=mcfg.eos_token_ids, detokenize=tokenizer.decode if tokenizer else None)
-        self.backend = LocalBackend(self.scheduler, vocab_size=mcfg.vocab_size, max_model_len=ec.max_model_len)
+        self.backend: Backend = LocalBackend(self.scheduler, vocab_size=mcfg.vocab_size, max_model_len=ec.max_model_len)
 
     # ---- requests ---------------------------------------------------------------------------------------------------
     @property

@@ -1,10 +1,13 @@
 """The model's cache contract (`model.cache.KVCache`): layouts declare capabilities, and the model checks them."""
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from model.cache import BLOCKWISE_PREFILL, KERNEL_DECODE, ContiguousCache, NoCache, check_layout
 from model.config import preset
@@ -49,10 +52,16 @@ def test_contiguous_cache_follows_the_contract_through_the_model():
     cfg = preset("tiny")
     model = DeepseekV3(cfg)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 6)).astype(np.int32)
-    ref = np.asarray(model(jnp.asarray(ids)))
+    graphdef, params = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnames="absorbed")
+    def fwd(params, toks, pos, state, absorbed):
+        return nnx.merge(graphdef, params).forward(toks, pos, cache=ContiguousCache(), state=state,
+                                                   absorbed=absorbed)
+
+    ref = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, jnp.asarray(ids)))
     state = ContiguousCache.init(cfg, 1, 8)
     pos = jnp.arange(5, dtype=jnp.int32)[None]
-    _, _, state = model.forward(jnp.asarray(ids[:, :5]), pos, cache=ContiguousCache(), state=state)
-    logits, _, _ = model.forward(jnp.asarray(ids[:, 5:]), jnp.full((1, 1), 5, jnp.int32), cache=ContiguousCache(),
-                                 state=state, absorbed=True)
+    _, _, state = fwd(params, jnp.asarray(ids[:, :5]), pos, state, False)
+    logits, _, _ = fwd(params, jnp.asarray(ids[:, 5:]), jnp.full((1, 1), 5, jnp.int32), state, True)
     np.testing.assert_allclose(np.asarray(logits)[0, 0], ref[0, 5], atol=1e-4, rtol=1e-4)

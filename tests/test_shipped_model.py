@@ -66,8 +66,8 @@ def test_config_is_the_full_architecture(model_f32, tok):
     assert cfg.n_shared_experts == 1 and cfg.n_group > 1
     assert cfg.num_nextn_predict_layers == 1 and len(model_f32.mtp) == 1
     assert not cfg.tie_word_embeddings
-    assert 2048 <= cfg.vocab_size <= 4096 and tok.get_vocab_size() == cfg.vocab_size
-    assert tok.decode(tok.encode("To be, or not to be").ids) == "To be, or not to be"
+    assert 2048 <= cfg.vocab_size <= 4096 and tok.vocab_size == cfg.vocab_size
+    assert tok.decode(tok.encode("To be, or not to be")) == "To be, or not to be"
 
 
 def test_heldout_perplexity_f32(eval_f32):
@@ -89,7 +89,7 @@ def test_mtp_beats_unigram(eval_f32):
 def test_greedy_continuation_is_mostly_real_words(model_f32, tok):
     with open(os.path.join(ASSET, "train_words.txt")) as f:
         known = set(f.read().split())
-    ids = [0] + tok.encode(PROMPT).ids
+    ids = [0] + tok.encode(PROMPT)
     out = greedy_generate(model_f32, [ids], 48)[0]
     text = tok.decode(out)
     words = re.findall(r"[a-z]+(?:'[a-z]+)*", text.lower())
