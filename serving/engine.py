@@ -197,7 +197,8 @@ class Engine:
         # by the rank owning its pages
         return PagedCache(page_table_BP, valid_BT, mesh=self.mesh if self.ranks > 1 else None,
                           axes=self.rank_axes if self.ranks > 1 else (), pages_per_rank=self.pages_per_rank,
-                          kernel=None if impl == "xla" else impl, block_pages=block, split_rows=not prefill)
+                          kernel=None if impl == "xla" else impl, block_pages=block, split_rows=not prefill,
+                          int_view=self.runtime.target_platform == "cpu")
 
     def moe_impl(self, n_tokens: int) -> str | None:
         """The routed-expert implementation the executables for `n_tokens` rows use: the runtime's if set, the

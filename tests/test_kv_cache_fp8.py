@@ -78,10 +78,10 @@ def _round_trip_writes(monkeypatch):
     """Float caches store what an FP8 row would read back: every page write passes through encode/decode."""
     write = paged_cache._write
 
-    def rt(state, layer, kv_BTC, positions_BT, page_table_BP, valid_BT):
+    def rt(state, layer, kv_BTC, *rest):
         kv = kv_BTC if paged_cache.is_fp8(state) else paged_cache.decode_fp8_rows(
             paged_cache.encode_fp8_rows(kv_BTC), kv_BTC.dtype)
-        return write(state, layer, kv, positions_BT, page_table_BP, valid_BT)
+        return write(state, layer, kv, *rest)
 
     monkeypatch.setattr(paged_cache, "_write", rt)
 
