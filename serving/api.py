@@ -51,6 +51,7 @@ class Request:
     spec_accepted: int = 0                        # ... and accepted
     cached_tokens: int = 0                        # prompt tokens served from the prefix cache (not prefilled)
     stop_rules: object = dataclasses.field(default=None, repr=False, compare=False)   # serving.stops.StopRules
+    text_stopped: bool = False                    # a stop string ended it (the text stage; reason stays "stop")
     # metrics
     prefill_start: float | None = None
     prefill_end: float | None = None

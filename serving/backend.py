@@ -7,8 +7,9 @@
     backend.page_stats() -> {engine or worker: {free, used, leased, total}}
     backend.close()
 
-Both apply the same stop / length / detokenize rules (`serving.stops.append_tokens`): the scheduler to the
-tokens its engine emits, the remote backend to the tokens the router streams.
+Both apply the same token rules (`serving.stops.append_tokens`: stop tokens, EOS, length): the scheduler to the
+tokens its engine emits, the remote backend to the tokens the router streams. Text and stop strings are the
+frontend's (`serving.stops.TextStage`, applied by `LLM`, or on the HTTP server's text thread).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from serving.api import Event, Request, Status
 from serving.stops import append_tokens
@@ -94,19 +95,18 @@ class RemoteBackend:
     request)."""
 
     def __init__(self, router: Router | RouterClient, engine_info: dict,
-                 detokenize: Callable[[list[int]], str] | None):
+                 ):
         self.router = router
         self.engine_info = engine_info
         self.max_model_len = int(engine_info["max_model_len"])
         self.vocab_size = int(engine_info["vocab_size"])
         self.eos_ids = tuple(engine_info.get("eos_ids") or ())
-        self.detokenize = detokenize
         self._live: dict[str, Request] = {}
         self._closed_pages: dict | None = None
 
     @classmethod
     def connect(cls, *, workers: Sequence[str] | None, router: str | None, token: str | None,
-                router_config: RouterConfig | None, detokenize, ready_timeout_s: float = 120.0) -> "RemoteBackend":
+                router_config: RouterConfig | None, ready_timeout_s: float = 120.0) -> "RemoteBackend":
         if bool(workers) == bool(router):
             raise ValueError("give exactly one of workers=[addr, ...] or router='host:port'")
         if workers:
@@ -127,13 +127,13 @@ class RemoteBackend:
                 r.wait_until(lambda s: all(w["alive"] for w in s["workers"].values()), 2 * cfg.heartbeat_s + 2.0)
             except TimeoutError:
                 pass
-            return cls(r, info, detokenize)
+            return cls(r, info)
         client = RouterClient(router, token)
         info = client.info.get("engine")
         if not info:
             client.close()
             raise RuntimeError(f"router {router} has no live worker yet")
-        return cls(client, info, detokenize)
+        return cls(client, info)
 
     def submit(self, req: Request) -> None:
         if req.id in self._live:
@@ -163,13 +163,15 @@ class RemoteBackend:
                 req.transfer_s, req.attempts, req.workers = m.get("transfer_s"), m.get("attempts"), m.get("workers")
             event, reason = Event(req, [], "", False), None
             if ev["tokens"] and req.finish_reason is None:
-                event, reason = append_tokens(req, ev["tokens"], now, self.eos_ids, self.detokenize)
+                event, reason = append_tokens(req, ev["tokens"], now, self.eos_ids)
             if reason is not None and not ev["finished"]:
                 self.router.abort(req.id)              # a stop rule ended it here: end the remote request
             if ev["finished"] or reason is not None:
                 if ev["finished"] and (reason is None or ev["reason"] == "error"):
                     reason = ev["reason"] or "stop"
                     req.error = ev.get("error")
+                if req.text_stopped:                   # a stop string ended it (the text stage), then an abort
+                    reason = "stop"
                 req.finish_reason, req.status, req.finish_time = reason, Status.FINISHED, now
                 self._live.pop(req.id, None)
                 out.append(Event(req, event.new_token_ids, event.new_text, True))

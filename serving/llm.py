@@ -29,6 +29,7 @@ from serving.config import DEFAULT_CHECKPOINT, OFFLINE_PREFILL_BUDGET, default_m
 from serving.protocol import read_token
 from serving.router import RouterConfig
 from serving.sampling import SamplingParams
+from serving.stops import TextStage
 from serving.scheduler import Scheduler
 from sharding import DECODE_RULES, PREFILL_RULES, Topology
 
@@ -84,8 +85,9 @@ class LLM:
             self.tokenizer = tokenizer or Tokenizer.of_checkpoint(checkpoint)
             token = token if token is not None else read_token(None)
             self.backend: Backend = RemoteBackend.connect(workers=workers, router=router, token=token,
-                                                 router_config=router_config, ready_timeout_s=ready_timeout_s,
-                                                 detokenize=self.tokenizer.decode if self.tokenizer else None)
+                                                          router_config=router_config,
+                                                          ready_timeout_s=ready_timeout_s)
+            self.text = TextStage(self.tokenizer.decode if self.tokenizer else None, self.backend.eos_ids)
             self.mode = "remote"
             return
         if mode not in ("colocated", "disagg"):
@@ -131,7 +133,8 @@ class LLM:
             self.prefill_engine = engine(pc, pmesh, prefill_rules or PREFILL_RULES, "prefill", {"prefill", "send"})
         self.scheduler = Scheduler(self.decode_engine, self.prefill_engine,
                                    config=scheduler_config or SchedulerConfig(prefill_budget=OFFLINE_PREFILL_BUDGET),
-                                   eos_ids=mcfg.eos_token_ids, detokenize=tokenizer.decode if tokenizer else None)
+                                   eos_ids=mcfg.eos_token_ids)   # token rules; text: the frontend's TextStage
+        self.text = TextStage(tokenizer.decode if tokenizer else None, mcfg.eos_token_ids)
         self.backend: Backend = LocalBackend(self.scheduler, vocab_size=mcfg.vocab_size, max_model_len=ec.max_model_len)
 
     # ---- requests ---------------------------------------------------------------------------------------------------
@@ -156,9 +159,16 @@ class LLM:
     def abort(self, request_id: str) -> None:
         self.backend.abort(request_id)
 
-    def step(self, timeout: float = 1.0) -> list[Event]:
-        """Make progress (local: one scheduler step; remote: wait up to `timeout` for router events)."""
-        return self.backend.events(timeout)
+    def step(self, timeout: float = 1.0, text: bool = True) -> list[Event]:
+        """Make progress (local: one scheduler step; remote: wait up to `timeout` for router events). text=False:
+        the events carry tokens only; the caller runs `apply_text` on them (elsewhere, e.g. another thread)."""
+        events = self.backend.events(timeout)
+        return self.apply_text(events) if text else events
+
+    def apply_text(self, events: list[Event], abort=None) -> list[Event]:
+        """Detokenize and apply stop strings (`serving.stops.TextStage`); a stop string aborts the rest of its
+        request through `abort` (default: this LLM's; the HTTP server passes its engine thread's queue)."""
+        return self.text.apply(events, abort or self.abort)
 
     def has_work(self) -> bool:
         return self.backend.has_work()

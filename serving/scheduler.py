@@ -262,7 +262,7 @@ class Scheduler:
             toks = np.concatenate([req.prompt_ids, np.asarray(req.output_ids, np.int32)])
             self.pages.cache_prefix(req.pages, toks, len(toks) - 1)
         req.status = Status.FINISHED
-        req.finish_reason = reason
+        req.finish_reason = "stop" if req.text_stopped else reason   # a stop string, then the abort that ended it
         req.error = error
         req.finish_time = time.perf_counter()
         if req.pages:

@@ -9,8 +9,9 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (both streaming SSE o
 engine thread is alive), /ready (the engine is built and serving), /metrics (Prometheus text).
 
 Threading: one **engine thread** owns the `LLM` (its scheduler is single-threaded): it takes submissions and aborts
-from a queue, steps the engine while there is work, and hands each request's events to the HTTP side's event
-loop (`call_soon_threadsafe`). Handlers never touch the engine. A client that disconnects (streaming or not)
+from a queue and steps the engine while there is work (token rules only); a **text thread** detokenizes and applies
+stop strings (`serving.stops.TextStage`; a stop string aborts through the engine's queue) and hands each request's
+events to the HTTP side's event loop (`call_soon_threadsafe`). Handlers never touch the engine. A client that disconnects (streaming or not)
 aborts its request, which frees its pages. Admission is bounded: more than `--max_queue` requests in flight
 answer 429; a server that is not ready (or shutting down) answers 503. Bad requests answer 400 naming the field.
 Binds 127.0.0.1 unless told otherwise; with an API key every /v1 call needs `Authorization: Bearer <key>`.
@@ -66,8 +67,12 @@ class EngineLoop:
         self._stop = threading.Event()
         self.error: str | None = None
         self._page_bytes = self._transfer_page_bytes()
+        # the engine thread only steps the engine (token rules); text and stop strings run on the text thread
+        self._texts: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._text_thread = threading.Thread(target=self._run_text, name="text", daemon=True)
         self._thread.start()
+        self._text_thread.start()
 
     @property
     def alive(self) -> bool:
@@ -93,6 +98,8 @@ class EngineLoop:
         self._stop.set()
         self._cmds.put(("stop", None))
         self._thread.join(timeout=30)
+        self._texts.put(None)
+        self._text_thread.join(timeout=30)
 
     def _transfer_page_bytes(self) -> int:
         llm = self.llm
@@ -124,8 +131,9 @@ class EngineLoop:
                     except queue.Empty:
                         cmd = None
                 if llm.has_work() or aborted:   # an abort's final event comes out of the next step
-                    for ev in llm.step():
-                        self._deliver(ev)
+                    events = llm.step(text=False)
+                    if events:
+                        self._texts.put(events)
                 self._sample_gauges()
         except Exception as e:   # the engine died: every waiting handler gets an error, /health goes red
             log.exception("engine loop failed")
@@ -135,6 +143,27 @@ class EngineLoop:
             for h in live:
                 h.req.finish_reason, h.req.error = "error", self.error
                 h.push(Event(h.req, [], "", True))
+
+    def _run_text(self) -> None:
+        """Detokenize and apply stop strings off the engine thread; a stop string aborts through the engine's
+        command queue."""
+        while True:
+            try:
+                events = self._texts.get(timeout=1.0)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            if events is None:
+                return
+            try:
+                for ev in self.llm.apply_text(events, abort=self.abort):
+                    self._deliver(ev)
+            except Exception:   # one bad event never stops the stream of the others
+                log.exception("text stage failed")
+                for ev in events:
+                    if ev.finished:
+                        self._deliver(ev)
 
     def _deliver(self, ev: Event) -> None:
         with self._lock:

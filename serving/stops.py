@@ -53,7 +53,7 @@ class IncrementalDetokenizer:
 class StopRules:
     """One request's stop state: its token rules and, with a detokenizer, its text and stop strings."""
 
-    def __init__(self, req: Request, eos_ids: Sequence[int], decode: Callable[[list[int]], str] | None):
+    def __init__(self, req: Request, eos_ids: Sequence[int], decode: Callable[[list[int]], str] | None = None):
         p = req.params
         self.limit = req.limit
         self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
@@ -64,46 +64,99 @@ class StopRules:
         # streaming holds back the chars a stop string could still start in: never send text it would cut
         self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
 
-    def apply(self, n_before: int, new_tokens: Sequence[int]) -> tuple[list[int], str, str | None]:
-        """(tokens kept, text delta, finish reason or None) for `new_tokens` after `n_before` output tokens."""
+    def tokens(self, n_before: int, new_tokens: Sequence[int]) -> tuple[list[int], str | None]:
+        """Token rules: (tokens kept, "stop" / "length" / None) for `new_tokens` after `n_before` output tokens."""
         kept, reason = [], None
         for t in new_tokens:
             kept.append(int(t))
             if t in self.stop_ids:
-                reason = "stop"
-                break
+                return kept, "stop"
             if n_before + len(kept) >= self.limit:
-                reason = "length"
-                break
+                return kept, "length"
+        return kept, reason
+
+    def text_of(self, decode: Callable[[list[int]], str], kept: Sequence[int], reason: str | None,
+                final: bool) -> tuple[str, bool]:
+        """Text rules for tokens the token rules kept: (text delta to stream, whether a stop string ended the
+        request here). `final`: the request ends with these tokens (flush the held-back text)."""
         if self.detok is None:
-            return kept, "", reason
+            self.detok = IncrementalDetokenizer(decode)
         shown = kept[:-1] if reason == "stop" and kept and kept[-1] in self.stop_ids else kept
         delta = self.detok.push(shown)
-        if reason is not None:
+        if final:
             delta += self.detok.flush()
         start = len(self.text)
-        full = self.text + delta
+        full, hit = self.text + delta, False
         for s in self.stop_strings:   # only where the new text can complete a stop string
             i = full.find(s, max(0, start - len(s) + 1))
             if i >= 0:
-                full, reason = full[:i], "stop"
+                full, hit = full[:i], True
         self.text = full
-        end = len(full) if reason is not None else max(self.sent, len(full) - self.hold)
+        end = len(full) if (final or hit) else max(self.sent, len(full) - self.hold)
         out, self.sent = full[self.sent:end], end
-        return kept, out, reason
+        return out, hit
+
+
+def _rules(req: Request, eos_ids: Sequence[int]) -> StopRules:
+    if req.stop_rules is None:
+        req.stop_rules = StopRules(req, eos_ids)
+    return req.stop_rules
 
 
 def append_tokens(req: Request, tokens: Sequence[int], now: float, eos_ids: Sequence[int],
-                  detokenize: Callable[[list[int]], str] | None) -> tuple[Event, str | None]:
-    """Apply the stop rules to `req`'s new tokens: extend its ids, text and token times. Returns the event to stream
-    and the finish reason (None while it runs); the caller ends the request when there is one."""
-    rules = req.stop_rules
-    if rules is None:
-        rules = req.stop_rules = StopRules(req, eos_ids, detokenize)
-    kept, delta, reason = rules.apply(len(req.output_ids), tokens)
+                  detokenize: Callable[[list[int]], str] | None = None) -> tuple[Event, str | None]:
+    """The token rules on `req`'s new tokens (and, given `detokenize`, the text rules in line): extend its ids and
+    token times. Returns the event to stream and the finish reason (None while it runs); the caller ends the
+    request when there is one. Without `detokenize` the event carries no text: a `TextStage` adds it later."""
+    rules = _rules(req, eos_ids)
+    kept, reason = rules.tokens(len(req.output_ids), tokens)
     if req.first_token_time is None and kept:
         req.first_token_time = now
     req.output_ids.extend(kept)
     req.token_times.extend([now] * len(kept))
-    req.text = rules.text
+    delta = ""
+    if detokenize is not None:
+        delta, hit = rules.text_of(detokenize, kept, reason, reason is not None)
+        if hit:
+            reason = "stop"
+        req.text = rules.text
     return Event(req, kept, delta, reason is not None), reason
+
+
+class TextStage:
+    """The text rules apart from the token rules: detokenization and stop strings, run after a step by `LLM` or
+    on the HTTP server's text thread — never on its engine thread.
+
+    `apply(events, abort)` returns the events with their text. A stop string ends a request here: its event comes
+    out finished with reason "stop", `abort(request_id)` is called so the backend stops generating it (and frees
+    its pages), and the backend's own last event for it is swallowed."""
+
+    def __init__(self, decode: Callable[[list[int]], str] | None, eos_ids: Sequence[int]):
+        self.decode, self.eos_ids = decode, tuple(eos_ids)
+        self._stopped: set[str] = set()     # ended here; the backend's last event for them is still to come
+
+    def apply(self, events: Sequence[Event], abort: Callable[[str], None]) -> list[Event]:
+        out = []
+        for ev in events:
+            req = ev.request
+            if req.id in self._stopped:
+                if ev.finished:
+                    self._stopped.discard(req.id)
+                continue
+            if self.decode is None:
+                out.append(ev)
+                continue
+            rules = _rules(req, self.eos_ids)
+            reason = req.finish_reason if ev.finished else None
+            delta, hit = rules.text_of(self.decode, ev.new_token_ids, reason, ev.finished)
+            req.text = rules.text
+            if hit and not ev.finished:
+                req.text_stopped = True
+                req.finish_reason = "stop"
+                self._stopped.add(req.id)
+                abort(req.id)
+            elif hit:
+                req.text_stopped = True
+                req.finish_reason = "stop"
+            out.append(Event(req, ev.new_token_ids, delta, ev.finished or hit))
+        return out

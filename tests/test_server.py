@@ -72,6 +72,26 @@ def test_completion_equals_llm_generate_and_streaming_equals_non_streaming(serve
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
 
 
+def test_stop_string_ends_the_stream_there_and_frees_the_pages(served):
+    """Stop strings run on the server's text thread (not the engine thread): the text is cut before the stop
+    string, streamed and not, finish_reason is "stop", the rest of the request is aborted (its pages come back:
+    the autouse fixture checks), and nothing of the cut text is ever streamed."""
+    llm, engine, _, client = served
+    full = llm.generate([PROMPT], SamplingParams(max_tokens=24))[0].text   # (the engine thread is idle)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop and full.index(stop) > 0
+    want = full[:full.index(stop)]
+    r = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=24, temperature=0,
+                                            stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    _wait_drained(llm, engine)   # the aborts are through: the engine thread is idle again
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=24, stop=[stop]))[0]   # LLM: the same text stage
+    assert out.text == want and out.finish_reason == "stop" and len(out.token_ids) < 24
+
+
 def test_chat_streaming_and_not_n_and_seed(served):
     llm, _, _, client = served
     msgs = [{"role": "system", "content": "You speak verse."}, {"role": "user", "content": "What is the hour?"}]
