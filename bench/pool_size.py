@@ -1,0 +1,60 @@
+"""Decode time against the KV pool's size at a fixed context: a decode step should cost what the live rows attend
+over, not the pages the engine owns.
+
+    python -m bench.pool_size [--dtypes float32,bfloat16] [--pages 256,1024,4096] [--plain_scatter]
+
+The shipped model, one device, batch 8 at position 100 (window 16 pages = 256 positions), 4 decode steps per
+dispatch; median of 15 dispatches per pool size. `--plain_scatter` writes the cache with a plain scatter instead of
+the uint16 view the engine uses on CPU (`model.paged_cache.PagedCache.int_view`): the before/after of that fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "weight (and cache) dtypes")
+flags.DEFINE_list("pages", ["256", "1024", "4096"], "KV pages of the engine")
+flags.DEFINE_bool("plain_scatter", False, "write the cache with a plain scatter (no uint16 view)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import checkpoints
+    from serving.config import DEFAULT_CHECKPOINT, EngineConfig
+    from serving.engine import DecodeBatch, Engine
+    from serving.sampling import sampling_arrays
+
+    if FLAGS.plain_scatter:
+        layout = Engine._layout
+        Engine._layout = lambda self, *a, **k: dataclasses.replace(layout(self, *a, **k), int_view=False)
+    B = 8
+    print("| weights | " + " | ".join(f"{p} pages" for p in FLAGS.pages) + " |  (ms per 4-step dispatch)")
+    for name in FLAGS.dtypes:
+        model = checkpoints.load(DEFAULT_CHECKPOINT, dtype=jnp.dtype(name))
+        cells = []
+        for P in map(int, FLAGS.pages):
+            ec = EngineConfig(page_size=16, num_pages=P, max_model_len=256, prefill_buckets=(16,), prefill_rows=(1,),
+                              decode_buckets=(B,), decode_steps=4, decode_windows=(16,))
+            eng = Engine(model, ec, roles={"decode"})
+            pt = np.stack([np.arange(1 + 16 * i, 1 + 16 * (i + 1)) for i in range(B)]).astype(np.int32)
+            batch = DecodeBatch(np.full(B, 3, np.int32), np.full(B, 100, np.int32), pt,
+                                sampling_arrays([None] * B, [0] * B))
+            eng.generate(batch)
+            ts = []
+            for _ in range(15):
+                t0 = time.perf_counter()
+                eng.generate(batch)
+                ts.append(time.perf_counter() - t0)
+            cells.append(f"{np.median(ts) * 1e3:.1f}")
+            del eng
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
