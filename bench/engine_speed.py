@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 import time
 
 import jax
@@ -28,6 +27,7 @@ import checkpoints
 from serving.api import Tokenizer, output_of
 from serving.config import DEFAULT_CHECKPOINT, EngineConfig, SchedulerConfig
 from serving.engine import DecodeBatch
+from bench.timing import median_time
 from serving import flags as serving_flags
 from serving.build import resolve_dtype
 from serving.llm import LLM
@@ -206,14 +206,8 @@ def main(argv):
         batch = DecodeBatch(np.full(B, 3, np.int32), np.full(B, T, np.int32),
                             np.stack([eng.page_table(pages[i * per:(i + 1) * per]) for i in range(B)]),
                             sampling_arrays([None] * B, [0] * B))
-        eng.generate(batch)
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            eng.generate(batch)
-            ts.append(time.perf_counter() - t0)
+        med = median_time(lambda: eng.generate(batch), 5)
         llm.scheduler.pages.allocator.release(pages)
-        med = statistics.median(ts)
         # useful = the analytic count (top-k experts only); XLA = what the compiled step executes per XLA's cost
         # analysis of a 1-step executable (XLA:CPU runs ragged_dot as a dot over every expert group)
         useful = cost["model_step_flops"] * cost["steps"] / med

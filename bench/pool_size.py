@@ -11,11 +11,12 @@ the uint16 view the engine uses on CPU (`model.paged_cache.PagedCache.int_view`)
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from bench.timing import median_time
 
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "weight (and cache) dtypes")
 flags.DEFINE_list("pages", ["256", "1024", "4096"], "KV pages of the engine")
@@ -45,14 +46,7 @@ def main(argv):
             pt = np.stack([np.arange(1 + 16 * i, 1 + 16 * (i + 1)) for i in range(B)]).astype(np.int32)
             batch = DecodeBatch(np.full(B, 3, np.int32), np.full(B, 100, np.int32), pt,
                                 sampling_arrays([None] * B, [0] * B))
-            eng.generate(batch)
-            ts = []
-            for _ in range(15):
-                t0 = time.perf_counter()
-                eng.generate(batch)
-                ts.append(time.perf_counter() - t0)
-            cells.append(f"{np.median(ts) * 1e3:.1f}")
-            del eng
+            cells.append(f"{median_time(lambda: eng.generate(batch), 15) * 1e3:.1f}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
