@@ -145,7 +145,7 @@ def run(argv_unused=None) -> int:
 
     F = flags.FLAGS
     if F.router or F.workers:   # the workers own the engines; only the in-flight window is sized here
-        return _run_job(items, F.max_batch, *_remote_llm())
+        return _run_job(items, F.max_batch or 16, *_remote_llm())   # (the workers size their own batches)
     t0 = time.perf_counter()
     llm = serving_flags.llm(OFFLINE_PREFILL_BUDGET)
     pmesh, dmesh = serving_flags.pool_meshes(mcfg)
@@ -154,7 +154,7 @@ def run(argv_unused=None) -> int:
     print(f"model {ckpt}: {F.mode}, decode mesh {dmesh}" + (f", prefill mesh {pmesh}" if pmesh else "")
           + f"; weights {llm.decode_engine.model_dtype.name}; engines ready in {time.perf_counter() - t0:.1f}s",
           flush=True)
-    return _run_job(items, F.max_batch, llm, n_dev, n_dec)
+    return _run_job(items, llm.decode_engine.max_batch, llm, n_dev, n_dec)
 
 
 def _remote_llm():

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 import checkpoints
 from model.deepseek import DeepseekV3
 from model.runtime import Runtime
-from serving.config import EngineConfig, default_dtype
+from serving.config import AUTO_BATCH_CAP, DEFAULT_AUTO_BATCH_CAP, EngineConfig, default_dtype
 from serving.engine import Engine
 from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
 from sharding.plan import plan as memory_plan
@@ -33,8 +33,12 @@ def size_cache(model: DeepseekV3, cfg: EngineConfig, *, mesh: Mesh | None, roles
     if device_memory is None:
         raise ValueError(f"kv_memory_fraction needs the device memory, and {device.platform} devices do not report "
                          "it: pass device_memory (bytes; --device_memory_gb) or a fixed num_pages")
+    # auto decode buckets: probe at the platform's cap (the engine sizes its batch from the pool found here)
+    platform = model.runtime.platform or device.platform
+    largest = (cfg.decode_buckets[-1] if cfg.decode_buckets is not None else
+               AUTO_BATCH_CAP.get(platform, DEFAULT_AUTO_BATCH_CAP))
     probe = dataclasses.replace(cfg, num_pages=cfg.pages_per_seq + 1, prefill_buckets=cfg.prefill_buckets[-1:],
-                                decode_buckets=cfg.decode_buckets[-1:], decode_windows=(cfg.pages_per_seq,))
+                                decode_buckets=(largest,), decode_windows=(cfg.pages_per_seq,))
     eng = Engine(model, probe, mesh=mesh, roles=set(roles) & {"prefill", "decode"} or {"decode"}, name="probe",
                  compile=False)
     temp = max((low.compile().memory_analysis().temp_size_in_bytes for low in eng.lowered().values()), default=0)

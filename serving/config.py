@@ -60,7 +60,9 @@ class EngineConfig:
     # prefill in one call, longer ones alone.
     prefill_rows: tuple[int, ...] = (1, 4)
     prefill_tokens: int | None = None
-    decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)     # batch sizes; the largest is the batch limit
+    # decode batch sizes; the largest is the batch limit. None: sized from the KV pool (`auto_max_batch`), resolved
+    # by the engine for its platform and attention ranks
+    decode_buckets: tuple[int, ...] | None = None
     decode_steps: int = 4                      # decode steps per dispatch (each emits 1, or 1-2 with MTP)
     mtp: bool = False                          # speculative decoding with the model's MTP module (k = 1)
     # Attention windows of decode, in pages: a dispatch attends over the smallest window that holds every row's
@@ -83,7 +85,8 @@ class EngineConfig:
             raise ValueError(f"prefill_rows={self.prefill_rows} must be strictly increasing and start at 1")
         if self.prefill_tokens is not None and self.prefill_tokens < 1:
             raise ValueError(f"prefill_tokens={self.prefill_tokens} must be >= 1")
-        if sorted(set(self.decode_buckets)) != list(self.decode_buckets) or not self.decode_buckets:
+        if self.decode_buckets is not None and (sorted(set(self.decode_buckets)) != list(self.decode_buckets)
+                                                or not self.decode_buckets):
             raise ValueError(f"decode_buckets={self.decode_buckets} must be strictly increasing")
         if self.decode_steps < 1:
             raise ValueError(f"decode_steps={self.decode_steps} must be >= 1")
@@ -115,7 +118,9 @@ class EngineConfig:
 
     @property
     def max_batch(self) -> int:
-        """The largest decode batch this engine can run (its largest bucket)."""
+        """The largest decode batch this engine can run (its largest bucket; resolve auto buckets first)."""
+        if self.decode_buckets is None:
+            raise ValueError("decode_buckets=None (auto) is resolved by the engine: use resolve_decode_buckets")
         return self.decode_buckets[-1]
 
     @property
@@ -160,11 +165,36 @@ class SchedulerConfig:
             raise ValueError(f"prefill_budget={self.prefill_budget} must be >= 1")
 
 
+# The batch limit when none is given: as many rows as the KV pool holds requests of AUTO_BATCH_TOKENS tokens (a
+# chat turn, ~64 in + 64 out) — the pool, not a constant, bounds concurrency (admission still reserves each request's
+# pages, so rows never outgrow it) — at most the platform's cap per attention rank: on CPU 64 (2 cores: the shipped model decodes
+# 1.1-1.3x more tok/s at batch 64 than 32, and every bucket is one more compile at start), elsewhere 256 (vLLM's
+# max_num_seqs).
+AUTO_BATCH_TOKENS = 128
+AUTO_BATCH_CAP = {"cpu": 64}
+DEFAULT_AUTO_BATCH_CAP = 256
+
+
+def auto_max_batch(num_pages: int, page_size: int, platform: str, ranks: int = 1) -> int:
+    """Rows of all `ranks` (data-parallel attention: each rank has `num_pages` and a device of its own):
+    ranks x min(platform cap, one rank's KV tokens / AUTO_BATCH_TOKENS), at least 1 per rank."""
+    cap = AUTO_BATCH_CAP.get(platform, DEFAULT_AUTO_BATCH_CAP)
+    return ranks * max(1, min(cap, num_pages * page_size // AUTO_BATCH_TOKENS))
+
+
+def resolve_decode_buckets(cfg: EngineConfig, platform: str, ranks: int = 1) -> EngineConfig:
+    """`cfg` with auto decode buckets (None) made concrete: powers of two up to `auto_max_batch`."""
+    if cfg.decode_buckets is not None:
+        return cfg
+    return dataclasses.replace(cfg, decode_buckets=decode_buckets_up_to(
+        auto_max_batch(cfg.num_pages, cfg.page_size, platform, ranks)))
+
+
 def decode_buckets_up_to(max_batch: int) -> tuple[int, ...]:
     """Decode batch buckets: powers of two below `max_batch`, then `max_batch` itself."""
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch} must be >= 1")
-    return tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch) + (max_batch,)
+    return tuple(1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch) + (max_batch,)
 
 
 def default_dtype(platform: str) -> jnp.dtype:

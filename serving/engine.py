@@ -37,7 +37,7 @@ from model.deepseek import DeepseekV3
 from model.flops import decode_flops
 from model.moe import choose_moe_impl
 from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PagedCache
-from serving.config import EngineConfig
+from serving.config import EngineConfig, resolve_decode_buckets
 from serving.pages import pages_for
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 
@@ -146,6 +146,8 @@ class Engine:
         self.rank_axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
         self.ranks = int(np.prod([mesh.shape[a] for a in self.rank_axes])) if self.rank_axes else 1
         self.pages_per_rank = cfg.num_pages
+        platform = self.runtime.platform or (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        self.cfg = cfg = resolve_decode_buckets(cfg, platform, self.ranks)   # auto: sized from the KV pool
         # decode buckets in whole rows per rank: every bucket a multiple of the ranks
         self.decode_buckets = tuple(sorted({-(-b // self.ranks) * self.ranks for b in cfg.decode_buckets}))
         self.cache_shape = (mc.num_hidden_layers + mc.num_nextn_predict_layers, self.ranks * cfg.num_pages,

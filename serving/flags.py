@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from serving.config import (DEFAULT_CHECKPOINT, ONLINE_PREFILL_BUDGET, EngineConfig, SchedulerConfig,
-                            decode_buckets_up_to, default_max_model_len, default_mesh)
+from serving.config import (AUTO_BATCH_CAP, AUTO_BATCH_TOKENS, DEFAULT_AUTO_BATCH_CAP, DEFAULT_CHECKPOINT,
+                            ONLINE_PREFILL_BUDGET, EngineConfig, SchedulerConfig, decode_buckets_up_to,
+                            default_max_model_len, default_mesh)
 
 QUANTS = ["fp8", "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense"]
 
@@ -39,7 +40,9 @@ def define_engine_flags() -> None:
                    "it (CPU)")
     f.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the checkpoint's "
                      "max_position_embeddings, at most 1024)")
-    f.DEFINE_integer("max_batch", 16, "largest decode batch (running requests)")
+    f.DEFINE_integer("max_batch", 0, "largest decode batch (running requests); 0: sized from the KV pool — its "
+                     f"tokens / {AUTO_BATCH_TOKENS}, at most {AUTO_BATCH_CAP['cpu']} on CPU and "
+                     f"{DEFAULT_AUTO_BATCH_CAP} on GPU")
     f.DEFINE_list("decode_buckets", None, "decode batch buckets (default: powers of two up to --max_batch)")
     f.DEFINE_list("prefill_buckets", [str(b) for b in EngineConfig.prefill_buckets], "prefill chunk lengths")
     f.DEFINE_integer("decode_steps", EngineConfig.decode_steps, "decode steps per dispatch")
@@ -84,13 +87,13 @@ def engine_config(mcfg, F=flags.FLAGS) -> EngineConfig:
         max_model_len=F.max_model_len or default_max_model_len(mcfg.max_position_embeddings, F.page_size),
         prefill_buckets=tuple(int(b) for b in F.prefill_buckets),
         decode_buckets=(tuple(int(b) for b in F.decode_buckets) if F.decode_buckets
-                        else decode_buckets_up_to(F.max_batch)),
+                        else decode_buckets_up_to(F.max_batch) if F.max_batch else None),
         decode_steps=F.decode_steps, mtp=F.mtp, cache_dtype=F.cache_dtype, prefix_caching=F.prefix_caching,
         host_cache_pages=F.kv_host_pages, disk_cache_pages=F.kv_disk_pages, disk_cache_dir=F.kv_disk_dir)
 
 
 def scheduler_config(default_budget: int, F=flags.FLAGS) -> SchedulerConfig:
-    return SchedulerConfig(max_batch=F.max_batch, prefill_budget=F.prefill_budget or default_budget)
+    return SchedulerConfig(max_batch=F.max_batch or None, prefill_budget=F.prefill_budget or default_budget)
 
 
 def pool_meshes(mcfg, F=flags.FLAGS) -> tuple[str | None, str]:

@@ -127,3 +127,25 @@ def test_v3_dims_batched_prefill_exports_for_cuda():
     cpu = checkpoints.abstract_model(cfg, quant="fp8", fp8_linears=True, mesh=mesh, rules=PREFILL_RULES)
     low = Engine(cpu, ec, mesh=mesh, roles={"prefill"}, compile=False).lowered()["prefill", 4, 16]
     assert low.compile().memory_analysis().temp_size_in_bytes > 0
+
+
+def test_batch_limit_is_sized_from_the_kv_pool_at_v3_dims():
+    """No decode_buckets given: the batch limit follows the pool (its tokens / 128), capped per platform and
+    attention rank — at the deepseek-v3 preset's dims on an ep=8 decode mesh (8 data-parallel attention ranks),
+    abstract weights, for cuda (cap 256 per rank) and CPU (cap 64)."""
+    from serving.config import AUTO_BATCH_TOKENS, auto_max_batch, resolve_decode_buckets
+
+    assert auto_max_batch(512, 16, "cpu") == 64 and auto_max_batch(256, 16, "cpu") == 32
+    assert auto_max_batch(9, 8, "cpu") == 1 and auto_max_batch(10_000, 16, "cuda") == 256
+    assert auto_max_batch(64, 16, "cuda", ranks=4) == 4 * (64 * 16 // AUTO_BATCH_TOKENS)
+    explicit = EngineConfig(decode_buckets=(1, 8))
+    assert resolve_decode_buckets(explicit, "cpu") is explicit
+    cfg = V3.replace(num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
+    mesh = Topology.preset("cpu:8/1").allocate("v3-decode", ep=8)
+    for platform, pages, want in (("cuda", 4096, 8 * 256), ("cuda", 40, 8 * 20), ("cpu", 4096, 8 * 64)):
+        m = checkpoints.abstract_model(cfg, quant="fp8", fp8_linears=True, mesh=mesh, rules=DECODE_RULES,
+                                       runtime=Runtime(platform=platform))
+        ec = EngineConfig(page_size=64, num_pages=pages, max_model_len=512, decode_windows=(8,))
+        eng = Engine(m, ec, mesh=mesh, roles={"decode"}, compile=False)
+        assert eng.ranks == 8 and eng.max_batch == want, (platform, pages, eng.decode_buckets)   # per rank x 8
+        assert eng.decode_buckets == tuple(b for b in (8, 16, 32, 64, 128, 256, 512, 1024) if b < want) + (want,)
