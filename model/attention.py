@@ -120,6 +120,41 @@ class MLA(nnx.Module):
         o_BTHV = (acc_BTHV / jnp.maximum(l_BHT, 1e-30).transpose(0, 2, 1)[..., None]).astype(dtype)
         return linear(o_BTHV.reshape(B, T, H * V), self.o_proj, runtime, k_ndim=2)
 
+    def attend_absorbed_blockwise(self, q_nope_BTHK, q_rope_BTHR, read_block, block_len: int, positions_BT,
+                                  runtime=DEFAULT_RUNTIME) -> jax.Array:
+        """Absorbed (decode) attention over latent key blocks `read_block(j) -> [B, block_len, C]`, online softmax
+        in f32 over only the blocks the queries reach (a dynamic trip count: max position // block_len + 1), so a
+        step costs the context present — not the executable's page window, not max_model_len. Returns [B,T,D]."""
+        cfg = self.cfg
+        L, K = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        B, T, H, _ = q_nope_BTHK.shape
+        dtype = q_nope_BTHK.dtype
+        kv_b_LHX = dense(self.kv_b_proj.get_value(), dtype)
+        q_lat_BTHL = jnp.einsum("bthk,lhk->bthl", q_nope_BTHK, kv_b_LHX[..., :K])
+        n_blocks = (jnp.max(positions_BT) + block_len) // block_len
+
+        def body(j, carry):
+            m_BHT, l_BHT, acc_BHTL = carry
+            kv_BSC = read_block(j)
+            c_BSL, k_rope_BSR = kv_BSC[..., :L].astype(dtype), kv_BSC[..., L:].astype(dtype)
+            s_BHTS = (jnp.einsum("bthl,bsl->bhts", q_lat_BTHL, c_BSL)
+                      + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)).astype(jnp.float32) * cfg.softmax_scale
+            key_S = j * block_len + jnp.arange(block_len)
+            s_BHTS = jnp.where(key_S[None, None, None, :] <= positions_BT[:, None, :, None], s_BHTS, _NEG_INF)
+            m_new = jnp.maximum(m_BHT, s_BHTS.max(-1))
+            alpha = jnp.exp(m_BHT - m_new)
+            p_BHTS = jnp.exp(s_BHTS - m_new[..., None])
+            # (b, h, t) output order: see `attend` on XLA:CPU's strided batched dot
+            pv_BHTL = jnp.einsum("bhts,bsl->bhtl", p_BHTS.astype(dtype), c_BSL).astype(jnp.float32)
+            return m_new, l_BHT * alpha + p_BHTS.sum(-1), acc_BHTL * alpha[..., None] + pv_BHTL
+
+        init = (jnp.full((B, H, T), _NEG_INF, jnp.float32), jnp.zeros((B, H, T), jnp.float32),
+                jnp.zeros((B, H, T, L), jnp.float32))
+        _, l_BHT, acc_BHTL = jax.lax.fori_loop(0, n_blocks, body, init)
+        o_lat_BTHL = (acc_BHTL / jnp.maximum(l_BHT, 1e-30)[..., None]).astype(dtype).transpose(0, 2, 1, 3)
+        o_BTHV = jnp.einsum("bthl,lhv->bthv", o_lat_BTHL, kv_b_LHX[..., K:])
+        return linear(o_BTHV.reshape(B, T, H * o_BTHV.shape[-1]), self.o_proj, runtime, k_ndim=2)
+
     def attend(self, q_nope_BTHK, q_rope_BTHR, kv_BSC, mask_BTS, *, absorbed: bool,
                runtime=DEFAULT_RUNTIME) -> jax.Array:
         """Attention of the queries over latent keys kv_BSC where mask_BTS is true; returns [B,T,D]."""

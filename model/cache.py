@@ -13,6 +13,8 @@ the path the layer takes instead of `update`:
                         MLA decode kernel reads page by page; nothing is gathered).
 * `BLOCKWISE_PREFILL` — prefill attends block by block over only what the rows reach: `write(...)`, then
                         `read_block(state, layer, j, dtype) -> [B, block_tokens, C]` and `block_tokens(state)`.
+* `BLOCKWISE_DECODE`  — absorbed decode does the same (same methods): a step costs the context present, not the
+                        executable's page window.
 
 Layouts here:
 * `NoCache`         — keys are the current tokens themselves (teacher-forced forward, training).
@@ -32,7 +34,9 @@ from model.config import ModelConfig
 
 KERNEL_DECODE = "kernel_decode"
 BLOCKWISE_PREFILL = "blockwise_prefill"
-_METHODS = {KERNEL_DECODE: ("write", "attend_absorbed"), BLOCKWISE_PREFILL: ("write", "read_block", "block_tokens")}
+BLOCKWISE_DECODE = "blockwise_decode"
+_METHODS = {KERNEL_DECODE: ("write", "attend_absorbed"), BLOCKWISE_PREFILL: ("write", "read_block", "block_tokens"),
+            BLOCKWISE_DECODE: ("write", "read_block", "block_tokens")}
 
 
 @runtime_checkable

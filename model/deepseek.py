@@ -9,7 +9,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from model.attention import MLA
-from model.cache import BLOCKWISE_PREFILL, KERNEL_DECODE, NoCache, check_layout
+from model.cache import BLOCKWISE_DECODE, BLOCKWISE_PREFILL, KERNEL_DECODE, NoCache, check_layout
 from model.config import ModelConfig
 from model.layers import MLP, RMSNorm, param
 from model.moe import MoE
@@ -36,11 +36,11 @@ class DecoderLayer(nnx.Module):
                 state = cache.write(state, cache_layer, kv_BTC, positions_BT)
                 x_BTD = x_BTD + self.self_attn.attend_paged(q_nope, q_rope, cache, state, cache_layer, positions_BT,
                                                             runtime)
-            elif not absorbed and BLOCKWISE_PREFILL in caps:   # prefill: only the blocks the rows reach
+            elif (BLOCKWISE_DECODE if absorbed else BLOCKWISE_PREFILL) in caps:   # only the blocks the rows reach
                 state = cache.write(state, cache_layer, kv_BTC, positions_BT)
-                x_BTD = x_BTD + self.self_attn.attend_blockwise(
-                    q_nope, q_rope, lambda j: cache.read_block(state, cache_layer, j, kv_BTC.dtype),
-                    cache.block_tokens(state), positions_BT, runtime)
+                attend = self.self_attn.attend_absorbed_blockwise if absorbed else self.self_attn.attend_blockwise
+                x_BTD = x_BTD + attend(q_nope, q_rope, lambda j: cache.read_block(state, cache_layer, j, kv_BTC.dtype),
+                                       cache.block_tokens(state), positions_BT, runtime)
             else:
                 state, kv_BSC, mask_BTS = cache.update(state, cache_layer, kv_BTC, positions_BT)
                 x_BTD = x_BTD + self.self_attn.attend(q_nope, q_rope, kv_BSC, mask_BTS, absorbed=absorbed,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from model.cache import BLOCKWISE_PREFILL, KERNEL_DECODE
+from model.cache import BLOCKWISE_DECODE, BLOCKWISE_PREFILL, KERNEL_DECODE
 from pallas_kernels.paged_attention import paged_mla_decode
 
 SCRATCH_PAGE = 0
@@ -111,7 +111,7 @@ class PagedCache:
     axes: tuple[str, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     pages_per_rank: int = dataclasses.field(default=0, metadata=dict(static=True))
     kernel: str | None = dataclasses.field(default=None, metadata=dict(static=True))
-    # prefill: attend block by block over only the pages the rows have (pages per block; 0 = one gathered window)
+    # attend block by block over only the pages the rows have (pages per block; 0 = one gathered window)
     block_pages: int = dataclasses.field(default=0, metadata=dict(static=True))
     # a batch of R x b rows is R slices, one per rank (decode); False: rows of any ranks (batched prefill)
     split_rows: bool = dataclasses.field(default=True, metadata=dict(static=True))
@@ -125,6 +125,7 @@ class PagedCache:
             caps.add(KERNEL_DECODE)
         if self.block_pages > 0 and self.ranks == 1:
             caps.add(BLOCKWISE_PREFILL)
+            caps.add(BLOCKWISE_DECODE)
         return frozenset(caps)
 
     @property

@@ -42,6 +42,9 @@ class Runtime:
     prefill_attention: "blockwise" (key blocks of `prefill_block` tokens read from the pages, only as many as the
         chunk reaches, online softmax: O(T x block) memory, work ~ the context present) or "window" (gather the
         whole page window of the executable, O(T x S) scores: the first version, kept as a reference).
+    decode_attention: XLA decode attention (no paged kernel) — "blockwise" (absorbed attention over key blocks of
+        `decode_block` tokens, only as many as the rows reach: a step costs the live context) or "window" (gather
+        the executable's whole page window: cost follows the window, kept as a reference).
     platform: the platform the model is compiled for ("cpu", "cuda", ...). None: the devices' platform at trace
         time. Set it when lowering/exporting for another platform than the host's.
     moe_impl: routed-expert computation, see `model.moe.MOE_IMPLS`. None: chosen per shape (`model.moe.choose`).
@@ -57,6 +60,8 @@ class Runtime:
     attention_impl: MatmulImpl | None = None
     prefill_attention: str = "blockwise"
     prefill_block: int = 256
+    decode_attention: str = "blockwise"
+    decode_block: int = 128
     platform: str | None = None
     moe_impl: str | None = None
     expert_parallel: object | None = None
@@ -66,8 +71,10 @@ class Runtime:
     def __post_init__(self):
         if self.prefill_attention not in ("blockwise", "window"):
             raise ValueError(f"prefill_attention={self.prefill_attention!r}: expected 'blockwise' or 'window'")
-        if self.prefill_block < 1:
-            raise ValueError(f"prefill_block={self.prefill_block} must be >= 1")
+        if self.decode_attention not in ("blockwise", "window"):
+            raise ValueError(f"decode_attention={self.decode_attention!r}: expected 'blockwise' or 'window'")
+        if self.prefill_block < 1 or self.decode_block < 1:
+            raise ValueError(f"prefill_block={self.prefill_block} / decode_block={self.decode_block} must be >= 1")
         for f in ("matmul_impl", "attention_impl"):
             if getattr(self, f) is not None and getattr(self, f) not in MATMUL_IMPLS:
                 raise ValueError(f"{f}={getattr(self, f)!r}: expected one of {MATMUL_IMPLS} or None")

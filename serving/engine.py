@@ -192,9 +192,11 @@ class Engine:
 
     def _layout(self, page_table_BP, valid_BT, kernel: bool = False, prefill: bool = False) -> PagedCache:
         impl = self.runtime.resolved_attention_impl() if kernel else "xla"
-        block = 0
-        if prefill and self.runtime.prefill_attention == "blockwise":
-            block = max(1, self.runtime.prefill_block // self.cfg.page_size)
+        rt, block = self.runtime, 0
+        if prefill and rt.prefill_attention == "blockwise":
+            block = max(1, rt.prefill_block // self.cfg.page_size)
+        elif not prefill and impl == "xla" and rt.decode_attention == "blockwise":
+            block = max(1, rt.decode_block // self.cfg.page_size)
         # prefill rows are any requests' (not R equal slices, one per rank): computed by every rank, each written
         # by the rank owning its pages
         return PagedCache(page_table_BP, valid_BT, mesh=self.mesh if self.ranks > 1 else None,

@@ -40,9 +40,10 @@ def model(ckpt_path):
 
 @pytest.fixture(scope="session")
 def colocated(model):
-    # prefill attention block by block, one page per block: a 20-token prompt spans 3 blocks and its second chunk
-    # reads the first chunk's blocks back (the default block, 256 tokens, would be one block at these sizes)
-    llm = LLM(model=model, engine_config=EC, runtime=Runtime(prefill_block=EC.page_size))
+    # prefill and decode attention block by block, one page per block: a 20-token prompt spans 3 blocks and its
+    # second chunk reads the first chunk's blocks back; decode reads up to 4 blocks (the defaults, 256 / 128
+    # tokens, would be one block at these sizes)
+    llm = LLM(model=model, engine_config=EC, runtime=Runtime(prefill_block=EC.page_size, decode_block=EC.page_size))
     yield llm
     llm.close()
 
@@ -57,6 +58,7 @@ def _check_pages(llm):
 def test_greedy_through_engine_equals_teacher_forced_argmax(colocated, model, monkeypatch):
     eng = colocated.decode_engine
     assert "blockwise_prefill" in eng._layout(np.zeros((1, 8), np.int32), np.ones((1, 4), bool), prefill=True).capabilities
+    assert "blockwise_decode" in eng._layout(np.zeros((2, 8), np.int32), np.ones((2, 1), bool), kernel=True).capabilities
     rows, batch = [], eng.prefill_batch
     monkeypatch.setattr(eng, "prefill_batch", lambda items: rows.append(len(items)) or batch(items))
     outs = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
