@@ -61,6 +61,7 @@ class Scheduler:
         self._ready: collections.deque[tuple[Request, Prefix | None, str | None]] = collections.deque()
         self._ready_cv = threading.Condition()
         self._in_prefill = 0
+        self._decode_next = False   # colocated: the last step returned first tokens; this one decodes
         if prefill is not None:
             self._to_prefill: queue.Queue[Request | None] = queue.Queue()
             self._stop = threading.Event()
@@ -129,9 +130,18 @@ class Scheduler:
 
     # ---- one scheduling step (caller's thread) -------------------------------------------------------------------
     def step(self) -> list[Event]:
-        if self.prefill is None:
+        """Colocated: admit and prefill (up to the budget); when that produced first tokens, return them now and run
+        the decode dispatch as the next step (a first token never waits behind a decode dispatch; decode never waits
+        behind more than one step's prefill). Then insert ready prefixes and decode."""
+        if self.prefill is None and not self._decode_next:
             self._admit_colocated()
             self._prefill_chunks()
+            with self._lock:
+                if self._events and self.running:
+                    self._decode_next = True
+                    events, self._events = self._events, []
+                    return events
+        self._decode_next = False
         if self._ready:
             self._insert_ready()
         if self.running:

@@ -110,3 +110,26 @@ def test_prefill_shapes_stay_within_the_token_cap():
         EngineConfig(prefill_rows=(2, 4))
     with pytest.raises(ValueError, match="prefill_tokens"):
         EngineConfig(prefill_tokens=0)
+
+
+def test_first_token_leaves_before_the_next_decode_dispatch_and_decode_is_never_starved():
+    eng = FakeEngine()
+    calls = []
+    gen = eng.generate
+    eng.generate = lambda batch: calls.append(len(batch.tokens)) or gen(batch)
+    s = Scheduler(eng, config=SchedulerConfig(max_batch=8))
+    a = _request(0)
+    a.params, a.limit = SamplingParams(max_tokens=20), 20
+    s.add(a)
+    ev = s.step()                                   # a's prefill: its first token, no decode yet
+    assert [(e.request.id, len(e.request.output_ids)) for e in ev] == [("q0", 1)] and calls == []
+    s.step()
+    assert calls == [1]                             # then the decode dispatch
+    for i in range(1, 7):                           # an arrival before every step: prefill and decode alternate
+        s.add(_request(i))
+        ev = s.step()
+        if i % 2:
+            assert any(e.request.id == f"q{i}" and len(e.request.output_ids) == 1 for e in ev)
+            assert len(calls) == (i + 1) // 2
+        else:                                       # q{i} waits one step: this one decodes
+            assert len(calls) == i // 2 + 1 and calls[-1] >= 2
