@@ -114,7 +114,7 @@ def test_v3_dims_batched_prefill_exports_for_cuda():
     cfg = V3.replace(num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
     mesh = Topology.preset("cpu:8/1").allocate("v3-prefill", tp=8)
     ec = EngineConfig(page_size=64, num_pages=9, max_model_len=512, prefill_buckets=(16, 64), prefill_rows=(1, 4),
-                      decode_buckets=(1,), decode_windows=(8,))
+                      prefill_tokens=64, decode_buckets=(1,), decode_windows=(8,))
     assert ec.prefill_shapes == ((1, 16), (4, 16), (1, 64))
     m = checkpoints.abstract_model(cfg, quant="fp8", fp8_linears=True, mesh=mesh, rules=PREFILL_RULES,
                                    runtime=Runtime(platform="cuda"))

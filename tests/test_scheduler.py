@@ -102,7 +102,7 @@ def test_ten_thousand_requests_leave_no_trace_and_memory_stays_flat():
 
 def test_prefill_shapes_stay_within_the_token_cap():
     ec = EngineConfig(max_model_len=128, prefill_buckets=(32, 128), prefill_rows=(1, 4, 16))
-    assert ec.prefill_shapes == ((1, 32), (4, 32), (1, 128))                    # cap: the largest bucket
+    assert ec.prefill_shapes == ((1, 32), (4, 32), (1, 128))                    # cap: 256 tokens
     ec = EngineConfig(max_model_len=128, prefill_buckets=(32, 128), prefill_rows=(1, 4, 16), prefill_tokens=512)
     assert ec.prefill_shapes == ((1, 32), (4, 32), (16, 32), (1, 128), (4, 128))
     assert ec.rows_for(32) == (1, 4, 16)

@@ -63,8 +63,9 @@ def test_greedy_through_engine_equals_teacher_forced_argmax(colocated, model, mo
     monkeypatch.setattr(eng, "prefill_batch", lambda items: rows.append(len(items)) or batch(items))
     outs = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
     assert [o.token_ids for o in outs] == hf_reference.argmax_rollout(model, PROMPTS, N_NEW)
-    # the 20-token prompt's second chunk (4 tokens after 16) and the 3-token prompt ran in one 2-row call
-    assert rows == [1, 2, 1], rows
+    # the 20-token prompt's first chunk (16) with the 9-token prompt (16-bucket), then its second chunk (4 tokens
+    # after 16) with the 3-token prompt: two 2-row calls
+    assert rows == [2, 2], rows
     assert all(o.finish_reason == "length" for o in outs)
     _check_pages(colocated)
 
