@@ -12,8 +12,9 @@ from jax.sharding import Mesh
 
 import checkpoints
 from model.deepseek import DeepseekV3
-from model.runtime import Runtime
-from serving.config import AUTO_BATCH_CAP, DEFAULT_AUTO_BATCH_CAP, EngineConfig, default_dtype
+from model.runtime import GPU_PLATFORMS, Runtime
+from serving.config import (AUTO_BATCH_CAP, DEFAULT_AUTO_BATCH_CAP, DEFAULT_KV_MEMORY_FRACTION, EngineConfig,
+                            default_dtype)
 from serving.engine import Engine
 from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
 from sharding.plan import plan as memory_plan
@@ -70,7 +71,8 @@ def build_engine(cfg: EngineConfig, *, mesh: Mesh | None, rules: AxisRules, name
                  runtime: Runtime | None = None, kv_memory_fraction: float | None = None,
                  device_memory_gb: float | None = None, compile: bool = True, progress: bool = False) -> Engine:
     """An engine on `mesh` from `checkpoint` (loaded straight onto the mesh, shard by shard) or from `model` (placed
-    onto it). `kv_memory_fraction` sizes `num_pages` from the device memory left after weights and temporaries."""
+    onto it). `kv_memory_fraction` sizes `num_pages` from the device memory left after weights and temporaries (on
+    GPUs with num_pages=None: 0.9 by default; elsewhere None leaves the engine to a host budget)."""
     if (checkpoint is None) == (model is None):
         raise ValueError("build_engine needs exactly one of checkpoint= or model=")
     if model is not None:
@@ -78,6 +80,8 @@ def build_engine(cfg: EngineConfig, *, mesh: Mesh | None, rules: AxisRules, name
     else:
         m = checkpoints.load(checkpoint, mesh=mesh, rules=rules, dtype=resolve_dtype(dtype, mesh, name=name),
                              quant=quant, runtime=runtime, progress=progress)
+    if kv_memory_fraction is None and cfg.num_pages is None and mesh_platform(mesh) in GPU_PLATFORMS:
+        kv_memory_fraction = DEFAULT_KV_MEMORY_FRACTION   # GPUs report their memory: fill it (CPU: a host budget)
     if kv_memory_fraction is not None:
         cfg, _ = size_cache(m, cfg, mesh=mesh, roles=roles, kv_memory_fraction=kv_memory_fraction,
                             device_memory=device_memory_gb * 1e9 if device_memory_gb else None)

@@ -57,7 +57,9 @@ DEFAULT_PREFILL_TOKENS = 256
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16
-    num_pages: int = 256                       # including the scratch page
+    # KV pages per attention rank, including the scratch page. None: sized by the engine — on GPUs from device
+    # memory (`serving.build`: kv_memory_fraction 0.9), elsewhere `auto_num_pages` (a host KV budget)
+    num_pages: int | None = None
     max_model_len: int = 512                   # prompt + generated tokens per request
     prefill_buckets: tuple[int, ...] = (16, 32, 64, 128)   # chunk lengths; longer prompts are chunked
     # batched prefill: rows (requests) per prefill call. A (rows, T) executable exists for every rows x T within
@@ -187,6 +189,20 @@ def auto_max_batch(num_pages: int, page_size: int, platform: str, ranks: int = 1
     ranks x min(platform cap, one rank's KV tokens / AUTO_BATCH_TOKENS), at least 1 per rank."""
     cap = AUTO_BATCH_CAP.get(platform, DEFAULT_AUTO_BATCH_CAP)
     return ranks * max(1, min(cap, num_pages * page_size // AUTO_BATCH_TOKENS))
+
+
+# Host KV budget of an engine on CPU when num_pages is not given: what bench.vs_vllm gives vLLM's CPU engine
+# (VLLM_CPU_KVCACHE_SPACE=2) — at most what the auto batch limit's rows need at max_model_len each.
+CPU_KV_BYTES = 2 << 30
+DEFAULT_KV_MEMORY_FRACTION = 0.9   # GPUs: like vLLM's gpu_memory_utilization
+
+
+def auto_num_pages(cfg: EngineConfig, kv_bytes_per_token: int, platform: str) -> int:
+    """Pages per rank (+ the scratch page) for num_pages=None off-GPU: min(the platform's auto-batch rows x
+    max_model_len, CPU_KV_BYTES / bytes per token) tokens, at least one max_model_len sequence."""
+    rows = AUTO_BATCH_CAP.get(platform, DEFAULT_AUTO_BATCH_CAP)
+    tokens = min(rows * cfg.max_model_len, CPU_KV_BYTES // max(1, kv_bytes_per_token))
+    return max(cfg.pages_per_seq, tokens // cfg.page_size) + 1
 
 
 def resolve_decode_buckets(cfg: EngineConfig, platform: str, ranks: int = 1) -> EngineConfig:

@@ -37,7 +37,7 @@ from model.deepseek import DeepseekV3
 from model.flops import decode_flops
 from model.moe import choose_moe_impl
 from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PagedCache
-from serving.config import EngineConfig, resolve_decode_buckets
+from serving.config import EngineConfig, auto_num_pages, resolve_decode_buckets
 from serving.pages import pages_for
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 
@@ -145,8 +145,13 @@ class Engine:
         part = None if spec is None else spec[0]
         self.rank_axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
         self.ranks = int(np.prod([mesh.shape[a] for a in self.rank_axes])) if self.rank_axes else 1
-        self.pages_per_rank = cfg.num_pages
         platform = self.runtime.platform or (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        if cfg.num_pages is None:   # a host KV budget (`serving.build` sizes GPU pools from device memory first)
+            per_token = (mc.num_hidden_layers + mc.num_nextn_predict_layers) * width * jnp.dtype(dtype).itemsize
+            cfg = dataclasses.replace(cfg, num_pages=auto_num_pages(cfg, per_token, platform))
+            log.info("%s: %d KV pages (%.2f GB) per rank, sized from the host KV budget (--num_pages to change)",
+                     name, cfg.num_pages, cfg.num_pages * cfg.page_size * per_token / 1e9)
+        self.pages_per_rank = cfg.num_pages
         self.cfg = cfg = resolve_decode_buckets(cfg, platform, self.ranks)   # auto: sized from the KV pool
         # decode buckets in whole rows per rank: every bucket a multiple of the ranks
         self.decode_buckets = tuple(sorted({-(-b // self.ranks) * self.ranks for b in cfg.decode_buckets}))

@@ -33,9 +33,11 @@ def define_engine_flags() -> None:
     f.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "fp8"], "KV cache format (default: the weights' "
                   "dtype; fp8 = e4m3 + a per-token scale, half of bf16's bytes)")
     f.DEFINE_integer("page_size", 16, "KV page size (tokens)")
-    f.DEFINE_integer("num_pages", 512, "KV pages per engine (per attention rank); see --kv_memory_fraction")
+    f.DEFINE_integer("num_pages", 0, "KV pages per engine (per attention rank); 0: sized automatically — on GPUs "
+                     "from device memory (--kv_memory_fraction, default 0.9), on CPU from a 2 GiB host budget, at most "
+                     "what the batch limit's rows need at max_model_len")
     f.DEFINE_float("kv_memory_fraction", None, "size each KV cache from this fraction of device memory minus "
-                   "weights and executable temporaries, instead of --num_pages")
+                   "weights and executable temporaries, instead of --num_pages (GPU default 0.9)")
     f.DEFINE_float("device_memory_gb", None, "device memory for --kv_memory_fraction where devices do not report "
                    "it (CPU)")
     f.DEFINE_integer("max_model_len", 0, "prompt + generated tokens per request (0: the checkpoint's "
@@ -83,7 +85,7 @@ def checkpoint(F=flags.FLAGS) -> str:
 def engine_config(mcfg, F=flags.FLAGS) -> EngineConfig:
     """The EngineConfig the engine flags describe, for a model config `mcfg` (its max_position_embeddings)."""
     return EngineConfig(
-        page_size=F.page_size, num_pages=F.num_pages,
+        page_size=F.page_size, num_pages=F.num_pages or None,
         max_model_len=F.max_model_len or default_max_model_len(mcfg.max_position_embeddings, F.page_size),
         prefill_buckets=tuple(int(b) for b in F.prefill_buckets),
         decode_buckets=(tuple(int(b) for b in F.decode_buckets) if F.decode_buckets

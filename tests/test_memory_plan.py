@@ -149,3 +149,21 @@ def test_batch_limit_is_sized_from_the_kv_pool_at_v3_dims():
         eng = Engine(m, ec, mesh=mesh, roles={"decode"}, compile=False)
         assert eng.ranks == 8 and eng.max_batch == want, (platform, pages, eng.decode_buckets)   # per rank x 8
         assert eng.decode_buckets == tuple(b for b in (8, 16, 32, 64, 128, 256, 512, 1024) if b < want) + (want,)
+
+
+def test_kv_pool_is_sized_from_a_host_budget_when_not_given():
+    """num_pages=None off-GPU: enough pages for the auto batch limit's rows at max_model_len (capped by a 2 GiB host
+    budget) — then the batch limit follows that pool. deepseek-v3 dims, abstract, ep=8 (8 attention ranks)."""
+    from serving.config import CPU_KV_BYTES, auto_num_pages
+
+    cfg = V3.replace(num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
+    mesh = Topology.preset("cpu:8/1").allocate("v3-decode", ep=8)
+    m = checkpoints.abstract_model(cfg, quant="fp8", fp8_linears=True, mesh=mesh, rules=DECODE_RULES,
+                                   runtime=Runtime(platform="cpu"))
+    ec = EngineConfig(page_size=64, max_model_len=512, decode_windows=(8,))
+    eng = Engine(m, ec, mesh=mesh, roles={"decode"}, compile=False)
+    per_token = kv_bytes_per_token(cfg, jnp.bfloat16)
+    assert eng.pages_per_rank == 64 * 512 // 64 + 1 == auto_num_pages(ec, per_token, "cpu")   # 64 rows x 512
+    assert eng.max_batch == 8 * 64
+    long = EngineConfig(page_size=64, max_model_len=65536)                 # the budget binds: 2 GiB of tokens
+    assert auto_num_pages(long, per_token, "cpu") == CPU_KV_BYTES // per_token // 64 + 1

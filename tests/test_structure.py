@@ -102,7 +102,7 @@ def test_every_entry_point_has_the_same_engine_flags_and_defaults():
               "device_memory_gb", "max_model_len", "max_batch", "decode_buckets", "prefill_buckets", "decode_steps",
               "prefill_budget", "mtp", "prefix_caching", "kv_host_pages", "kv_disk_pages", "kv_disk_dir"}
     first = blocks["serving.batch"]
-    assert "(default: '512')" in first["num_pages"] and "float32 on CPU" in first["dtype"]
+    assert "(default: '0')" in first["num_pages"] and "float32 on CPU" in first["dtype"]
     for m, b in blocks.items():
         assert {k: b.get(k) for k in engine} == {k: first[k] for k in engine}, m
     assert blocks["serving.server"] == first   # pool flags too
