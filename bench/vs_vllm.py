@@ -51,6 +51,7 @@ flags.DEFINE_list("workloads", ["64x64", "512x128"], "online ISLxOSL")
 flags.DEFINE_string("workdir", "/tmp/tandem-vs-vllm", "generated checkpoints, server logs, aiperf artifacts")
 flags.DEFINE_string("json_out", "runs/vs_vllm.json", "results")
 flags.DEFINE_list("tandem_server_args", [], "extra flags for Tandem's server (default: none — its defaults)")
+flags.DEFINE_integer("requests_per_client", 4, "online: requests per point = this x concurrency")
 flags.DEFINE_float("timeout_s", 1800.0, "bound on any one subprocess (an offline side, one aiperf run)")
 flags.DEFINE_string("worker", None, "internal: run Tandem's offline side with --worker_args and print RESULT")
 flags.DEFINE_string("worker_args", None, "internal")
@@ -174,13 +175,23 @@ def tandem_offline(a: dict) -> dict:
     return res
 
 
+def tandem_env() -> dict:
+    """Tandem's processes keep compiled executables in the persistent XLA cache, as `make` sets it (a later run
+    starts in seconds; vLLM keeps its own in ~/.cache/vllm)."""
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(SHIPPED), os.pardir, ".cache", "jax"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    return env
+
+
 def run_offline(side: str, ckpt: str) -> dict:
     a = json.dumps(offline_args(ckpt))
     if side == "vllm":
         cmd, env = [FLAGS.vllm_python, os.path.join(os.path.dirname(__file__), "vllm_peer.py"), a], peer_env(
             ckpt, FLAGS.vllm_bind_offline)
     else:
-        cmd, env = [sys.executable, "-m", "bench.vs_vllm", "--worker=tandem_offline", f"--worker_args={a}"], None
+        cmd, env = [sys.executable, "-m", "bench.vs_vllm", "--worker=tandem_offline", f"--worker_args={a}"], tandem_env()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=FLAGS.timeout_s, env=env)
     if p.returncode:
         raise RuntimeError(f"{side} offline failed ({p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
@@ -205,7 +216,7 @@ def start_server(side: str, ckpt: str, name: str, logdir: str) -> tuple[subproce
     else:
         cmd = [sys.executable, "-m", "serving.server", f"--checkpoint={ckpt}", f"--port={port}",
                f"--served_model_name={name}", *FLAGS.tandem_server_args]
-        env = None
+        env = tandem_env()
     log = open(os.path.join(logdir, f"server-{side}-{name}.log"), "w")
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return p, f"http://127.0.0.1:{port}"
@@ -249,7 +260,8 @@ def aiperf_point(url: str, name: str, ckpt: str, isl: int, osl: int, conc: int, 
     shutil.rmtree(artifacts, ignore_errors=True)
     cmd = [exe, "profile", "--model", name, "--url", url, "--endpoint-type", "completions", "--streaming",
            "--tokenizer", ckpt, "--isl", str(isl), "--isl-stddev", "0", "--osl", str(osl), "--osl-stddev", "0",
-           "--extra-inputs", "ignore_eos:true", "--concurrency", str(conc), "--request-count", str(4 * conc),
+           "--extra-inputs", "ignore_eos:true", "--concurrency", str(conc), "--request-count",
+           str(FLAGS.requests_per_client * conc),
            "--warmup-request-count", str(conc), "--random-seed", "1", "--ui", "none", "--no-server-metrics",
            "--no-gpu-telemetry", "--artifact-dir", artifacts]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=FLAGS.timeout_s)
@@ -388,7 +400,7 @@ def _save(res: dict) -> None:
     with open(tmp, "w") as f:
         json.dump({"machine": _machine(), "flags": {k: getattr(FLAGS, k) for k in
                                                     ("configs", "runs", "batches", "ttft_lens", "concurrency",
-                                                     "workloads", "tandem_server_args")},
+                                                     "workloads", "requests_per_client", "tandem_server_args")},
                    "results": res}, f, indent=1)
     os.replace(tmp, FLAGS.json_out)
 
