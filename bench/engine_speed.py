@@ -148,7 +148,7 @@ def mtp_compare(model, batches, new_tokens, max_len, tokenizer, ckpt):
                                                   seed=7))):
             res = {}
             for mtp in (False, True):
-                ec = EngineConfig(page_size=F.page_size, num_pages=F.num_pages, max_model_len=max_len,
+                ec = EngineConfig(page_size=F.page_size, num_pages=F.num_pages or None, max_model_len=max_len,
                                   prefill_buckets=(16, 64, 128), decode_buckets=(B,),
                                   decode_steps=F.decode_steps, mtp=mtp)
                 with LLM(model=model, engine_config=ec) as llm:
@@ -173,7 +173,7 @@ def main(argv):
     batches = [int(b) for b in _BATCHES.value]
     N, T = _NEW.value, _PROMPT.value
     max_len = F.max_model_len or 512
-    ec = EngineConfig(page_size=F.page_size, num_pages=F.num_pages, max_model_len=max_len, prefill_buckets=(16, 64, 128),
+    ec = EngineConfig(page_size=F.page_size, num_pages=F.num_pages or None, max_model_len=max_len, prefill_buckets=(16, 64, 128),
                       decode_buckets=tuple(sorted(set(batches) | {max(batches)})), decode_steps=F.decode_steps)
     print(f"checkpoint {path}; {os.cpu_count()} CPU cores, jax {jax.__version__}, devices {len(jax.devices())}")
     peak = matmul_peak_flops()
@@ -225,7 +225,7 @@ def main(argv):
         print(f"\nmixed load: 8 short requests decoding 96 tokens; 4 prompts of {_LONG.value} tokens arrive meanwhile")
         res = {}
         for mode, kw in (("colocated", {}), ("disagg", dict(prefill_mesh="tp=1", decode_mesh="ep=1"))):
-            ecm = EngineConfig(page_size=F.page_size, num_pages=F.num_pages, max_model_len=max_len, prefill_buckets=(16, 64, 128),
+            ecm = EngineConfig(page_size=F.page_size, num_pages=F.num_pages or None, max_model_len=max_len, prefill_buckets=(16, 64, 128),
                                decode_buckets=(4, 8, 16), decode_steps=F.decode_steps)
             # the online budget (256 prompt tokens per step), which this measurement is about
             with LLM(model=model, engine_config=ecm, mode=mode, scheduler_config=SchedulerConfig(), **kw) as m:

@@ -91,6 +91,9 @@ class EngineConfig:
             raise ValueError(f"prefill_buckets={self.prefill_buckets} must be strictly increasing")
         if sorted(set(self.prefill_rows)) != list(self.prefill_rows) or self.prefill_rows[:1] != (1,):
             raise ValueError(f"prefill_rows={self.prefill_rows} must be strictly increasing and start at 1")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages={self.num_pages}: need at least one page besides the scratch page (None: "
+                             "sized automatically)")
         if self.prefill_tokens is not None and self.prefill_tokens < 1:
             raise ValueError(f"prefill_tokens={self.prefill_tokens} must be >= 1")
         if self.decode_buckets is not None and (sorted(set(self.decode_buckets)) != list(self.decode_buckets)
