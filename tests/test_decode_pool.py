@@ -26,8 +26,8 @@ from sharding import DECODE_RULES, Topology
 # DeepSeek's latent (512 + 64 rope), small everything else
 LATENT = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=2, q_lora_rank=64, n_routed_experts=4,
-                     num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=256,
-                     rope_scaling=None, num_nextn_predict_layers=0)
+                     num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                     max_position_embeddings=256, rope_scaling=None, num_nextn_predict_layers=0)
 IN_PLACE = {"scatter", "dynamic-update-slice"}
 PASS_THROUGH = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional"}
 
