@@ -25,20 +25,10 @@ def prompt_ids(n: int, length: int, seed: int, vocab_size: int) -> list[list[int
     return [[rng.randrange(2, vocab_size) for _ in range(length)] for _ in range(n)]
 
 
-def main() -> None:
-    a = json.loads(sys.argv[1])
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=a["checkpoint"], dtype="bfloat16", skip_tokenizer_init=True, max_model_len=a["max_model_len"],
-              seed=0)
+def measure(run, a: dict) -> dict:
+    """The offline measurements, the same on both sides: `run(prompts, max_tokens) -> (seconds, token lists)` is
+    the engine's `generate`; `a` the bench's arguments (batches, ttft_lens, vocab_size)."""
     V = a["vocab_size"]
-
-    def run(prompts, max_tokens):
-        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-        t0 = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outs]
-
     res = {"decode_tok_s": {}, "ttft_s": {}, "tokens": {}}
     for B in a["batches"]:
         for w in range(WARMUPS):   # other prompts (prefix caching), same shapes
@@ -51,7 +41,23 @@ def main() -> None:
             run(prompt_ids(1, L, 2000 * (w + 1) + L, V), 1)
         dt, _ = run(prompt_ids(1, L, L, V), 1)
         res["ttft_s"][str(L)] = dt
-    print("RESULT " + json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    a = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=a["checkpoint"], dtype="bfloat16", skip_tokenizer_init=True, max_model_len=a["max_model_len"],
+              seed=0)
+
+    def run(prompts, max_tokens):
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outs]
+
+    print("RESULT " + json.dumps(measure(run, a)), flush=True)
 
 
 if __name__ == "__main__":   # vLLM spawns workers that re-import this file

@@ -32,7 +32,7 @@ import time
 
 from absl import app, flags
 
-from bench.vllm_peer import DECODE_NEW_TOKENS, DECODE_PROMPT_LEN, WARMUPS, prompt_ids
+from bench.vllm_peer import measure
 
 def define_flags() -> None:
     """Flags, defined only when run as a script (importing this module for its helpers defines none: absl flags
@@ -157,7 +157,6 @@ def tandem_offline(a: dict) -> dict:
     from serving.config import EngineConfig
 
     llm = LLM(a["checkpoint"], engine_config=EngineConfig(max_model_len=a["max_model_len"] // 16 * 16))
-    V = a["vocab_size"]
 
     def run(prompts, max_tokens):
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -165,18 +164,7 @@ def tandem_offline(a: dict) -> dict:
         outs = llm.generate(prompts, sp)
         return time.perf_counter() - t0, [list(o.token_ids) for o in outs]
 
-    res = {"decode_tok_s": {}, "ttft_s": {}, "tokens": {}}
-    for B in a["batches"]:
-        for w in range(WARMUPS):   # other prompts (prefix caching), same shapes
-            run(prompt_ids(B, DECODE_PROMPT_LEN, 1000 * (w + 1) + B, V), DECODE_NEW_TOKENS)
-        dt, toks = run(prompt_ids(B, DECODE_PROMPT_LEN, B, V), DECODE_NEW_TOKENS)
-        res["decode_tok_s"][str(B)] = sum(map(len, toks)) / dt
-        res["tokens"][str(B)] = toks[0][:16]
-    for L in a["ttft_lens"]:
-        for w in range(WARMUPS):
-            run(prompt_ids(1, L, 2000 * (w + 1) + L, V), 1)
-        dt, _ = run(prompt_ids(1, L, L, V), 1)
-        res["ttft_s"][str(L)] = dt
+    res = measure(run, a)
     llm.close()
     return res
 
