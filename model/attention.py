@@ -24,6 +24,15 @@ from model.rope import apply_rope
 _NEG_INF = -1e30  # finite: a fully-masked row (padding) gives a uniform softmax instead of NaN
 
 
+
+def _online_softmax_block(s_BHTS, m_BHT, j, block_len: int, positions_BT):
+    """One key block of an online softmax: scores of keys past each query's position masked, the running max
+    updated. Returns (new max, the factor rescaling what was accumulated, this block's unnormalized probs)."""
+    key_S = j * block_len + jnp.arange(block_len)
+    s_BHTS = jnp.where(key_S[None, None, None, :] <= positions_BT[:, None, :, None], s_BHTS, _NEG_INF)
+    m_new = jnp.maximum(m_BHT, s_BHTS.max(-1))
+    return m_new, jnp.exp(m_BHT - m_new), jnp.exp(s_BHTS - m_new[..., None])
+
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
         D, H = cfg.hidden_size, cfg.num_attention_heads
@@ -104,11 +113,7 @@ class MLA(nnx.Module):
             v_BSHV = jnp.einsum("bsl,lhv->bshv", c_BSL, w_uv_LHV)
             s_BHTS = (jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK)
                       + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)).astype(jnp.float32) * cfg.softmax_scale
-            key_S = j * block_len + jnp.arange(block_len)
-            s_BHTS = jnp.where(key_S[None, None, None, :] <= positions_BT[:, None, :, None], s_BHTS, _NEG_INF)
-            m_new = jnp.maximum(m_BHT, s_BHTS.max(-1))
-            alpha = jnp.exp(m_BHT - m_new)
-            p_BHTS = jnp.exp(s_BHTS - m_new[..., None])
+            m_new, alpha, p_BHTS = _online_softmax_block(s_BHTS, m_BHT, j, block_len, positions_BT)
             l_new = l_BHT * alpha + p_BHTS.sum(-1)
             pv_BTHV = jnp.einsum("bhts,bshv->bhtv", p_BHTS.astype(dtype), v_BSHV).transpose(0, 2, 1, 3).astype(
                 jnp.float32)
@@ -139,11 +144,7 @@ class MLA(nnx.Module):
             c_BSL, k_rope_BSR = kv_BSC[..., :L].astype(dtype), kv_BSC[..., L:].astype(dtype)
             s_BHTS = (jnp.einsum("bthl,bsl->bhts", q_lat_BTHL, c_BSL)
                       + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)).astype(jnp.float32) * cfg.softmax_scale
-            key_S = j * block_len + jnp.arange(block_len)
-            s_BHTS = jnp.where(key_S[None, None, None, :] <= positions_BT[:, None, :, None], s_BHTS, _NEG_INF)
-            m_new = jnp.maximum(m_BHT, s_BHTS.max(-1))
-            alpha = jnp.exp(m_BHT - m_new)
-            p_BHTS = jnp.exp(s_BHTS - m_new[..., None])
+            m_new, alpha, p_BHTS = _online_softmax_block(s_BHTS, m_BHT, j, block_len, positions_BT)
             # (b, h, t) output order: see `attend` on XLA:CPU's strided batched dot
             pv_BHTL = jnp.einsum("bhts,bsl->bhtl", p_BHTS.astype(dtype), c_BSL).astype(jnp.float32)
             return m_new, l_BHT * alpha + p_BHTS.sum(-1), acc_BHTL * alpha[..., None] + pv_BHTL
