@@ -31,7 +31,7 @@ def _job(ckpt, inp, out, cache, *extra):
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     cmd = [sys.executable, "-m", "serving.batch", "--input", str(inp), "--output", str(out), "--checkpoint", ckpt,
            "--mode", "colocated", "--max_tokens", "24", "--page_size", "8", "--num_pages", "64",
-           "--max_model_len", "64", "--max_batch", "2", "--decode_steps", "2", "--noprogress", "--print_outputs",
+           "--max_model_len", "64", "--prefill_buckets", "16", "--max_batch", "2", "--decode_steps", "2", "--noprogress", "--print_outputs",
            *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

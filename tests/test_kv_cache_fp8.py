@@ -24,7 +24,8 @@ from model.paged_cache import decode_fp8_rows, encode_fp8_rows
 from sharding.plan import kv_bytes_per_token
 
 EC = EngineConfig(page_size=8, num_pages=24, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(4,),
-                  decode_steps=2, cache_dtype="fp8", decode_windows=(8,))
+                  decode_steps=2, cache_dtype="fp8", decode_windows=(8,),
+                  prefill_tokens=16)   # prefill shapes (1, 8), (1, 16): fewer executables to compile
 PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 40], [3, 1, 4], [9, 2, 6, 5, 35]]
 
 

@@ -27,7 +27,7 @@ from serving.router import RouterConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "test-secret-token"
 EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
-                  decode_steps=3)
+                  decode_steps=3, prefill_tokens=16)
 PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 40],  # > largest bucket: chunked
            [3, 1, 4], [9, 2, 6, 5, 35, 8, 9, 7, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 N_NEW = 8

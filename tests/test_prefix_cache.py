@@ -120,7 +120,8 @@ def test_disk_tier_roundtrip_corrupt_and_full(tmp_path):
 
 # ---- through the engine -------------------------------------------------------------------------------------------
 EC = EngineConfig(page_size=8, num_pages=17, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
-                  decode_steps=3, decode_windows=(8,))   # one window: fewer executables to compile
+                  decode_steps=3, decode_windows=(8,),   # one window: fewer executables to compile
+                  prefill_tokens=16)                      # and single-row prefill only
 SYS = [(7 * i + 3) % 90 + 5 for i in range(24)]                      # a 3-page shared "system prompt"
 QUESTIONS = [[11, 4, 9, 30, 2], [8, 8, 1, 60], [3, 14, 15, 92, 6, 5]]
 N_NEW = 6

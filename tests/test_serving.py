@@ -113,7 +113,7 @@ def test_bf16_disaggregated_differs_from_colocated_only_at_near_ties(ckpt_path):
     rng = np.random.default_rng(7)
     prompts = [rng.integers(2, bf.cfg.vocab_size, int(rng.integers(3, 20))).tolist() for _ in range(8)]
     n_new = 16
-    ec = EngineConfig(**{**EC.__dict__, "decode_windows": (8,), "decode_buckets": (4, 8)})
+    ec = EngineConfig(**{**EC.__dict__, "decode_windows": (8,), "decode_buckets": (8,), "prefill_rows": (1,)})
     sp = SamplingParams(max_tokens=n_new, ignore_eos=True)
     with LLM(model=bf, engine_config=ec) as llm:
         colo = [o.token_ids for o in llm.generate(prompts, sp)]
