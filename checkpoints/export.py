@@ -47,8 +47,8 @@ def _attn(prefix: str, w: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, 
         out[a + "q_proj.weight"] = q.reshape(q.shape[0], -1).T
     out[a + "kv_a_proj_with_mqa.weight"] = w[o + "kv_a_proj_with_mqa"].T
     out[a + "kv_a_layernorm.weight"] = w[o + "kv_a_layernorm.weight"]
-    kvb = w[o + "kv_b_proj"]                                    # [L, H, K+V]
-    out[a + "kv_b_proj.weight"] = kvb.reshape(kvb.shape[0], -1).T
+    kvb = np.concatenate([w[o + "w_uk"], w[o + "w_uv"]], axis=-1)   # [H, L, K+V]
+    out[a + "kv_b_proj.weight"] = kvb.transpose(0, 2, 1).reshape(-1, kvb.shape[1])
     op = w[o + "o_proj"]                                        # [H, V, D]
     out[a + "o_proj.weight"] = op.reshape(-1, op.shape[-1]).T
     return out

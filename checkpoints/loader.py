@@ -49,11 +49,13 @@ class _Plan:
 
     kind: "copy" (as stored), "linear" (HF [out, in] -> [in, out]), "experts" (E tensors [out, in] ->
     [E, in, out]), "out_heads" / "in_heads" (a linear whose out / in axis is split into per-head axes: `shape`),
-    "fused_gate" / "fused_up" / "fused_down" (transformers' in-memory fused expert layout)."""
+    "fused_gate" / "fused_up" / "fused_down" (transformers' in-memory fused expert layout), "head_rows" (rows
+    [part[0], part[1]) of each head's block of a per-head [H * rows, in] linear, head-major: [H, in, part size])."""
 
     sources: tuple[str, ...]                         # checkpoint tensor names
     kind: str
     shape: tuple[int, ...] | None = None
+    part: tuple[int, int, int] | None = None         # head_rows: (first row, end row, rows per head)
 
     def build(self, xs: list[np.ndarray]) -> np.ndarray:
         """Sources (already float) -> the weight in Tandem's layout."""
@@ -66,6 +68,10 @@ class _Plan:
             return np.stack([x.T for x in xs])
         if k in ("out_heads", "in_heads"):
             return xs[0].T.reshape(self.shape)
+        if k == "head_rows":
+            r0, r1, rows = self.part
+            x = xs[0].reshape(self.shape[0], rows, xs[0].shape[-1])
+            return np.ascontiguousarray(x[:, r0:r1].transpose(0, 2, 1))
         F = xs[0].shape[1] // 2
         if k == "fused_gate":
             return xs[0][:, :F].transpose(0, 2, 1)
@@ -110,7 +116,9 @@ def _attn_plans(prefix: str, cfg: ModelConfig) -> dict[str, _Plan]:
         p["self_attn.q_proj"] = _Plan((a + "q_proj.weight",), "out_heads", (D, H, K + R))
     p["self_attn.kv_a_proj_with_mqa"] = _linear(a + "kv_a_proj_with_mqa.weight")
     p["self_attn.kv_a_layernorm.weight"] = _copy(a + "kv_a_layernorm.weight")
-    p["self_attn.kv_b_proj"] = _Plan((a + "kv_b_proj.weight",), "out_heads", (L, H, K + V))
+    # kv_b_proj [H*(K+V), L] -> W_uk [H, L, K], W_uv [H, L, V] (model.attention: per-head absorbed einsums)
+    p["self_attn.w_uk"] = _Plan((a + "kv_b_proj.weight",), "head_rows", (H, L, K), (0, K, K + V))
+    p["self_attn.w_uv"] = _Plan((a + "kv_b_proj.weight",), "head_rows", (H, L, V), (K, K + V, K + V))
     p["self_attn.o_proj"] = _Plan((a + "o_proj.weight",), "in_heads", (H, V, D))
     return p
 
@@ -305,6 +313,12 @@ class _Weight:
                 if tuple(shp) != (N, K):
                     raise CheckpointError(f"tensor {n!r} in {self.ckpt.file_of(n)} has shape {list(shp)}, which "
                                           f"does not fit {self.name} {list(self.shape)} for this config")
+        elif p.kind == "head_rows":
+            n = p.sources[0]
+            want = (self.shape[0] * p.part[2], self.shape[1])
+            if tuple(self.ckpt.shape(n)) != want:
+                raise CheckpointError(f"tensor {n!r} in {self.ckpt.file_of(n)} has shape {list(self.ckpt.shape(n))}, "
+                                      f"expected {list(want)} for {self.name} {list(self.shape)} of this config")
         elif p.kind == "copy":
             n = p.sources[0]
             if tuple(self.ckpt.shape(n)) != self.shape:

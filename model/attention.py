@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import RMSNorm, dense, linear, param, rms_norm
+from model.layers import RMSNorm, linear, param, rms_norm
 from model.runtime import DEFAULT_RUNTIME
 from model.rope import apply_rope
 
@@ -47,13 +47,22 @@ class MLA(nnx.Module):
             self.q_proj = param(rngs, (D, H, K + R), ("embed", "heads", "qk_head"), dtype)
         self.kv_a_proj_with_mqa = param(rngs, (D, L + R), ("embed", "kv_latent"), dtype)
         self.kv_a_layernorm = RMSNorm(L, "kv_lora", 1e-6, rngs=rngs, dtype=dtype)
-        self.kv_b_proj = param(rngs, (L, H, K + V), ("kv_lora", "heads", "kv_head"), dtype)
+        # kv_b_proj (HF [H*(K+V), L]) as its two per-head halves, head-major: see below
+        self.w_uk = param(rngs, (H, L, K), ("heads", "kv_lora", "qk_head"), dtype)
+        self.w_uv = param(rngs, (H, L, V), ("heads", "kv_lora", "v_head"), dtype)
         self.o_proj = param(rngs, (H, V, D), ("heads", "v_head", "embed"), dtype)
 
     # Weights may be block-FP8 (`Fp8Tensor`, DeepSeek's release format kept on device). The projections run as
     # matmuls (`linear`: W8A16 kernels, on local shards under TP), the per-head q_b / q / o projections through
-    # their flattened matrix view; only kv_b_proj, split and absorbed per head in decode, is dequantized by XLA
-    # next to its einsums (`dense`).
+    # their flattened matrix view. kv_b_proj is kept as W_uk [H, L, K] and W_uv [H, L, V], plain arrays in the
+    # model dtype (dequantized once at load, not every step): each head's block is contiguous, so the per-head
+    # einsums are batched dots with the batch axis leading and no operand copy. As one [L, H, K+V] weight, XLA
+    # copied a transposed, sliced W_uk and W_uv every step (XLA:CPU latent-8e batch 1: 11 of 15 ms per step,
+    # `bench.step_profile`).
+    def absorb_weights(self, dtype) -> tuple[jax.Array, jax.Array]:
+        """W_uk [H, L, K] and W_uv [H, L, V] in `dtype`."""
+        return self.w_uk[...].astype(dtype), self.w_uv[...].astype(dtype)
+
     def queries(self, x_BTD, cos, sin, runtime=DEFAULT_RUNTIME) -> tuple[jax.Array, jax.Array]:
         """q_nope [B,T,H,K] and roped q_rope [B,T,H,R]."""
         cfg = self.cfg
@@ -82,11 +91,10 @@ class MLA(nnx.Module):
         """Absorbed attention whose latent part runs in the cache layout's paged kernel (`cache.attend_absorbed`:
         pages read through the page table, no gathered window); returns [B,T,D]."""
         cfg = self.cfg
-        K = cfg.qk_nope_head_dim
-        kv_b_LHX = dense(self.kv_b_proj.get_value(), q_nope_BTHK.dtype)
-        q_lat_BTHL = jnp.einsum("bthk,lhk->bthl", q_nope_BTHK, kv_b_LHX[..., :K])
+        w_uk_HLK, w_uv_HLV = self.absorb_weights(q_nope_BTHK.dtype)
+        q_lat_BTHL = jnp.einsum("bthk,hlk->bthl", q_nope_BTHK, w_uk_HLK)
         o_lat_BTHL = cache.attend_absorbed(state, layer, q_lat_BTHL, q_rope_BTHR, positions_BT, cfg.softmax_scale)
-        o_BTHV = jnp.einsum("bthl,lhv->bthv", o_lat_BTHL.astype(q_nope_BTHK.dtype), kv_b_LHX[..., K:])
+        o_BTHV = jnp.einsum("bthl,hlv->bthv", o_lat_BTHL.astype(q_nope_BTHK.dtype), w_uv_HLV)
         B, T, H, V = o_BTHV.shape
         return linear(o_BTHV.reshape(B, T, H * V), self.o_proj, runtime, k_ndim=2)
 
@@ -97,20 +105,19 @@ class MLA(nnx.Module):
         blocks the queries reach (a dynamic trip count), so memory is O(T x block) and work grows with the
         context actually present, not with the cache window. Returns [B,T,D]."""
         cfg = self.cfg
-        L, K = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        L = cfg.kv_lora_rank
         B, T, H, _ = q_nope_BTHK.shape
         dtype = q_nope_BTHK.dtype
-        kv_b_LHX = dense(self.kv_b_proj.get_value(), dtype)
-        w_uk_LHK, w_uv_LHV = kv_b_LHX[..., :K], kv_b_LHX[..., K:]
-        V = w_uv_LHV.shape[-1]
+        w_uk_HLK, w_uv_HLV = self.absorb_weights(dtype)
+        V = w_uv_HLV.shape[-1]
         n_blocks = (jnp.max(positions_BT) + block_len) // block_len
 
         def body(j, carry):
             m_BHT, l_BHT, acc_BTHV = carry
             kv_BSC = read_block(j)
             c_BSL, k_rope_BSR = kv_BSC[..., :L].astype(dtype), kv_BSC[..., L:].astype(dtype)
-            k_nope_BSHK = jnp.einsum("bsl,lhk->bshk", c_BSL, w_uk_LHK)
-            v_BSHV = jnp.einsum("bsl,lhv->bshv", c_BSL, w_uv_LHV)
+            k_nope_BSHK = jnp.einsum("bsl,hlk->bshk", c_BSL, w_uk_HLK)
+            v_BSHV = jnp.einsum("bsl,hlv->bshv", c_BSL, w_uv_HLV)
             s_BHTS = (jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK)
                       + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)).astype(jnp.float32) * cfg.softmax_scale
             m_new, alpha, p_BHTS = _online_softmax_block(s_BHTS, m_BHT, j, block_len, positions_BT)
@@ -131,11 +138,11 @@ class MLA(nnx.Module):
         in f32 over only the blocks the queries reach (a dynamic trip count: max position // block_len + 1), so a
         step costs the context present — not the executable's page window, not max_model_len. Returns [B,T,D]."""
         cfg = self.cfg
-        L, K = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        L = cfg.kv_lora_rank
         B, T, H, _ = q_nope_BTHK.shape
         dtype = q_nope_BTHK.dtype
-        kv_b_LHX = dense(self.kv_b_proj.get_value(), dtype)
-        q_lat_BTHL = jnp.einsum("bthk,lhk->bthl", q_nope_BTHK, kv_b_LHX[..., :K])
+        w_uk_HLK, w_uv_HLV = self.absorb_weights(dtype)
+        q_lat_BTHL = jnp.einsum("bthk,hlk->bthl", q_nope_BTHK, w_uk_HLK)
         n_blocks = (jnp.max(positions_BT) + block_len) // block_len
 
         def body(j, carry):
@@ -153,24 +160,22 @@ class MLA(nnx.Module):
                 jnp.zeros((B, H, T, L), jnp.float32))
         _, l_BHT, acc_BHTL = jax.lax.fori_loop(0, n_blocks, body, init)
         o_lat_BTHL = (acc_BHTL / jnp.maximum(l_BHT, 1e-30)[..., None]).astype(dtype).transpose(0, 2, 1, 3)
-        o_BTHV = jnp.einsum("bthl,lhv->bthv", o_lat_BTHL, kv_b_LHX[..., K:])
+        o_BTHV = jnp.einsum("bthl,hlv->bthv", o_lat_BTHL, w_uv_HLV)
         return linear(o_BTHV.reshape(B, T, H * o_BTHV.shape[-1]), self.o_proj, runtime, k_ndim=2)
 
     def attend(self, q_nope_BTHK, q_rope_BTHR, kv_BSC, mask_BTS, *, absorbed: bool,
                runtime=DEFAULT_RUNTIME) -> jax.Array:
         """Attention of the queries over latent keys kv_BSC where mask_BTS is true; returns [B,T,D]."""
         cfg = self.cfg
-        L, K = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        L = cfg.kv_lora_rank
         c_BSL, k_rope_BSR = kv_BSC[..., :L], kv_BSC[..., L:]
-        kv_b_LHX = dense(self.kv_b_proj.get_value(), q_nope_BTHK.dtype)
-        w_uk_LHK = kv_b_LHX[..., :K]
-        w_uv_LHV = kv_b_LHX[..., K:]
+        w_uk_HLK, w_uv_HLV = self.absorb_weights(q_nope_BTHK.dtype)
         rope_scores = jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)
         if absorbed:
-            q_lat_BTHL = jnp.einsum("bthk,lhk->bthl", q_nope_BTHK, w_uk_LHK)
+            q_lat_BTHL = jnp.einsum("bthk,hlk->bthl", q_nope_BTHK, w_uk_HLK)
             scores_BHTS = jnp.einsum("bthl,bsl->bhts", q_lat_BTHL, c_BSL) + rope_scores
         else:
-            k_nope_BSHK = jnp.einsum("bsl,lhk->bshk", c_BSL, w_uk_LHK)
+            k_nope_BSHK = jnp.einsum("bsl,hlk->bshk", c_BSL, w_uk_HLK)
             scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK) + rope_scores
         scores_BHTS = scores_BHTS.astype(jnp.float32) * cfg.softmax_scale
         scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, _NEG_INF)
@@ -179,9 +184,9 @@ class MLA(nnx.Module):
             # output in the probabilities' (b, h, t) order, then transposed: XLA:CPU runs "bhts,bsl->bthl" as a
             # slow batched dot with a strided output (6x slower at batch 64; bench/decode_grid.py)
             o_lat_BTHL = jnp.einsum("bhts,bsl->bhtl", probs_BHTS, c_BSL).transpose(0, 2, 1, 3)
-            o_BTHV = jnp.einsum("bthl,lhv->bthv", o_lat_BTHL, w_uv_LHV)
+            o_BTHV = jnp.einsum("bthl,hlv->bthv", o_lat_BTHL, w_uv_HLV)
         else:
-            v_BSHV = jnp.einsum("bsl,lhv->bshv", c_BSL, w_uv_LHV)
+            v_BSHV = jnp.einsum("bsl,hlv->bshv", c_BSL, w_uv_HLV)
             o_BTHV = jnp.einsum("bhts,bshv->bhtv", probs_BHTS, v_BSHV).transpose(0, 2, 1, 3)
         B, T, H, V = o_BTHV.shape
         return linear(o_BTHV.reshape(B, T, H * V), self.o_proj, runtime, k_ndim=2)
