@@ -1,16 +1,14 @@
 """Decode time against the KV pool's size at a fixed context: a decode step should cost what the live rows attend
 over, not the pages the engine owns.
 
-    python -m bench.pool_size [--dtypes float32,bfloat16] [--pages 256,1024,4096] [--plain_scatter]
+    python -m bench.pool_size [--dtypes float32,bfloat16] [--pages 256,1024,4096] [--bf16_pool]
 
 The shipped model, one device, batch 8 at position 100 (window 16 pages = 256 positions), 4 decode steps per
-dispatch; median of 15 dispatches per pool size. `--plain_scatter` writes the cache with a plain scatter instead of
-the uint16 view the engine uses on CPU (`model.paged_cache.PagedCache.int_view`): the before/after of that fix.
+dispatch; median of 15 dispatches per pool size. `--bf16_pool` stores a bf16 cache as bf16 instead of the uint16
+bits the engine keeps on CPU (`serving.engine.cache_layout`): the before/after of that fix.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +18,7 @@ from bench.timing import median_time
 
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "weight (and cache) dtypes")
 flags.DEFINE_list("pages", ["256", "1024", "4096"], "KV pages of the engine")
-flags.DEFINE_bool("plain_scatter", False, "write the cache with a plain scatter (no uint16 view)")
+flags.DEFINE_bool("bf16_pool", False, "store a bf16 cache as bf16 on CPU (not as uint16 bits)")
 FLAGS = flags.FLAGS
 
 
@@ -28,12 +26,13 @@ def main(argv):
     del argv
     import checkpoints
     from serving.config import DEFAULT_CHECKPOINT, EngineConfig
+    import serving.engine
     from serving.engine import DecodeBatch, Engine
     from serving.sampling import sampling_arrays
 
-    if FLAGS.plain_scatter:
-        layout = Engine._layout
-        Engine._layout = lambda self, *a, **k: dataclasses.replace(layout(self, *a, **k), int_view=False)
+    if FLAGS.bf16_pool:
+        layout = serving.engine.cache_layout
+        serving.engine.cache_layout = lambda cfg, model, platform="cuda": layout(cfg, model)
     B = 8
     print("| weights | " + " | ".join(f"{p} pages" for p in FLAGS.pages) + " |  (ms per 4-step dispatch)")
     for name in FLAGS.dtypes:

@@ -55,43 +55,51 @@ def decode_fp8_rows(raw, dtype) -> jax.Array:
     return (codes * s[..., None]).astype(dtype)
 
 
+# ---- bf16 rows on XLA:CPU: the pool holds their bits as uint16 ---------------------------------------------------
+# XLA:CPU's float normalization upcasts a gather or scatter on a bf16 array to f32, converting the *whole* pool in
+# and out per layer per step (latent-8e, bf16, batch 1, 16k pages: 749 ms per step, `bench.step_profile`); a bitcast
+# view of a bf16 pool is a pool copy too. So the engine allocates a CPU bf16 pool as uint16 (`serving.engine.
+# cache_layout`): rows are bitcast on their way in and out, nothing pool-sized is converted or copied.
+def is_bf16_bits(state) -> bool:
+    return jnp.dtype(state.dtype) == jnp.uint16
+
+
+def encode_rows(kv_TC, state_dtype) -> jax.Array:
+    """Latent rows in the pool's storage: FP8 bytes, bf16 bits (uint16) or the float dtype itself."""
+    if jnp.dtype(state_dtype) == jnp.uint8:
+        return encode_fp8_rows(kv_TC)
+    if jnp.dtype(state_dtype) == jnp.uint16:
+        return jax.lax.bitcast_convert_type(kv_TC.astype(jnp.bfloat16), jnp.uint16)
+    return kv_TC.astype(state_dtype)
+
+
 def read_rows(raw, dtype):
-    """Cache rows as latents in `dtype` (dequantized when the cache is FP8)."""
-    return decode_fp8_rows(raw, dtype) if jnp.dtype(raw.dtype) == jnp.uint8 else raw
+    """Cache rows as latents (dequantized when the cache is FP8 — in `dtype`; bf16 when it holds bf16 bits)."""
+    if jnp.dtype(raw.dtype) == jnp.uint8:
+        return decode_fp8_rows(raw, dtype)
+    if jnp.dtype(raw.dtype) == jnp.uint16:
+        return jax.lax.bitcast_convert_type(raw, jnp.bfloat16)
+    return raw
 
 
-def _write_and_gather(state, layer: int, kv_BTC, positions_BT, page_table_BP, valid_BT, int_view: bool = False):
+def _write_and_gather(state, layer: int, kv_BTC, positions_BT, page_table_BP, valid_BT):
     """On one pool (local page ids): write the new tokens' latents, gather the rows' page windows."""
     _, _, Z, Cs = state.shape
     B, Pw = page_table_BP.shape
-    state = _write(state, layer, kv_BTC, positions_BT, page_table_BP, valid_BT, int_view)
+    state = _write(state, layer, kv_BTC, positions_BT, page_table_BP, valid_BT)
     kv_BSC = read_rows(state[layer][page_table_BP].reshape(B, Pw * Z, Cs), kv_BTC.dtype)
     mask_BTS = jnp.arange(Pw * Z)[None, None, :] <= positions_BT[:, :, None]
     return state, kv_BSC, mask_BTS
 
 
-def _write(state, layer: int, kv_BTC, positions_BT, page_table_BP, valid_BT, int_view: bool = False):
+def _write(state, layer: int, kv_BTC, positions_BT, page_table_BP, valid_BT):
     Z = state.shape[2]
     Pw = page_table_BP.shape[1]
     logical_BT = positions_BT // Z
     in_range_BT = valid_BT & (logical_BT < Pw) & (positions_BT >= 0)
     page_BT = jnp.take_along_axis(page_table_BP, jnp.clip(logical_BT, 0, Pw - 1), axis=1)
     page_BT = jnp.where(in_range_BT, page_BT, SCRATCH_PAGE)
-    rows = encode_fp8_rows(kv_BTC) if is_fp8(state) else kv_BTC.astype(state.dtype)
-    return _scatter_rows(state, (layer, page_BT, positions_BT % Z), rows, int_view)
-
-
-def _scatter_rows(state, index, rows, int_view: bool = False):
-    """`state.at[index].set(rows)`. int_view (XLA:CPU): a scatter on a 16-bit float array is upcast by XLA:CPU's
-    float normalization to f32 — a convert of the *whole* pool in and one out, per layer per step (decode grew with
-    num_pages: 40 ms at 256 pages, 129 ms at 1,024, 449 ms at 4,096 on the shipped model in bf16, batch 8, 4 steps);
-    the same bytes scattered through a uint16 view of the pool skip both converts (XLA:CPU still copies the pool
-    for each view, so a bf16 cache keeps a pool-sized cost on CPU; f32, the CPU default, has none)."""
-    if int_view and jnp.dtype(state.dtype).itemsize == 2 and jnp.issubdtype(state.dtype, jnp.floating):
-        view = jax.lax.bitcast_convert_type(state, jnp.uint16)
-        view = view.at[index].set(jax.lax.bitcast_convert_type(rows.astype(state.dtype), jnp.uint16))
-        return jax.lax.bitcast_convert_type(view, state.dtype)
-    return state.at[index].set(rows)
+    return state.at[layer, page_BT, positions_BT % Z].set(encode_rows(kv_BTC, state.dtype))
 
 
 @jax.tree_util.register_dataclass
@@ -115,8 +123,6 @@ class PagedCache:
     block_pages: int = dataclasses.field(default=0, metadata=dict(static=True))
     # a batch of R x b rows is R slices, one per rank (decode); False: rows of any ranks (batched prefill)
     split_rows: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    # write 16-bit float rows through a uint16 view of the pool (XLA:CPU: no pool-sized f32 round trip per write)
-    int_view: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -143,18 +149,17 @@ class PagedCache:
 
     def update(self, state, layer: int, kv_BTC, positions_BT):
         if self.ranks == 1:
-            return _write_and_gather(state, layer, kv_BTC, positions_BT, self.page_table_BP, self.valid_BT,
-                                     self.int_view)
+            return _write_and_gather(state, layer, kv_BTC, positions_BT, self.page_table_BP, self.valid_BT)
         ppr, ax = self.pages_per_rank, self.axes
         split = self._split(self.page_table_BP.shape[0])
 
         def body(st, pt, valid, kv, pos):
             r = jax.lax.axis_index(ax)
             if split:
-                return _write_and_gather(st, layer, kv, pos, pt - r * ppr, valid, self.int_view)
+                return _write_and_gather(st, layer, kv, pos, pt - r * ppr, valid)
             owner_B = (pt[:, 0] // ppr) == r            # one row: computed everywhere, written by its owner
             local = jnp.where(owner_B[:, None], pt - r * ppr, SCRATCH_PAGE)
-            st, kv_BSC, mask = _write_and_gather(st, layer, kv, pos, local, valid & owner_B[:, None], self.int_view)
+            st, kv_BSC, mask = _write_and_gather(st, layer, kv, pos, local, valid & owner_B[:, None])
             kv_BSC = jax.lax.psum(jnp.where(owner_B[:, None, None], kv_BSC, jnp.zeros((), kv_BSC.dtype)), ax)
             return st, kv_BSC, mask
 
@@ -180,11 +185,11 @@ class PagedCache:
     def write(self, state, layer: int, kv_BTC, positions_BT):
         """Only write the new tokens' latents (the kernel reads the pages itself)."""
         if self.ranks == 1:
-            return _write(state, layer, kv_BTC, positions_BT, self.page_table_BP, self.valid_BT, self.int_view)
+            return _write(state, layer, kv_BTC, positions_BT, self.page_table_BP, self.valid_BT)
         ppr, ax = self.pages_per_rank, self.axes
 
         def body(st, pt, valid, kv, pos):
-            return (_write(st, layer, kv, pos, pt - jax.lax.axis_index(ax) * ppr, valid, self.int_view),)
+            return (_write(st, layer, kv, pos, pt - jax.lax.axis_index(ax) * ppr, valid),)
 
         return self._shard(body, state, self.page_table_BP, self.valid_BT, kv_BTC, positions_BT, split=True,
                            out_rows=0)[0]
@@ -200,6 +205,7 @@ class PagedCache:
                                       "through attention_impl='xla'")
 
         def run(st, pt, ql, qr, pos):   # one query row per (b, t): the row's page table, length pos + 1
+            st = read_rows(st, None)    # bf16 bits: a pool-sized bitcast — only a CPU pool (interpret mode) has them
             o = paged_mla_decode(ql.reshape(-1, H, L), qr.reshape(-1, H, R), st, layer,
                                  jnp.repeat(pt, T, axis=0), (pos + 1).reshape(-1), scale, impl=self.kernel)
             return o.reshape(pos.shape[0], T, H, L)

@@ -83,13 +83,16 @@ class DecodeBatch:
     ranks: np.ndarray | None = None       # [n] attention rank of each row (data-parallel attention; None: 0)
 
 
-def cache_layout(cfg: EngineConfig, model) -> tuple[jnp.dtype, int]:
-    """(dtype, row width) of the paged cache: the model's dtype (or `cache_dtype`) and C = L + R values per token,
-    or for `cache_dtype="fp8"` uint8 rows of C e4m3 codes + a 4-byte f32 per-token scale (`model.paged_cache.encode_fp8_rows`)."""
+def cache_layout(cfg: EngineConfig, model, platform: str = "cuda") -> tuple[jnp.dtype, int]:
+    """(storage dtype, row width) of the paged cache: the model's dtype (or `cache_dtype`) and C = L + R values per
+    token, or for `cache_dtype="fp8"` uint8 rows of C e4m3 codes + a 4-byte f32 per-token scale
+    (`model.paged_cache.encode_fp8_rows`). A bf16 cache on CPU is stored as its uint16 bits (`model.paged_cache`:
+    XLA:CPU would convert the whole bf16 pool to f32 and back per layer per step)."""
     C = model.cfg.cache_width
     if cfg.cache_dtype == "fp8":
         return jnp.dtype(jnp.uint8), C + FP8_SCALE_BYTES
-    return (jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else jnp.dtype(model.dtype)), C
+    dt = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else jnp.dtype(model.dtype)
+    return (jnp.dtype(jnp.uint16) if platform == "cpu" and dt == jnp.bfloat16 else dt), C
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -139,7 +142,7 @@ class Engine:
                                  "(checkpoints.load(path, mesh=mesh, rules=rules)) or place it "
                                  "(sharding.place(model, mesh, rules))")
         mc = model.cfg
-        dtype, width = cache_layout(cfg, model)
+        dtype, width = cache_layout(cfg, model, self.runtime.target_platform)
         # data-parallel attention: the mesh axes the rules put the cache's page axis on (each an attention rank)
         spec = self.runtime.spec(("pages",)) if mesh is not None else None
         part = None if spec is None else spec[0]
@@ -206,8 +209,7 @@ class Engine:
         # by the rank owning its pages
         return PagedCache(page_table_BP, valid_BT, mesh=self.mesh if self.ranks > 1 else None,
                           axes=self.rank_axes if self.ranks > 1 else (), pages_per_rank=self.pages_per_rank,
-                          kernel=None if impl == "xla" else impl, block_pages=block, split_rows=not prefill,
-                          int_view=self.runtime.target_platform == "cpu")
+                          kernel=None if impl == "xla" else impl, block_pages=block, split_rows=not prefill)
 
     def moe_impl(self, n_tokens: int) -> str | None:
         """The routed-expert implementation the executables for `n_tokens` rows use: the runtime's if set, the

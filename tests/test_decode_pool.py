@@ -2,8 +2,9 @@
 tuples, loops, calls) and the in-place scatter of the new tokens' latents. Checked on the executables themselves —
 XLA:CPU's compiled HLO (f32, the CPU default; after XLA's own passes, where a float-normalization convert or a copy
 of a donated buffer would show) and the cuda-lowered StableHLO at the deepseek-v3 preset's dims (bf16 cache, 8
-data-parallel attention ranks, the paged Pallas kernel) — with a control: the same check flags XLA:CPU's bf16 pool,
-which float normalization still converts per layer (docs/BENCHMARKS.md, "Decode cost and the KV pool").
+data-parallel attention ranks, the paged Pallas kernel). On CPU both dtypes: a bf16 pool is stored as its uint16 bits
+(`serving.engine.cache_layout`); the control stores it as bf16, which XLA:CPU's float normalization converts to f32
+per layer, and the check must flag it (docs/BENCHMARKS.md, "Decode cost and the KV pool").
 """
 
 import collections
@@ -67,6 +68,7 @@ def pool_sized_hlo_ops(hlo: str, min_elems: int) -> collections.Counter:
 
 def _cpu_decode(dtype) -> tuple[str, int]:
     model = DeepseekV3(LATENT, rngs=nnx.Rngs(0), dtype=dtype)
+    model.runtime = Runtime(platform="cpu")
     ec = EngineConfig(page_size=16, num_pages=1024, max_model_len=256, prefill_buckets=(16,), prefill_rows=(1,),
                       decode_buckets=(8,), decode_steps=2, decode_windows=(16,))
     eng = Engine(model, ec, roles={"decode"}, compile=False)
@@ -74,15 +76,20 @@ def _cpu_decode(dtype) -> tuple[str, int]:
     return eng.lower_decode(8, 16, 2).compile().as_text(), N * Z * C   # one layer's pool
 
 
-def test_cpu_f32_decode_has_no_pool_sized_op():
-    hlo, layer_pool = _cpu_decode(jnp.float32)
+@pytest.mark.parametrize("dtype,pool", [(jnp.float32, "f32"), (jnp.bfloat16, "u16")])
+def test_cpu_decode_has_no_pool_sized_op(dtype, pool):
+    hlo, layer_pool = _cpu_decode(dtype)
     assert pool_sized_hlo_ops(hlo, layer_pool) == {}, pool_sized_hlo_ops(hlo, layer_pool)
-    assert re.search(r"= f32\[2,1024,16,576\]\S* (scatter|fusion)\(", hlo)   # the write is there, in place
+    assert re.search(rf"= {pool}\[2,1024,16,576\]\S* (scatter|fusion)\(", hlo)   # the write is there, in place
 
 
-def test_the_check_sees_bf16_float_normalization_on_cpu():
-    """Control: XLA:CPU upcasts bf16 gathers to f32 — a convert of each layer's pool per step — and the check
-    names it (the engine's CPU default is f32; `PagedCache.int_view` removed the scatter's converts only)."""
+def test_the_check_sees_a_bf16_pool_converted_on_cpu(monkeypatch):
+    """Control: a pool stored as bf16 on CPU (what the engine did before it stored the bits as uint16) is upcast to
+    f32 by XLA:CPU's float normalization around its gathers and scatter — and the check names the converts."""
+    import serving.engine
+
+    layout = serving.engine.cache_layout
+    monkeypatch.setattr(serving.engine, "cache_layout", lambda cfg, model, platform="cuda": layout(cfg, model))
     hlo, layer_pool = _cpu_decode(jnp.bfloat16)
     bad = pool_sized_hlo_ops(hlo, layer_pool)
     assert bad and any("convert" in k for k in bad), bad

@@ -5,7 +5,6 @@ token (two mesh pairs); staggered arrivals == one request at a time; pages all c
 compilation on the request path.
 """
 
-import dataclasses
 import re
 
 import jax
@@ -152,14 +151,17 @@ def test_bf16_decode_makes_no_pool_sized_float_copy(ckpt_path):
         # convert fused into a gather is evaluated only at the gathered rows, and does not count)
         pool = re.compile(r"ROOT %[\w.\-]+ = f32\[" + ",".join(map(str, eng.cache_shape)) + r"\][^ ]* convert\(")
         hlo = eng.executables()["decode", 4, 8].as_text()
-        assert eng.cache.dtype == jnp.bfloat16 and not pool.search(hlo)
-        plain = lambda self, *a, **k: dataclasses.replace(layout(self, *a, **k), int_view=False)
-        layout = type(eng)._layout
-        try:
-            type(eng)._layout = plain
-            assert pool.search(eng.lower_decode(4, 8, 1).compile().as_text())
-        finally:
-            type(eng)._layout = layout
+        assert eng.cache.dtype == jnp.uint16 and not pool.search(hlo)   # bf16 bits (serving.engine.cache_layout)
+    # control: the same engine with the pool stored as bf16 shows the converted pool
+    import serving.engine
+
+    layout = serving.engine.cache_layout
+    try:
+        serving.engine.cache_layout = lambda cfg, model, platform="cuda": layout(cfg, model)
+        eng = serving.engine.Engine(bf, ec, roles={"decode"}, compile=False)
+        assert eng.cache.dtype == jnp.bfloat16 and pool.search(eng.lower_decode(4, 8, 1).compile().as_text())
+    finally:
+        serving.engine.cache_layout = layout
 
 
 def test_staggered_arrivals_equal_one_at_a_time(colocated):
