@@ -156,7 +156,8 @@ def tandem_offline(a: dict) -> dict:
     from serving import LLM, SamplingParams
     from serving.config import EngineConfig
 
-    llm = LLM(a["checkpoint"], engine_config=EngineConfig(max_model_len=a["max_model_len"] // 16 * 16))
+    llm = LLM(a["checkpoint"], engine_config=EngineConfig(max_model_len=a["max_model_len"] // 16 * 16),
+              dtype=a.get("dtype"))   # None: the platform default (bench.xla_cpu_flags asks for each)
 
     def run(prompts, max_tokens):
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
