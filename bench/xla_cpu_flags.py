@@ -35,6 +35,7 @@ SETS = {
     "fast-math": "--xla_cpu_enable_fast_math=true",
     "eigen-1-thread": "--xla_cpu_multi_thread_eigen=false",
     "vector-512": "--xla_cpu_prefer_vector_width=512",
+    "no-thunks": "--xla_cpu_use_thunk_runtime=false",   # the pre-thunk runtime: one compiled function, no op dispatch
 }
 
 

@@ -46,3 +46,39 @@ def test_latent_configs_have_deepseek_latent_dims():
         assert (c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim) == (512, 64, 128, 128), name
         experts.append(c.n_routed_experts)
     assert sorted(experts) == [8, 32]
+
+
+def test_flag_sweep_worst_and_table_flag_changed_tokens():
+    import types
+
+    from bench import xla_cpu_flags
+
+    ok = {"decode_tok_s": {"1": 100.0, "16": 900.0}, "ttft_s": {"512": 0.2}, "tokens": {"1": [5, 6]}}
+    w = xla_cpu_flags.worst([ok, dict(ok, decode_tok_s={"1": 90.0, "16": 950.0}), {"error": "exit 134: boom"}])
+    assert w["decode_tok_s"] == {"1": 90.0, "16": 900.0} and w["ttft_s"] == {"512": 0.2}
+    assert xla_cpu_flags.worst([{"error": "exit 134: boom"}]) == {"error": "exit 134: boom"}
+    res = {"latent-8e": {"float32": {"default": {"worst": ok},
+                                     "fast-math": {"worst": dict(ok, tokens={"1": [5, 7]})},
+                                     "onednn": {"worst": {"error": "exit 134: boom"}}}}}
+    fv = types.SimpleNamespace(batches=["1", "16"], ttft_lens=["512"])
+    old = xla_cpu_flags.FLAGS
+    xla_cpu_flags.FLAGS = fv
+    try:
+        md = xla_cpu_flags.table(res)
+    finally:
+        xla_cpu_flags.FLAGS = old
+    assert "| latent-8e | float32 | default | 100 | 900 | 200 | yes |" in md
+    assert "| latent-8e | float32 | fast-math | 100 | 900 | 200 | **no** |" in md
+    assert "onednn | error" in md
+
+
+def test_step_profile_names_thunks_from_the_compiled_hlo():
+    import jax
+    import jax.numpy as jnp
+
+    from bench.step_profile import hlo_ops
+
+    f = jax.jit(lambda x, w: jax.nn.relu(x @ w).sum(0))
+    hlo = f.lower(jnp.ones((4, 64)), jnp.ones((64, 32))).compile().as_text()
+    d = hlo_ops(hlo)
+    assert any(v.startswith(("dot f32[4,32]", "fusion f32[4,32]")) and ("dot" in v) for v in d.values()), d
