@@ -60,10 +60,6 @@ def decode_fp8_rows(raw, dtype) -> jax.Array:
 # and out per layer per step (latent-8e, bf16, batch 1, 16k pages: 749 ms per step, `bench.step_profile`); a bitcast
 # view of a bf16 pool is a pool copy too. So the engine allocates a CPU bf16 pool as uint16 (`serving.engine.
 # cache_layout`): rows are bitcast on their way in and out, nothing pool-sized is converted or copied.
-def is_bf16_bits(state) -> bool:
-    return jnp.dtype(state.dtype) == jnp.uint16
-
-
 def encode_rows(kv_TC, state_dtype) -> jax.Array:
     """Latent rows in the pool's storage: FP8 bytes, bf16 bits (uint16) or the float dtype itself."""
     if jnp.dtype(state_dtype) == jnp.uint8:
