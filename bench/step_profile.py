@@ -6,9 +6,9 @@
 Runs `LLM.generate` (B 32-token prompts, --new_tokens greedy tokens, two warm-ups) under `jax.profiler.trace` with
 XLA:CPU's per-thunk trace events on (`--xla_cpu_enable_xprof_traceme`), sums each thunk's time over the timed call,
 divides by the decode steps run, and names each thunk from the compiled decode executable's HLO (opcode, shape,
-for a fusion its fused computation's dots and root). Prints the top ops per step and the weight bytes a step must
-read (the memory floor at this machine's bandwidth is the reader's to apply). Must start its own process: XLA flags
-are read once.
+for a fusion its fused computation's dots and root). Prints the top ops per step, time by op kind and the model's
+total weight bytes (embeddings and idle experts included: an upper bound on what a step reads). Must start its own
+process: XLA flags are read once.
 """
 
 from __future__ import annotations

@@ -124,3 +124,13 @@ def test_cuda_decode_at_v3_dims_has_no_pool_sized_op():
     assert seen["stablehlo.scatter"] == L   # each layer's write, on its rank's pages
     assert set(seen) <= {"stablehlo.scatter", "stablehlo.while", "func.call", "sdy.manual_computation"}, seen
     assert jax.devices()[0].platform == "cpu"   # exported from this CPU host
+
+
+def test_cpu_decode_copies_no_absorbed_weight():
+    """The absorbed einsums read W_uk [H, L, K] / W_uv [H, L, V] in place: no copy or transpose of a weight-sized
+    [H, K, L] / [H, L, V] block per step (as one [L, H, K+V] kv_b_proj, XLA copied both every layer every step)."""
+    hlo, _ = _cpu_decode(jnp.float32)
+    H, L, K, V = LATENT.num_attention_heads, LATENT.kv_lora_rank, LATENT.qk_nope_head_dim, LATENT.v_head_dim
+    shapes = "|".join(re.escape(f"f32[{s}]") for s in (f"{H},{K},{L}", f"{H},{L},{V}", f"{L},{H},{K}"))
+    moved = re.findall(rf"%(\S*(?:copy|transpose)\S*) = (?:{shapes})", hlo)
+    assert moved == [], moved
