@@ -160,7 +160,12 @@ def run(argv_unused=None) -> int:
 def _remote_llm():
     """--router / --workers: a router client; device counts are the workers' (one line per worker)."""
     llm = serving_flags.llm(OFFLINE_PREFILL_BUDGET)   # the checkpoint's tokenizer (text prompts, stop strings)
-    workers = {a: w for a, w in llm.backend.router.info["workers"].items() if w["alive"]}
+    router, end = llm.backend.router, time.monotonic() + 60.0
+    while True:   # an in-process router (--workers) learns who is alive from its first heartbeats (bounded)
+        workers = {a: w for a, w in router.snapshot()["workers"].items() if w["alive"]}
+        if workers or time.monotonic() > end:
+            break
+        time.sleep(0.1)
     n_dec = max(1, sum(w["role"] == "decode" for w in workers.values()))
     print(f"router {flags.FLAGS.router or flags.FLAGS.workers}: {len(workers)} live workers ({n_dec} decode)", flush=True)
     return llm, max(1, len(workers)), n_dec
@@ -207,6 +212,12 @@ def _run_job(items, max_batch: int, llm, n_dev, n_dec) -> int:
                         src = by_id_all[o.request_id].prompt
                         msg = f"{src!r} -> {o.text!r}" if llm.tokenizer else f"{src} -> {o.token_ids}"
                         (progress.write if progress else print)(f"[{o.request_id}] {msg} ({o.finish_reason})")
+        # while the backend (a router) is up; remote workers report released pages with their next heartbeat
+        end, pages = time.monotonic() + 2.0, llm.page_stats()
+        while any(v.get("used", 0) or v.get("leased", 0) for v in pages.values()) and time.monotonic() < end:
+            time.sleep(0.05)
+            pages = llm.page_stats()
+        caches = llm.prefix_cache_stats()
     finally:
         out.close()
         if progress is not None:
@@ -215,10 +226,9 @@ def _run_job(items, max_batch: int, llm, n_dev, n_dec) -> int:
     duration = time.perf_counter() - t_start
     if outputs:
         print(summarize(outputs, duration, n_dev, n_dec), flush=True)
-    pages = llm.page_stats()
     print("KV pages after drain: " + ", ".join(f"{k}: {v['free']}/{v['total']} free, {v.get('cached', 0)} cached"
                                                for k, v in pages.items()))
-    for name, st in llm.prefix_cache_stats().items():
+    for name, st in caches.items():
         print(f"prefix cache ({name}): {st['hits_device']} device / {st.get('hits_host', 0)} host / "
               f"{st.get('hits_disk', 0)} disk block hits of {st.get('blocks_queried', 0)} looked up, "
               f"{st['evictions']} evictions, {st.get('corrupt', 0)} corrupt", flush=True)

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import logging
 import time
-import typing
 
 import jax
 import jax.numpy as jnp
@@ -40,47 +39,9 @@ from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PagedCache
 from serving.config import EngineConfig, auto_num_pages, resolve_decode_buckets
 from serving.pages import pages_for
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
+from serving.steps import DecodeBatch, DecodeOut, PrefillOut, Prefix
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Prefix:
-    """What prefill hands to decode: the request's latent pages and its first token."""
-
-    pages: jax.Array          # [layers, n_bucket, Z, C]; the first n_pages are real
-    n_pages: int
-    length: int               # prompt tokens
-    first_token: int
-    draft: int = 0            # MTP: the drafted token after first_token (0 without MTP)
-    draft_q: np.ndarray | None = None   # MTP: the distribution it was drawn from [W]
-
-
-class PrefillOut(typing.NamedTuple):
-    token: int                # the first generated token
-    draft: int                # MTP draft of the token after `token` (0 without MTP)
-    draft_q: np.ndarray | None   # the draft's distribution [W] (None without MTP)
-
-
-class DecodeOut(typing.NamedTuple):
-    tokens: list[list[int]]   # per row, the tokens this dispatch emitted (decode_steps, or up to 2x with MTP)
-    step_sizes: list[list[int]]   # per row, tokens emitted by each step (all 1 without MTP; 1 or 2 with it)
-    accepted: list[list[bool]]    # per row and step, whether the MTP draft was accepted (all False without MTP)
-    drafts: np.ndarray | None     # [n] next drafts (MTP)
-    draft_q: np.ndarray | None    # [n, W] their distributions (MTP)
-
-
-@dataclasses.dataclass
-class DecodeBatch:
-    """Host-side arrays of one decode dispatch (rows = running requests, padded to a bucket by the engine)."""
-
-    tokens: np.ndarray        # [n] int32: last token of each row
-    positions: np.ndarray     # [n] int32: its position
-    page_tables: np.ndarray   # [n, pages_per_seq] int32
-    sampling: dict[str, np.ndarray]   # temperature/top_k/top_p/seed, [n] each
-    drafts: np.ndarray | None = None      # MTP: [n] draft token for the position after `tokens`
-    draft_q: np.ndarray | None = None     # MTP: [n, W] the distributions they were drawn from
-    ranks: np.ndarray | None = None       # [n] attention rank of each row (data-parallel attention; None: 0)
 
 
 def cache_layout(cfg: EngineConfig, model, platform: str = "cuda") -> tuple[jnp.dtype, int]:
@@ -171,6 +132,12 @@ class Engine:
         if cfg.tiers:   # spilling to and reloading from the host/disk tiers moves pages with extract / insert
             self.roles = roles = roles | {"send", "receive"}
         self.compile_seconds = 0.0
+        # a worker group's leader (`serving.group`): called with (kind, key, host inputs) before each executable,
+        # so that the followers run the same call
+        self.mirror = None
+        # spans several processes (a worker group): device arrays are read only through this process's shards
+        self.multiprocess = mesh is not None and any(d.process_index != jax.process_index()
+                                                     for d in mesh.devices.flat)
         if compile and not self.abstract:
             self._compile()
 
@@ -178,7 +145,12 @@ class Engine:
         """What a cached block's content depends on besides its tokens: model config, weights (a sample of the
         embedding), cache layout. Names the disk tier's subdirectory, so a cache dir is never read by a
         different model."""
-        emb = np.asarray(jax.device_get(nnx.merge(self.graphdef, self.params).embed_tokens[...][:4]), np.float32)
+        table = nnx.merge(self.graphdef, self.params).embed_tokens[...]
+        if table.is_fully_addressable:
+            emb = np.asarray(jax.device_get(table[:4]), np.float32)
+        else:   # a group: the shard holding row 0 (no computation that the other processes would not run)
+            shard = next(s for s in table.addressable_shards if all((i.start or 0) == 0 for i in s.index))
+            emb = np.asarray(shard.data[:4], np.float32)
         d = hashlib.blake2b(digest_size=8)
         d.update(repr((self.model_cfg, self.cache_shape[0], self.cache_shape[2:], str(self.cache.dtype),
                        self.cfg.mtp)).encode())
@@ -242,7 +214,7 @@ class Engine:
                                                       logits_at=last_R)
         token_R = sample(logits_R1W[:, 0], start_R + length_R, temperature_R, top_k_R, top_p_R, seed_R)
         if not self.cfg.mtp:
-            return token_R, jnp.zeros((R,), jnp.int32), jnp.zeros((R, 1), jnp.float32), cache
+            return (*self._to_host(token_R, jnp.zeros((R,), jnp.int32), jnp.zeros((R, 1), jnp.float32)), cache)
         # MTP over the chunk: position t sees (h_t, x_{t+1}); fills the MTP layer's cache and drafts x_{n+1}.
         follow_R = jnp.where(next_token_R >= 0, next_token_R, token_R)
         next_RT = jnp.concatenate([tokens_RT[:, 1:], jnp.zeros((R, 1), tokens_RT.dtype)], axis=1)
@@ -251,7 +223,7 @@ class Engine:
                                                logits_at=last_R)
         q_RW = token_probs(m_logits[:, 0], temperature_R, top_k_R, top_p_R)
         draft_R = draw(q_RW, keys_for(seed_R, start_R + length_R + 1, stream=3))
-        return token_R, draft_R, q_RW, cache
+        return (*self._to_host(token_R, draft_R, q_RW), cache)
 
     def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed,
                    drafts_B, q_BW, *, steps: int):
@@ -293,14 +265,21 @@ class Engine:
         S = steps
         if not self.cfg.mtp:
             (cache, _, _), toks_SB = jax.lax.scan(step, (cache, tokens_B, positions_B), None, length=S)
-            return toks_SB.T, jnp.zeros_like(toks_SB.T, dtype=bool), drafts_B, q_BW, cache
+            return (*self._to_host(toks_SB.T, jnp.zeros_like(toks_SB.T, dtype=bool), drafts_B, q_BW), cache)
         (cache, _, _, d_B, q_BW), (toks_SB2, ok_SB) = jax.lax.scan(
             spec_step, (cache, tokens_B, positions_B, drafts_B, q_BW), None, length=S)
-        return toks_SB2.transpose(1, 0, 2), ok_SB.T, d_B, q_BW, cache
+        return (*self._to_host(toks_SB2.transpose(1, 0, 2), ok_SB.T, d_B, q_BW), cache)
+
+    def _to_host(self, *xs):
+        """Outputs the host reads (tokens, drafts, extracted pages), replicated: a worker group's leader reads them
+        from its own devices (`serving.group`); nothing is gathered across processes."""
+        if self.mesh is None:
+            return xs
+        return tuple(jax.lax.with_sharding_constraint(x, self._replicated) for x in xs)
 
     def _extract_fn(self, cache, pages_N):
         if self.ranks == 1:
-            return cache[:, pages_N]
+            return self._to_host(cache[:, pages_N])[0]
         ppr, ax = self.pages_per_rank, self.rank_axes
 
         def body(local, ids):   # the owning rank contributes its pages, the others zeros
@@ -414,6 +393,30 @@ class Engine:
         return out
 
     # ---- the request path: numpy in, compiled executables only ----------------------------------------------------
+    def _run(self, kind: str, key, *args):
+        """Run compiled executable (kind, key) on host inputs; a group's leader first hands the same call to its
+        followers (`serving.group.Mirror`). Updates the cache; returns the other outputs."""
+        if self.mirror is not None:
+            args = tuple(np.asarray(a) for a in args)
+            self.mirror(kind, key, args)
+        return self.execute(kind, key, args)
+
+    def execute(self, kind: str, key, args):
+        """One executable call as `_run` makes it, without mirroring — what a group's follower runs for each call
+        its leader sends (`serving.group.follow`)."""
+        if kind == "prefill":
+            *out, self.cache = self._prefill_exe[key](self.params, self.cache, *args)
+            return out
+        if kind == "decode":
+            *out, self.cache = self._decode_exe[key](self.params, self.cache, *args)
+            return out
+        if kind == "extract":
+            return self._extract_exe[key](self.cache, *args)
+        if kind == "insert":
+            self.cache = self._insert_exe[key](self.cache, *args)
+            return None
+        raise ValueError(f"unknown executable kind {kind!r}")
+
     def page_table(self, pages: list[int], rank: int | None = None) -> np.ndarray:
         """A request's page table (global page ids), padded with its rank's scratch page."""
         if rank is None:
@@ -459,9 +462,8 @@ class Engine:
             pt[r] = self.page_table(pages)
             for k in samp:
                 samp[k][r] = sampling[k]
-        token, draft, q, self.cache = self._prefill_exe[R, T](
-            self.params, self.cache, toks, start, length, nxt, pt, samp["temperature"], samp["top_k"],
-            samp["top_p"], samp["seed"])
+        token, draft, q = self._run("prefill", (R, T), toks, start, length, nxt, pt, samp["temperature"],
+                                    samp["top_k"], samp["top_p"], samp["seed"])
         token, draft = np.asarray(token), np.asarray(draft)
         q = np.asarray(q) if self.cfg.mtp else None
         return [PrefillOut(int(token[r]), int(draft[r]), q[r] if q is not None else None)
@@ -482,7 +484,7 @@ class Engine:
         n = _bucket(len(pages), self.cfg.transfer_buckets)
         ids = np.full(n, self.scratch(self.rank_of(pages[0])), np.int32)
         ids[: len(pages)] = pages
-        return self._extract_exe[n](self.cache, ids)
+        return self._run("extract", n, ids)
 
     def write_pages(self, pages: list[int], data: np.ndarray) -> None:
         """Write host rows [layers, n, Z, C] into `pages` (one rank's)."""
@@ -492,17 +494,20 @@ class Engine:
             n = _bucket(len(part), self.cfg.transfer_buckets)
             pad = np.zeros((chunk.shape[0], n) + chunk.shape[2:], chunk.dtype)
             pad[:, : len(part)] = chunk
-            self.insert(Prefix(jax.device_put(pad, self._replicated), len(part), 0, 0), part)
+            self.insert(Prefix(pad, len(part), 0, 0), part)
 
     def extract(self, pages: list[int], length: int, out: PrefillOut) -> Prefix:
         """The request's latent pages (all layers, MTP's included) and first token, ready to move."""
         n = _bucket(len(pages), self.cfg.transfer_buckets)
         ids = np.full(n, self.scratch(self.rank_of(pages[0])), np.int32)
         ids[: len(pages)] = pages
-        return Prefix(self._extract_exe[n](self.cache, ids), len(pages), length, out.token, out.draft, out.draft_q)
+        return Prefix(self._run("extract", n, ids), len(pages), length, out.token, out.draft, out.draft_q)
 
     def receive(self, prefix: Prefix) -> Prefix:
-        """Move a Prefix produced on another mesh onto this engine's devices (device_put reshards)."""
+        """Move a Prefix produced on another mesh onto this engine's devices (device_put reshards). A group's
+        leader keeps it on the host: `insert` sends it to every member with the call."""
+        if self.multiprocess:
+            return dataclasses.replace(prefix, pages=np.asarray(prefix.pages))
         return dataclasses.replace(prefix, pages=jax.device_put(prefix.pages, self._replicated))
 
     def insert(self, prefix: Prefix, pages: list[int]) -> None:
@@ -510,7 +515,7 @@ class Engine:
         n = prefix.pages.shape[1]
         ids = np.full(n, self.scratch(self.rank_of(pages[0])), np.int32)
         ids[: prefix.n_pages] = pages[: prefix.n_pages]
-        self.cache = self._insert_exe[n](self.cache, ids, prefix.pages)
+        self._run("insert", n, ids, prefix.pages)
 
     def window_for(self, positions: np.ndarray) -> int:
         """The decode window (pages) for rows at `positions`: every position the dispatch writes (MTP: up to 2
@@ -545,10 +550,9 @@ class Engine:
         pt[slot] = batch.page_tables[:, :Pw]
         drafts = batch.drafts if batch.drafts is not None else np.zeros(n, np.int32)
         q = batch.draft_q if batch.draft_q is not None else np.zeros((n, self._q_width), np.float32)
-        toks, ok, d, q, self.cache = self._decode_exe[B, Pw](
-            self.params, self.cache, place(batch.tokens, 0), place(batch.positions, 0), pt,
-            place(s["temperature"], 0), place(s["top_k"], 0), place(s["top_p"], 1.0), place(s["seed"], 0),
-            place(drafts, 0), place(q, 0))
+        toks, ok, d, q = self._run("decode", (B, Pw), place(batch.tokens, 0), place(batch.positions, 0), pt,
+                                   place(s["temperature"], 0), place(s["top_k"], 0), place(s["top_p"], 1.0),
+                                   place(s["seed"], 0), place(drafts, 0), place(q, 0))
         toks, ok = np.asarray(toks)[slot], np.asarray(ok)[slot]
         S = self.cfg.decode_steps
         if not self.cfg.mtp:

@@ -39,6 +39,7 @@ from serving import flags as serving_flags
 from serving.build import build_engine
 from serving.config import default_mesh, parse_mesh_spec
 from serving.engine import Engine, Prefix
+from serving import group as group_mod
 from serving.pages import PagePool
 from serving.protocol import ProtocolError, decode_message, encode_message, read_token, sampling_from_wire
 from serving.scheduler import Scheduler
@@ -60,7 +61,8 @@ class Lease:
 class Worker:
     def __init__(self, role: str, engine, *, host: str = "127.0.0.1", port: int = 0, transport=None,
                  token: str | None = None, lease_s: float = 30.0, pull_timeout_s: float = 20.0,
-                 verify_checksums: bool = True, eos_ids=(), fault_pull_delay_s: float = 0.0):
+                 verify_checksums: bool = True, eos_ids=(), fault_pull_delay_s: float = 0.0,
+                 group_info: dict | None = None):
         if role not in ("prefill", "decode"):
             raise ValueError(f"role={role!r}: expected 'prefill' or 'decode'")
         self.role, self.engine, self.token = role, engine, token
@@ -78,6 +80,7 @@ class Worker:
         self.address = f"{host}:{port}"
         self.incarnation = uuidlib.uuid4().hex[:12]
         self.metrics = collections.Counter()
+        self.group_info = group_info   # a worker group's leader: its members (serving.group)
         self.invariant_ok = True
         self._stop = threading.Event()
         # prefill role
@@ -143,7 +146,7 @@ class Worker:
                     pages=self.pages.stats(),
                     prefix_cache=self.pages.prefix_cache.stats() if self.pages.prefix_cache else None,
                     kv_events=self.kv_events() if kv_events else None,
-                    invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
+                    invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics), group=self.group_info,
                     engine={"page_size": ec.page_size, "max_model_len": ec.max_model_len,
                             "prefix_caching": ec.prefix_caching, "kv_lookahead": 1 if ec.mtp else 0,
                             "cache_shape": list(self.engine.cache_shape), "cache_dtype": str(self.engine.cache.dtype),
@@ -407,6 +410,14 @@ def _flags():
     f.DEFINE_string("token_file", None, "file holding the shared-secret token (default: $TANDEM_TOKEN if set)")
     f.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache (faster restarts)")
     f.DEFINE_float("fault_pull_delay_s", 0.0, "fault injection for tests: wait this long before each pull")
+    # worker groups: one engine over the devices of several processes (serving/group.py, docs/multihost.md)
+    f.DEFINE_string("coordinator_address", None, "worker group: HOST:PORT of jax.distributed's coordinator "
+                    "(process 0 serves it)")
+    f.DEFINE_integer("num_processes", 1, "worker group: processes in the group (1: no group)")
+    f.DEFINE_integer("process_id", 0, "worker group: this process (0 is the leader: the control endpoint)")
+    f.DEFINE_float("fence_s", 10.0, "worker group: a member silent this long fences the whole group")
+    f.DEFINE_float("group_timeout_s", 120.0, "worker group: forming the group must finish within this")
+    f.DEFINE_bool("allow_cross_domain", False, "let EP/TP groups span hosts (domains) when the mesh needs it")
     serving_flags.define_engine_flags()   # the engine flags every entry point shares (serving.flags)
     return flags.FLAGS
 
@@ -425,25 +436,58 @@ def main(argv):
     role = FLAGS.role
     ckpt = serving_flags.checkpoint(FLAGS)
     mcfg = checkpoints.config_of(ckpt)
+    group = spec = None
+    if FLAGS.num_processes > 1:   # checked before jax.distributed starts, then agreed on before any compile
+        spec = group_mod.GroupSpec(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id,
+                                   fence_s=FLAGS.fence_s, init_timeout_s=FLAGS.group_timeout_s)
+        if FLAGS.mesh:
+            group_mod.check_mesh_fits(spec, int(np.prod(list(parse_mesh_spec(FLAGS.mesh).values()))), FLAGS.devices)
+        group = group_mod.join(spec)
     mesh_spec = FLAGS.mesh or default_mesh(role, len(jax.devices()), mcfg.num_attention_heads, mcfg.n_routed_experts)
-    mesh = Topology.from_devices().allocate(role, **parse_mesh_spec(mesh_spec))
-    engine = build_engine(serving_flags.engine_config(mcfg, FLAGS), mesh=mesh,
+    ecfg = serving_flags.engine_config(mcfg, FLAGS)
+    if group is not None:
+        group.agree(group_mod.settings_of(role=role, mesh=mesh_spec, model=mcfg, engine=ecfg, dtype=FLAGS.dtype,
+                                          quant=FLAGS.quant, devices=FLAGS.devices, transport=FLAGS.transport))
+    mesh = Topology.from_devices().allocate(role, **parse_mesh_spec(mesh_spec),
+                                            allow_cross_domain=FLAGS.allow_cross_domain)
+    engine = build_engine(ecfg, mesh=mesh,
                           rules=PREFILL_RULES if role == "prefill" else DECODE_RULES, name=role, roles=Engine.ROLES,
                           checkpoint=ckpt, dtype=FLAGS.dtype, quant=FLAGS.quant,
                           kv_memory_fraction=FLAGS.kv_memory_fraction, device_memory_gb=FLAGS.device_memory_gb,
                           progress=True)
+    group_info = None
+    if group is not None:
+        group.start_heartbeats(FLAGS.host)   # also a barrier: returns once every member has built its engine
+        if not spec.leader:
+            print("TANDEM_GROUP_MEMBER_READY " + json.dumps({"process_id": spec.process_id, "mesh": mesh_spec,
+                                                             "startup_s": round(time.perf_counter() - t0, 2)}),
+                  flush=True)
+            n = group_mod.follow(engine, group.receiver())
+            log.info("follower %d ran %d calls; exiting", spec.process_id, n)
+            group.close()
+            return 0
+        engine.mirror = group.mirror(FLAGS.host)
+        group_info = {"num_processes": spec.num_processes, "coordinator": spec.coordinator_address,
+                      "fence_s": spec.fence_s, "devices": len(mesh.devices.flat)}
     token = read_token(FLAGS.token_file)
     transport = make_transport(FLAGS.transport, FLAGS.host, FLAGS.transfer_port, token)
     w = Worker(role, engine, host=FLAGS.host, port=FLAGS.port, transport=transport, token=token,
                lease_s=FLAGS.lease_s, pull_timeout_s=FLAGS.pull_timeout_s, verify_checksums=FLAGS.verify_checksums,
-               eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s)
+               eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s, group_info=group_info)
     w.count_compiles()   # from here on, any XLA compile is on the request path (reported in health_ok)
     print("TANDEM_WORKER_READY " + json.dumps({"role": role, "control": w.address, "transfer": transport.address,
-                                               "mesh": mesh_spec, "startup_s": round(time.perf_counter() - t0, 2)}),
-          flush=True)
+                                               "mesh": mesh_spec, "startup_s": round(time.perf_counter() - t0, 2),
+                                               "group": group_info}), flush=True)
     try:
         w.serve_forever()
+    except BaseException as e:
+        if group is not None:   # the members' state is no longer known to agree: fence (the router migrates)
+            group.on_fence(f"leader failed: {type(e).__name__}: {e}")
+        raise
     finally:
+        if group is not None:
+            engine.mirror.stop()
+            group.close()
         w.close()
     return 0
 

@@ -1,0 +1,50 @@
+"""The values crossing the engine seam on the host side: what prefill hands to decode (`Prefix`), what one
+prefill or decode call returns, what one decode dispatch takes. Plain data; the engine (serving/engine.py) makes
+and consumes them, the scheduler and workers pass them around."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass
+class Prefix:
+    """What prefill hands to decode: the request's latent pages and its first token."""
+
+    pages: jax.Array          # [layers, n_bucket, Z, C]; the first n_pages are real
+    n_pages: int
+    length: int               # prompt tokens
+    first_token: int
+    draft: int = 0            # MTP: the drafted token after first_token (0 without MTP)
+    draft_q: np.ndarray | None = None   # MTP: the distribution it was drawn from [W]
+
+
+class PrefillOut(typing.NamedTuple):
+    token: int                # the first generated token
+    draft: int                # MTP draft of the token after `token` (0 without MTP)
+    draft_q: np.ndarray | None   # the draft's distribution [W] (None without MTP)
+
+
+class DecodeOut(typing.NamedTuple):
+    tokens: list[list[int]]   # per row, the tokens this dispatch emitted (decode_steps, or up to 2x with MTP)
+    step_sizes: list[list[int]]   # per row, tokens emitted by each step (all 1 without MTP; 1 or 2 with it)
+    accepted: list[list[bool]]    # per row and step, whether the MTP draft was accepted (all False without MTP)
+    drafts: np.ndarray | None     # [n] next drafts (MTP)
+    draft_q: np.ndarray | None    # [n, W] their distributions (MTP)
+
+
+@dataclasses.dataclass
+class DecodeBatch:
+    """Host-side arrays of one decode dispatch (rows = running requests, padded to a bucket by the engine)."""
+
+    tokens: np.ndarray        # [n] int32: last token of each row
+    positions: np.ndarray     # [n] int32: its position
+    page_tables: np.ndarray   # [n, pages_per_seq] int32
+    sampling: dict[str, np.ndarray]   # temperature/top_k/top_p/seed, [n] each
+    drafts: np.ndarray | None = None      # MTP: [n] draft token for the position after `tokens`
+    draft_q: np.ndarray | None = None     # MTP: [n, W] the distributions they were drawn from
+    ranks: np.ndarray | None = None       # [n] attention rank of each row (data-parallel attention; None: 0)
