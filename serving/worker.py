@@ -448,8 +448,13 @@ def main(argv):
     if group is not None:
         group.agree(group_mod.settings_of(role=role, mesh=mesh_spec, model=mcfg, engine=ecfg, dtype=FLAGS.dtype,
                                           quant=FLAGS.quant, devices=FLAGS.devices, transport=FLAGS.transport))
-    mesh = Topology.from_devices().allocate(role, **parse_mesh_spec(mesh_spec),
-                                            allow_cross_domain=FLAGS.allow_cross_domain)
+    topo = Topology.from_devices()
+    mesh = topo.allocate(role, **parse_mesh_spec(mesh_spec), allow_cross_domain=FLAGS.allow_cross_domain)
+    domains = sorted({topo.domain_of[i] for i in topo.placement(role).device_ids.ravel()})
+    if role == "decode" and len(domains) > 1 and mesh.shape["dp"] * mesh.shape["ep"] > 1:
+        log.warning("decode mesh %s over domains %s: attention ranks and routed experts span every dp x ep device "
+                    "(wide EP), so the MoE all-to-all crosses domains (per-step bytes: python -m bench.group_comm)",
+                    mesh_spec, domains)
     engine = build_engine(ecfg, mesh=mesh,
                           rules=PREFILL_RULES if role == "prefill" else DECODE_RULES, name=role, roles=Engine.ROLES,
                           checkpoint=ckpt, dtype=FLAGS.dtype, quant=FLAGS.quant,

@@ -50,6 +50,45 @@ def group_size(line: str, n_devices: int) -> int:
     return n_devices
 
 
+def replica_groups(line: str, n_devices: int) -> list[list[int]]:
+    """The device (partition) groups of one collective line: explicit `{{0,1},{2,3}}`, iota `[G,S]<=[dims]T(perm)`,
+    `mesh[...] {axes}`, a collective-permute's source/target pairs; all devices in one group when none is given."""
+    import numpy as np
+
+    if "collective-permute" in line:
+        m = re.search(r"source_target_pairs=\{(.*?)\}\}", line)
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", m.group(1) + "}")] if m else []
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+    if m:
+        dims = [int(d) for d in m.group(3).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(p) for p in m.group(4).split(",")])
+        return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
+    if m:
+        sizes = [(k, int(v)) for k, v in re.findall(r"'(\w+)'=(\d+)", m.group(1))]
+        names = [k for k, _ in sizes]
+        axes = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(2))]
+        ids = np.arange(int(np.prod([v for _, v in sizes]))).reshape([v for _, v in sizes])
+        rest = [i for i in range(len(sizes)) if i not in axes]
+        return ids.transpose(rest + axes).reshape(-1, int(np.prod([sizes[i][1] for i in axes]))).tolist()
+    m = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
+    if m:
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    return [list(range(n_devices))]
+
+
+def cross_domain_fraction(groups: list[list[int]], domain_of, permute: bool = False) -> float:
+    """The share of a collective's wire bytes that leave a domain: per device, the fraction of its peers (in its
+    group) in another domain, averaged over devices (every peer gets an equal share, as in all-to-all); for a
+    collective-permute, the share of (source, target) pairs that cross."""
+    if permute:
+        return sum(domain_of[a] != domain_of[b] for a, b in groups) / len(groups) if groups else 0.0
+    shares = [sum(domain_of[p] != domain_of[d] for p in g) / (len(g) - 1) for g in groups if len(g) > 1 for d in g]
+    return sum(shares) / len(shares) if shares else 0.0
+
+
 def wire_factor(op: str, n: int) -> float:
     """Wire bytes per device per byte of the op's per-device result, for a group of n."""
     if n <= 1:
@@ -58,9 +97,10 @@ def wire_factor(op: str, n: int) -> float:
             "all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}[op]
 
 
-def collectives(hlo: str, n_devices: int) -> list[dict]:
+def collectives(hlo: str, n_devices: int, domain_of=None) -> list[dict]:
     """Every collective in an HLO module: op, result bytes (all; float parts; the rest), group size, wire bytes,
-    op_name metadata."""
+    op_name metadata; with `domain_of` (partition id -> domain, e.g. host) also `cross_wire`, the wire bytes that
+    leave the domain (`cross_domain_fraction`)."""
     out = []
     for line in hlo.splitlines():
         m = _LINE.match(line)
@@ -73,6 +113,10 @@ def collectives(hlo: str, n_devices: int) -> list[dict]:
         out.append(dict(op=m.group("op"), bytes=R, float_bytes=shape_bytes(shape, floats=True),
                         other_bytes=shape_bytes(shape, floats=False), group=n,
                         wire=wire_factor(m.group("op"), n) * R, op_name=name.group(1) if name else ""))
+        if domain_of is not None:
+            frac = cross_domain_fraction(replica_groups(line, n_devices), domain_of,
+                                         permute=m.group("op") == "collective-permute")
+            out[-1]["cross_wire"] = out[-1]["wire"] * frac
     return out
 
 

@@ -113,7 +113,8 @@ class Topology:
                      in_domain: LinkClass = LinkClass("in-domain", None),
                      cross_domain: LinkClass = LinkClass("cross-domain", None)) -> "Topology":
         """From jax devices: host = `process_index`; domain = `slice_index` where the platform gives one (TPU
-        slices), else the host (an HGX board is one NVLink domain). `domain_size` instead cuts each host's
+        slices, multi-node NVLink; CPU devices report 0 for every process, so on CPU it is ignored), else the host
+        (an HGX board is one NVLink domain). `domain_size` instead cuts each host's
         devices, in id order, into domains of that size (e.g. 72 for an NVL72 rack seen as 18 hosts: pass the
         devices in rack order)."""
         import jax
@@ -125,7 +126,7 @@ class Topology:
             if len(devices) % domain_size:
                 raise ValueError(f"{len(devices)} devices do not split into domains of {domain_size}")
             domain_of = [i // domain_size for i in range(len(devices))]
-        elif all(getattr(d, "slice_index", None) is not None for d in devices):
+        elif devices[0].platform != "cpu" and all(getattr(d, "slice_index", None) is not None for d in devices):
             domain_of = [d.slice_index for d in devices]
         else:
             domain_of = host_of

@@ -159,3 +159,42 @@ def test_two_axes_of_one_array_on_one_mesh_axis_is_an_error():
     with pytest.raises(RulesError, match="'experts' and 'expert_mlp'.*mesh axis 'tp'"):
         logical_sharding(("experts", "embed", "expert_mlp"), mesh, bad)
     assert logical_sharding(("experts", "embed"), mesh, bad).spec == P("ep", None)
+
+
+def test_replica_groups_and_their_cross_domain_share():
+    from sharding.hlo import collectives, cross_domain_fraction, replica_groups
+
+    assert replica_groups("x = f32[8] all-to-all(y), replica_groups=[2,8]<=[16]", 16) == [
+        list(range(8)), list(range(8, 16))]
+    assert replica_groups("x = f32[8] all-to-all(y), replica_groups=[8,2]<=[2,8]T(1,0)", 16)[:2] == [[0, 8], [1, 9]]
+    assert replica_groups("x = f32[8] all-gather(y), replica_groups={{0,1},{2,3}}", 4) == [[0, 1], [2, 3]]
+    assert replica_groups("x = f32[8] collective-permute(y), source_target_pairs={{0,1},{1,2}}", 4) == [
+        [0, 1], [1, 2]]
+    dom = [i // 8 for i in range(16)]          # 2 hosts x 8 devices
+    assert cross_domain_fraction([list(range(16))], dom) == pytest.approx(8 / 15)
+    assert cross_domain_fraction([list(range(8)), list(range(8, 16))], dom) == 0.0
+    assert cross_domain_fraction([[7, 8], [0, 1]], dom, permute=True) == 0.5
+    hlo = ("%a2a = bf16[16,64]{1,0} all-to-all(bf16[16,64]{1,0} %p), replica_groups=[1,16]<=[16], dimensions={0}\n"
+           "%ag = f32[8]{0} all-gather(f32[1]{0} %q), replica_groups=[2,8]<=[16], dimensions={0}\n")
+    a2a, ag = collectives(hlo, 16, dom)
+    assert a2a["cross_wire"] == pytest.approx(a2a["wire"] * 8 / 15) and a2a["wire"] > 0
+    assert ag["cross_wire"] == 0.0 and ag["wire"] > 0
+
+
+def test_group_decode_step_bytes_are_split_by_domain(tmp_path):
+    """bench.group_comm: a real 2-process group (2 x 2 devices, tiny model, wide EP over dp=4) — the MoE
+    collectives cross the two hosts, so part but not all of the step's bytes are cross-domain."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "bench.group_comm", "--config=tiny", "--devices=2", "--mesh=dp=4",
+                        "--batch=8", "--context=256", "--timeout_s=120", f"--json_out={tmp_path}/r.json"], cwd=root,
+                       capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONPATH=root))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.load(open(tmp_path / "r.json"))
+    assert r["processes"] == 2 and "domain(s) [0, 1]" in r["placement"]
+    assert 0 < r["step_cross_bytes"] < r["step_bytes"], r
+    assert r["sums"]["moe/cross"] > 0
