@@ -132,9 +132,7 @@ class Engine:
         if cfg.tiers:   # spilling to and reloading from the host/disk tiers moves pages with extract / insert
             self.roles = roles = roles | {"send", "receive"}
         self.compile_seconds = 0.0
-        # a worker group's leader (`serving.group`): called with (kind, key, host inputs) before each executable,
-        # so that the followers run the same call
-        self.mirror = None
+        self.mirror = None   # a worker group's leader: sends each call to the followers first (serving.group)
         # spans several processes (a worker group): device arrays are read only through this process's shards
         self.multiprocess = mesh is not None and any(d.process_index != jax.process_index()
                                                      for d in mesh.devices.flat)
@@ -164,6 +162,14 @@ class Engine:
     def rank_of(self, page: int) -> int:
         """The attention rank whose pool holds global page `page`."""
         return page // self.pages_per_rank
+
+    def rank_processes(self, rank: int) -> set[int]:
+        """The processes whose devices hold attention rank `rank`'s pages (a worker group: usually one)."""
+        if self.ranks == 1 or self.mesh is None:
+            return {d.process_index for d in (self.mesh.devices.flat if self.mesh is not None else jax.devices())}
+        sh = NamedSharding(self.mesh, PartitionSpec(self.rank_axes))
+        return {d.process_index for d, idx in sh.devices_indices_map((self.ranks,)).items()
+                if (idx[0].start or 0) == rank}
 
     @property
     def max_batch(self) -> int:
@@ -271,8 +277,7 @@ class Engine:
         return (*self._to_host(toks_SB2.transpose(1, 0, 2), ok_SB.T, d_B, q_BW), cache)
 
     def _to_host(self, *xs):
-        """Outputs the host reads (tokens, drafts, extracted pages), replicated: a worker group's leader reads them
-        from its own devices (`serving.group`); nothing is gathered across processes."""
+        """Outputs the host reads (tokens, drafts, pages) replicated: a worker group's leader reads its own copy."""
         if self.mesh is None:
             return xs
         return tuple(jax.lax.with_sharding_constraint(x, self._replicated) for x in xs)
@@ -398,7 +403,9 @@ class Engine:
         followers (`serving.group.Mirror`). Updates the cache; returns the other outputs."""
         if self.mirror is not None:
             args = tuple(np.asarray(a) for a in args)
-            self.mirror(kind, key, args)
+            # inserted pages go only to the processes owning their rank (the others' devices write nothing)
+            owners = self.rank_processes(self.rank_of(int(args[0][0]))) if kind == "insert" else None
+            self.mirror(kind, key, args, data_owners=owners)
         return self.execute(kind, key, args)
 
     def execute(self, kind: str, key, args):

@@ -244,6 +244,8 @@ def _encode_arg(a) -> dict | None:
 def _decode_arg(d) -> np.ndarray | None:
     if d is None:
         return None
+    if d.get("zeros"):   # data this process's devices do not use (pages of another process's rank)
+        return np.zeros(d["shape"], np.dtype(d["dtype"]))
     return np.frombuffer(d["data"], np.dtype(d["dtype"])).reshape(d["shape"])
 
 
@@ -262,6 +264,7 @@ class Mirror:
         group._put("steps", f"{host}:{port}")
         want = {f"m{p}".encode() for p in range(1, group.spec.num_processes)}
         self.followers = sorted(want)
+        self.stats = {"calls": 0, "bytes": {f.decode(): 0 for f in want}, "data_skipped": 0, "data_sent": 0}
         end = time.monotonic() + group.spec.init_timeout_s
         got: set[bytes] = set()
         while got != want:
@@ -273,11 +276,23 @@ class Mirror:
         for f in self.followers:
             self.sock.send_multipart([f, msgpack.packb({"kind": "start", "seq": 0})])
 
-    def __call__(self, kind: str, key, args: tuple) -> None:
+    def __call__(self, kind: str, key, args: tuple, data_owners: set[int] | None = None) -> None:
+        """Send one call to every follower. `data_owners`: only these processes get the last argument's values
+        (the pages of an insert); the others get its shape and dtype, and use zeros."""
         self.seq += 1
-        msg = msgpack.packb({"kind": kind, "key": list(key) if isinstance(key, tuple) else key, "seq": self.seq,
-                             "args": [_encode_arg(a) for a in args]})
+        self.stats["calls"] += 1
+        head = {"kind": kind, "key": list(key) if isinstance(key, tuple) else key, "seq": self.seq}
+        full = msgpack.packb({**head, "args": [_encode_arg(a) for a in args]})
+        lean = full
+        if data_owners is not None and args:
+            last = np.asarray(args[-1])
+            lean = msgpack.packb({**head, "args": [_encode_arg(a) for a in args[:-1]] + [
+                {"zeros": True, "dtype": last.dtype.str, "shape": list(last.shape)}]})
         for f in self.followers:
+            msg = full if data_owners is None or int(f[1:]) in data_owners else lean
+            if data_owners is not None:   # pages to insert: to this follower, or zeros
+                self.stats["data_sent" if msg is full else "data_skipped"] += 1
+            self.stats["bytes"][f.decode()] += len(msg)
             try:
                 self.sock.send_multipart([f, msg])
             except zmq.ZMQError as e:

@@ -146,7 +146,9 @@ class Worker:
                     pages=self.pages.stats(),
                     prefix_cache=self.pages.prefix_cache.stats() if self.pages.prefix_cache else None,
                     kv_events=self.kv_events() if kv_events else None,
-                    invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics), group=self.group_info,
+                    invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
+                    group=None if self.group_info is None else {
+                        **self.group_info, "mirror": getattr(self.engine.mirror, "stats", None)},
                     engine={"page_size": ec.page_size, "max_model_len": ec.max_model_len,
                             "prefix_caching": ec.prefix_caching, "kv_lookahead": 1 if ec.mtp else 0,
                             "cache_shape": list(self.engine.cache_shape), "cache_dtype": str(self.engine.cache.dtype),
