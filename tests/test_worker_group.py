@@ -154,7 +154,8 @@ def test_bad_group_configuration_is_named(ckpt, tmp_path):
 
 def test_killed_follower_fences_the_group_and_requests_migrate(group, colocated):
     """kill -9 of the follower mid-generation: the leader fences itself within the bound (no process left blocked
-    in a collective), the router marks the group dead, its requests finish on the other worker, tokens equal."""
+    in a collective), the router marks the group dead, its requests finish on the other worker, tokens equal;
+    the restarted group rejoins and serves."""
     L, F, solo = group["leader"], group["members"][1], group["solo"]
     n = 40
     prompts = PROMPTS + [p[::-1] for p in PROMPTS]
@@ -178,7 +179,17 @@ def test_killed_follower_fences_the_group_and_requests_migrate(group, colocated)
         assert [r.output_ids for r in reqs] == want
         assert all(r.finish_reason == "length" for r in reqs)
         assert llm.backend.router.snapshot()["metrics"]["worker_deaths"] >= 1
-    check_drained([solo.addr])
+        check_drained([solo.addr])
+        # the restarted group (both members, same flags) rejoins as a new incarnation and takes traffic
+        for m in group["members"]:
+            m.start()
+        llm.backend.router.wait_until(lambda s: s["workers"][L.addr]["alive"], 240)
+        reqs = [llm.submit(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p in prompts]
+        for _ in llm._stream(reqs):
+            pass
+        assert L.addr in {r.workers[-1] for r in reqs}
+        assert [r.output_ids for r in reqs] == want
+    check_drained([solo.addr, L.addr])
 
 
 def test_hung_follower_is_fenced_by_heartbeats(ckpt, colocated, tmp_path):
