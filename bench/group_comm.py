@@ -19,6 +19,7 @@ per-layer bytes are scaled to V3's 3 dense + 58 MoE layers; MTP not included. Th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ flags.DEFINE_enum("config", "deepseek-v3", ["deepseek-v3", "tiny"], "model: the 
 flags.DEFINE_integer("layers", 2, "layers lowered (1 dense + MoE)")
 flags.DEFINE_integer("batch", 256, "decode rows of the instance (a multiple of dp x ep)")
 flags.DEFINE_integer("context", 4096, "page window of the step, tokens")
+flags.DEFINE_enum("dispatch", "auto", ["auto", "flat"], "MoE dispatch: auto (hierarchical when the first expert "
+                  "axis crosses processes, e.g. dp=2,ep=8) or flat")
 flags.DEFINE_string("json_out", "", "also write the result as JSON here")
 flags.DEFINE_integer("process_id", -1, "internal: run as this member")
 flags.DEFINE_string("coordinator", "", "internal")
@@ -82,6 +85,9 @@ def _child() -> dict | None:
     cfg = _model_cfg()
     dtype = jnp.bfloat16 if FLAGS.config != "tiny" else jnp.float32
     m = checkpoints.abstract_model(cfg, dtype=dtype, mesh=mesh, rules=DECODE_RULES)
+    if FLAGS.dispatch == "flat" and m.runtime.expert_parallel is not None:
+        m.runtime = m.runtime.replace(expert_parallel=dataclasses.replace(m.runtime.expert_parallel, domain_axis=None))
+    dispatch = "hierarchical" if getattr(m.runtime.expert_parallel, "domain_axis", None) else "flat"
     Z = 64
     Pw = FLAGS.context // Z
     ranks = mesh.shape["dp"] * mesh.shape["ep"]
@@ -104,6 +110,8 @@ def _child() -> dict | None:
     for c in colls:
         name = c["op_name"]
         layer = "dense" if "layer0" in name else "moe" if "layer" in name or not name.startswith("jit(") else "other"
+        if layer == "other" and c["op"] == "all-to-all":   # the dispatch's ops carry shard_map-relative names
+            layer = "moe"
         if "ep_fallback" in name:   # the exact dispatch taken only when a capacity bucket overflows (lax.cond)
             layer = "fallback"
         for part, b in (("all", c["wire"]), ("cross", c["cross_wire"])):
@@ -115,7 +123,7 @@ def _child() -> dict | None:
             f"other/{part}", 0)
 
     del exe
-    return dict(mesh=FLAGS.mesh, processes=FLAGS.processes, devices_per_process=FLAGS.devices, config=FLAGS.config,
+    return dict(mesh=FLAGS.mesh, dispatch=dispatch, processes=FLAGS.processes, devices_per_process=FLAGS.devices, config=FLAGS.config,
                 batch=eng.decode_buckets[-1], attention_ranks=ranks, context=FLAGS.context,
                 compile_s=round(compile_s, 1), placement=report, n_collectives=len(colls), sums=sums,
                 step_bytes=step("all"), step_cross_bytes=step("cross"), step_in_domain_bytes=step("all") - step("cross"))
@@ -142,7 +150,8 @@ def run_group() -> dict:
             args = [sys.executable, "-m", "bench.group_comm", f"--process_id={k}", f"--coordinator={coord}",
                     f"--dump={dump}", f"--processes={FLAGS.processes}", f"--devices={FLAGS.devices}",
                     f"--mesh={FLAGS.mesh}", f"--config={FLAGS.config}", f"--layers={FLAGS.layers}",
-                    f"--batch={FLAGS.batch}", f"--context={FLAGS.context}", f"--timeout_s={FLAGS.timeout_s}"]
+                    f"--batch={FLAGS.batch}", f"--context={FLAGS.context}", f"--timeout_s={FLAGS.timeout_s}",
+                    f"--dispatch={FLAGS.dispatch}"]
             procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=FLAGS.timeout_s) for p in procs]
     finally:
@@ -165,7 +174,7 @@ def main(argv):
         return
     r = run_group()
     mb = lambda x: f"{x / 1e6:.2f}"
-    print(f"{r['config']} decode step, mesh {r['mesh']} over {r['processes']} processes x "
+    print(f"{r['config']} decode step ({r['dispatch']} MoE dispatch), mesh {r['mesh']} over {r['processes']} processes x "
           f"{r['devices_per_process']} devices (host = process = domain), batch {r['batch']}, "
           f"{r['attention_ranks']} attention ranks, context {r['context']}; compiled in {r['compile_s']} s; "
           f"{r['n_collectives']} collectives\n{r['placement']}")

@@ -17,6 +17,16 @@ its rule sets); this module knows nothing about rules. Per device, inside the sh
      `lax.cond` on a globally reduced flag, so collectives match): all_gather the tokens of the ep group, each
      shard runs its local experts on every copy routed to them, psum_scatter the sums back. No token is dropped.
 
+Hierarchical dispatch (`domain_axis`: the outer expert axis whose slices live in different domains, e.g. hosts
+of a worker group). Flat, a token picking k experts on another host sends k copies over the slow link. Instead:
+  stage 1 — each token goes once to each domain holding any of its experts (an all_to_all over the domain axis
+            between devices of the same position; the bucket holds every local row, so it never overflows), with
+            its expert ids masked to those of that domain and their weights;
+  stage 2 — inside the domain, steps 2-4 above over the inner expert axes; each received row comes back as the
+            weighted sum of its experts in that domain;
+  stage 1 back — one row per (token, domain) returns over the domain axis and the domains' sums are added.
+With 8 experts per token over 2 hosts the cross-domain bytes drop ~8x (`bench.group_comm`); in-domain bytes grow.
+
 Quantized expert weights (`QuantizedTensor`, FP4 or FP8) are split like plain ones and their kernels run on the
 local shards inside the shard_map (`check_vma=False`: Pallas kernels carry no varying-manual-axes annotations).
 """
@@ -53,6 +63,79 @@ def _local_experts(x_MD, e_M, n_local: int, gate_EDF, up_EDF, down_EFD, impl: st
     return jnp.where((e_M >= 0)[:, None], y_MD, jnp.zeros((), y_MD.dtype))
 
 
+def _exchange(x_nD, w_nX, idx_nX, valid_nX, axes, S: int, E_l: int, C: int, all_axes, weights, impl: str):
+    """Steps 2-4 over expert `axes` (S shards of E_l experts; expert ids relative to these shards): each valid
+    copy to its expert's shard in buckets of C rows, local experts, back, weighted sum per row. Exact on
+    overflow (one globally agreed `lax.cond`)."""
+    n, D = x_nD.shape
+    X = idx_nX.shape[1]
+    gate, up, down = weights
+    me = lax.axis_index(axes)
+    dest_M = jnp.where(valid_nX, idx_nX // E_l, S).reshape(-1)            # S = "no bucket"
+    onehot_MS = dest_M[:, None] == jnp.arange(S)[None, :]
+    pos_M = jnp.take_along_axis(jnp.cumsum(onehot_MS, 0), jnp.minimum(dest_M, S - 1)[:, None], 1)[:, 0] - 1
+    loads_S = onehot_MS.sum(0)
+    overflow = lax.pmax((loads_S.max() > C).astype(jnp.int32), all_axes)
+
+    def capacity_path(x_nD):
+        with jax.named_scope("ep_capacity"):
+            keep_M = dest_M < S
+            slot_M = jnp.where(keep_M, dest_M * C + pos_M, S * C)          # S*C: a dump row, cut off below
+            x_MD = jnp.repeat(x_nD, X, axis=0)
+            send_x = jnp.zeros((S * C + 1, D), x_nD.dtype).at[slot_M].set(x_MD)[: S * C]
+            send_e = jnp.full((S * C + 1,), -1, jnp.int32).at[slot_M].set(
+                (idx_nX.reshape(-1) % E_l).astype(jnp.int32))[: S * C]
+            recv_x = lax.all_to_all(send_x.reshape(S, C, D), axes, 0, 0, tiled=True)
+            recv_e = lax.all_to_all(send_e.reshape(S, C), axes, 0, 0, tiled=True)
+            y = _local_experts(recv_x.reshape(S * C, D), recv_e.reshape(-1), E_l, gate, up, down, impl)
+            back = lax.all_to_all(y.reshape(S, C, D), axes, 0, 0, tiled=True).reshape(S * C, D)
+            y_MD = back[jnp.minimum(slot_M, S * C - 1)]
+            scale_M = jnp.where(keep_M, w_nX.reshape(-1), 0).astype(y_MD.dtype)
+            return (y_MD * scale_M[:, None]).reshape(-1, X, D).sum(1)
+
+    def exact_path(x_nD):
+        with jax.named_scope("ep_fallback"):
+            xg = lax.all_gather(x_nD, axes, tiled=True)                     # [S*n, D]
+            ig = lax.all_gather(idx_nX, axes, tiled=True)
+            wg = lax.all_gather(w_nX, axes, tiled=True)
+            vg = lax.all_gather(valid_nX, axes, tiled=True)
+            mine = (ig // E_l == me) & vg
+            e_M = jnp.where(mine, ig - me * E_l, -1).reshape(-1)
+            y = _local_experts(jnp.repeat(xg, X, axis=0), e_M, E_l, gate, up, down, impl)
+            scale_M = jnp.where(mine, wg, 0).reshape(-1).astype(y.dtype)
+            part = (y * scale_M[:, None]).reshape(-1, X, D).sum(1)
+            return lax.psum_scatter(part, axes, scatter_dimension=0, tiled=True)
+
+    return lax.cond(overflow > 0, exact_path, capacity_path, x_nD)
+
+
+def _hierarchical(x_nD, w_nX, idx_nX, valid_nX, outer: str, inner: tuple[str, ...], mesh: Mesh, E_l: int,
+                  capacity_factor: float, all_axes, weights, impl: str):
+    """Stage 1 over the domain axis (one row per token and domain), stage 2 `_exchange` inside the domain,
+    stage 1 back (see the module docstring)."""
+    n, D = x_nD.shape
+    X = idx_nX.shape[1]
+    So = mesh.shape[outer]
+    Si = math.prod(mesh.shape[a] for a in inner)
+    E_dom = E_l * Si                                                      # experts per domain
+    with jax.named_scope("ep_domains"):
+        dom_nX = idx_nX // E_dom
+        to_OnX = valid_nX[None] & (dom_nX[None] == jnp.arange(So)[:, None, None])   # copy -> domain o
+        send_x = jnp.where(to_OnX.any(-1)[..., None], x_nD[None], jnp.zeros((), x_nD.dtype))     # [So, n, D]
+        send_i = jnp.where(to_OnX, idx_nX[None] % E_dom, -1).astype(jnp.int32)                  # [So, n, X]
+        send_w = jnp.where(to_OnX, w_nX[None], 0).astype(w_nX.dtype)
+        recv_x, recv_i, recv_w = (lax.all_to_all(a, outer, 0, 0, tiled=True) for a in (send_x, send_i, send_w))
+    R = So * n
+    rows_i = recv_i.reshape(R, X)
+    # stage 2: rows from every domain, each with its expert copies in this domain (about X / So of them)
+    C2 = int(min(max(1, math.ceil(capacity_factor * R * X / So / Si)), R * min(X, E_l)))
+    y_RD = _exchange(recv_x.reshape(R, D), recv_w.reshape(R, X), jnp.maximum(rows_i, 0), rows_i >= 0, inner, Si,
+                     E_l, C2, all_axes, weights, impl)
+    with jax.named_scope("ep_domains"):
+        back = lax.all_to_all(y_RD.reshape(So, n, D), outer, 0, 0, tiled=True)         # my tokens, per domain
+    return back.sum(0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
     """Expert-parallel `routed_experts` over `mesh`: experts split over `axis` (None: every device holds every
@@ -64,6 +147,7 @@ class ExpertParallel:
     axis: str | tuple[str, ...] = "ep"
     ffn_axis: str | tuple[str, ...] | None = "tp"
     capacity_factor: float = 2.0
+    domain_axis: str | None = None   # hierarchical dispatch: the first expert axis, crossing domains (see above)
 
     def __post_init__(self):
         if not self.capacity_factor > 0:
@@ -76,6 +160,9 @@ class ExpertParallel:
         unknown = [a for a in named if a not in self.mesh.shape]
         if unknown:
             raise ValueError(f"ExpertParallel axes {unknown} are not mesh axes; mesh axes: {self.mesh.axis_names}")
+        if self.domain_axis is not None and (len(ep) < 2 or ep[0] != self.domain_axis):
+            raise ValueError(f"domain_axis={self.domain_axis!r} must be the first of at least two expert axes "
+                             f"(expert axes: {ep})")
 
     # ---- static layout --------------------------------------------------------------------------------------
     @property
@@ -161,51 +248,20 @@ class ExpertParallel:
             x_ND = jnp.pad(x_ND, ((0, pad), (0, 0)))
             w_NX = jnp.pad(w_NX, ((0, pad), (0, 0)))
             idx_NX = jnp.pad(idx_NX, ((0, pad), (0, 0)))
-        C = self.capacity(N, E, X)
         ep, ffn, tok = self.expert_axes, self.ffn_axes, self.token_axes
         all_axes = tuple(a for a in self.mesh.axis_names if self.mesh.shape[a] > 1)
         E_l = E // S
         ffn_spec = ffn if ffn else None
+        hier = self.domain_axis is not None
 
         def body(x_nD, w_nX, idx_nX, valid_n, gate, up, down):
-            me = lax.axis_index(ep) if ep else 0
-            dest_nX = jnp.where(valid_n[:, None], idx_nX // E_l, S)        # S = "no bucket" (padding rows)
-            dest_M = dest_nX.reshape(-1)
-            onehot_MS = dest_M[:, None] == jnp.arange(S)[None, :]
-            pos_M = jnp.take_along_axis(jnp.cumsum(onehot_MS, 0), jnp.minimum(dest_M, S - 1)[:, None], 1)[:, 0] - 1
-            loads_S = onehot_MS.sum(0)
-            overflow = lax.pmax((loads_S.max() > C).astype(jnp.int32), all_axes) if all_axes else loads_S.max() > C
-
-            def capacity_path(x_nD):
-                with jax.named_scope("ep_capacity"):
-                    keep_M = dest_M < S
-                    slot_M = jnp.where(keep_M, dest_M * C + pos_M, S * C)  # S*C: a dump row, cut off below
-                    x_MD = jnp.repeat(x_nD, X, axis=0)
-                    send_x = jnp.zeros((S * C + 1, D), x_nD.dtype).at[slot_M].set(x_MD)[: S * C]
-                    send_e = jnp.full((S * C + 1,), -1, jnp.int32).at[slot_M].set(
-                        (idx_nX.reshape(-1) % E_l).astype(jnp.int32))[: S * C]
-                    recv_x = lax.all_to_all(send_x.reshape(S, C, D), ep, 0, 0, tiled=True)
-                    recv_e = lax.all_to_all(send_e.reshape(S, C), ep, 0, 0, tiled=True)
-                    y = _local_experts(recv_x.reshape(S * C, D), recv_e.reshape(-1), E_l, gate, up, down, impl)
-                    back = lax.all_to_all(y.reshape(S, C, D), ep, 0, 0, tiled=True).reshape(S * C, D)
-                    y_MD = back[jnp.minimum(slot_M, S * C - 1)]
-                    scale_M = jnp.where(keep_M, w_nX.reshape(-1), 0).astype(y_MD.dtype)
-                    return (y_MD * scale_M[:, None]).reshape(-1, X, D).sum(1)
-
-            def exact_path(x_nD):
-                with jax.named_scope("ep_fallback"):
-                    xg = lax.all_gather(x_nD, ep, tiled=True)                   # [S*n, D]
-                    ig = lax.all_gather(idx_nX, ep, tiled=True)
-                    wg = lax.all_gather(w_nX, ep, tiled=True)
-                    vg = lax.all_gather(valid_n, ep, tiled=True)
-                    mine = (ig // E_l == me) & vg[:, None]
-                    e_M = jnp.where(mine, ig - me * E_l, -1).reshape(-1)
-                    y = _local_experts(jnp.repeat(xg, X, axis=0), e_M, E_l, gate, up, down, impl)
-                    scale_M = jnp.where(mine, wg, 0).reshape(-1).astype(y.dtype)
-                    part = (y * scale_M[:, None]).reshape(-1, X, D).sum(1)
-                    return lax.psum_scatter(part, ep, scatter_dimension=0, tiled=True)
-
-            out = lax.cond(overflow > 0, exact_path, capacity_path, x_nD)
+            valid_nX = jnp.broadcast_to(valid_n[:, None], idx_nX.shape)
+            if not hier:
+                out = _exchange(x_nD, w_nX, idx_nX, valid_nX, ep, S, E_l, self.capacity(N, E, X), all_axes,
+                                (gate, up, down), impl)
+            else:
+                out = _hierarchical(x_nD, w_nX, idx_nX, valid_nX, self.domain_axis, ep[1:], self.mesh, E_l,
+                                    self.capacity_factor, all_axes, (gate, up, down), impl)
             return lax.psum(out, ffn) if ffn else out
 
         tok_spec = P(tok or None)

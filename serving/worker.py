@@ -474,8 +474,13 @@ def main(argv):
             group.close()
             return 0
         engine.mirror = group.mirror(FLAGS.host)
+        ep = engine.runtime.expert_parallel
         group_info = {"num_processes": spec.num_processes, "coordinator": spec.coordinator_address,
-                      "fence_s": spec.fence_s, "devices": len(mesh.devices.flat)}
+                      "fence_s": spec.fence_s, "devices": len(mesh.devices.flat),
+                      "moe_dispatch": f"hierarchical over {ep.domain_axis!r}" if getattr(ep, "domain_axis", None)
+                      else "flat" if ep is not None else None}
+        log.info("group of %d processes, mesh %s, MoE dispatch %s", spec.num_processes, mesh_spec,
+                 group_info["moe_dispatch"])
     token = read_token(FLAGS.token_file)
     transport = make_transport(FLAGS.transport, FLAGS.host, FLAGS.transfer_port, token)
     w = Worker(role, engine, host=FLAGS.host, port=FLAGS.port, transport=transport, token=token,

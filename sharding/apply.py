@@ -27,12 +27,27 @@ from sharding.rules import AxisRules, DECODE_RULES, RulesError, logical_sharding
 
 def expert_parallel(mesh: Mesh, rules: AxisRules, capacity_factor: float = 2.0) -> ExpertParallel | None:
     """The expert dispatch for `mesh` under `rules`: experts split over mesh axes (all_to_all), and/or each
-    expert's FFN width split (tensor-parallel experts, a psum); None when neither is split."""
+    expert's FFN width split (tensor-parallel experts, a psum); None when neither is split. Hierarchical
+    (`domain_axis`) when the first of several expert axes is the one that crosses processes (a worker group:
+    each of its slices on one host, different slices on different hosts)."""
     ep = tuple(a for a in rules.mesh_axes("experts") if mesh.shape.get(a, 1) > 1)
     ffn = tuple(a for a in rules.mesh_axes("expert_mlp") if mesh.shape.get(a, 1) > 1)
     if not ep and not ffn:
         return None
-    return ExpertParallel(mesh, axis=ep or None, ffn_axis=ffn or None, capacity_factor=capacity_factor)
+    return ExpertParallel(mesh, axis=ep or None, ffn_axis=ffn or None, capacity_factor=capacity_factor,
+                          domain_axis=domain_axis(mesh, ep))
+
+
+def domain_axis(mesh: Mesh, expert_axes: tuple[str, ...]) -> str | None:
+    """The first expert axis if it alone separates processes (every slice along it inside one process, the slices
+    on several), and other expert axes remain inside each slice; else None."""
+    if len(expert_axes) < 2:
+        return None
+    procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    rows = np.moveaxis(procs, mesh.axis_names.index(expert_axes[0]), 0).reshape(mesh.shape[expert_axes[0]], -1)
+    if all(len(set(r.tolist())) == 1 for r in rows) and len(set(rows[:, 0].tolist())) > 1:
+        return expert_axes[0]
+    return None
 
 
 def runtime_for(mesh: Mesh | None, rules: AxisRules | None = None, *, base: Runtime | None = None,

@@ -155,3 +155,18 @@ def test_ep_decode_step_lowers_to_all_to_all_and_matches(reference, cfg):
     ref_logits, ref_cache = step(ref_graphdef, ref_params, toks, pos, cache)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(new_cache), np.asarray(ref_cache), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.05])
+def test_hierarchical_dispatch_equals_local_experts(reference, factor):
+    """Stage 1 over the domain axis (dp), stage 2 over ep inside it: the same sums as the local path, on the
+    capacity path and (factor 0.05: every stage-2 bucket overflows) on the exact fallback."""
+    x_ND, w_NX, idx_NX, weights = _routed_inputs(reference, 24, seed=6)
+    mesh = _mesh(dp=2, ep=4)
+    flat = ExpertParallel(mesh, axis=("dp", "ep"), capacity_factor=factor)
+    hier = ExpertParallel(mesh, axis=("dp", "ep"), capacity_factor=factor, domain_axis="dp")
+    want = routed_experts(x_ND, w_NX, idx_NX, *weights)
+    for d in (flat, hier):
+        np.testing.assert_allclose(jax.jit(d)(x_ND, w_NX, idx_NX, *weights), want, atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="domain_axis"):
+        ExpertParallel(mesh, axis=("dp", "ep"), domain_axis="ep")

@@ -87,6 +87,7 @@ def test_group_equals_single_device_colocated(ckpt, group, colocated):
     assert [rows[f"q{i}"]["token_ids"] for i in range(len(PROMPTS))] == [o.token_ids for o in want8]
     h = control(L.addr, "stats")
     assert h["group"]["num_processes"] == 2 and h["group"]["devices"] == 8, h["group"]
+    assert h["group"]["moe_dispatch"] == "hierarchical over 'dp'", h["group"]   # dp slices = the two processes
     assert h["metrics"].get("compiles", 0) == 0          # everything compiled at start-up, on every member
     check_drained([L.addr])
     assert all(m.p.poll() is None for m in group["members"])
