@@ -133,6 +133,19 @@ class Group:
         self.on_fence = on_fence or _exit_fenced
         self._beat_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.compiles = 0                      # XLA compiles in this process since `count_compiles`
+        self.member_compiles: dict[int, int] = {}   # the other members' counts, from their heartbeats
+
+    def count_compiles(self) -> None:
+        """From now on count this process's XLA compiles; they travel with its heartbeats (after start-up there
+        must be none on any member)."""
+        import jax
+
+        def on_event(name, *a, **k):
+            if "backend_compile" in name:
+                self.compiles += 1
+
+        jax.monitoring.register_event_duration_secs_listener(on_event)
 
     # ---- key-value store ---------------------------------------------------------------------------------------
     def _put(self, key: str, value: str) -> None:
@@ -185,17 +198,18 @@ class Group:
         fence, period = self.spec.fence_s, self.spec.fence_s / 5
         start = time.monotonic()
         seen = {p: None for p in others}
-        me = str(self.spec.process_id).encode()
         next_beat = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_beat:
-                pub.send(me)
+                pub.send(f"{self.spec.process_id}:{self.compiles}".encode())
                 next_beat = now + period
             if sub.poll(int(period * 1000 / 2)):
                 while True:
                     try:
-                        seen[int(sub.recv(zmq.NOBLOCK))] = time.monotonic()
+                        pid, n = sub.recv(zmq.NOBLOCK).split(b":")
+                        seen[int(pid)] = time.monotonic()
+                        self.member_compiles[int(pid)] = int(n)
                     except zmq.Again:
                         break
                     except ValueError:

@@ -148,7 +148,9 @@ class Worker:
                     kv_events=self.kv_events() if kv_events else None,
                     invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
                     group=None if self.group_info is None else {
-                        **self.group_info, "mirror": getattr(self.engine.mirror, "stats", None)},
+                        **self.group_info, "mirror": getattr(self.engine.mirror, "stats", None),
+                        "member_compiles": {str(k): v for k, v in getattr(
+                            getattr(self.engine.mirror, "group", None), "member_compiles", {}).items()}},
                     engine={"page_size": ec.page_size, "max_model_len": ec.max_model_len,
                             "prefix_caching": ec.prefix_caching, "kv_lookahead": 1 if ec.mtp else 0,
                             "cache_shape": list(self.engine.cache_shape), "cache_dtype": str(self.engine.cache.dtype),
@@ -469,7 +471,9 @@ def main(argv):
             print("TANDEM_GROUP_MEMBER_READY " + json.dumps({"process_id": spec.process_id, "mesh": mesh_spec,
                                                              "startup_s": round(time.perf_counter() - t0, 2)}),
                   flush=True)
-            n = group_mod.follow(engine, group.receiver())
+            rx = group.receiver()
+            group.count_compiles()   # reported with its heartbeats: the leader's health shows every member's
+            n = group_mod.follow(engine, rx)
             log.info("follower %d ran %d calls; exiting", spec.process_id, n)
             group.close()
             return 0

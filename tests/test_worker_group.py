@@ -88,7 +88,8 @@ def test_group_equals_single_device_colocated(ckpt, group, colocated):
     h = control(L.addr, "stats")
     assert h["group"]["num_processes"] == 2 and h["group"]["devices"] == 8, h["group"]
     assert h["group"]["moe_dispatch"] == "hierarchical over 'dp'", h["group"]   # dp slices = the two processes
-    assert h["metrics"].get("compiles", 0) == 0          # everything compiled at start-up, on every member
+    assert h["metrics"].get("compiles", 0) == 0          # everything compiled at start-up, on every member:
+    assert h["group"]["member_compiles"] == {"1": 0}, h["group"]   # the follower's count, from its heartbeats
     check_drained([L.addr])
     assert all(m.p.poll() is None for m in group["members"])
 
