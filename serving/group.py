@@ -21,8 +21,9 @@ jax.distributed's key-value store; the leader compares them and every member sto
 members and fields that differ, before any weight is loaded or anything compiled.
 
 **Fencing.** Every member publishes a heartbeat (ZeroMQ PUB, every `fence_s / 5`) and watches the others'. A
-member silent for `fence_s` (killed, stopped, hung host) fences the group: each member that notices exits at once
-(code 3) — a process blocked in a collective whose partner is gone would otherwise never return. jax.distributed's
+member silent for `fence_s` (killed, stopped, hung host), or the leader's engine work stuck for `step_timeout_s`
+(a collective that never completes while every member still beats), fences the group: each member that notices
+exits at once (code 3) — a process blocked in a collective whose partner is gone would otherwise never return. jax.distributed's
 own heartbeat (`2 x fence_s`) is the backstop: it aborts the survivors if ours did not. The leader exiting is what
 the router sees (its heartbeats stop): the group is marked dead and its requests migrate. A restarted group (all
 members) registers as a new incarnation of the same worker.
@@ -60,6 +61,7 @@ class GroupSpec:
     process_id: int
     fence_s: float = 10.0         # a member silent this long fences the group
     init_timeout_s: float = 120.0  # forming the group (coordinator, agreement, channels) must finish within this
+    step_timeout_s: float = 120.0  # the leader's engine work (a step: dispatch + results) stuck this long fences
 
     def __post_init__(self):
         if self.num_processes < 2:
@@ -69,8 +71,8 @@ class GroupSpec:
         host, _, port = self.coordinator_address.rpartition(":")
         if not host or not port.isdigit():
             raise GroupError(f"coordinator_address={self.coordinator_address!r}: expected HOST:PORT")
-        if self.fence_s <= 0 or self.init_timeout_s <= 0:
-            raise GroupError("fence_s and init_timeout_s must be positive")
+        if self.fence_s <= 0 or self.init_timeout_s <= 0 or self.step_timeout_s <= 0:
+            raise GroupError("fence_s, init_timeout_s and step_timeout_s must be positive")
 
     @property
     def leader(self) -> bool:
@@ -126,13 +128,15 @@ def _kv_client():
 class Group:
     """This process's membership: agreement, heartbeats and the step channel."""
 
-    def __init__(self, spec: GroupSpec, on_fence: Callable[[str], None] | None = None):
+    def __init__(self, spec: GroupSpec, on_fence: Callable[[str], None] | None = None, kv=None):
+        """kv: the key-value store (default: jax.distributed's; tests pass their own)."""
         self.spec = spec
-        self.kv = _kv_client()
+        self.kv = kv if kv is not None else _kv_client()
         self.ctx = zmq.Context.instance()
         self.on_fence = on_fence or _exit_fenced
         self._beat_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.busy_since: float | None = None   # the engine work in flight started then (`busy`)
         self.compiles = 0                      # XLA compiles in this process since `count_compiles`
         self.member_compiles: dict[int, int] = {}   # the other members' counts, from their heartbeats
 
@@ -215,6 +219,12 @@ class Group:
                     except ValueError:
                         continue
             now = time.monotonic()
+            since = self.busy_since
+            if since is not None and now - since > self.spec.step_timeout_s:
+                self._stop.set()
+                self.on_fence(f"engine step stuck for {now - since:.1f}s (step_timeout_s={self.spec.step_timeout_s:g}):"
+                              f" fencing the group (process {self.spec.process_id} exits)")
+                return
             for p, t in seen.items():
                 # before a member's first beat arrives (PUB/SUB joins late) the start-up time counts instead
                 last = t if t is not None else start + self.spec.init_timeout_s - fence
@@ -230,6 +240,11 @@ class Group:
         self._stop.set()
         if self._beat_thread is not None:
             self._beat_thread.join(timeout=5)
+
+    def busy(self, on: bool) -> None:
+        """Around each piece of engine work (a step until its results are on the host): work stuck longer than
+        `step_timeout_s` — a collective that never completes although every member still beats — fences."""
+        self.busy_since = time.monotonic() if on else None
 
     # ---- the step channel --------------------------------------------------------------------------------------
     def mirror(self, host: str = "127.0.0.1") -> "Mirror":

@@ -81,6 +81,7 @@ class Worker:
         self.incarnation = uuidlib.uuid4().hex[:12]
         self.metrics = collections.Counter()
         self.group_info = group_info   # a worker group's leader: its members (serving.group)
+        self.busy = None               # a group's leader: Group.busy, marks engine work (its step watchdog)
         self.invariant_ok = True
         self._stop = threading.Event()
         # prefill role
@@ -375,18 +376,27 @@ class Worker:
                 self._recv_all()
             if self.role == "prefill":
                 if self._jobs:
-                    self._prefill_one()
+                    self._engine_work(self._prefill_one)
                 self._expire_leases()
             else:
                 self._drain_pulls()
                 if self.scheduler.has_work():
-                    self._decode_step()
+                    self._engine_work(self._decode_step)
             try:
                 self.pages.allocator.check()
             except AssertionError as e:
                 if self.invariant_ok:
                     log.critical("page invariant violated (free, used, leased, total) = %s", e)
                 self.invariant_ok = False
+
+    def _engine_work(self, fn) -> None:
+        if self.busy is None:
+            return fn()
+        self.busy(True)
+        try:
+            fn()
+        finally:
+            self.busy(False)
 
     def stop(self) -> None:
         self._stop.set()
@@ -421,6 +431,8 @@ def _flags():
     f.DEFINE_integer("process_id", 0, "worker group: this process (0 is the leader: the control endpoint)")
     f.DEFINE_float("fence_s", 10.0, "worker group: a member silent this long fences the whole group")
     f.DEFINE_float("group_timeout_s", 120.0, "worker group: forming the group must finish within this")
+    f.DEFINE_float("group_step_timeout_s", 120.0, "worker group: the leader's engine step stuck this long (a "
+                   "collective that never completes) fences the group")
     f.DEFINE_bool("allow_cross_domain", False, "let EP/TP groups span hosts (domains) when the mesh needs it")
     serving_flags.define_engine_flags()   # the engine flags every entry point shares (serving.flags)
     return flags.FLAGS
@@ -443,7 +455,8 @@ def main(argv):
     group = spec = None
     if FLAGS.num_processes > 1:   # checked before jax.distributed starts, then agreed on before any compile
         spec = group_mod.GroupSpec(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id,
-                                   fence_s=FLAGS.fence_s, init_timeout_s=FLAGS.group_timeout_s)
+                                   fence_s=FLAGS.fence_s, init_timeout_s=FLAGS.group_timeout_s,
+                                   step_timeout_s=FLAGS.group_step_timeout_s)
         if FLAGS.mesh:
             group_mod.check_mesh_fits(spec, int(np.prod(list(parse_mesh_spec(FLAGS.mesh).values()))), FLAGS.devices)
         group = group_mod.join(spec)
@@ -490,6 +503,8 @@ def main(argv):
     w = Worker(role, engine, host=FLAGS.host, port=FLAGS.port, transport=transport, token=token,
                lease_s=FLAGS.lease_s, pull_timeout_s=FLAGS.pull_timeout_s, verify_checksums=FLAGS.verify_checksums,
                eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s, group_info=group_info)
+    if group is not None:
+        w.busy = group.busy
     w.count_compiles()   # from here on, any XLA compile is on the request path (reported in health_ok)
     print("TANDEM_WORKER_READY " + json.dumps({"role": role, "control": w.address, "transfer": transport.address,
                                                "mesh": mesh_spec, "startup_s": round(time.perf_counter() - t0, 2),

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import pytest
 import checkpoints
 import hf_reference
 from serving import LLM, SamplingParams
+from serving.group import Group, GroupSpec
 from test_pd_multiprocess import (EC, PROMPTS, ROOT, TOKEN, Proc, _free_port, check_drained, control, router_cfg,
                                   wait_ready)
 
@@ -219,3 +221,51 @@ def test_hung_follower_is_fenced_by_heartbeats(ckpt, colocated, tmp_path):
         for m in members:
             if m.p.poll() is None:
                 m.kill()
+
+
+class _KV:
+    """An in-process stand-in for jax.distributed's key-value store."""
+
+    def __init__(self):
+        self.d, self.cv = {}, threading.Condition()
+
+    def key_value_set(self, k, v):
+        with self.cv:
+            self.d[k] = v
+            self.cv.notify_all()
+
+    def blocking_key_value_get(self, k, timeout_ms):
+        with self.cv:
+            if not self.cv.wait_for(lambda: k in self.d, timeout_ms / 1000):
+                raise TimeoutError(k)
+            return self.d[k]
+
+
+def test_watchdog_fences_a_stuck_step_then_the_silent_member():
+    """The leader's engine work stuck past step_timeout_s fences it (a collective that never completes while every
+    member still beats); its heartbeats stop, and the follower fences within fence_s. No processes needed."""
+    kv, fenced = _KV(), {0: [], 1: []}
+    groups = [Group(GroupSpec("127.0.0.1:1", 2, k, fence_s=1.0, init_timeout_s=5.0, step_timeout_s=1.5),
+                    on_fence=fenced[k].append, kv=kv) for k in (0, 1)]
+    t = threading.Thread(target=groups[1].start_heartbeats)
+    t.start()
+    groups[0].start_heartbeats()
+    t.join(timeout=10)
+    try:
+        end = time.monotonic() + 5           # each has heard the other's beat; nobody fenced
+        while not (groups[0].member_compiles and groups[1].member_compiles) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert groups[0].member_compiles == {1: 0} and fenced == {0: [], 1: []}
+        t0 = time.monotonic()
+        groups[0].busy(True)
+        end = t0 + 5
+        while not fenced[0] and time.monotonic() < end:
+            time.sleep(0.02)
+        assert fenced[0] and "stuck" in fenced[0][0], fenced
+        assert 1.5 <= time.monotonic() - t0 <= 2.2
+        while not fenced[1] and time.monotonic() < end + 3:
+            time.sleep(0.02)
+        assert fenced[1] and "member 0 silent" in fenced[1][0], fenced
+    finally:
+        for g in groups:
+            g.close()
