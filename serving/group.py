@@ -109,9 +109,11 @@ def join(spec: GroupSpec) -> "Group":
 
     if not spec.leader:
         wait_for_coordinator(spec.coordinator_address, spec.init_timeout_s)
+    # the coordinator (process 0) listens on the given address only, not on every interface (jax's default)
     jax.distributed.initialize(spec.coordinator_address, spec.num_processes, spec.process_id,
                                initialization_timeout=int(spec.init_timeout_s),
-                               heartbeat_timeout_seconds=max(2, int(2 * spec.fence_s)))
+                               heartbeat_timeout_seconds=max(2, int(2 * spec.fence_s)),
+                               coordinator_bind_address=spec.coordinator_address)
     return Group(spec)
 
 
@@ -187,7 +189,8 @@ class Group:
         pub = self.ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         port = pub.bind_to_random_port(f"tcp://{host}")
-        self._put(f"beat/{self.spec.process_id}", f"{host}:{port}")
+        self.beat_address = f"{host}:{port}"
+        self._put(f"beat/{self.spec.process_id}", self.beat_address)
         others = [p for p in range(self.spec.num_processes) if p != self.spec.process_id]
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -290,7 +293,8 @@ class Mirror:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         port = self.sock.bind_to_random_port(f"tcp://{host}")
-        group._put("steps", f"{host}:{port}")
+        self.address = f"{host}:{port}"
+        group._put("steps", self.address)
         want = {f"m{p}".encode() for p in range(1, group.spec.num_processes)}
         self.followers = sorted(want)
         self.stats = {"calls": 0, "bytes": {f.decode(): 0 for f in want}, "data_skipped": 0, "data_sent": 0}

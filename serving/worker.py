@@ -81,7 +81,7 @@ class Worker:
         self.incarnation = uuidlib.uuid4().hex[:12]
         self.metrics = collections.Counter()
         self.group_info = group_info   # a worker group's leader: its members (serving.group)
-        self.busy = None               # a group's leader: Group.busy, marks engine work (its step watchdog)
+        self.busy_hook = None          # a group's leader: Group.busy, marks engine work (its step watchdog)
         self.invariant_ok = True
         self._stop = threading.Event()
         # prefill role
@@ -390,13 +390,13 @@ class Worker:
                 self.invariant_ok = False
 
     def _engine_work(self, fn) -> None:
-        if self.busy is None:
+        if self.busy_hook is None:
             return fn()
-        self.busy(True)
+        self.busy_hook(True)
         try:
             fn()
         finally:
-            self.busy(False)
+            self.busy_hook(False)
 
     def stop(self) -> None:
         self._stop.set()
@@ -494,6 +494,7 @@ def main(argv):
         ep = engine.runtime.expert_parallel
         group_info = {"num_processes": spec.num_processes, "coordinator": spec.coordinator_address,
                       "fence_s": spec.fence_s, "devices": len(mesh.devices.flat),
+                      "channels": [engine.mirror.address, group.beat_address],
                       "moe_dispatch": f"hierarchical over {ep.domain_axis!r}" if getattr(ep, "domain_axis", None)
                       else "flat" if ep is not None else None}
         log.info("group of %d processes, mesh %s, MoE dispatch %s", spec.num_processes, mesh_spec,
@@ -504,7 +505,7 @@ def main(argv):
                lease_s=FLAGS.lease_s, pull_timeout_s=FLAGS.pull_timeout_s, verify_checksums=FLAGS.verify_checksums,
                eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s, group_info=group_info)
     if group is not None:
-        w.busy = group.busy
+        w.busy_hook = group.busy
     w.count_compiles()   # from here on, any XLA compile is on the request path (reported in health_ok)
     print("TANDEM_WORKER_READY " + json.dumps({"role": role, "control": w.address, "transfer": transport.address,
                                                "mesh": mesh_spec, "startup_s": round(time.perf_counter() - t0, 2),

@@ -90,6 +90,9 @@ def test_group_equals_single_device_colocated(ckpt, group, colocated):
     h = control(L.addr, "stats")
     assert h["group"]["num_processes"] == 2 and h["group"]["devices"] == 8, h["group"]
     assert h["group"]["moe_dispatch"] == "hierarchical over 'dp'", h["group"]   # dp slices = the two processes
+    # every listener of the group on 127.0.0.1 by default: step channel, heartbeats, jax's coordinator
+    assert all(a.startswith("127.0.0.1:") for a in h["group"]["channels"]), h["group"]
+    assert "distributed service on 127.0.0.1:" in open(L.log).read(), "the coordinator binds the given address"
     assert h["metrics"].get("compiles", 0) == 0          # everything compiled at start-up, on every member:
     assert h["group"]["member_compiles"] == {"1": 0}, h["group"]   # the follower's count, from its heartbeats
     check_drained([L.addr])
