@@ -141,7 +141,8 @@ def run_group() -> dict:
     procs = []
     try:
         for k in range(FLAGS.processes):
-            env = dict(os.environ, JAX_PLATFORMS="cpu")
+            # no persistent compilation cache: a cache hit skips XLA's passes and leaves no HLO dump to read
+            env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
             xf = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
                   and "xla_dump" not in f]
             if k == 0:
