@@ -9,12 +9,13 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
-.PHONY: run test setup bench bench-sweep bench-model peers serve plan clean
+.PHONY: run test setup bench bench-sweep bench-model peers serve dynamo plan clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,train,bench]"
+	$(PY) -m pip install -q -e ".[test,train,bench,dynamo]"
+	$(PY) -m pip install -q --no-deps ai-dynamo==1.6.1   # see pyproject's dynamo extra
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,6 +32,15 @@ test: $(STAMP)
 # the OpenAI-compatible server on the shipped model (127.0.0.1:8000)
 serve: $(STAMP)
 	$(PY) -m serving.server --port 8000
+
+# NVIDIA Dynamo's frontend (127.0.0.1:8000, KV-aware routing) over one aggregated Tandem worker on the shipped
+# model, one host, nothing else to start (docs/dynamo.md; Ctrl-C stops all three)
+dynamo: $(STAMP)
+	eval "$$($(PY) -m serving.dynamo --print_env)"; trap 'kill 0' INT TERM EXIT; \
+	$(PY) -m serving.dynamo --role=broker & \
+	$(PY) -m dynamo.frontend --http-host 127.0.0.1 --http-port 8000 --router-mode kv & \
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(PY) -m serving.dynamo --role=aggregated --prefix_caching & \
+	wait
 
 # the peers, each in its own venv: vLLM's CPU build (pins its own torch; its CUDA torchvision/torchaudio/torchcodec
 # break its imports, so they go) and aiperf (NVIDIA Dynamo's benchmark client)

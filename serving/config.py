@@ -216,6 +216,16 @@ def resolve_decode_buckets(cfg: EngineConfig, platform: str, ranks: int = 1) -> 
         auto_max_batch(cfg.num_pages, cfg.page_size, platform, ranks)))
 
 
+def dynamo_registration(*, page_size: int, pages: int, max_model_len: int, max_seqs: int, prefill_tokens: int
+                        ) -> dict[str, int]:
+    """What a worker registers with NVIDIA Dynamo's router (`serving.dynamo`; `planner.memory --dynamo` prints it
+    for real dims): Tandem's pages are Dynamo's blocks, and the worker is one router rank — its attention-DP ranks
+    are placed by Tandem's own scheduler (KV-aware per rank), so the rank's capacity is every attention rank's
+    pages (`pages`, scratch pages excluded) and `max_seqs` every rank's rows."""
+    return {"kv_cache_block_size": page_size, "total_kv_blocks": int(pages), "context_length": max_model_len,
+            "max_num_seqs": int(max_seqs), "max_num_batched_tokens": int(prefill_tokens), "data_parallel_size": 1}
+
+
 def decode_buckets_up_to(max_batch: int) -> tuple[int, ...]:
     """Decode batch buckets: powers of two below `max_batch`, then `max_batch` itself."""
     if max_batch < 1:

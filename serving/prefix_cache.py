@@ -225,6 +225,9 @@ class PrefixCache:
             # one directory per model and engine: two engines never share (and fight over) one LRU
             self.disk = DiskTier(os.path.join(disk_dir, f"{fingerprint or 'model'}-{engine.name}"), disk_blocks)
         self.counts: collections.Counter = collections.Counter()
+        # hash -> (parent hash, the block's tokens), kept only for a KV-event consumer that must name the tokens
+        # (Dynamo's router hashes tokens itself): `describe_blocks(True)`; an LRU bounded by a few times the pool
+        self.block_meta: collections.OrderedDict[int, tuple[int | None, list[int]]] | None = None
         self._lock = threading.Lock()            # tiers and pending
         self._pending: dict[int, tuple[object, int]] = {}   # hash -> (device array of an evicted batch, index)
         if self.host is not None:
@@ -232,6 +235,21 @@ class PrefixCache:
             self._queue: queue.Queue = queue.Queue()
             self._thread = threading.Thread(target=self._offload_loop, name=f"{engine.name}-kv-offload", daemon=True)
             self._thread.start()
+
+    def describe_blocks(self, on: bool = True) -> None:
+        """Keep each registered block's parent hash and tokens (`block_meta`) for KV events that carry tokens."""
+        self.block_meta = collections.OrderedDict() if on else None
+
+    def _describe(self, tokens, hashes: list[int]) -> None:
+        meta = self.block_meta
+        if meta is None:
+            return
+        ps, toks = self.page_size, np.asarray(tokens)
+        for i, h in enumerate(hashes):
+            meta[h] = (hashes[i - 1] if i else None, toks[i * ps:(i + 1) * ps].tolist())
+            meta.move_to_end(h)
+        while len(meta) > 4 * self.alloc.total + 64:
+            meta.popitem(last=False)
 
     # ---- the request path -------------------------------------------------------------------------------------------
     def usable_blocks(self, n_tokens: int) -> int:
@@ -264,6 +282,7 @@ class PrefixCache:
         if blocks:
             k = len(blocks)
             self.engine.write_pages(pages[m:m + k], np.stack([b for b, _ in blocks], axis=1))
+            self._describe(tokens, hashes[:m + k])
             self.alloc.register(pages[m:m + k], hashes[m:m + k])
         with self._lock:
             self.counts["queries"] += 1
@@ -277,7 +296,11 @@ class PrefixCache:
     def register(self, pages: list[int], tokens, n_valid: int) -> int:
         """Cache the full blocks among the first `n_valid` positions of `pages` (KV written for `tokens`)."""
         n = min(n_valid // self.page_size, (len(tokens) - self.lookahead) // self.page_size, len(pages))
-        return self.alloc.register(pages[:n], self.hashes(tokens, n)) if n > 0 else 0
+        if n <= 0:
+            return 0
+        hashes = self.hashes(tokens, n)
+        self._describe(tokens, hashes)
+        return self.alloc.register(pages[:n], hashes)
 
     # ---- tiers --------------------------------------------------------------------------------------------------------
     def _lookup(self, h: int) -> tuple[np.ndarray | None, str | None]:

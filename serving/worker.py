@@ -62,12 +62,12 @@ class Worker:
     def __init__(self, role: str, engine, *, host: str = "127.0.0.1", port: int = 0, transport=None,
                  token: str | None = None, lease_s: float = 30.0, pull_timeout_s: float = 20.0,
                  verify_checksums: bool = True, eos_ids=(), fault_pull_delay_s: float = 0.0,
-                 group_info: dict | None = None):
+                 fault_step_delay_s: float = 0.0, group_info: dict | None = None):
         if role not in ("prefill", "decode"):
             raise ValueError(f"role={role!r}: expected 'prefill' or 'decode'")
         self.role, self.engine, self.token = role, engine, token
         self.lease_s, self.pull_timeout_s, self.verify = lease_s, pull_timeout_s, verify_checksums
-        self.fault_pull_delay_s = fault_pull_delay_s
+        self.fault_pull_delay_s, self.fault_step_delay_s = fault_pull_delay_s, fault_step_delay_s
         self.transport = transport or make_transport("jax", host)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -82,6 +82,8 @@ class Worker:
         self.metrics = collections.Counter()
         self.group_info = group_info   # a worker group's leader: its members (serving.group)
         self.busy_hook = None          # a group's leader: Group.busy, marks engine work (its step watchdog)
+        self.group = None              # a group's leader: its serving.group.Group (set by `start`)
+        self.mesh_spec, self.checkpoint, self.startup_s = "", None, 0.0
         self.invariant_ok = True
         self._stop = threading.Event()
         # prefill role
@@ -161,9 +163,13 @@ class Worker:
     def kv_events(self) -> dict | None:
         """Prefix-cache events since the last report (block hashes stored / evicted on this worker's device), for
         the router's KV-aware routing; None without prefix caching."""
-        if self.pages.prefix_cache is None:
+        pc = self.pages.prefix_cache
+        if pc is None:
             return None
-        return self.pages.allocator.drain_events()
+        ev = self.pages.allocator.drain_events()
+        if pc.block_meta is not None:   # consumers that hash tokens themselves (Dynamo): each block's parent, tokens
+            ev["blocks"] = [[h, *pc.block_meta.get(h, (None, None))] for h in ev["stored"]]
+        return ev
 
     def _make_request(self, msg: dict, limit: int | None = None):
         prompt = np.asarray(msg["prompt"], np.int32)
@@ -251,7 +257,7 @@ class Worker:
         offer = {"transport": self.transport.name, "addr": self.transport.address, "uuid": uuid,
                  "arrays": [layout_of(a) for a in arrays], "n_pages": prefix.n_pages, "length": prefix.length,
                  "first_token": int(prefix.first_token), "checksums": sums, "prefill_s": prefill_s,
-                 "queued_s": queued_s,
+                 "queued_s": queued_s, "cached_tokens": cached,
                  "draft": int(prefix.draft), "draft_q": None if prefix.draft_q is None else
                  np.asarray(prefix.draft_q, np.float32).tobytes(),
                  "lease_s": self.lease_s, "worker": self.address}
@@ -350,13 +356,16 @@ class Worker:
                 self._owner.pop(req.id, None)
 
     def _decode_step(self) -> None:
+        if self.fault_step_delay_s:
+            time.sleep(self.fault_step_delay_s)   # fault injection (tests): a slow engine, so streams last
         for ev in self.scheduler.step():
             rid = ev.request.id
             ident = self._owner.get(rid)
             if ident is not None:
                 r = ev.request
                 self.send(ident, "tokens", rid=rid, tokens=[int(t) for t in ev.new_token_ids],
-                          finished=ev.finished, reason=r.finish_reason if ev.finished else None, error=r.error)
+                          finished=ev.finished, reason=r.finish_reason if ev.finished else None, error=r.error,
+                          cached_tokens=r.cached_tokens if ev.finished else None)
             if ev.finished:
                 self._owner.pop(rid, None)
                 self.scheduler.requests.pop(rid, None)
@@ -408,9 +417,9 @@ class Worker:
 
 
 # ---- process entry point -----------------------------------------------------------------------------------------
-def _flags():
+def define_worker_flags():
+    """The worker flags (all but --role): endpoints, transport, leases, groups, and the shared engine flags."""
     f = flags
-    f.DEFINE_enum("role", None, ["prefill", "decode"], "worker role")
     f.DEFINE_string("host", "127.0.0.1", "address to bind the control endpoint and the transfer server")
     f.DEFINE_integer("port", 0, "control port (0: pick a free one; printed on the READY line)")
     f.DEFINE_integer("transfer_port", 0, "KV transfer server port (0: pick a free one)")
@@ -424,6 +433,7 @@ def _flags():
     f.DEFINE_string("token_file", None, "file holding the shared-secret token (default: $TANDEM_TOKEN if set)")
     f.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache (faster restarts)")
     f.DEFINE_float("fault_pull_delay_s", 0.0, "fault injection for tests: wait this long before each pull")
+    f.DEFINE_float("fault_step_delay_s", 0.0, "fault injection for tests: wait this long before each decode step")
     # worker groups: one engine over the devices of several processes (serving/group.py, docs/multihost.md)
     f.DEFINE_string("coordinator_address", None, "worker group: HOST:PORT of jax.distributed's coordinator "
                     "(process 0 serves it)")
@@ -438,10 +448,10 @@ def _flags():
     return flags.FLAGS
 
 
-def main(argv):
-    del argv
-    FLAGS = flags.FLAGS
-
+def start(FLAGS, role: str) -> "Worker | None":
+    """Build this process's part of a `role` worker from the worker flags: engine (or, in a group, the leader's
+    engine with its mirror), transport and `Worker` (not serving yet). A group follower runs the leader's calls to
+    the end here and returns None. Shared by `python -m serving.worker` and `python -m serving.dynamo`."""
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_num_cpu_devices", FLAGS.devices)  # before the backend starts; CPU only
     if FLAGS.compilation_cache_dir:
@@ -449,7 +459,6 @@ def main(argv):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     t0 = time.perf_counter()
-    role = FLAGS.role
     ckpt = serving_flags.checkpoint(FLAGS)
     mcfg = checkpoints.config_of(ckpt)
     group = spec = None
@@ -489,7 +498,7 @@ def main(argv):
             n = group_mod.follow(engine, rx)
             log.info("follower %d ran %d calls; exiting", spec.process_id, n)
             group.close()
-            return 0
+            return None
         engine.mirror = group.mirror(FLAGS.host)
         ep = engine.runtime.expert_parallel
         group_info = {"num_processes": spec.num_processes, "coordinator": spec.coordinator_address,
@@ -503,13 +512,19 @@ def main(argv):
     transport = make_transport(FLAGS.transport, FLAGS.host, FLAGS.transfer_port, token)
     w = Worker(role, engine, host=FLAGS.host, port=FLAGS.port, transport=transport, token=token,
                lease_s=FLAGS.lease_s, pull_timeout_s=FLAGS.pull_timeout_s, verify_checksums=FLAGS.verify_checksums,
-               eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s, group_info=group_info)
+               eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s,
+               fault_step_delay_s=FLAGS.fault_step_delay_s, group_info=group_info)
+    w.group, w.mesh_spec, w.checkpoint = group, mesh_spec, ckpt
     if group is not None:
         w.busy_hook = group.busy
     w.count_compiles()   # from here on, any XLA compile is on the request path (reported in health_ok)
-    print("TANDEM_WORKER_READY " + json.dumps({"role": role, "control": w.address, "transfer": transport.address,
-                                               "mesh": mesh_spec, "startup_s": round(time.perf_counter() - t0, 2),
-                                               "group": group_info}), flush=True)
+    w.startup_s = round(time.perf_counter() - t0, 2)
+    return w
+
+
+def run(w: "Worker") -> None:
+    """Serve until stopped; a group's leader that fails fences its group (the router migrates); then close."""
+    group = w.group
     try:
         w.serve_forever()
     except BaseException as e:
@@ -518,12 +533,25 @@ def main(argv):
         raise
     finally:
         if group is not None:
-            engine.mirror.stop()
+            w.engine.mirror.stop()
             group.close()
         w.close()
+
+
+def main(argv):
+    del argv
+    FLAGS = flags.FLAGS
+    w = start(FLAGS, FLAGS.role)
+    if w is None:   # a group follower: done
+        return 0
+    print("TANDEM_WORKER_READY " + json.dumps({"role": w.role, "control": w.address, "transfer": w.transport.address,
+                                               "mesh": w.mesh_spec, "startup_s": w.startup_s,
+                                               "group": w.group_info}), flush=True)
+    run(w)
     return 0
 
 
 if __name__ == "__main__":
-    _flags()
+    flags.DEFINE_enum("role", None, ["prefill", "decode"], "worker role")
+    define_worker_flags()
     app.run(main)
