@@ -1,6 +1,7 @@
 """The memory plan of one engine, printed for a model preset or checkpoint before anything is allocated.
 
     python -m planner.memory --model deepseek-v3 --quant fp8 --mesh ep=8 [--topology hgx-h200] [--compile]
+    python -m planner.memory --model deepseek-v3 --mesh dp=8 --topology hgx-h200 --dynamo   # + Dynamo registration
 
 The arithmetic (`sharding.plan`: weights + KV + temporaries per device, pages in a budget) is what the engine sizes
 its cache with; this command adds the abstract real-dims model and, with `--compile`, the temporaries of the
@@ -9,6 +10,7 @@ engine's largest executables compiled for fake CPU devices of the mesh's shape.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import checkpoints
 from model.config import ModelConfig, preset, presets
 from model.runtime import Runtime
-from serving.config import EngineConfig, parse_mesh_spec
+from serving.config import DEFAULT_PREFILL_TOKENS, EngineConfig, auto_max_batch, dynamo_registration, parse_mesh_spec
 from serving.engine import Engine
 from sharding.plan import DEVICE_MEMORY, TOPOLOGY_DEVICE, MemoryPlan, kv_bytes_per_token, weight_bytes_per_device
 from sharding.rules import DECODE_RULES, PREFILL_RULES
@@ -46,6 +48,9 @@ def _args(argv):
                     "executables on fake CPU devices for their temporaries (real dims: minutes)")
     ap.add_argument("--decode_batch", type=int, default=64, help="decode batch bucket compiled with --compile")
     ap.add_argument("--prefill_chunk", type=int, default=512, help="prefill chunk compiled with --compile")
+    ap.add_argument("--dynamo", action="store_true", help="also print, as JSON, what a decode worker of this plan "
+                    "registers with NVIDIA Dynamo (serving.dynamo: block size, total blocks, context length, max "
+                    "seqs, DP size)")
     ap.add_argument("--layers", type=int, default=0, help="--compile on a model cut to this many layers and the "
                     "temporaries of the full depth taken as equal (they are per-step buffers, reused per layer); "
                     "0 = all layers")
@@ -88,6 +93,12 @@ def main(argv=None) -> list[MemoryPlan]:
               f"{max(p.budget, 0) / 1e9:13.2f} {p.kv_tokens:14d} {p.kv_tokens * ranks:12d} "
               f"{p.kv_tokens // a.max_model_len * ranks:12d}  {'yes' if ok else 'NO'}")
         out.append(p)
+        if a.dynamo and ok:
+            reg = dynamo_registration(page_size=a.page_size, pages=p.num_pages * ranks, max_model_len=a.max_model_len,
+                                      max_seqs=auto_max_batch(p.num_pages, a.page_size, "gpu", ranks),
+                                      prefill_tokens=max(DEFAULT_PREFILL_TOKENS, a.prefill_chunk))
+            print("dynamo registration " + json.dumps({"model": a.model, "device": name, "mesh": a.mesh,
+                                                       "attention_ranks": ranks, **reg}))
     return out
 
 

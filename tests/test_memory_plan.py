@@ -167,3 +167,19 @@ def test_kv_pool_is_sized_from_a_host_budget_when_not_given():
     assert eng.max_batch == 8 * 64
     long = EngineConfig(page_size=64, max_model_len=65536)                 # the budget binds: 2 GiB of tokens
     assert auto_num_pages(long, per_token, "cpu") == CPU_KV_BYTES // per_token // 64 + 1
+
+
+def test_dynamo_registration_of_v3_decode_on_8xh200(capsys):
+    """What a DeepSeek-V3 decode worker (dp=8 attention ranks, wide EP, FP8) on 8xH200 registers with Dynamo, from
+    the memory plan of abstract weights: one router rank holding every attention rank's pages."""
+    import json
+
+    from planner import memory
+
+    (p,) = memory.main(["--model", "deepseek-v3", "--mesh", "dp=8", "--topology", "hgx-h200", "--dynamo"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("dynamo registration "))
+    reg = json.loads(line.split(" ", 2)[2])
+    assert reg["attention_ranks"] == 8 and reg["data_parallel_size"] == 1
+    assert reg["kv_cache_block_size"] == 64 and reg["context_length"] == 32768
+    assert reg["total_kv_blocks"] == 8 * p.num_pages > 8 * 32768 // 64   # more than one full context per rank
+    assert reg["max_num_seqs"] == 8 * 256                                  # the GPU cap per rank
