@@ -3,7 +3,8 @@ workers, driven by the real `openai` client. One host, nothing else to start: fi
 ZMQ events through the loopback broker; every listener of every process started here is asserted on 127.0.0.1.
 
 Two deployments share the broker: namespace `tagg` (2 aggregated workers, KV-aware routing, migration on) and
-namespace `tpd` (1 prefill + 1 decode worker). The reference is `LLM.generate` on the same checkpoint (f32).
+namespace `tpd` (1 prefill worker + 1 decode instance that is a worker group of 2 processes, dp=2 — one attention rank each — registered by its
+leader as one worker). The reference is `LLM.generate` on the same checkpoint (f32).
 """
 
 import os
@@ -183,7 +184,11 @@ def dyn(tmp_path_factory):
         P.wait_log("agg1", "TANDEM_DYNAMO_READY", READY_S)
         P.worker("agg2", "aggregated", "tagg", slow)
         P.worker("prefill", "prefill", "tpd", "--lease_s=60")
-        P.worker("decode", "decode", "tpd", "--fault_step_delay_s=0.1")
+        # the decode instance is a worker group (2 processes, dp=2: an attention rank and half the experts each): its leader is the one Dynamo sees
+        coord = f"127.0.0.1:{_free_port()}"
+        for k, name in enumerate(("decode", "decode_follower")):
+            P.worker(name, "decode", "tpd", "--fault_step_delay_s=0.1", "--mesh=dp=2", "--num_processes=2",
+                     f"--process_id={k}", f"--coordinator_address={coord}", "--group_timeout_s=200")
         for name in ("agg2", "prefill", "decode"):
             P.wait_log(name, "TANDEM_DYNAMO_READY", READY_S)
         wait_model(P.fe_agg, 60)
@@ -206,8 +211,8 @@ def client(port) -> openai.OpenAI:
 
 def test_every_listener_is_on_loopback(dyn):
     got = listeners([p.pid for p in dyn.procs.values()])
-    assert len({pid for pid, _ in got}) >= 7, got   # broker, 2 frontends, 4 workers: each listens somewhere
-    assert all(ip in ("127.0.0.1", "::1") for _, ip in got), got
+    assert len({pid for pid, _ in got}) >= 8, got   # broker, 2 frontends, 5 worker processes: each listens
+    assert [(pid, ip) for pid, ip in got if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")] == []
 
 
 @pytest.mark.parametrize("fe", ["fe_agg", "fe_pd"])
