@@ -38,7 +38,7 @@ from serving.api import Request
 from serving import flags as serving_flags
 from serving.build import build_engine
 from serving.config import default_mesh, parse_mesh_spec
-from serving.engine import Engine, Prefix
+from serving.engine import Prefix
 from serving import group as group_mod
 from serving.pages import PagePool
 from serving.protocol import ProtocolError, decode_message, encode_message, read_token, sampling_from_wire
@@ -47,6 +47,10 @@ from serving.transfer import layout_of, make_transport, offerable, page_checksum
 from sharding import DECODE_RULES, PREFILL_RULES, Topology
 
 log = logging.getLogger("serving.worker")
+
+
+# what each role compiles: a prefill worker never decodes; a decode worker prefills locally (no offer) and receives
+ROLE_EXECUTABLES = {"prefill": frozenset({"prefill", "send"}), "decode": frozenset({"prefill", "decode", "receive"})}
 
 
 @dataclasses.dataclass
@@ -482,7 +486,7 @@ def start(FLAGS, role: str) -> "Worker | None":
                     "(wide EP), so the MoE all-to-all crosses domains (per-step bytes: python -m bench.group_comm)",
                     mesh_spec, domains)
     engine = build_engine(ecfg, mesh=mesh,
-                          rules=PREFILL_RULES if role == "prefill" else DECODE_RULES, name=role, roles=Engine.ROLES,
+                          rules=PREFILL_RULES if role == "prefill" else DECODE_RULES, name=role, roles=ROLE_EXECUTABLES[role],
                           checkpoint=ckpt, dtype=FLAGS.dtype, quant=FLAGS.quant,
                           kv_memory_fraction=FLAGS.kv_memory_fraction, device_memory_gb=FLAGS.device_memory_gb,
                           progress=True)
