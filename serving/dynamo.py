@@ -52,7 +52,7 @@ except ImportError as e:   # the integration's own module: everything else runs 
 from serving import worker as worker_mod
 from serving.config import DEFAULT_PREFILL_TOKENS, dynamo_registration
 from serving.openai_api import DEFAULT_CHAT_TEMPLATE
-from serving.protocol import decode_message, encode_message
+from serving.protocol import decode_message, encode_message, read_token
 
 log = logging.getLogger("serving.dynamo")
 
@@ -142,7 +142,18 @@ class TandemEngine(LLMEngine):
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     @classmethod
     async def from_args(cls, argv: list[str] | None = None):
-        raise NotImplementedError("built by `python -m serving.dynamo` (absl flags), see main()")
+        """Dynamo's constructor contract: Tandem's flags (`python -m serving.dynamo --helpfull`) -> the built worker
+        and its Dynamo settings (`python -m serving.dynamo` builds through the same `build`)."""
+        if "namespace" not in flags.FLAGS:
+            define_flags()
+        F = flags.FLAGS
+        F(["serving.dynamo", *(sys.argv[1:] if argv is None else argv)])
+        if F.role not in ROLES:
+            raise ValueError(f"--role={F.role!r}: a Dynamo worker is one of {ROLES}")
+        engine = build(F)
+        if engine is None:
+            raise ValueError("a worker group's follower (--process_id > 0) serves its leader, not Dynamo")
+        return engine, engine.worker_config(F)
 
     def worker_config(self, F) -> WorkerConfig:
         return WorkerConfig(namespace=F.namespace, component=F.component or
@@ -549,20 +560,9 @@ def main(argv) -> int:
     if F.role == "broker":
         run_broker(F.host, F.xsub_port, F.xpub_port)
         return 0
-    t0 = time.perf_counter()
-    w = worker_mod.start(F, "prefill" if F.role == "prefill" else "decode")
-    if w is None:   # a worker group's follower: its leader is the one Dynamo sees
+    engine = build(F)
+    if engine is None:   # a worker group's follower: its leader is the one Dynamo sees
         return 0
-    card = model_card(w.checkpoint, w.engine.cfg.max_model_len, F.card_dir)
-    name = F.served_model_name or os.path.basename(os.path.abspath(w.checkpoint).rstrip("/"))
-    from serving.protocol import read_token
-    engine = TandemEngine(w, F.role, card_dir=card, served_name=name, token=read_token(F.token_file))
-    engine.ready_s = round(time.perf_counter() - t0, 2)
-    print("TANDEM_DYNAMO_READY " + json.dumps({"role": F.role, "model": name, "control": w.address,
-                                               "transfer": w.transport.address, "mesh": w.mesh_spec,
-                                               "startup_s": engine.ready_s, "group": w.group_info,
-                                               **{k: v for k, v in dataclasses.asdict(engine.registration()).items()
-                                                  if v is not None}}), flush=True)
     from dynamo.common.backend.run import run
 
     async def factory(_argv):
@@ -570,6 +570,25 @@ def main(argv) -> int:
 
     run(TandemEngine, [], engine_factory=factory)
     return 0
+
+
+def build(F) -> TandemEngine | None:
+    """The worker of a --role=aggregated|prefill|decode process from the flags (None on a worker group's follower,
+    which has followed its leader to the end), announced on a TANDEM_DYNAMO_READY line."""
+    t0 = time.perf_counter()
+    w = worker_mod.start(F, "prefill" if F.role == "prefill" else "decode")
+    if w is None:
+        return None
+    card = model_card(w.checkpoint, w.engine.cfg.max_model_len, F.card_dir)
+    name = F.served_model_name or os.path.basename(os.path.abspath(w.checkpoint).rstrip("/"))
+    engine = TandemEngine(w, F.role, card_dir=card, served_name=name, token=read_token(F.token_file))
+    engine.ready_s = round(time.perf_counter() - t0, 2)
+    print("TANDEM_DYNAMO_READY " + json.dumps({"role": F.role, "model": name, "control": w.address,
+                                               "transfer": w.transport.address, "mesh": w.mesh_spec,
+                                               "startup_s": engine.ready_s, "group": w.group_info,
+                                               **{k: v for k, v in dataclasses.asdict(engine.registration()).items()
+                                                  if v is not None}}), flush=True)
+    return engine
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from serving.config import DEFAULT_CHECKPOINT
 from serving.openai_api import DEFAULT_CHAT_TEMPLATE, chat_prompt
 from serving.protocol import decode_message, encode_message
 
-pytest.importorskip("dynamo.frontend", reason="the dynamo extra (make setup installs it)")
-from serving.dynamo import local_env  # noqa: E402  (needs the extra)
+from serving.dynamo import OptionError, local_env, request_options, signed64   # the dynamo extra
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "dynamo-test-token"
@@ -203,6 +202,38 @@ def ref():
     llm = LLM(DEFAULT_CHECKPOINT, engine_config=EC)
     yield llm
     llm.close()
+
+
+def test_request_options_apply_or_refuse():
+    """Every Dynamo option is applied (neutral values of unimplemented ones pass) or refused by name."""
+    req = {"token_ids": [5, 6, 7], "sampling_options": {"temperature": 0.5, "top_p": 0.9, "top_k": -1, "seed": 3,
+                                                         "n": 2, "min_p": 0.0, "presence_penalty": None,
+                                                         "repetition_penalty": 1.0},
+           "stop_conditions": {"max_tokens": 500, "stop": ["x"], "stop_token_ids": [9], "stop_token_ids_hidden": [1],
+                               "ignore_eos": True, "min_tokens": 0}, "output_options": {"skip_special_tokens": True}}
+    wire, n, limit = request_options(req, max_model_len=64)
+    assert (n, limit) == (2, 61) and wire == {"max_tokens": 61, "temperature": 0.5, "top_p": 0.9, "top_k": 0,
+                                              "stop": [], "stop_token_ids": [1, 9], "ignore_eos": True}
+    assert request_options({"token_ids": [1]}, 64)[0]["temperature"] == 1.0   # OpenAI's default
+    bad = {"token_ids": [1], "sampling_options": {"frequency_penalty": 0.5, "min_p": 0.1, "guided_decoding": {"json": {}},
+                                                  "mystery": 1},
+           "stop_conditions": {"min_tokens": 4}, "output_options": {"logprobs": 2}}
+    with pytest.raises(OptionError) as e:
+        request_options(bad, 64)
+    for name in ("frequency_penalty", "min_p", "guided_decoding", "mystery", "min_tokens", "logprobs"):
+        assert name in str(e.value)
+    with pytest.raises(OptionError, match="context length is 64"):
+        request_options({"token_ids": list(range(64))}, 64)
+    assert signed64(2**64 - 1) == -1 and signed64(5) == 5
+
+
+def test_from_args_builds_only_worker_roles():
+    """Dynamo's own constructor path (`run(TandemEngine)` -> from_args) parses Tandem's flags (own process: absl
+    flags are global)."""
+    code = "import asyncio; from serving.dynamo import TandemEngine; asyncio.run(TandemEngine.from_args(['--role=broker']))"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode != 0 and "a Dynamo worker is one of" in p.stderr, p.stderr[-2000:]
 
 
 def client(port) -> openai.OpenAI:
