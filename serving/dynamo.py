@@ -53,6 +53,7 @@ from serving import worker as worker_mod
 from serving.config import DEFAULT_PREFILL_TOKENS, dynamo_registration
 from serving.openai_api import DEFAULT_CHAT_TEMPLATE
 from serving.protocol import decode_message, encode_message, read_token
+from serving.sampling import SamplingParams
 
 log = logging.getLogger("serving.dynamo")
 
@@ -65,6 +66,7 @@ NEUTRAL_SAMPLING = {"min_p": (0, 0.0), "presence_penalty": (0, 0.0), "frequency_
                     "length_penalty": (1, 1.0)}
 NEUTRAL_STOP = {"min_tokens": (0,), "max_thinking_tokens": ()}
 WAIT_S = 0.25            # a generate loop re-checks cancellation and the worker thread this often
+STALL_S = 600.0          # ... and gives a request up after this long without a message about it
 
 
 class OptionError(ValueError):
@@ -76,7 +78,7 @@ def signed64(h: int) -> int:
     return h - (1 << 64) if h >= (1 << 63) else h
 
 
-def request_options(request: dict, max_model_len: int) -> tuple[dict, int, int]:
+def request_options(request: dict, max_model_len: int, vocab_size: int | None = None) -> tuple[dict, int, int]:
     """(Tandem wire sampling dict without the seed, n, max new tokens) of a Dynamo request; OptionError naming
     every option it cannot honour."""
     so = dict(request.get("sampling_options") or {})
@@ -99,6 +101,8 @@ def request_options(request: dict, max_model_len: int) -> tuple[dict, int, int]:
     if bad:
         raise OptionError("unsupported by the Tandem engine: " + ", ".join(bad))
     prompt_len = len(request["token_ids"])
+    if vocab_size is not None and any(not 0 <= int(t) < vocab_size for t in request["token_ids"]):
+        raise OptionError(f"prompt token ids outside the vocabulary [0, {vocab_size})")
     if not 0 < prompt_len < max_model_len:
         raise OptionError(f"prompt of {prompt_len} tokens: this worker's context length is {max_model_len}")
     limit = max_model_len - prompt_len
@@ -116,6 +120,10 @@ def request_options(request: dict, max_model_len: int) -> tuple[dict, int, int]:
             "top_k": 0 if so.get("top_k") in (None, -1) else int(so["top_k"]),
             "stop": [],        # stop strings: Dynamo's frontend applies them on the text and cancels us
             "stop_token_ids": stop_ids, "ignore_eos": bool(sc.get("ignore_eos") or False)}
+    try:   # the worker's own validation, here, so a bad value is refused before anything is queued
+        SamplingParams(**wire)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
     return wire, n, limit
 
 
@@ -129,6 +137,7 @@ class TandemEngine(LLMEngine):
         ec = worker.engine.cfg
         self.page_size, self.max_model_len = ec.page_size, ec.max_model_len
         self.eos_ids = list(worker.engine.model_cfg.eos_token_ids)
+        self.vocab_size = worker.engine.model_cfg.vocab_size
         self._thread: threading.Thread | None = None
         self._ctx = self._sock = None
         self._tasks: list[asyncio.Task] = []
@@ -309,7 +318,9 @@ class TandemEngine(LLMEngine):
             log.warning("release of offer %s at %s failed: %s", offer.get("uuid"), addr, e)
 
     async def _next(self, q: asyncio.Queue, context, rids: list[str]):
-        """The next worker message of this request; None when the client went away (its requests aborted)."""
+        """The next worker message of this request; None when the client went away (its requests aborted). Bounded:
+        a request that hears nothing for STALL_S (queued behind a full pool, or a lost message) is aborted."""
+        quiet = time.monotonic()
         while True:
             if context.is_stopped() or context.is_killed():
                 for rid in rids:
@@ -320,6 +331,10 @@ class TandemEngine(LLMEngine):
             except asyncio.TimeoutError:
                 if self._thread is None or not self._thread.is_alive():
                     raise RuntimeError("the Tandem worker stopped") from None
+                if time.monotonic() - quiet > STALL_S:
+                    for rid in rids:
+                        await self._send("abort", rid=rid)
+                    raise RuntimeError(f"no progress from the Tandem worker in {STALL_S:.0f} s: aborted") from None
 
     # ---- requests ----------------------------------------------------------------------------------------------
     async def abort(self, context) -> None:
@@ -328,7 +343,7 @@ class TandemEngine(LLMEngine):
 
     async def generate(self, request, context):
         try:
-            wire, n, limit = request_options(request, self.max_model_len)
+            wire, n, limit = request_options(request, self.max_model_len, self.vocab_size)
         except OptionError as e:   # Dynamo answers 400 and drops the text: say it here
             log.warning("request %s refused: %s", context.id(), e)
             raise
@@ -352,6 +367,7 @@ class TandemEngine(LLMEngine):
         for rid in rids:
             self._queues[rid] = q
         self._by_context[context.id()] = rids
+        done = False
         try:
             if self.role == "prefill":
                 async for chunk in self._prefill(rids[0], prompt, dict(wire, seed=base), q, context):
@@ -359,7 +375,11 @@ class TandemEngine(LLMEngine):
             else:
                 async for chunk in self._decode(rids, prompt, wire, base, offer, q, context):
                     yield chunk
+            done = True
         finally:
+            if not done:   # closed early (client gone, an error): end whatever still runs; no await here
+                for rid in rids:
+                    self._sock.send(encode_message("abort", self.token, rid=rid), zmq.NOBLOCK)
             for rid in rids:
                 self._queues.pop(rid, None)
             self._by_context.pop(context.id(), None)

@@ -123,6 +123,7 @@ class Worker:
                 self.send(ident, "error", error=f"malformed message: expected 1 frame, got {len(frames) - 1}",
                           kind="malformed")
                 continue
+            msg = None   # (an undecodable message names no request)
             try:
                 msg = decode_message(frames[1], self.token)
                 self._handle(ident, msg)

@@ -222,6 +222,10 @@ def test_request_options_apply_or_refuse():
         request_options(bad, 64)
     for name in ("frequency_penalty", "min_p", "guided_decoding", "mystery", "min_tokens", "logprobs"):
         assert name in str(e.value)
+    with pytest.raises(OptionError, match="top_p"):
+        request_options({"token_ids": [1], "sampling_options": {"top_p": 0.0}}, 64)
+    with pytest.raises(OptionError, match="outside the vocabulary"):
+        request_options({"token_ids": [1, 4096]}, 64, vocab_size=4096)
     with pytest.raises(OptionError, match="context length is 64"):
         request_options({"token_ids": list(range(64))}, 64)
     assert signed64(2**64 - 1) == -1 and signed64(5) == 5
