@@ -25,7 +25,7 @@ from absl import app, flags
 
 from bench.vs_vllm import _free_port, parse_aiperf, stop_server, worst
 from serving.config import DEFAULT_CHECKPOINT
-from serving.dynamo import local_env, model_card
+from serving.dynamo_setup import local_env, model_card
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("aiperf", None, "aiperf executable (make peers: .peers/aiperf/bin/aiperf)")

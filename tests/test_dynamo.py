@@ -24,7 +24,8 @@ from serving.config import DEFAULT_CHECKPOINT
 from serving.openai_api import DEFAULT_CHAT_TEMPLATE, chat_prompt
 from serving.protocol import decode_message, encode_message
 
-from serving.dynamo import OptionError, local_env, request_options, signed64   # the dynamo extra
+from serving.dynamo import OptionError, request_options, signed64   # needs the dynamo extra
+from serving.dynamo_setup import local_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "dynamo-test-token"
