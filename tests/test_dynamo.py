@@ -17,18 +17,15 @@ import time
 import httpx
 import openai
 import pytest
-import zmq
 
 from serving import LLM, EngineConfig, SamplingParams
 from serving.config import DEFAULT_CHECKPOINT
 from serving.openai_api import DEFAULT_CHAT_TEMPLATE, chat_prompt
-from serving.protocol import decode_message, encode_message
 
 from serving.dynamo import OptionError, request_options, signed64   # needs the dynamo extra
 from serving.dynamo_setup import local_env
+from test_pd_multiprocess import ROOT, TOKEN, _free_port, control
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKEN = "dynamo-test-token"
 MODEL = "shakespeare-moe"
 ENGINE = ["--dtype=float32", "--page_size=8", "--num_pages=96", "--max_model_len=128", "--prefill_buckets=16,64",
           "--decode_buckets=1,2,4", "--decode_steps=4", "--prefix_caching"]
@@ -40,12 +37,6 @@ LONG = ["KING: Go, bid the soldiers shoot, and let the drums beat loud upon the 
         "PORTIA: The quality of mercy is not strain'd; it droppeth as the gentle rain from heaven upon the place"]
 XLA_CACHE = os.environ.get("TANDEM_TEST_XLA_CACHE", os.path.expanduser("~/.cache/tandem/xla_test_cache"))
 READY_S = 240.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listeners(pids) -> list[tuple[int, str]]:
@@ -127,18 +118,9 @@ class Procs:
                 p.wait(timeout=10)
 
 
-def stats(addr, timeout=5.0) -> dict:
+def stats(addr) -> dict:
     """A Tandem worker's stats over its control endpoint (pages, leases, load)."""
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://{addr}")
-    try:
-        s.send(encode_message("stats", TOKEN))
-        if not s.poll(int(timeout * 1000)):
-            raise TimeoutError(f"{addr}: no stats reply in {timeout}s")
-        return decode_message(s.recv(), TOKEN)
-    finally:
-        s.close(0)
+    return control(addr, "stats")
 
 
 def wait_drained(addrs, timeout=10.0):
