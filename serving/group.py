@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -114,6 +115,11 @@ def join(spec: GroupSpec) -> "Group":
                                initialization_timeout=int(spec.init_timeout_s),
                                heartbeat_timeout_seconds=max(2, int(2 * spec.fence_s)),
                                coordinator_bind_address=spec.coordinator_address)
+    # jax's preemption notifier takes SIGTERM over (a training-checkpoint feature): the member would ignore
+    # `kill`/`timeout`/an orchestrator's stop and run on. Give SIGTERM back its default: the process ends (and its
+    # group fences), as a plain worker does.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return Group(spec)
 
 

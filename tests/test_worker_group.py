@@ -272,3 +272,24 @@ def test_watchdog_fences_a_stuck_step_then_the_silent_member():
     finally:
         for g in groups:
             g.close()
+
+
+def test_a_member_ends_on_sigterm(tmp_path):
+    """jax.distributed's preemption notifier swallows SIGTERM; a member must still end on it (kill, timeout, an
+    orchestrator's stop), as a plain worker does. Two bare members (no model): SIGTERM the follower, it is gone."""
+    port = _free_port()
+    code = ("import sys, time; from serving.group import GroupSpec, join; "
+            f"join(GroupSpec('127.0.0.1:{port}', 2, int(sys.argv[1]), fence_s=3.0, init_timeout_s=60)); "
+            "print('joined', flush=True); time.sleep(120)")
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(k)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+    try:
+        assert procs[1].stdout.readline().strip() == "joined"   # bounded by the test timeout and init_timeout_s
+        procs[1].send_signal(signal.SIGTERM)
+        assert procs[1].wait(timeout=10) == -signal.SIGTERM
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
