@@ -1,13 +1,15 @@
-"""Compile-check the FP4 Triton kernels for NVIDIA GPUs on a machine without one.
+"""Compile-check every Triton kernel (FP4, block-FP8, paged MLA decode) for NVIDIA GPUs on a machine without one.
 
 Lowering for ``cuda`` (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``) builds the Triton MLIR module
 that XLA's Triton pipeline would compile on a GPU, and embeds it (as MLIR bytecode) in the
 ``__gpu$xla.gpu.triton`` custom call. This module extracts that exact module as TTIR text and, where the ``triton``
 package is available, runs Triton's own compiler on it (TTIR -> TTGIR -> LLVM -> PTX -> cubin via ptxas) for a
-given compute capability -- which needs no GPU. Two steps, because the project venv does not carry ``triton``::
+given compute capability -- which needs no GPU. Two steps in two processes (jaxlib's MLIR and triton's LLVM are
+kept out of one process); the test extra carries ``triton`` (3.6, the GPU machines' version), so ``make test`` runs
+both for every kernel, at small shapes and at DeepSeek-V3's::
 
-    .venv/bin/python -m pallas_kernels.triton_check dump /tmp/fp4_ttir          # jax: write *.ttir
-    /path/to/python-with-triton -m pallas_kernels.triton_check compile /tmp/fp4_ttir --cc 90 80
+    .venv/bin/python -m pallas_kernels.triton_check dump /tmp/ttir        # jax: write <case>.ttir + launch params
+    .venv/bin/python -m pallas_kernels.triton_check compile /tmp/ttir --cc 90 80
 
 It is evidence that the kernels survive a full Triton compile for sm_90 / sm_80 (the pip ``triton`` is not the
 Triton revision inside jaxlib, so XLA's own pipeline could still differ), not that they run correctly on a GPU.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -58,39 +61,66 @@ def triton_modules(fn, *args) -> list[dict]:
     return out
 
 
-def fp4_kernel_cases() -> dict:
-    """Representative calls of every FP4 Triton kernel: name -> (fn, args)."""
+def kernel_cases() -> dict:
+    """Representative calls of every Triton kernel: name -> (fn, args). Small shapes exercise the edge paths;
+    ``v3_*`` are DeepSeek-V3's shapes (Triton specializes on them): decode/prefill token counts, 7168 hidden, 2048
+    expert width, 32 local experts (256 on ep=8), 128 (tp=1) and 16 (tp=8) heads over a 576-wide latent."""
     import functools
 
+    import jax
     import jax.numpy as jnp
 
+    from pallas_kernels import fp8
     from pallas_kernels.formats import quantize
     from pallas_kernels.fp4_matmul import fp4_batched_matmul, fp4_grouped_matmul, fp4_matmul
+    from pallas_kernels.paged_attention import paged_mla_decode
 
+    sds = jax.ShapeDtypeStruct
+    bf16 = jnp.bfloat16
     cases = {}
     for fmt in ("nvfp4", "mxfp4"):
-        x = jnp.zeros((16, 512), jnp.bfloat16)
+        x = jnp.zeros((16, 512), bf16)
         qe = quantize(jnp.ones((4, 512, 256)), fmt)
-        cases[f"dense_{fmt}"] = (functools.partial(fp4_matmul, impl="pallas"), (x, quantize(jnp.ones((512, 256)), fmt)))
-        cases[f"batched_{fmt}"] = (functools.partial(fp4_batched_matmul, impl="pallas"),
-                                   (jnp.zeros((4, 64, 512), jnp.bfloat16), qe))
-        cases[f"grouped_{fmt}"] = (functools.partial(fp4_grouped_matmul, impl="pallas"),
-                                   (x, qe, jnp.array([5, 3, 0, 8], jnp.int32)))
+        cases[f"fp4_dense_{fmt}"] = (functools.partial(fp4_matmul, impl="pallas"),
+                                     (x, quantize(jnp.ones((512, 256)), fmt)))
+        cases[f"fp4_batched_{fmt}"] = (functools.partial(fp4_batched_matmul, impl="pallas"),
+                                       (jnp.zeros((4, 64, 512), bf16), qe))
+        cases[f"fp4_grouped_{fmt}"] = (functools.partial(fp4_grouped_matmul, impl="pallas"),
+                                       (x, qe, jnp.array([5, 3, 0, 8], jnp.int32)))
+    sizes = sds((32,), jnp.int32)
+    for tag, m in (("decode", 64), ("prefill", 4096)):   # tokens; x8 routed rows (top-8) for the experts
+        cases[f"fp8_dense_v3_{tag}"] = (functools.partial(fp8.fp8_matmul, impl="pallas"),
+                                        (sds((m, 7168), bf16), fp8.abstract((7168, 2048))))
+        cases[f"fp8_grouped_v3_{tag}"] = (functools.partial(fp8.fp8_grouped_matmul, impl="pallas"),
+                                          (sds((m * 8, 7168), bf16), fp8.abstract((32, 7168, 2048), lead=1),
+                                           sizes))
+    cases["fp8_batched_v3"] = (functools.partial(fp8.fp8_batched_matmul, impl="pallas"),
+                               (sds((32, 64, 2048), bf16), fp8.abstract((32, 2048, 7168), lead=1)))
+    cases["fp8_dense_unaligned"] = (functools.partial(fp8.fp8_matmul, impl="pallas"),
+                                    (sds((3, 100), bf16), fp8.abstract((100, 40))))
+    for H in (128, 16):
+        cases[f"paged_decode_v3_h{H}"] = (
+            lambda q, r, c, t, n: paged_mla_decode(q, r, c, 3, t, n, 0.1, impl="pallas"),
+            (sds((64, H, 512), bf16), sds((64, H, 64), bf16), sds((4, 512, 64, 576), bf16),
+             sds((64, 64), jnp.int32), sds((64,), jnp.int32)))
     return cases
 
 
 def dump(out_dir: str) -> list[str]:
-    """Write ``<case>.ttir`` and ``<case>.json`` (launch parameters) for every FP4 kernel case."""
+    """Write ``<case>[.k].ttir`` and ``.json`` (launch parameters) for every Triton module of every kernel case."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for case, (fn, args) in fp4_kernel_cases().items():
-        [mod] = triton_modules(fn, *args)
-        path = os.path.join(out_dir, f"{case}.ttir")
-        with open(path, "w") as f:
-            f.write(mod["ttir"])
-        with open(os.path.join(out_dir, f"{case}.json"), "w") as f:
-            json.dump({k: v for k, v in mod.items() if k != "ttir"}, f)
-        written.append(path)
+    for case, (fn, args) in kernel_cases().items():
+        mods = triton_modules(fn, *args)
+        if not mods:
+            raise RuntimeError(f"{case}: no Triton kernel in its cuda lowering")
+        for k, mod in enumerate(mods):
+            stem = os.path.join(out_dir, case if len(mods) == 1 else f"{case}.{k}")
+            with open(stem + ".ttir", "w") as f:
+                f.write(mod["ttir"])
+            with open(stem + ".json", "w") as f:
+                json.dump({k: v for k, v in mod.items() if k != "ttir"}, f)
+            written.append(stem + ".ttir")
     return written
 
 
@@ -102,8 +132,11 @@ def compile_ttir(path: str, cc: int, num_warps: int = 4, num_stages: int = 3) ->
     k = triton.compile(path, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps,
                                                                             num_stages=num_stages))
     ptx = k.asm["ptx"]
+    # the tensor-core instructions and their operand types, e.g. "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+    dots = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\.[\w.]+", ptx)))
     return dict(ptx_chars=len(ptx), cubin_bytes=len(k.asm.get("cubin", b"")), shared_bytes=k.metadata.shared,
-                mma_sync=ptx.count("mma.sync"), wgmma=ptx.count("wgmma.mma_async"), triton=triton.__version__)
+                mma_sync=ptx.count("mma.sync"), wgmma=ptx.count("wgmma.mma_async"), dots=dots,
+                triton=triton.__version__)
 
 
 def compile_dir(ttir_dir: str, ccs: list[int]) -> int:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import paged_mla_decode
+from pallas_kernels.paged_attention import launch_params, paged_mla_decode
 
 
 def _case(dtype, seed=0):
@@ -35,6 +35,26 @@ def test_kernel_equals_the_gather_reference(dtype, tol):
     got = paged_mla_decode(ql, qr, cache, 2, pt, lengths, 0.125, impl="pallas_interpret", block_h=4)
     assert got.shape == ref.shape == (6, 8, 64) and np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_context_splits_combine_to_the_reference(splits):
+    """Flash-decoding: each split's partial softmax, rescaled to the global max. 7 splits of a 7-page table leave
+    the short rows' later splits empty (weight 0); 3 splits do not divide the pages."""
+    ql, qr, cache, pt, lengths = _case(jnp.float32, seed=2)
+    ref = paged_mla_decode(ql, qr, cache, 1, pt, lengths, 0.125, impl="xla")
+    got = paged_mla_decode(ql, qr, cache, 1, pt, lengths, 0.125, impl="pallas_interpret", block_h=8,
+                           num_splits=splits)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_launch_params_fill_the_gpu_at_small_batch_only():
+    assert launch_params(64, 128, 64) == (16, 1)      # 512 programs: already ~4 waves of 132 SMs
+    assert launch_params(64, 16, 64) == (16, 8)       # V3 at tp=8, 4k context: 64 -> 512 programs
+    assert launch_params(1, 16, 64) == (16, 16)       # 16 splits of 4 pages (the cap on both)
+    assert launch_params(1, 16, 24) == (16, 4)        # each split keeps >= 4 pages
+    assert launch_params(1, 16, 4) == (16, 1)         # too short to split
+    assert launch_params(8, 8, 64, block_h=8, num_splits=3) == (8, 3)
 
 
 def test_reference_attends_only_to_each_rows_positions():
