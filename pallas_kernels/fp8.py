@@ -208,15 +208,30 @@ def _tile_scales(w: Fp8Tensor, Kq: int, Nq: int, bk: int, bn: int):
     return s[..., :Kq // bk, :Nq // bn]
 
 
-def _tiles(M: int, N: int, block):
-    """(bm, bn, bk): bm a power of two in [16, 64]; bk / bn = 128, or the block size when it is smaller, so that a
-    tile never straddles two scale blocks (one scale per tile)."""
+# Tile table (rows of x -> bm, num_warps), Hopper-first: decode-sized M gets the smallest tile that covers it
+# (weight-bandwidth bound: every weight tile is read once per bm rows); from 64 rows a tile is one wgmma
+# warpgroup (m64), from 256 rows two (bm=128, 8 warps) -- 3 stages of 128x128 bf16 x + u8 codes = 144 KiB of
+# shared memory (Hopper: 227 KiB). bench.gpu_check times the alternatives on the card.
+TILE_TABLE = ((16, 16, 4), (32, 32, 4), (64, 64, 4), (255, 64, 4), (None, 128, 8))
+
+
+def _tiles(M: int, N: int, block, bm: int | None = None):
+    """(bm, bn, bk, num_warps): bm from TILE_TABLE (or given); bk / bn = 128, or the block size when it is
+    smaller, so that a tile never straddles two scale blocks (one scale per tile)."""
     bK, bN = block
     for b in (bK, bN):
         if b < 16 or b & (b - 1):
             raise ValueError(f"the FP8 Pallas kernels need power-of-two blocks >= 16, got {block}; use impl='xla'")
-    bm = min(64, max(16, 1 << max(0, (M - 1).bit_length())))
-    return bm, min(128, bN), min(128, bK)
+    warps = 4
+    if bm is None:
+        for max_m, bm, warps in TILE_TABLE:
+            if max_m is None or M <= max_m:
+                break
+    elif bm < 16 or bm & (bm - 1):
+        raise ValueError(f"bm={bm} must be a power of two >= 16")
+    else:
+        warps = 8 if bm >= 128 else 4
+    return bm, min(128, bN), min(128, bK), warps
 
 
 def _codes_u8(w: Fp8Tensor, Kq: int, Nq: int):
@@ -240,14 +255,14 @@ def _bmm_kernel(x_ref, c_ref, s_ref, o_ref, *, bk: int, nk: int):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _compiler_params(interpret: bool):
-    return None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=3)
+def _compiler_params(interpret: bool, num_warps: int = 4):
+    return None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=3)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
-def _pallas_batched(x_ECK, w: Fp8Tensor, out_dtype, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "bm"))
+def _pallas_batched(x_ECK, w: Fp8Tensor, out_dtype, interpret: bool, bm: int | None = None):
     E, C, K = x_ECK.shape
-    bm, bn, bk = _tiles(C, w.N, w.block)
+    bm, bn, bk, warps = _tiles(C, w.N, w.block, bm)
     Kq, Nq, Cq = _round_up(K, bk), _round_up(w.N, bn), _round_up(C, bm)
     codes = _codes_u8(w, Kq, Nq)
     scales = _tile_scales(w, Kq, Nq, bk, bn)
@@ -260,7 +275,7 @@ def _pallas_batched(x_ECK, w: Fp8Tensor, out_dtype, interpret: bool):
                   pl.BlockSpec((None, Kq, bn), lambda e, i, j: (e, 0, j)),
                   pl.BlockSpec((None, Kq // bk, 1), lambda e, i, j: (e, 0, j))],
         out_specs=pl.BlockSpec((None, bm, bn), lambda e, i, j: (e, i, j)),
-        interpret=interpret, compiler_params=_compiler_params(interpret), name="fp8_block_matmul",
+        interpret=interpret, compiler_params=_compiler_params(interpret, warps), name="fp8_block_matmul",
     )(x, codes, scales)
     return out[:, :C, :w.N]
 
@@ -285,10 +300,10 @@ def _grouped_kernel(g_ref, r0_ref, r1_ref, x_ref, c_ref, s_ref, o_ref, *, bm: in
         plgpu.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=row_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
-def _pallas_grouped(x_MK, w: Fp8Tensor, group_sizes_E, out_dtype, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "bm"))
+def _pallas_grouped(x_MK, w: Fp8Tensor, group_sizes_E, out_dtype, interpret: bool, bm: int | None = None):
     M, K = x_MK.shape
-    bm, bn, bk = _tiles(M, w.N, w.block)
+    bm, bn, bk, warps = _tiles(M, w.N, w.block, bm)
     Kq, Nq = _round_up(K, bk), _round_up(w.N, bn)
     Mq = _round_up(M, bm) + bm  # a bm-row load starting at any row < M stays in bounds
     codes = _codes_u8(w, Kq, Nq)
@@ -299,7 +314,7 @@ def _pallas_grouped(x_MK, w: Fp8Tensor, group_sizes_E, out_dtype, interpret: boo
         functools.partial(_grouped_kernel, bm=bm, bn=bn, bk=bk, nk=Kq // bk),
         out_shape=jax.ShapeDtypeStruct((Mq, Nq), out_dtype),
         grid=(g.shape[0], Nq // bn),
-        interpret=interpret, compiler_params=_compiler_params(interpret), name="fp8_block_grouped_matmul",
+        interpret=interpret, compiler_params=_compiler_params(interpret, warps), name="fp8_block_grouped_matmul",
     )(g, r0, r1, x, codes, scales)
     total = jnp.minimum(jnp.sum(jnp.maximum(group_sizes_E, 0)), M)
     covered = jnp.arange(M) < total  # rows no work item wrote (past the groups) are zero, as in ragged_dot
@@ -307,8 +322,8 @@ def _pallas_grouped(x_MK, w: Fp8Tensor, group_sizes_E, out_dtype, interpret: boo
 
 
 # ---- public dispatchers -----------------------------------------------------------------------------------------
-def fp8_matmul(x, w: Fp8Tensor, *, impl: str | None = None, out_dtype=None):
-    """``x[..., K] @ dequantize(w)`` for a [K, N] Fp8Tensor; fp32 accumulation."""
+def fp8_matmul(x, w: Fp8Tensor, *, impl: str | None = None, out_dtype=None, bm: int | None = None):
+    """``x[..., K] @ dequantize(w)`` for a [K, N] Fp8Tensor; fp32 accumulation. ``bm`` overrides the tile table."""
     _check(x, w, 2)
     impl, out_dtype = _impl(impl), out_dtype or x.dtype
     lead = x.shape[:-1]
@@ -318,11 +333,11 @@ def fp8_matmul(x, w: Fp8Tensor, *, impl: str | None = None, out_dtype=None):
         y = jnp.dot(x2.astype(cd), dequantize(w, cd), preferred_element_type=jnp.float32).astype(out_dtype)
     else:
         w3 = Fp8Tensor(w.codes[None], w.scales[None], (1, *w.shape), 1, 1, w.block)
-        y = _pallas_batched(x2[None], w3, out_dtype, impl == "pallas_interpret")[0]
+        y = _pallas_batched(x2[None], w3, out_dtype, impl == "pallas_interpret", bm)[0]
     return y.reshape(*lead, w.N)
 
 
-def fp8_batched_matmul(x_ECK, w: Fp8Tensor, *, impl: str | None = None, out_dtype=None):
+def fp8_batched_matmul(x_ECK, w: Fp8Tensor, *, impl: str | None = None, out_dtype=None, bm: int | None = None):
     """Per-expert ``x[e] @ dequantize(w)[e]`` for an [E, K, N] Fp8Tensor."""
     _check(x_ECK, w, 3)
     impl, out_dtype = _impl(impl), out_dtype or x_ECK.dtype
@@ -330,10 +345,11 @@ def fp8_batched_matmul(x_ECK, w: Fp8Tensor, *, impl: str | None = None, out_dtyp
         cd = _compute_dtype(x_ECK)
         return jnp.einsum("eck,ekn->ecn", x_ECK.astype(cd), dequantize(w, cd),
                           preferred_element_type=jnp.float32).astype(out_dtype)
-    return _pallas_batched(x_ECK, w, out_dtype, impl == "pallas_interpret")
+    return _pallas_batched(x_ECK, w, out_dtype, impl == "pallas_interpret", bm)
 
 
-def fp8_grouped_matmul(x_MK, w: Fp8Tensor, group_sizes_E, *, impl: str | None = None, out_dtype=None):
+def fp8_grouped_matmul(x_MK, w: Fp8Tensor, group_sizes_E, *, impl: str | None = None, out_dtype=None,
+                       bm: int | None = None):
     """``lax.ragged_dot(x, dequantize(w), group_sizes)`` for an [E, K, N] Fp8Tensor (rows sorted by expert)."""
     _check(x_MK, w, 3)
     if group_sizes_E.shape != (w.shape[0],):
@@ -343,7 +359,7 @@ def fp8_grouped_matmul(x_MK, w: Fp8Tensor, group_sizes_E, *, impl: str | None = 
         cd = _compute_dtype(x_MK)
         return jax.lax.ragged_dot(x_MK.astype(cd), dequantize(w, cd), group_sizes_E.astype(jnp.int32),
                                   preferred_element_type=jnp.float32).astype(out_dtype)
-    return _pallas_grouped(x_MK, w, group_sizes_E, out_dtype, impl == "pallas_interpret")
+    return _pallas_grouped(x_MK, w, group_sizes_E, out_dtype, impl == "pallas_interpret", bm)
 
 
 __all__ = ["Fp8Tensor", "quantize", "dequantize", "from_checkpoint", "fp8_nbytes", "fp8_matmul",

@@ -76,6 +76,21 @@ def test_matmuls_equal_the_dequantized_weight(impl):
                                jnp.einsum("eck,ekn->ecn", xb, fp8.dequantize(w3)), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("bm", [16, 128])
+def test_every_row_tile_of_the_table_computes_the_same(bm):
+    """The tile table's smallest (decode) and largest (prefill, two warpgroups) row tiles, forced on ragged
+    groups that straddle tile edges."""
+    rng = np.random.default_rng(2)
+    r = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    w3 = fp8.quantize(r(3, 64, 48), lead=1, block=(32, 16))
+    sizes = jnp.array([70, 0, 131], jnp.int32)
+    xg = r(210, 64)
+    ref = jax.lax.ragged_dot(xg, fp8.dequantize(w3), sizes)
+    got = fp8.fp8_grouped_matmul(xg, w3, sizes, impl="pallas_interpret", bm=bm)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+    assert fp8._tiles(300, 2048, (128, 128)) == (128, 128, 128, 8) and fp8._tiles(8, 2048, (128, 128))[0] == 16
+
+
 def test_kernels_lower_for_cuda_at_real_dims():
     w = fp8.abstract((256, 7168, 2048), lead=1)                  # V3 routed experts gate/up
     x = jax.ShapeDtypeStruct((64, 7168), jnp.bfloat16)
