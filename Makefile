@@ -9,7 +9,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
-.PHONY: run test setup bench bench-sweep bench-model peers serve dynamo plan clean
+.PHONY: run test setup bench bench-sweep bench-model peers serve dynamo plan clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,18 @@ dynamo: $(STAMP)
 	$(PY) -m dynamo.frontend --http-host 127.0.0.1 --http-port 8000 --router-mode kv & \
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(PY) -m serving.dynamo --role=aggregated --prefix_caching & \
 	wait
+
+# A lent GPU machine (Python 3.12, jax 0.11 + CUDA, flax, orbax, triton, msgpack, numpy; no network) lacks a few
+# of Tandem's dependencies: `make gpu-wheels` downloads them here (6 MB, carried with the tree), and `make gpu-check`
+# on the GPU machine installs them beside the tree and runs the check (docs/kernels.md)
+GPU_WHEELS := jaxtyping wadler_lindig tqdm pyzmq flatbuffers zstandard
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform any -d .gpu_wheels $(GPU_WHEELS)
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --target .gpu_deps .gpu_wheels/*.whl
+	PYTHONPATH=.gpu_deps python3 -m bench.gpu_check --out $${OUT:-runs}/gpu_check.json
 
 # the peers, each in its own venv: vLLM's CPU build (pins its own torch; its CUDA torchvision/torchaudio/torchcodec
 # break its imports, so they go) and aiperf (NVIDIA Dynamo's benchmark client)
