@@ -375,9 +375,4 @@ def fp4_grouped_matmul(x_MK: Float[Array, "M K"], w: QuantizedTensor, group_size
     return _pallas_grouped(x_MK, w, group_sizes_E, out_dtype, impl == "pallas_interpret", **tiles)
 
 
-def lower_for_cuda(fn, *args) -> str:
-    """StableHLO text of ``jax.jit(fn)`` lowered for the cuda platform (works on a CPU-only machine)."""
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
-__all__ = ["fp4_matmul", "fp4_batched_matmul", "fp4_grouped_matmul", "default_impl", "lower_for_cuda", "Impl"]
+__all__ = ["fp4_matmul", "fp4_batched_matmul", "fp4_grouped_matmul", "default_impl", "Impl"]

@@ -33,7 +33,10 @@ def triton_modules(fn, *args) -> list[dict]:
     from jax._src.lib.mlir import ir
     from jax._src.pallas.triton import lowering as triton_lowering
 
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    from pallas_kernels.compat import cuda_lowering
+
+    with cuda_lowering():
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     calls = []
 
     def walk(op):

@@ -20,6 +20,7 @@ The engine takes a model already placed on its mesh (`checkpoints.load(path, mes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -33,8 +34,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.deepseek import DeepseekV3
+from model.runtime import GPU_PLATFORMS
 from model.flops import decode_flops
 from model.moe import choose_moe_impl
+from pallas_kernels.compat import cuda_lowering
 from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PagedCache
 from serving.config import EngineConfig, auto_num_pages, resolve_decode_buckets
 from serving.pages import pages_for
@@ -363,12 +366,13 @@ class Engine:
         platform = getattr(self, "_lower_platform", None)
         if platform is None:
             return jitted.lower(*args)
-        if getattr(self, "_export", False):   # flat leaves in: the artifact's signature holds no nnx types
-            leaves, treedef = jax.tree.flatten(args)
-            flat = jax.jit(lambda *xs: jitted(*jax.tree.unflatten(treedef, xs)))
-            return jax.export.export(flat, platforms=[platform], disabled_checks=[
-                jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*leaves)
-        return jitted.trace(*args).lower(lowering_platforms=(platform,))
+        with cuda_lowering() if platform in GPU_PLATFORMS else contextlib.nullcontext():
+            if getattr(self, "_export", False):   # flat leaves in: the artifact's signature holds no nnx types
+                leaves, treedef = jax.tree.flatten(args)
+                flat = jax.jit(lambda *xs: jitted(*jax.tree.unflatten(treedef, xs)))
+                return jax.export.export(flat, platforms=[platform], disabled_checks=[
+                    jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*leaves)
+            return jitted.trace(*args).lower(lowering_platforms=(platform,))
 
     def _compile(self):
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from pallas_kernels.compat import cuda_lowering, lower_for_cuda
 from pallas_kernels.formats import E2M1_VALUES, dequantize, quantize
 from pallas_kernels.fp4_matmul import (
     _decode_codes,
@@ -21,7 +22,6 @@ from pallas_kernels.fp4_matmul import (
     fp4_batched_matmul,
     fp4_grouped_matmul,
     fp4_matmul,
-    lower_for_cuda,
 )
 from pallas_kernels.triton_check import triton_modules
 
@@ -245,8 +245,9 @@ def test_triton_kernels_export_for_cuda(fmt):
     for name, (fn, args) in _lowering_cases(fmt).items():
         if name == "dense_unaligned":
             continue
-        exp = export.export(jax.jit(fn), platforms=["cuda"],
-                            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+        with cuda_lowering():
+            exp = export.export(jax.jit(fn), platforms=["cuda"],
+                                disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
         blob = exp.serialize()
         back = export.deserialize(blob)
         assert back.platforms == ("cuda",)

@@ -20,6 +20,7 @@ import checkpoints
 import hf_reference
 from model.runtime import Runtime
 from pallas_kernels import fp8
+from pallas_kernels.compat import lower_for_cuda
 from pallas_kernels.fp8 import Fp8Tensor
 from serving.config import parse_mesh_spec
 from sharding import DECODE_RULES, PREFILL_RULES, Topology, data_sharding
@@ -95,8 +96,7 @@ def test_kernels_lower_for_cuda_at_real_dims():
     w = fp8.abstract((256, 7168, 2048), lead=1)                  # V3 routed experts gate/up
     x = jax.ShapeDtypeStruct((64, 7168), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((256,), jnp.int32)
-    txt = jax.jit(lambda x, w, g: fp8.fp8_grouped_matmul(x, w, g, impl="pallas")).trace(x, w, g).lower(
-        lowering_platforms=("cuda",)).as_text()
+    txt = lower_for_cuda(lambda x, w, g: fp8.fp8_grouped_matmul(x, w, g, impl="pallas"), x, w, g)
     assert "__gpu$xla.gpu.triton" in txt and "fp8_block_grouped_matmul" in txt
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.compat import lower_for_cuda
 from pallas_kernels.paged_attention import launch_params, paged_mla_decode
 
 
@@ -72,7 +73,7 @@ def test_reference_attends_only_to_each_rows_positions():
 
 def test_kernel_lowers_for_cuda_at_v3_dims():
     sds = jax.ShapeDtypeStruct
-    txt = jax.jit(lambda a, b, c, d, e: paged_mla_decode(a, b, c, 3, d, e, 0.1, impl="pallas")).trace(
-        sds((64, 128, 512), jnp.bfloat16), sds((64, 128, 64), jnp.bfloat16), sds((61, 512, 64, 576), jnp.bfloat16),
-        sds((64, 64), jnp.int32), sds((64,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    txt = lower_for_cuda(lambda a, b, c, d, e: paged_mla_decode(a, b, c, 3, d, e, 0.1, impl="pallas"),
+                         sds((64, 128, 512), jnp.bfloat16), sds((64, 128, 64), jnp.bfloat16),
+                         sds((61, 512, 64, 576), jnp.bfloat16), sds((64, 64), jnp.int32), sds((64,), jnp.int32))
     assert "__gpu$xla.gpu.triton" in txt and "paged_mla_decode" in txt
