@@ -9,7 +9,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
-.PHONY: run test setup bench bench-sweep bench-model peers serve dynamo plan clean gpu-wheels gpu-check
+.PHONY: run test test-jax-next setup bench bench-sweep bench-model peers serve dynamo plan clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ run: $(STAMP)
 # mostly waits on single-threaded compiles and on subprocesses, so 2 workers on 2 cores cut its time by ~1/3
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# the smoke on the GPU machines' jax (0.11.x, Python >= 3.12; a Debian 13 python3.13 is unpacked when none is on
+# PATH): kernels, cuda lowering, colocated == disaggregated generate (tools/jax_next.py; CI runs it after `test`)
+test-jax-next:
+	python3 tools/jax_next.py
 
 # the OpenAI-compatible server on the shipped model (127.0.0.1:8000)
 serve: $(STAMP)

@@ -15,9 +15,10 @@ import jax
 
 
 @contextlib.contextmanager
-def cuda_lowering():
-    """Context for lowering / exporting Pallas Triton kernels for cuda on a host without a GPU (sm_90 target)."""
-    if jax.default_backend() == "gpu":
+def cuda_lowering(platform: str = "cuda"):
+    """Context for lowering / exporting Pallas Triton kernels for `platform` on a host without a GPU (sm_90 target
+    for cuda; a no-op for any other platform)."""
+    if platform not in ("cuda", "gpu") or jax.default_backend() == "gpu":
         yield
         return
     from jax._src.pallas.triton import pallas_call_registration as reg

@@ -20,7 +20,6 @@ The engine takes a model already placed on its mesh (`checkpoints.load(path, mes
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,7 +33,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.deepseek import DeepseekV3
-from model.runtime import GPU_PLATFORMS
 from model.flops import decode_flops
 from model.moe import choose_moe_impl
 from pallas_kernels.compat import cuda_lowering
@@ -137,8 +135,7 @@ class Engine:
         self.compile_seconds = 0.0
         self.mirror = None   # a worker group's leader: sends each call to the followers first (serving.group)
         # spans several processes (a worker group): device arrays are read only through this process's shards
-        self.multiprocess = mesh is not None and any(d.process_index != jax.process_index()
-                                                     for d in mesh.devices.flat)
+        self.multiprocess = mesh is not None and {d.process_index for d in mesh.devices.flat} != {jax.process_index()}
         if compile and not self.abstract:
             self._compile()
 
@@ -366,7 +363,7 @@ class Engine:
         platform = getattr(self, "_lower_platform", None)
         if platform is None:
             return jitted.lower(*args)
-        with cuda_lowering() if platform in GPU_PLATFORMS else contextlib.nullcontext():
+        with cuda_lowering(platform):   # a GPU target on a GPU-less host (jax 0.11 asks the device)
             if getattr(self, "_export", False):   # flat leaves in: the artifact's signature holds no nnx types
                 leaves, treedef = jax.tree.flatten(args)
                 flat = jax.jit(lambda *xs: jitted(*jax.tree.unflatten(treedef, xs)))
