@@ -28,7 +28,7 @@ def test_cpu_smoke_fills_every_part(tmp_path):
         assert parts[name]["status"] == "ok", (name, parts[name])
     assert parts["memory"]["status"] == "skipped" and "memory_stats" in parts["memory"]["reason"]
     cases = parts["kernels"]["cases"]
-    assert {c.split("_")[0] for c in cases} == {"fp8", "nvfp4", "mxfp4"} and len(cases) == 12
+    assert {c.split("_")[0] for c in cases} == {"fp8", "nvfp4", "mxfp4"} and len(cases) == 6
     for name, c in cases.items():
         assert c["rel_err_vs_xla"] < 2e-2 and c["kernel_us"] > 0 and c["bf16_dot_us"] > 0, (name, c)
     assert parts["paged"]["heads_4"]["rel_err_vs_gather"] < 2e-2
