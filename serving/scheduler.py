@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from serving.api import Event, Request, Status
+from serving.batched_prefill import PrefillJob, prefill_many
 from serving.config import SchedulerConfig
 from serving.engine import DecodeBatch, Engine, Prefix
 from serving.pages import PagePool
@@ -61,6 +62,7 @@ class Scheduler:
         self._ready: collections.deque[tuple[Request, Prefix | None, str | None]] = collections.deque()
         self._ready_cv = threading.Condition()
         self._in_prefill = 0
+        self.prefill_stats: collections.Counter = collections.Counter()   # disaggregated: calls and rows
         self._decode_next = False   # colocated: the last step returned first tokens; this one decodes
         if prefill is not None:
             self._to_prefill: queue.Queue[Request | None] = queue.Queue()
@@ -285,42 +287,77 @@ class Scheduler:
 
     # ---- disaggregated: the prefill thread and the hand-off -------------------------------------------------------
     def _prefill_loop(self) -> None:
-        eng, pool = self.prefill, self.prefill_pages
+        """Take whatever is queued (up to the engine's largest row bucket), prefill it batched
+        (`serving.batched_prefill`), and hand each prefix to decode as soon as its prompt is done."""
+        rows = self.prefill.cfg.prefill_rows[-1]
+        carry: collections.deque[Request] = collections.deque()   # did not fit the pages of the last batch
+        closing = False
         while not self._stop.is_set():
-            req = self._to_prefill.get()
-            if req is None:
+            batch = [carry.popleft() for _ in range(min(rows, len(carry)))]
+            while len(batch) < rows and not closing:
+                try:
+                    req = self._to_prefill.get_nowait() if batch else self._to_prefill.get()
+                except queue.Empty:
+                    break
+                if req is None:
+                    closing = True
+                else:
+                    batch.append(req)
+            if not batch:
                 return
-            prefix, err = None, None
-            try:
-                if not req.aborted:
-                    n = eng.pages_needed(len(req.prompt_ids))
-                    pages, cached = self._wait_pages(pool, req.prompt_ids, n)
-                    req.cached_tokens = cached
-                    try:
-                        req.prefill_start = time.perf_counter()
-                        out = eng.prefill(req.prompt_ids, pages, req.sampling_row(), start=cached)
-                        pool.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
-                        prefix = eng.extract(pages, len(req.prompt_ids), out)
-                    finally:
-                        pool.release(pages)
+            self._prefill_batch(batch, carry)
+
+    def _prefill_batch(self, batch: list[Request], carry: collections.deque) -> None:
+        eng, pool = self.prefill, self.prefill_pages
+        taken, jobs = [], []
+        for k, req in enumerate(batch):
+            if req.aborted:
+                self._deliver(req, None, None)
+                continue
+            n = eng.pages_needed(len(req.prompt_ids))
+            got = pool.acquire(req.prompt_ids, n)
+            if got is None and taken:   # the pages of this batch's requests come back after it: retry then
+                carry.extendleft(reversed(batch[k:]))
+                break
+            if got is None:
+                self._deliver(req, None, f"prefill failed: prompt needs {n} pages, the prefill cache has "
+                              f"{pool.allocator.free_in(0)} free of {pool.allocator.total}")
+                continue
+            req.cached_tokens = got[1]
+            req.prefill_start = time.perf_counter()
+            taken.append((req, got[0]))
+            jobs.append(PrefillJob(req.prompt_ids, got[0], req.sampling_row(), got[1]))
+        done = set()
+        try:
+            for i, out in prefill_many(eng, jobs, self.prefill_stats):
+                req, pages = taken[i]
+                done.add(i)
+                prefix, err, released = None, None, False
+                try:
+                    pool.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
+                    prefix = eng.extract(pages, len(req.prompt_ids), out)
+                    pool.release(pages)
+                    released = True
                     prefix = self.decode.receive(prefix)      # device_put onto the decode mesh
                     req.prefill_end = time.perf_counter()
-            except Exception as e:  # a failed prefill ends that request, never the loop
-                log.exception("prefill of %s failed", req.id)
-                err = f"prefill failed: {e}"
-            with self._lock:
-                self._ready.append((req, prefix, err))
-                self._in_prefill -= 1
-                self._ready_cv_notify()
+                except Exception as e:  # a failed hand-off ends that request, never the loop
+                    log.exception("prefill of %s failed", req.id)
+                    if not released:
+                        pool.release(pages)
+                    prefix, err = None, f"prefill failed: {e}"
+                self._deliver(req, prefix, err)
+        except Exception as e:  # the batch failed: its unfinished requests end with the error
+            log.exception("batched prefill of %s failed", [r.id for r, _ in taken])
+            for i, (req, pages) in enumerate(taken):
+                if i not in done:
+                    pool.release(pages)
+                    self._deliver(req, None, f"prefill failed: {e}")
 
-    @staticmethod
-    def _wait_pages(pool: PagePool, prompt: np.ndarray, n: int) -> tuple[list[int], int]:
-        # One prefill thread, and it frees a request's pages before taking the next: all are free or cached here.
-        got = pool.acquire(prompt, n)
-        if got is None:
-            raise RuntimeError(f"prompt needs {n} pages, the prefill cache has {pool.allocator.free_in(0)} free of "
-                               f"{pool.allocator.total}")
-        return got
+    def _deliver(self, req: Request, prefix: Prefix | None, err: str | None) -> None:
+        with self._lock:
+            self._ready.append((req, prefix, err))
+            self._in_prefill -= 1
+            self._ready_cv_notify()
 
     def _ready_cv_notify(self) -> None:
         with self._ready_cv:

@@ -6,6 +6,8 @@ compilation on the request path.
 """
 
 import re
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +84,41 @@ def test_disaggregated_equals_colocated(colocated, model, prefill_mesh, decode_m
         got = llm.generate(PROMPTS, params)
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
         assert all(o.metrics.ttft_s > 0 and o.metrics.prefill_s > 0 for o in got)
+        _check_pages(llm)
+
+
+def test_disaggregated_prefill_batches_what_is_queued(colocated, model, monkeypatch):
+    """The prefill thread takes every queued request (up to the largest row bucket, 2 here) and runs their chunks
+    of one bucket in one call; tokens equal colocated. A blocker request holds the thread while four others queue,
+    so the batches are known: [A, B] (both T=8: one 2-row call), [C, D] (T=16 together, then C's 8-token tail)."""
+    X, A, B, C, D = [4, 4, 2], [3, 1, 4], [2, 7, 1, 8, 2], PROMPTS[0], PROMPTS[2]
+    want = [o.token_ids for o in colocated.generate([X, A, B, C, D], SamplingParams(max_tokens=N_NEW))]
+    one_window = EngineConfig(**{**EC.__dict__, "decode_windows": (8,)})
+    with LLM(model=model, engine_config=one_window, mode="disagg", prefill_mesh="tp=1", decode_mesh="ep=2") as llm:
+        eng, rows, gate = llm.prefill_engine, [], threading.Event()
+        batch = eng.prefill_batch
+
+        def recording(items):
+            rows.append(len(items))
+            if len(rows) == 1:
+                assert gate.wait(60)
+            return batch(items)
+
+        monkeypatch.setattr(eng, "prefill_batch", recording)
+        reqs = [llm.submit(X, SamplingParams(max_tokens=N_NEW))]
+        for _ in range(600):
+            if rows:
+                break
+            time.sleep(0.01)
+        reqs += [llm.submit(p, SamplingParams(max_tokens=N_NEW)) for p in (A, B, C, D)]
+        gate.set()
+        for _ in range(10_000):
+            if not llm.has_work():
+                break
+            llm.step(timeout=0.1)
+        assert [r.output_ids for r in reqs] == want
+        assert rows == [1, 2, 2, 1], rows
+        assert llm.scheduler.prefill_stats == {"prefill_calls": 4, "prefill_rows": 6}
         _check_pages(llm)
 
 
