@@ -35,6 +35,7 @@ from absl import app, flags
 
 import checkpoints
 from serving.api import Request
+from serving.batched_prefill import PrefillJob, prefill_many
 from serving import flags as serving_flags
 from serving.build import build_engine
 from serving.config import default_mesh, parse_mesh_spec
@@ -226,24 +227,40 @@ class Worker:
             self._owner.pop(rid, None)
 
     # ---- prefill role ---------------------------------------------------------------------------------------------
-    def _prefill_one(self) -> None:
-        ident, req, uuid = self._jobs[0]
-        eng = self.engine
-        n = eng.pages_needed(len(req.prompt_ids))
-        if n > self.pages.allocator.total:
+    def _prefill_jobs(self) -> None:
+        """The queued jobs, batched (`serving.batched_prefill`): as many as the largest row bucket and the free pages
+        allow, each offered as soon as its prompt is done."""
+        eng, taken = self.engine, []
+        while self._jobs and len(taken) < eng.cfg.prefill_rows[-1]:
+            ident, req, uuid = self._jobs[0]
+            n = eng.pages_needed(len(req.prompt_ids))
+            if n > self.pages.allocator.total:
+                self._jobs.popleft()
+                self.send(ident, "error", rid=req.id, error=f"prompt needs {n} pages; the prefill cache has "
+                          f"{self.pages.allocator.total}", kind="capacity")
+                continue
+            got = self.pages.acquire(req.prompt_ids, n)   # with prefix caching: the cached prefix shared
+            if got is None:
+                break  # saturated: leases must end (ack / expiry) first
             self._jobs.popleft()
-            self.send(ident, "error", rid=req.id, error=f"prompt needs {n} pages; the prefill cache has "
-                      f"{self.pages.allocator.total}", kind="capacity")
-            return
-        got = self.pages.acquire(req.prompt_ids, n)   # with prefix caching: the cached prefix shared
-        if got is None:
-            return  # saturated: leases must end (ack / expiry) first
-        self._jobs.popleft()
-        pages, cached = got
+            taken.append((ident, req, uuid, got[0], got[1]))
+        t0, done = time.perf_counter(), set()
+        jobs = [PrefillJob(req.prompt_ids, pages, req.sampling_row(), cached) for _, req, _, pages, cached in taken]
         try:
-            t0 = time.perf_counter()
+            for i, out in prefill_many(eng, jobs, self.metrics):
+                done.add(i)
+                self._offer(*taken[i], out, t0)
+        except Exception as e:
+            log.exception("batched prefill of %s failed", [t[1].id for t in taken])
+            for i, (ident, req, _, pages, _) in enumerate(taken):
+                if i not in done:
+                    self.pages.allocator.release(pages)
+                    self.send(ident, "error", rid=req.id, error=f"prefill failed: {e}", kind="prefill")
+
+    def _offer(self, ident: bytes, req, uuid: int, pages: list[int], cached: int, out, t0: float) -> None:
+        eng = self.engine
+        try:
             queued_s = t0 - req.arrival
-            out = eng.prefill(req.prompt_ids, pages, req.sampling_row(), start=cached)
             self.pages.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
             self.metrics["cached_tokens"] += cached
             prefix = eng.extract(pages, len(req.prompt_ids), out)
@@ -390,7 +407,7 @@ class Worker:
                 self._recv_all()
             if self.role == "prefill":
                 if self._jobs:
-                    self._engine_work(self._prefill_one)
+                    self._engine_work(self._prefill_jobs)
                 self._expire_leases()
             else:
                 self._drain_pulls()

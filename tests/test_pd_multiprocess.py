@@ -449,3 +449,37 @@ def test_no_worker_ends_with_a_clear_error(cluster):
         assert "no decode worker available" in evs[0]["error"]
     finally:
         r.close()
+
+
+def test_prefill_worker_batches_its_queued_jobs(ckpt, colocated):
+    """In process, deterministic: five queued prefill jobs of one bucket on a worker whose engine takes up to 4 rows
+    run as one 4-row call and one 1-row call; every offer's first token equals colocated prefill's."""
+    from serving.api import Request
+    from serving.engine import Engine
+    from serving.worker import Worker
+
+    prompts = [[3, 1, 4], [2, 7, 1, 8, 2], [9, 9], [5, 17, 3, 44], [6, 2, 8]]
+    want = [o.token_ids[0] for o in colocated.generate(prompts, SamplingParams(max_tokens=1))]
+    ec = EngineConfig(**{**EC.__dict__, "prefill_rows": (1, 2, 4), "prefill_tokens": 32})
+    eng = Engine(checkpoints.load(ckpt, dtype=jnp.float32), ec, name="prefill", roles={"prefill", "send"})
+    w = Worker("prefill", eng, token=TOKEN)
+    sent, rows, batch = [], [], eng.prefill_batch
+    w.send = lambda ident, type_, **f: sent.append((type_, f))
+    eng.prefill_batch = lambda items: rows.append(len(items)) or batch(items)
+    try:
+        for i, p in enumerate(prompts):
+            req = Request(id=f"b{i}", prompt_ids=np.asarray(p, np.int32), params=SamplingParams(max_tokens=4),
+                          seed=0, limit=4)
+            req.arrival = time.perf_counter()
+            w._jobs.append((b"router", req, 100 + i))
+        while w._jobs:
+            w._prefill_jobs()
+        assert rows == [4, 1], rows
+        assert w.metrics["prefill_calls"] == 2 and w.metrics["prefill_rows"] == 5
+        offers = {f["rid"]: f["offer"] for t, f in sent if t == "offered"}
+        assert [offers[f"b{i}"]["first_token"] for i in range(5)] == want
+        for u in list(w.leases):
+            w._end_lease(u, consumed=True, why="release")
+        assert w.pages.allocator.used == 0 and w.pages.allocator.leased == 0
+    finally:
+        w.close()
