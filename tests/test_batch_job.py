@@ -95,3 +95,25 @@ def test_parse_line_validates_fields():
     assert "expected a JSON object" in parse_line(4, "[1, 2]", d).error
     assert "unknown sampling field" in parse_line(5, '{"prompt": "a", "temprature": 1}', d).error
     assert "SamplingParams.max_tokens" in parse_line(6, '{"prompt": "a", "max_tokens": 0}', d).error
+
+
+def test_prefill_rows_and_tokens_flags_reach_the_engine_config():
+    """--prefill_rows / --prefill_tokens (every entry point and worker) set the batched-prefill shapes."""
+    from absl import flags as absl_flags
+
+    from model.config import preset
+    from serving import flags as serving_flags
+
+    serving_flags.define_engine_flags()
+    F = absl_flags.FLAGS
+    try:
+        F(["prog", "--prefill_rows=1,2,8", "--prefill_tokens=512", "--prefill_buckets=16,64"])
+        ec = serving_flags.engine_config(preset("tiny"), F)
+        assert ec.prefill_rows == (1, 2, 8) and ec.prefill_tokens == 512
+        assert ec.rows_for(64) == (1, 2, 8) and ec.rows_for(16) == (1, 2, 8)
+        F.unparse_flags()
+        F(["prog"])   # defaults: (1, 4) within 256 tokens
+        ec = serving_flags.engine_config(preset("tiny"), F)
+        assert ec.prefill_rows == (1, 4) and ec.prefill_tokens is None and ec.rows_for(64) == (1, 4)
+    finally:
+        F.unparse_flags()
