@@ -50,6 +50,7 @@ class Request:
     spec_proposed: int = 0                        # MTP drafts verified (of tokens kept)
     spec_accepted: int = 0                        # ... and accepted
     cached_tokens: int = 0                        # prompt tokens served from the prefix cache (not prefilled)
+    send_all: bool = False                        # disaggregated: send every KV page (the decode cache lost some)
     stop_rules: object = dataclasses.field(default=None, repr=False, compare=False)   # serving.stops.StopRules
     text_stopped: bool = False                    # a stop string ended it (the text stage; reason stays "stop")
     # metrics

@@ -335,7 +335,9 @@ class Scheduler:
                 prefix, err, released = None, None, False
                 try:
                     pool.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
-                    prefix = eng.extract(pages, len(req.prompt_ids), out)
+                    skip = self._decode_holds(req)   # leading pages the decode side caches: not sent
+                    prefix = eng.extract(pages[skip:], len(req.prompt_ids), out)
+                    prefix.skip = skip
                     pool.release(pages)
                     released = True
                     prefix = self.decode.receive(prefix)      # device_put onto the decode mesh
@@ -352,6 +354,16 @@ class Scheduler:
                 if i not in done:
                     pool.release(pages)
                     self._deliver(req, None, f"prefill failed: {e}")
+
+    def _decode_holds(self, req: Request) -> int:
+        """Leading prompt pages some decode rank holds in its prefix cache (device-resident), at most all but the
+        last prompt page: those pages need not be sent. 0 without decode-side prefix caching."""
+        if self.pages.prefix_cache is None or req.send_all:
+            return 0
+        hashes = self.pages.hashes(req.prompt_ids)
+        with self._lock:
+            held = max(self.pages.allocator.match(hashes, r) for r in range(self.decode.ranks))
+        return max(0, min(held, self.prefill.pages_needed(len(req.prompt_ids)) - 1))
 
     def _deliver(self, req: Request, prefix: Prefix | None, err: str | None) -> None:
         with self._lock:
@@ -378,6 +390,10 @@ class Scheduler:
                     self._finish(req, "error" if err else "abort", err)
                     continue
                 n = self._pages_for(req)
+                if prefix.skip:
+                    if not self._insert_after_cached(req, prefix, n):
+                        break
+                    continue
                 rank = self._pick_rank(n)
                 if rank is None:
                     break
@@ -386,3 +402,31 @@ class Scheduler:
                 self.decode.insert(prefix, req.pages)
                 req.draft, req.draft_q = prefix.draft, prefix.draft_q
                 self._start_running(req, prefix.first_token)
+
+    def _insert_after_cached(self, req: Request, prefix: Prefix, n: int) -> bool:
+        """(Under the lock.) A prefix sent without its first `skip` pages: take pages with the cached prefix shared
+        and write only the pages after it. If the chosen rank no longer holds those blocks (evicted since), prefill
+        the request again, sending every page. False: no rank has room yet."""
+        hashes = self.pages.hashes(req.prompt_ids)
+        rank = self._pick_rank(n, hashes)
+        got = None if rank is None else self.pages.acquire(req.prompt_ids, n, rank, hashes)
+        if got is None:
+            return False
+        self._ready.popleft()
+        pages, cached = got
+        held = cached // self.decode.cfg.page_size
+        if held < prefix.skip:
+            self.pages.release(pages)
+            req.send_all = True
+            self._in_prefill += 1
+            self._to_prefill.put(req)
+            self.prefill_stats["resent"] += 1
+            return True
+        # pages held beyond `skip` are shared cached pages: never written (the scratch page takes those rows)
+        ids = [self.decode.scratch(rank)] * (held - prefix.skip) + pages[held:]
+        self.decode.insert(prefix, ids)
+        req.pages = pages
+        req.draft, req.draft_q = prefix.draft, prefix.draft_q
+        self.prefill_stats["pages_not_sent"] += prefix.skip
+        self._start_running(req, prefix.first_token)
+        return True

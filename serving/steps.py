@@ -21,6 +21,7 @@ class Prefix:
     first_token: int
     draft: int = 0            # MTP: the drafted token after first_token (0 without MTP)
     draft_q: np.ndarray | None = None   # MTP: the distribution it was drawn from [W]
+    skip: int = 0             # leading pages not sent: the receiver's prefix cache holds them (`pages` starts after)
 
 
 class PrefillOut(typing.NamedTuple):

@@ -122,6 +122,40 @@ def test_disaggregated_prefill_batches_what_is_queued(colocated, model, monkeypa
         _check_pages(llm)
 
 
+def test_disaggregated_does_not_resend_pages_the_decode_cache_holds(colocated, model):
+    """Multi-turn: after turn 1 the decode side's prefix cache holds the blocks of prompt + answer; turn 2's
+    prompt starts with them, so the prefill side sends only the pages after them (3 of 4 not sent) and the decode
+    side writes only those; tokens equal colocated (no cache)."""
+    turn1 = PROMPTS[0]
+    ans = colocated.generate([turn1], SamplingParams(max_tokens=N_NEW))[0].token_ids
+    turn2 = turn1 + ans + [7, 3, 9]                       # 31 tokens: blocks 0-2 cached on the decode side
+    want = colocated.generate([turn2], SamplingParams(max_tokens=N_NEW))[0].token_ids
+    one_window = EngineConfig(**{**EC.__dict__, "decode_windows": (8,)})
+    with LLM(model=model, engine_config=one_window, mode="disagg", prefill_mesh="tp=1", decode_mesh="ep=2",
+             prefix_caching=True) as llm:
+        assert llm.generate([turn1], SamplingParams(max_tokens=N_NEW))[0].token_ids == ans
+        assert llm.scheduler.prefill_stats["pages_not_sent"] == 0
+        assert llm.generate([turn2], SamplingParams(max_tokens=N_NEW))[0].token_ids == want
+        assert llm.scheduler.prefill_stats["pages_not_sent"] == 3 and not llm.scheduler.prefill_stats["resent"]
+        # the decode cache loses blocks between the two sides' looks (forced: the prefill side is told 2 pages are
+        # held that are not): the request is prefilled again with every page sent, same tokens
+        sched, holds = llm.scheduler, llm.scheduler._decode_holds
+        sched._decode_holds = lambda req: 0 if req.send_all else 2
+        fresh = PROMPTS[2] + PROMPTS[0][:9]                  # 18 tokens, 3 pages: 2 claimed held
+        want3 = colocated.generate([fresh], SamplingParams(max_tokens=N_NEW))[0].token_ids
+        assert llm.generate([fresh], SamplingParams(max_tokens=N_NEW))[0].token_ids == want3
+        assert sched.prefill_stats["resent"] == 1 and sched.prefill_stats["pages_not_sent"] == 3
+        sched._decode_holds = holds
+        _check_pages_free_or_cached(llm)
+
+
+def _check_pages_free_or_cached(llm):
+    for name, pool in llm.page_pools().items():
+        a = pool.allocator
+        a.check()
+        assert a.used == 0 and a.leased == 0 and a.free + a.cached == a.total, (name, a.free, a.used, a.cached)
+
+
 def _teacher_forced(model, seqs, length: int = 40) -> list[np.ndarray]:
     """Teacher-forced logits of each sequence, one compiled forward (sequences right-padded to `length`: causal,
     so padding never changes an earlier position)."""
