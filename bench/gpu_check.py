@@ -175,6 +175,10 @@ def kernels_part(rec: dict):
             wshape = (E, K, N) if E else (K, N)
             w32 = jax.random.normal(kw, wshape, jnp.float32) / np.sqrt(K)
             x = jax.random.normal(kx, (M, K), jnp.float32).astype(jnp.bfloat16)
+            sizes = None
+            if E:   # rows spread over the experts as routing would (uneven, a few empty)
+                r = np.random.default_rng(0).zipf(1.5, M) % E
+                sizes = jnp.asarray(np.bincount(r, minlength=E), jnp.int32)
             if fmt == "fp8":
                 w = fp8.quantize(w32, lead=1 if E else 0)
                 wb = fp8.dequantize(w, jnp.bfloat16)
@@ -186,9 +190,7 @@ def kernels_part(rec: dict):
                 mm = (lambda i: (lambda: fp4_grouped_matmul(x, w, sizes, impl=i))) if E else \
                      (lambda i: (lambda: fp4_matmul(x, w, impl=i)))
             del w32
-            if E:   # rows spread over the experts as routing would (uneven, a few empty)
-                r = np.random.default_rng(0).zipf(1.5, M) % E
-                sizes = jnp.asarray(np.bincount(r, minlength=E), jnp.int32)
+            if E:
                 bf16 = jax.jit(lambda a, b, s: jax.lax.ragged_dot(a, b, s, preferred_element_type=jnp.float32))
                 ref_dot = lambda: bf16(x, wb, sizes)
             else:

@@ -43,8 +43,9 @@ def test_kernels_in_the_interpreter_equal_the_xla_path_and_lower_for_cuda():
 
 @pytest.fixture(scope="module")
 def model():
-    if jax.device_count() < 2:
-        pytest.skip("needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=2)")
+    assert jax.device_count() >= 2, ("prefill and decode need a device each: run with "
+                                     "XLA_FLAGS=--xla_force_host_platform_device_count=2 (make test and "
+                                     "make test-jax-next set 8)")
     return random_model(preset("tiny").replace(num_hidden_layers=2, first_k_dense_replace=1), quant=None,
                         dtype=jnp.float32, seed=3)
 
