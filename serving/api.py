@@ -68,6 +68,11 @@ class Request:
         """Position of the last token (the one the next decode step consumes)."""
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
+    @property
+    def salt(self) -> str | None:
+        """The prefix-cache namespace of this request (`SamplingParams.cache_salt`)."""
+        return self.params.cache_salt
+
     def sampling_row(self) -> dict[str, np.ndarray]:
         return {k: v[0] for k, v in sampling_arrays([self.params], [self.seed]).items()}
 

@@ -31,8 +31,21 @@ def _num(body: dict, key: str, kind, default, lo=None, hi=None):
     return v
 
 
+# Fields OpenAI / vLLM clients send that this engine does not implement, with the values that mean "off": a request
+# setting one to anything else is refused (400 naming it), never accepted and ignored.
+NOT_IMPLEMENTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
+                   "min_tokens": (0,), "logit_bias": ({},), "min_p": (0,), "response_format": ({"type": "text"},),
+                   "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+                   "structured_outputs": (), "use_beam_search": (False,), "length_penalty": (1,), "tools": ([],),
+                   "tool_choice": ("none",), "prompt_logprobs": ()}
+
+
 def sampling_of(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int]:
     """(SamplingParams, n) from an OpenAI request body; BadRequest naming the field."""
+    bad = sorted(k for k, neutral in NOT_IMPLEMENTED.items() if body.get(k) is not None and body[k] not in neutral)
+    if bad:
+        raise BadRequest(f"not supported by this engine: {', '.join(repr(k) for k in bad)} (remove the field or "
+                         "leave it at its neutral value)")
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
         raise BadRequest("'logprobs' is not supported by this engine (it does not return token log-probabilities)")
     if body.get("best_of") not in (None, 1) or body.get("echo") or body.get("suffix"):
@@ -56,7 +69,7 @@ def sampling_of(body: dict, default_max_tokens: int) -> tuple[SamplingParams, in
         params = SamplingParams(max_tokens=max_tokens, temperature=float(_num(body, "temperature", float, 1.0, 0, 2)),
                                 top_p=float(_num(body, "top_p", float, 1.0)), top_k=_num(body, "top_k", int, 0),
                                 seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
-                                ignore_eos=bool(body.get("ignore_eos", False)))
+                                ignore_eos=bool(body.get("ignore_eos", False)), cache_salt=body.get("cache_salt"))
     except ValueError as e:
         raise BadRequest(str(e)) from None
     return params, n

@@ -235,24 +235,24 @@ class PagePool:
                                             disk_blocks=cfg.disk_cache_pages, disk_dir=cfg.disk_cache_dir,
                                             fingerprint=engine.fingerprint())
 
-    def hashes(self, prompt) -> list[int] | None:
-        """The prompt's block hashes when prefix caching is on (else None)."""
-        return self.prefix_cache.hashes(prompt) if self.prefix_cache is not None else None
+    def hashes(self, prompt, salt: str | None = None) -> list[int] | None:
+        """The prompt's block hashes (seeded by the request's `cache_salt`) when prefix caching is on (else None)."""
+        return self.prefix_cache.hashes(prompt, salt=salt) if self.prefix_cache is not None else None
 
-    def acquire(self, prompt, n_pages: int, rank: int = 0,
-                hashes: list[int] | None = None) -> tuple[list[int], int] | None:
-        """n_pages pages for a request with `prompt`, its cached prefix (if prefix caching is on) already in the
-        first ones: (pages, cached tokens), or None when the rank has no room."""
+    def acquire(self, prompt, n_pages: int, rank: int = 0, hashes: list[int] | None = None,
+                salt: str | None = None) -> tuple[list[int], int] | None:
+        """n_pages pages for a request with `prompt`, its cached prefix (if prefix caching is on, of the same
+        `salt`) already in the first ones: (pages, cached tokens), or None when the rank has no room."""
         if self.prefix_cache is not None:
-            return self.prefix_cache.acquire(prompt, n_pages, rank, hashes)
+            return self.prefix_cache.acquire(prompt, n_pages, rank, hashes, salt)
         if not self.allocator.can_allocate(n_pages, rank):
             return None
         return self.allocator.allocate(n_pages, rank), 0
 
-    def cache_prefix(self, pages: list[int], tokens, n_valid: int) -> None:
+    def cache_prefix(self, pages: list[int], tokens, n_valid: int, salt: str | None = None) -> None:
         """Offer the full blocks among the first `n_valid` positions (KV written for `tokens`) to the cache."""
         if self.prefix_cache is not None:
-            self.prefix_cache.register(pages, tokens, n_valid)
+            self.prefix_cache.register(pages, tokens, n_valid, salt)
 
     def release(self, pages: list[int]) -> None:
         self.allocator.release(pages)

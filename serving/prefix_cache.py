@@ -42,11 +42,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def block_hashes(tokens, page_size: int, n_blocks: int, *, lookahead: int = 0) -> list[int]:
+def block_hashes(tokens, page_size: int, n_blocks: int, *, lookahead: int = 0, salt: str | None = None
+                 ) -> list[int]:
     """Chained 64-bit hashes of the first `n_blocks` full blocks of `tokens`; with `lookahead` the key of block i
-    also covers the next `lookahead` tokens (which must exist)."""
+    also covers the next `lookahead` tokens (which must exist). A `salt` (a request's `cache_salt`) seeds the chain:
+    blocks of different salts never share a key, so tenants never hit each other's cached prefixes."""
     toks = np.asarray(tokens, np.int64)
     out, h = [], 0
+    if salt:
+        h = int.from_bytes(hashlib.blake2b(b"cache_salt:" + salt.encode(), digest_size=8).digest(), "little")
     for i in range(n_blocks):
         d = hashlib.blake2b(h.to_bytes(8, "little"), digest_size=8)
         d.update(toks[i * page_size:(i + 1) * page_size + lookahead].tobytes())
@@ -257,18 +261,18 @@ class PrefixCache:
         token to prefill (and, with MTP, the token after each block known)."""
         return max(0, (n_tokens - 1) // self.page_size)
 
-    def hashes(self, tokens, n_blocks: int | None = None) -> list[int]:
+    def hashes(self, tokens, n_blocks: int | None = None, salt: str | None = None) -> list[int]:
         n = self.usable_blocks(len(tokens)) if n_blocks is None else n_blocks
-        return block_hashes(tokens, self.page_size, n, lookahead=self.lookahead)
+        return block_hashes(tokens, self.page_size, n, lookahead=self.lookahead, salt=salt)
 
     def match(self, hashes: list[int], rank: int) -> int:
         return self.alloc.match(hashes, rank)
 
-    def acquire(self, tokens, n_pages: int, rank: int = 0, hashes: list[int] | None = None
-                ) -> tuple[list[int], int] | None:
+    def acquire(self, tokens, n_pages: int, rank: int = 0, hashes: list[int] | None = None,
+                salt: str | None = None) -> tuple[list[int], int] | None:
         """n_pages pages for a request with prompt `tokens`: its cached leading blocks shared (device) or loaded
         back (host/disk), the rest fresh. Returns (pages, cached tokens) or None when rank has no room."""
-        hashes = self.hashes(tokens) if hashes is None else hashes
+        hashes = self.hashes(tokens, salt=salt) if hashes is None else hashes
         m0 = self.alloc.match(hashes, rank)
         if not self.alloc.can_allocate(n_pages - m0, rank):
             return None
@@ -293,12 +297,12 @@ class PrefixCache:
             self.counts["requests_hit"] += int(m + len(blocks) > 0)
         return pages, (m + len(blocks)) * self.page_size
 
-    def register(self, pages: list[int], tokens, n_valid: int) -> int:
+    def register(self, pages: list[int], tokens, n_valid: int, salt: str | None = None) -> int:
         """Cache the full blocks among the first `n_valid` positions of `pages` (KV written for `tokens`)."""
         n = min(n_valid // self.page_size, (len(tokens) - self.lookahead) // self.page_size, len(pages))
         if n <= 0:
             return 0
-        hashes = self.hashes(tokens, n)
+        hashes = self.hashes(tokens, n, salt)
         self._describe(tokens, hashes)
         return self.alloc.register(pages[:n], hashes)
 

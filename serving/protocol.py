@@ -104,7 +104,8 @@ def decode_message(frame: bytes, token: str | None = None) -> dict:
     return msg
 
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+                   "cache_salt")
 
 
 def sampling_to_wire(params, seed: int) -> dict:

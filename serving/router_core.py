@@ -352,7 +352,7 @@ class RouterCore:
                 r.dispatch_t = now
             pre = [w for w in self.workers.values() if w.role == "prefill" and w.alive]
             free_pre = [w for w in pre if len(w.inflight) < self.cfg.max_prefill_inflight]
-            hashes = self._prompt_hashes(prompt, info)
+            hashes = self._prompt_hashes(prompt, info, r.sampling.get("cache_salt"))
             blocks = -(-len(prompt) // max(1, int(info.get("page_size") or 16)))
             local_todo = len(prompt) - self._overlap(d, hashes) * int(info.get("page_size") or 16)
             if local_todo <= self.cfg.local_prefill_threshold or not free_pre:
@@ -396,12 +396,13 @@ class RouterCore:
     def _drop_kv(self, w: WorkerState) -> None:
         self._on_kv_events(w, {"removed": list(w.kv_blocks)})
 
-    def _prompt_hashes(self, prompt: list[int], info: dict) -> list[int]:
+    def _prompt_hashes(self, prompt: list[int], info: dict, salt: str | None = None) -> list[int]:
         if not (self.cfg.kv_routing and self.kv_index):
             return []
         from serving.prefix_cache import block_hashes   # (numpy + hashlib; kept out of the core's imports)
         Z = int(info.get("page_size") or 16)
-        return block_hashes(prompt, Z, (len(prompt) - 1) // Z, lookahead=int(info.get("kv_lookahead") or 0))
+        return block_hashes(prompt, Z, (len(prompt) - 1) // Z, lookahead=int(info.get("kv_lookahead") or 0),
+                            salt=salt)
 
     def _overlap(self, w: WorkerState, hashes: list[int]) -> int:
         """Leading prompt blocks `w` holds cached."""

@@ -23,6 +23,8 @@ class SamplingParams:
 
     temperature 0 = greedy; top_k 0 or -1 = off; top_p 1 = off; seed None = a random seed; stop = strings that end
     the output (not included in it); stop_token_ids end it too; the checkpoint's EOS ends it unless ignore_eos.
+    cache_salt: the request's prefix-cache namespace (vLLM's per-request `cache_salt`; a request option carried
+    here so it travels with the request to every worker): cached blocks are shared only between equal salts.
     """
 
     max_tokens: int = 16
@@ -33,6 +35,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    cache_salt: str | None = None
 
     def __post_init__(self):
         def bad(field, why):
@@ -61,6 +64,8 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative token ids")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "must be a bool")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            bad("cache_salt", "must be None or a non-empty string")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":

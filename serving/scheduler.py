@@ -174,7 +174,7 @@ class Scheduler:
             while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
                 req = self.waiting[0]
                 n = self._pages_for(req)
-                hashes = self.pages.hashes(req.prompt_ids)
+                hashes = self.pages.hashes(req.prompt_ids, req.salt)
                 rank = self._pick_rank(n, hashes)
                 got = None if rank is None else self.pages.acquire(req.prompt_ids, n, rank, hashes)
                 if got is None:
@@ -214,7 +214,7 @@ class Scheduler:
                 continue
             req.prefill_end = time.perf_counter()
             req.draft, req.draft_q = out.draft, out.draft_q
-            self.pages.cache_prefix(req.pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
+            self.pages.cache_prefix(req.pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids), req.salt)
             with self._lock:
                 if req in self.prefilling:  # else aborted meanwhile (already finished)
                     self.prefilling.remove(req)
@@ -272,7 +272,7 @@ class Scheduler:
             # the KV of every token but the last one is written: offer its full blocks to the prefix cache
             # (multi-turn chat resends this history). With MTP only prompt blocks are cached (see prefix_cache).
             toks = np.concatenate([req.prompt_ids, np.asarray(req.output_ids, np.int32)])
-            self.pages.cache_prefix(req.pages, toks, len(toks) - 1)
+            self.pages.cache_prefix(req.pages, toks, len(toks) - 1, req.salt)
         req.status = Status.FINISHED
         req.finish_reason = "stop" if req.text_stopped else reason   # a stop string, then the abort that ended it
         req.error = error
@@ -315,7 +315,7 @@ class Scheduler:
                 self._deliver(req, None, None)
                 continue
             n = eng.pages_needed(len(req.prompt_ids))
-            got = pool.acquire(req.prompt_ids, n)
+            got = pool.acquire(req.prompt_ids, n, salt=req.salt)
             if got is None and taken:   # the pages of this batch's requests come back after it: retry then
                 carry.extendleft(reversed(batch[k:]))
                 break
@@ -334,7 +334,7 @@ class Scheduler:
                 done.add(i)
                 prefix, err, released = None, None, False
                 try:
-                    pool.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
+                    pool.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids), req.salt)
                     skip = self._decode_holds(req)   # leading pages the decode side caches: not sent
                     prefix = eng.extract(pages[skip:], len(req.prompt_ids), out)
                     prefix.skip = skip
@@ -360,7 +360,7 @@ class Scheduler:
         last prompt page: those pages need not be sent. 0 without decode-side prefix caching."""
         if self.pages.prefix_cache is None or req.send_all:
             return 0
-        hashes = self.pages.hashes(req.prompt_ids)
+        hashes = self.pages.hashes(req.prompt_ids, req.salt)
         with self._lock:
             held = max(self.pages.allocator.match(hashes, r) for r in range(self.decode.ranks))
         return max(0, min(held, self.prefill.pages_needed(len(req.prompt_ids)) - 1))
@@ -407,7 +407,7 @@ class Scheduler:
         """(Under the lock.) A prefix sent without its first `skip` pages: take pages with the cached prefix shared
         and write only the pages after it. If the chosen rank no longer holds those blocks (evicted since), prefill
         the request again, sending every page. False: no rank has room yet."""
-        hashes = self.pages.hashes(req.prompt_ids)
+        hashes = self.pages.hashes(req.prompt_ids, req.salt)
         rank = self._pick_rank(n, hashes)
         got = None if rank is None else self.pages.acquire(req.prompt_ids, n, rank, hashes)
         if got is None:

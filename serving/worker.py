@@ -239,7 +239,7 @@ class Worker:
                 self.send(ident, "error", rid=req.id, error=f"prompt needs {n} pages; the prefill cache has "
                           f"{self.pages.allocator.total}", kind="capacity")
                 continue
-            got = self.pages.acquire(req.prompt_ids, n)   # with prefix caching: the cached prefix shared
+            got = self.pages.acquire(req.prompt_ids, n, salt=req.salt)   # with prefix caching: the cached prefix shared
             if got is None:
                 break  # saturated: leases must end (ack / expiry) first
             self._jobs.popleft()
@@ -261,7 +261,7 @@ class Worker:
         eng = self.engine
         try:
             queued_s = t0 - req.arrival
-            self.pages.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids))
+            self.pages.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids), req.salt)
             self.metrics["cached_tokens"] += cached
             prefix = eng.extract(pages, len(req.prompt_ids), out)
             arrays = [offerable(prefix.pages)]

@@ -173,6 +173,19 @@ def test_device_hits_equal_misses_and_multi_turn_reuses_history(model, reference
         assert out2.metrics.cached_tokens == (len(turn1) + len(ans) - 1) // 8 * 8 > 24
 
 
+def test_cache_salt_separates_tenants(model, reference):
+    """Two tenants (cache_salt) with the same prompt: no cross hits; each tenant hits its own blocks; an unsalted
+    request hits neither. Colocated and disaggregated (the prefill side's cache and the decode side's)."""
+    ec = EngineConfig(**{**EC.__dict__, "prefix_caching": True})
+    a, b = (SamplingParams(max_tokens=N_NEW, cache_salt=t) for t in ("tenant-a", "tenant-b"))
+    for kw in ({}, dict(mode="disagg", prefill_mesh="tp=1", decode_mesh="ep=2")):
+        with LLM(model=model, engine_config=ec, **kw) as llm:
+            prompt = [SYS + QUESTIONS[0]]
+            cached = [_same(llm, reference, prompt, p)[0].metrics.cached_tokens
+                      for p in (a, b, a, b, SamplingParams(max_tokens=N_NEW))]
+            assert cached == [0, 0, 24, 24, 0], kw
+
+
 def test_spill_to_host_and_disk_and_reload_equal_recompute(model, reference, tmp_path):
     ec = EngineConfig(**{**EC.__dict__, "prefix_caching": True, "host_cache_pages": 4, "disk_cache_pages": 64,
                          "disk_cache_dir": str(tmp_path)})

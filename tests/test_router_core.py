@@ -203,6 +203,10 @@ def test_repeated_prefix_goes_to_the_prefill_worker_that_cached_it_unless_it_is_
     h.tick()
     assert [(a, f["rid"]) for a, _, f in h.take("prefill")] == [(P, "q2#0"), (P, "other#0")]
     assert h.core.metrics["kv_routed_requests"] == 1 and h.core.metrics["kv_routed_blocks"] == 4
+    # another tenant (cache_salt) with the same system prompt: P2's blocks are not its blocks
+    h.submit("t", system + [9], dict(SAMPLING, cache_salt="tenant-b"))
+    h.tick()
+    assert h.core.metrics["kv_routed_requests"] == 1 and len(h.take("prefill")) == 1   # no blocks it could reuse
     # P2 evicts the blocks: routing forgets them
     h.msg(P2, "health_ok", role="prefill", worker=P2, incarnation="inc0", ready=True, engine=ENGINE,
           load={"queued": 0}, kv_events={"stored": [], "removed": _blocks(system + [1])})

@@ -138,6 +138,9 @@ def test_concurrent_requests_equal_sequential(served):
     ({"prompt": PROMPT, "stop": [""]}, "stop"),
     ({"prompt": PROMPT, "seed": "abc"}, "seed"),
     ({"prompt": PROMPT, "n": 0}, "'n'"),
+    ({"prompt": PROMPT, "frequency_penalty": 0.5}, "'frequency_penalty'"),
+    ({"prompt": PROMPT, "extra_body": {"response_format": {"type": "json_object"}}}, "'response_format'"),
+    ({"prompt": PROMPT, "extra_body": {"cache_salt": ""}}, "cache_salt"),
 ])
 def test_bad_requests_get_400_naming_the_problem(served, body, needle):
     _, _, _, client = served
@@ -235,6 +238,9 @@ def test_parsing_units():
     p, n = sampling_of({"temperature": 0, "max_tokens": 5, "stop": "x", "n": 3, "top_k": 4}, 16)
     assert (p.max_tokens, p.temperature, p.stop, p.top_k, n) == (5, 0.0, ("x",), 4, 3)
     assert sampling_of({}, 16)[0].max_tokens == 16
+    assert sampling_of({"cache_salt": "tenant-a", "presence_penalty": 0.0}, 16)[0].cache_salt == "tenant-a"
+    from serving.protocol import sampling_from_wire, sampling_to_wire   # the salt travels to every worker
+    assert sampling_from_wire(sampling_to_wire(SamplingParams(cache_salt="t"), 7)).cache_salt == "t"
     with pytest.raises(BadRequest, match="integer"):
         sampling_of({"max_tokens": 2.5}, 16)
 
