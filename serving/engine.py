@@ -34,12 +34,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.deepseek import DeepseekV3
 from model.flops import decode_flops
-from model.moe import choose_moe_impl
 from pallas_kernels.compat import cuda_lowering
-from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE, PagedCache
+from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE
 from serving.config import EngineConfig, auto_num_pages, resolve_decode_buckets
 from serving.pages import pages_for
-from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
+from serving.programs import Programs
 from serving.steps import DecodeBatch, DecodeOut, PrefillOut, Prefix
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-class Engine:
+class Engine(Programs):
     """Owns one mesh: the model's weights placed on it, the paged cache, the compiled steps."""
 
     ROLES = frozenset({"prefill", "decode", "send", "receive"})
@@ -175,140 +174,6 @@ class Engine:
     def max_batch(self) -> int:
         """Rows of the largest decode dispatch (all ranks together)."""
         return self.decode_buckets[-1]
-
-    def _layout(self, page_table_BP, valid_BT, kernel: bool = False, prefill: bool = False) -> PagedCache:
-        impl = self.runtime.resolved_attention_impl() if kernel else "xla"
-        rt, block = self.runtime, 0
-        if prefill and rt.prefill_attention == "blockwise":
-            block = max(1, rt.prefill_block // self.cfg.page_size)
-        elif not prefill and impl == "xla" and rt.decode_attention == "blockwise":
-            block = max(1, rt.decode_block // self.cfg.page_size)
-        # prefill rows are any requests' (not R equal slices, one per rank): computed by every rank, each written
-        # by the rank owning its pages
-        return PagedCache(page_table_BP, valid_BT, mesh=self.mesh if self.ranks > 1 else None,
-                          axes=self.rank_axes if self.ranks > 1 else (), pages_per_rank=self.pages_per_rank,
-                          kernel=None if impl == "xla" else impl, block_pages=block, split_rows=not prefill)
-
-    def moe_impl(self, n_tokens: int) -> str | None:
-        """The routed-expert implementation the executables for `n_tokens` rows use: the runtime's if set, the
-        expert-parallel dispatch's own under EP (None), else `model.moe.choose_moe_impl` for this platform."""
-        rt = self.runtime
-        if rt.moe_impl is not None or rt.expert_parallel is not None or not self.model_cfg.n_routed_experts:
-            return rt.moe_impl
-        return choose_moe_impl(self.model_cfg, n_tokens, rt.target_platform, jnp.dtype(self.model_dtype).itemsize)
-
-    def _model_for(self, params, n_tokens: int) -> DeepseekV3:
-        model = nnx.merge(self.graphdef, params)
-        impl = self.moe_impl(n_tokens)
-        if impl != model.runtime.moe_impl:
-            model.runtime = model.runtime.replace(moe_impl=impl)
-        return model
-
-    # ---- compiled functions (pure; traced once per bucket at start-up) -------------------------------------------
-    def _prefill_fn(self, params, cache, tokens_RT, start_R, length_R, next_token_R, page_table_RP, temperature_R,
-                    top_k_R, top_p_R, seed_R):
-        """One chunk of each of R requests (a batched prefill; padding rows have length 0 and an all-scratch page
-        table): row r's tokens at start_r..start_r+length_r-1. `next_token_R` is the prompt token after each
-        chunk (-1 if it is the prompt's last chunk: then the sampled token takes its place for the MTP pass)."""
-        R, T = tokens_RT.shape
-        model = self._model_for(params, R * T)
-        positions_RT = start_R[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        valid_RT = jnp.arange(T)[None] < length_R[:, None]
-        layout = self._layout(page_table_RP, valid_RT, prefill=True)
-        last_R = jnp.maximum(length_R - 1, 0)
-        logits_R1W, hidden_RTD, cache = model.forward(tokens_RT, positions_RT, cache=layout, state=cache,
-                                                      logits_at=last_R)
-        token_R = sample(logits_R1W[:, 0], start_R + length_R, temperature_R, top_k_R, top_p_R, seed_R)
-        if not self.cfg.mtp:
-            return (*self._to_host(token_R, jnp.zeros((R,), jnp.int32), jnp.zeros((R, 1), jnp.float32)), cache)
-        # MTP over the chunk: position t sees (h_t, x_{t+1}); fills the MTP layer's cache and drafts x_{n+1}.
-        follow_R = jnp.where(next_token_R >= 0, next_token_R, token_R)
-        next_RT = jnp.concatenate([tokens_RT[:, 1:], jnp.zeros((R, 1), tokens_RT.dtype)], axis=1)
-        next_RT = jnp.where(jnp.arange(T)[None] == last_R[:, None], follow_R[:, None], next_RT)
-        m_logits, _, cache = model.mtp_forward(hidden_RTD, next_RT, positions_RT, cache=layout, state=cache,
-                                               logits_at=last_R)
-        q_RW = token_probs(m_logits[:, 0], temperature_R, top_k_R, top_p_R)
-        draft_R = draw(q_RW, keys_for(seed_R, start_R + length_R + 1, stream=3))
-        return (*self._to_host(token_R, draft_R, q_RW), cache)
-
-    def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed,
-                   drafts_B, q_BW, *, steps: int):
-        model = self._model_for(params, tokens_B.shape[0] * (2 if self.cfg.mtp else 1))
-        # padding rows have an all-scratch page table (each rank's scratch is its local page 0)
-        valid_B1 = (page_tables_BP[:, :1] % self.pages_per_rank != SCRATCH_PAGE)
-        layout = self._layout(page_tables_BP, valid_B1, kernel=True)
-
-        def step(carry, _):
-            cache, tok_B, pos_B = carry
-            logits, hidden, cache = model.forward(tok_B[:, None], pos_B[:, None], cache=layout, state=cache,
-                                                  absorbed=True)
-            with jax.named_scope("sampling"):
-                nxt_B = sample(logits[:, 0], pos_B + 1, temperature, top_k, top_p, seed)
-            return (cache, nxt_B, pos_B + 1), nxt_B
-
-        def spec_step(carry, _):
-            """Verify the draft at pos+1 with the main model (T = 2), then draft again with the MTP module."""
-            cache, tok_B, pos_B, d_B, q_BW = carry
-            toks_BT = jnp.stack([tok_B, d_B], 1)
-            pos_BT = jnp.stack([pos_B, pos_B + 1], 1)
-            layout2 = self._layout(page_tables_BP, jnp.broadcast_to(valid_B1, pos_BT.shape), kernel=True)
-            logits, hidden_BTD, cache = model.forward(toks_BT, pos_BT, cache=layout2, state=cache, absorbed=True)
-            p0 = token_probs(logits[:, 0], temperature, top_k, top_p)
-            p1 = token_probs(logits[:, 1], temperature, top_k, top_p)
-            t1_B, ok_B = speculative_accept(p0, q_BW, d_B, keys_for(seed, pos_B + 1, stream=1),
-                                            keys_for(seed, pos_B + 1, stream=2))
-            bonus_B = draw(p1, keys_for(seed, pos_B + 2))
-            # MTP at pos (h_pos, t1) drafts pos+2 if rejected; at pos+1 (h_pos+1, bonus) drafts pos+3 if accepted
-            m_logits, _, cache = model.mtp_forward(hidden_BTD, jnp.stack([t1_B, bonus_B], 1), pos_BT,
-                                                   cache=layout2, state=cache, absorbed=True)
-            new_pos_B = pos_B + jnp.where(ok_B, 2, 1)
-            q_new_BW = jnp.where(ok_B[:, None], token_probs(m_logits[:, 1], temperature, top_k, top_p),
-                                 token_probs(m_logits[:, 0], temperature, top_k, top_p))
-            d_new_B = draw(q_new_BW, keys_for(seed, new_pos_B + 1, stream=3))
-            new_tok_B = jnp.where(ok_B, bonus_B, t1_B)
-            return (cache, new_tok_B, new_pos_B, d_new_B, q_new_BW), (jnp.stack([t1_B, bonus_B], 1), ok_B)
-
-        S = steps
-        if not self.cfg.mtp:
-            (cache, _, _), toks_SB = jax.lax.scan(step, (cache, tokens_B, positions_B), None, length=S)
-            return (*self._to_host(toks_SB.T, jnp.zeros_like(toks_SB.T, dtype=bool), drafts_B, q_BW), cache)
-        (cache, _, _, d_B, q_BW), (toks_SB2, ok_SB) = jax.lax.scan(
-            spec_step, (cache, tokens_B, positions_B, drafts_B, q_BW), None, length=S)
-        return (*self._to_host(toks_SB2.transpose(1, 0, 2), ok_SB.T, d_B, q_BW), cache)
-
-    def _to_host(self, *xs):
-        """Outputs the host reads (tokens, drafts, pages) replicated: a worker group's leader reads its own copy."""
-        if self.mesh is None:
-            return xs
-        return tuple(jax.lax.with_sharding_constraint(x, self._replicated) for x in xs)
-
-    def _extract_fn(self, cache, pages_N):
-        if self.ranks == 1:
-            return self._to_host(cache[:, pages_N])[0]
-        ppr, ax = self.pages_per_rank, self.rank_axes
-
-        def body(local, ids):   # the owning rank contributes its pages, the others zeros
-            lid = ids - jax.lax.axis_index(ax) * ppr
-            mine = (lid >= 0) & (lid < ppr)
-            data = local[:, jnp.where(mine, lid, 0)]
-            return jax.lax.psum(jnp.where(mine[None, :, None, None], data, jnp.zeros((), data.dtype)), ax)
-
-        return jax.shard_map(body, mesh=self.mesh, in_specs=(PartitionSpec(None, ax), PartitionSpec()),
-                             out_specs=PartitionSpec(), check_vma=False)(cache, pages_N)
-
-    def _insert_fn(self, cache, pages_N, data):
-        if self.ranks == 1:
-            return cache.at[:, pages_N].set(data.astype(cache.dtype))
-        ppr, ax = self.pages_per_rank, self.rank_axes
-
-        def body(local, ids, data):   # each rank writes the pages it owns (the others' ids fall off the end)
-            lid = ids - jax.lax.axis_index(ax) * ppr
-            lid = jnp.where((lid >= 0) & (lid < ppr), lid, ppr)
-            return local.at[:, lid].set(data.astype(local.dtype), mode="drop")
-
-        return jax.shard_map(body, mesh=self.mesh, in_specs=(PartitionSpec(None, ax), PartitionSpec(),
-                                                              PartitionSpec()),
-                             out_specs=PartitionSpec(None, ax), check_vma=False)(cache, pages_N, data)
 
     def lower_decode(self, B: int, Pw: int, steps: int):
         i32, f32 = jnp.int32, jnp.float32
