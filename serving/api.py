@@ -38,6 +38,8 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list | None = None           # a TokenLogprobs per output token (params.logprobs set)
+    prompt_logprobs: list | None = None           # per prompt token, the first None (params.prompt_logprobs set)
     text: str = ""
     finish_reason: str | None = None             # stop | length | abort | error
     error: str | None = None
@@ -73,8 +75,16 @@ class Request:
         """The prefix-cache namespace of this request (`SamplingParams.cache_salt`)."""
         return self.params.cache_salt
 
-    def sampling_row(self) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in sampling_arrays([self.params], [self.seed]).items()}
+    @property
+    def cacheable(self) -> bool:
+        """Whether its prompt may reuse cached blocks: not with prompt_logprobs, which need every prompt position
+        computed (vLLM makes the same exception)."""
+        return self.params.prompt_logprobs is None
+
+    def sampling_row(self) -> dict:
+        """The per-row sampling scalars of the compiled samplers, plus the params themselves ("params": logprobs
+        and logits processors)."""
+        return {**{k: v[0] for k, v in sampling_arrays([self.params], [self.seed]).items()}, "params": self.params}
 
 
 @dataclasses.dataclass
@@ -85,6 +95,7 @@ class Event:
     new_token_ids: list[int]
     new_text: str
     finished: bool
+    new_logprobs: list | None = None   # a TokenLogprobs per new token (requests that asked for logprobs)
 
 
 def validate_prompt(prompt, *, tokenizer: Tokenizer | None, vocab_size: int, max_model_len: int) -> np.ndarray:
@@ -119,6 +130,9 @@ def new_request(prompt, params: SamplingParams, request_id: str, *, tokenizer: T
     if params.stop and tokenizer is None:
         raise ValueError("SamplingParams.stop needs a tokenizer (this model has none); use stop_token_ids")
     ids = validate_prompt(prompt, tokenizer=tokenizer, vocab_size=vocab_size, max_model_len=max_model_len)
+    bad = [t for t, _ in params.logit_bias if t >= vocab_size]
+    if bad:
+        raise ValueError(f"SamplingParams.logit_bias: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     return Request(id=request_id, prompt_ids=ids, params=params, seed=params.resolved_seed(),
                    limit=min(params.max_tokens, max_model_len - len(ids)))
 
@@ -172,6 +186,8 @@ class RequestOutput:
     finish_reason: str | None     # "stop" | "length" | "abort" | "error"
     error: str | None
     metrics: RequestMetrics
+    logprobs: list | None = None          # per output token: `serving.logits.TokenLogprobs` (SamplingParams.logprobs)
+    prompt_logprobs: list | None = None   # per prompt token, the first None (SamplingParams.prompt_logprobs)
 
     def to_dict(self) -> dict:
         """The batch job's output line: id, text, token_ids, finish_reason, error, metrics."""
@@ -179,6 +195,11 @@ class RequestOutput:
         d.pop("prompt_token_ids")
         d["id"] = d.pop("request_id")
         d["metrics"].pop("arrival_s")  # a process-local clock reading: meaningless in a file
+        for k in ("logprobs", "prompt_logprobs"):
+            if d[k] is None:
+                d.pop(k)
+            else:   # [logprob, [[token id, logprob], ...]] per token
+                d[k] = [None if e is None else [e[0], [list(t) for t in e[1]]] for e in d[k]]
         return {"id": d.pop("id"), **d}
 
 
@@ -198,4 +219,5 @@ def metrics_of(r: Request) -> RequestMetrics:
 
 def output_of(r: Request) -> RequestOutput:
     return RequestOutput(r.id, r.prompt_ids.tolist(), r.text, list(r.output_ids), r.finish_reason, r.error,
-                         metrics_of(r))
+                         metrics_of(r), None if r.output_logprobs is None else list(r.output_logprobs),
+                         r.prompt_logprobs)

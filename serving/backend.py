@@ -174,7 +174,7 @@ class RemoteBackend:
                     reason = "stop"
                 req.finish_reason, req.status, req.finish_time = reason, Status.FINISHED, now
                 self._live.pop(req.id, None)
-                out.append(Event(req, event.new_token_ids, event.new_text, True))
+                out.append(Event(req, event.new_token_ids, event.new_text, True, event.new_logprobs))
             elif event.new_token_ids:
                 out.append(event)
         return out

@@ -32,6 +32,7 @@ def prefill_many(engine, jobs: list[PrefillJob], stats: collections.Counter | No
                  ) -> Iterator[tuple[int, PrefillOut]]:
     """Prefill every job; yields (job index, its PrefillOut) as each finishes. `stats` counts calls and rows."""
     chunks = [engine.prefill_chunks(len(j.prompt) - j.start, j.start) for j in jobs]
+    prompt_lps: dict[int, list] = {}
     while any(chunks):
         by_bucket: dict[int, list[int]] = {}
         for i, cs in enumerate(chunks):
@@ -48,8 +49,10 @@ def prefill_many(engine, jobs: list[PrefillJob], stats: collections.Counter | No
                     stats["prefill_calls"] += 1
                     stats["prefill_rows"] += len(group)
                 for i, out in zip(group, outs):
+                    if out.prompt_logprobs is not None:   # prompt logprobs come chunk by chunk
+                        prompt_lps.setdefault(i, []).extend(out.prompt_logprobs)
                     if not chunks[i]:
-                        yield i, out
+                        yield i, (out._replace(prompt_logprobs=prompt_lps.pop(i)) if i in prompt_lps else out)
 
 
 __all__ = ["PrefillJob", "prefill_many"]

@@ -38,6 +38,7 @@ from pallas_kernels.compat import cuda_lowering
 from model.paged_cache import FP8_SCALE_BYTES, SCRATCH_PAGE
 from serving.config import EngineConfig, auto_num_pages, resolve_decode_buckets
 from serving.pages import pages_for
+from serving.logits import PROC_FILL, Proc, logprob_entry, needs_processing, proc_rows, proc_shapes
 from serving.programs import Programs
 from serving.steps import DecodeBatch, DecodeOut, PrefillOut, Prefix
 
@@ -132,6 +133,7 @@ class Engine(Programs):
         if cfg.tiers:   # spilling to and reloading from the host/disk tiers moves pages with extract / insert
             self.roles = roles = roles | {"send", "receive"}
         self.compile_seconds = 0.0
+        self._zeros: dict = {}   # device-resident neutral `Proc` arrays per shape (`_proc_args`)
         self.mirror = None   # a worker group's leader: sends each call to the followers first (serving.group)
         # spans several processes (a worker group): device arrays are read only through this process's shards
         self.multiprocess = mesh is not None and {d.process_index for d in mesh.devices.flat} != {jax.process_index()}
@@ -181,7 +183,8 @@ class Engine(Programs):
         vec = lambda dt: self._sds((B,), dt)
         return self._lower(jax.jit(functools.partial(self._decode_fn, steps=steps), donate_argnums=(1,)),
                            self.params, cache_sds, vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32),
-                           vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32))
+                           vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32),
+                           *(self._sds(*a) for a in proc_shapes(B, Pw * self.cfg.page_size)))
 
     def _sds(self, shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
@@ -201,7 +204,8 @@ class Engine(Programs):
             vec = lambda dt: self._sds((R,), dt)
             out["prefill", R, T] = self._lower(jax.jit(self._prefill_fn, donate_argnums=(1,)), self.params,
                                                cache_sds, self._sds((R, T), i32), vec(i32), vec(i32), vec(i32),
-                                               self._sds((R, P), i32), vec(f32), vec(i32), vec(f32), vec(i32))
+                                               self._sds((R, P), i32), vec(f32), vec(i32), vec(f32), vec(i32),
+                                               *(self._sds(*a) for a in proc_shapes(R, P * cfg.page_size)))
         for B in (self.decode_buckets if "decode" in self.roles else ()):
             for Pw in cfg.windows:
                 out["decode", B, Pw] = self.lower_decode(B, Pw, cfg.decode_steps)
@@ -335,20 +339,40 @@ class Engine(Programs):
             pt[r] = self.page_table(pages)
             for k in samp:
                 samp[k][r] = sampling[k]
-        token, draft, q = self._run("prefill", (R, T), toks, start, length, nxt, pt, samp["temperature"],
-                                    samp["top_k"], samp["top_p"], samp["seed"])
+        params = [it[3].get("params") for it in items] + [None] * (R - len(items))
+        prompts = [it[0] for it in items] + [None] * (R - len(items))
+        proc = self._proc_args(params, prompts, [0 if p is None else len(p) for p in prompts], [0] * R,
+                               self.cfg.pages_per_seq * self.cfg.page_size, R, lambda a, fill: a)
+        token, draft, q, lp, ids, lps, plp, pids, plps = self._run(
+            "prefill", (R, T), toks, start, length, nxt, pt, samp["temperature"], samp["top_k"], samp["top_p"],
+            samp["seed"], *proc)
         token, draft = np.asarray(token), np.asarray(draft)
         q = np.asarray(q) if self.cfg.mtp else None
-        return [PrefillOut(int(token[r]), int(draft[r]), q[r] if q is not None else None)
-                for r in range(len(items))]
+        want = [-1 if p is None or p.logprobs is None else p.logprobs for p in params]
+        pwant = [-1 if p is None or p.prompt_logprobs is None else p.prompt_logprobs for p in params]
+        if max(want) >= 0:
+            lp, ids, lps = np.asarray(lp), np.asarray(ids), np.asarray(lps)
+        if max(pwant) >= 0:
+            plp, pids, plps = np.asarray(plp), np.asarray(pids), np.asarray(plps)
+        outs = []
+        for r, (prompt, (s0, n, _), _, _) in enumerate(items):
+            first = logprob_entry(lp[r], ids[r], lps[r], want[r]) if want[r] >= 0 else None
+            chunk_lps = None
+            if pwant[r] >= 0:   # position t predicts prompt token s0 + t + 1; the prompt's first token has none
+                chunk_lps = [None] * (s0 == 0) + [logprob_entry(plp[r, t], pids[r, t], plps[r, t], pwant[r])
+                                                   for t in range(min(n, len(prompt) - 1 - s0))]
+            outs.append(PrefillOut(int(token[r]), int(draft[r]), q[r] if q is not None else None, first, chunk_lps))
+        return outs
 
     def prefill(self, prompt: np.ndarray, pages: list[int], sampling: dict[str, np.ndarray],
                 start: int = 0) -> PrefillOut:
         """The chunks of `prompt` from `start` (the tokens before it are already in `pages`, e.g. a cached
         prefix) into `pages`: the first generated token (and MTP draft)."""
+        prompt_lps = []
         for chunk in self.prefill_chunks(len(prompt) - start, start):
             out = self.prefill_chunk(prompt, chunk, pages, sampling)
-        return out
+            prompt_lps += out.prompt_logprobs or []
+        return out._replace(prompt_logprobs=prompt_lps) if out.prompt_logprobs is not None else out
 
     # ---- page I/O (the scheduler side's prefix cache moves pages to and from its host/disk tiers) -----------
     def read_pages(self, pages: list[int]) -> jax.Array:
@@ -374,7 +398,8 @@ class Engine(Programs):
         n = _bucket(len(pages), self.cfg.transfer_buckets)
         ids = np.full(n, self.scratch(self.rank_of(pages[0])), np.int32)
         ids[: len(pages)] = pages
-        return Prefix(self._run("extract", n, ids), len(pages), length, out.token, out.draft, out.draft_q)
+        return Prefix(self._run("extract", n, ids), len(pages), length, out.token, out.draft, out.draft_q,
+                      logprobs=out.logprobs, prompt_logprobs=out.prompt_logprobs)
 
     def receive(self, prefix: Prefix) -> Prefix:
         """Move a Prefix produced on another mesh onto this engine's devices (device_put reshards). A group's
@@ -423,16 +448,45 @@ class Engine(Programs):
         pt[slot] = batch.page_tables[:, :Pw]
         drafts = batch.drafts if batch.drafts is not None else np.zeros(n, np.int32)
         q = batch.draft_q if batch.draft_q is not None else np.zeros((n, self._q_width), np.float32)
-        toks, ok, d, q = self._run("decode", (B, Pw), place(batch.tokens, 0), place(batch.positions, 0), pt,
-                                   place(s["temperature"], 0), place(s["top_k"], 0), place(s["top_p"], 1.0),
-                                   place(s["seed"], 0), place(drafts, 0), place(q, 0))
+        params = batch.params or [None] * n
+        proc = self._proc_args(params, batch.histories, [len(h) for h in batch.histories or ()] or [0] * n,
+                               batch.positions + 1, Pw * self.cfg.page_size, B, place)
+        toks, ok, d, q, lp, top_ids, top_lps = self._run(
+            "decode", (B, Pw), place(batch.tokens, 0), place(batch.positions, 0), pt, place(s["temperature"], 0),
+            place(s["top_k"], 0), place(s["top_p"], 1.0), place(s["seed"], 0), place(drafts, 0), place(q, 0), *proc)
         toks, ok = np.asarray(toks)[slot], np.asarray(ok)[slot]
-        S = self.cfg.decode_steps
+        S, want = self.cfg.decode_steps, [-1 if p is None or p.logprobs is None else p.logprobs for p in params]
+        if max(want) >= 0:   # [n, S(, 2)] -> per row, one entry per step (MTP: per emitted token)
+            lp, top_ids, top_lps = (np.asarray(x)[slot] for x in (lp, top_ids, top_lps))
         if not self.cfg.mtp:
-            return DecodeOut(toks.tolist(), [[1] * S] * n, [[False] * S] * n, None, None)
+            lps = None if max(want) < 0 else [
+                None if k < 0 else [logprob_entry(lp[i, j], top_ids[i, j], top_lps[i, j], k) for j in range(S)]
+                for i, k in enumerate(want)]
+            return DecodeOut(toks.tolist(), [[1] * S] * n, [[False] * S] * n, None, None, lps)
         rows = [[int(t) for step, a in zip(tr, ar) for t in (step if a else step[:1])] for tr, ar in zip(toks, ok)]
         sizes = [[2 if a else 1 for a in ar] for ar in ok.tolist()]
-        return DecodeOut(rows, sizes, ok.tolist(), np.asarray(d)[slot], np.asarray(q)[slot])
+        lps = None if max(want) < 0 else [
+            None if k < 0 else [logprob_entry(lp[i, j, m], top_ids[i, j, m], top_lps[i, j, m], k)
+                                for j in range(S) for m in range(2 if ok[i, j] else 1)] for i, k in enumerate(want)]
+        return DecodeOut(rows, sizes, ok.tolist(), np.asarray(d)[slot], np.asarray(q)[slot], lps)
+
+    def _proc_args(self, params, histories, n_prompt, n_out, L: int, rows: int, place) -> list:
+        """The `serving.logits.Proc` inputs of one call of `rows` rows (`place` lays the n request rows into
+        them). With no row processing its logits the wide arrays are device-resident zeros, built once per shape,
+        so a plain call moves no history to the device."""
+        need = any(needs_processing(p) for p in params)
+        arrays = proc_rows(params, histories, n_prompt, n_out, self.model_cfg.eos_token_ids, L if need else None)
+        out = []
+        for name, fill, (shape, dt) in zip(Proc._fields, PROC_FILL, proc_shapes(rows, L)):
+            if name in arrays:
+                out.append(place(arrays[name], fill))
+                continue
+            key = (name, shape)
+            if key not in self._zeros:
+                z = np.full(shape, fill, dt)
+                self._zeros[key] = z if self.multiprocess else jax.device_put(z, self._replicated)
+            out.append(self._zeros[key])
+        return out
 
     # ---- introspection --------------------------------------------------------------------------------------------
     @property

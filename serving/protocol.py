@@ -105,13 +105,15 @@ def decode_message(frame: bytes, token: str | None = None) -> dict:
 
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
-                   "cache_salt")
+                   "cache_salt", "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "min_tokens", "logit_bias")
 
 
 def sampling_to_wire(params, seed: int) -> dict:
     """SamplingParams -> a msgpack-able dict with the resolved seed (so a migrated request samples the same)."""
     d = {f: getattr(params, f) for f in SAMPLING_FIELDS}
     d["stop"], d["stop_token_ids"], d["seed"] = list(d["stop"] or []), list(d["stop_token_ids"] or []), int(seed)
+    d["logit_bias"] = [[int(t), float(b)] for t, b in d["logit_bias"]]
     return d
 
 

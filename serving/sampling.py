@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from serving.logits import MAX_BAN, MAX_BIAS, MAX_LOGPROBS
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -23,6 +25,8 @@ class SamplingParams:
 
     temperature 0 = greedy; top_k 0 or -1 = off; top_p 1 = off; seed None = a random seed; stop = strings that end
     the output (not included in it); stop_token_ids end it too; the checkpoint's EOS ends it unless ignore_eos.
+    logprobs and processors follow vLLM: logprobs are of the raw model output (before penalties and temperature);
+    the processors (bias, min_tokens, penalties) change what is sampled, greedy included.
     cache_salt: the request's prefix-cache namespace (vLLM's per-request `cache_salt`; a request option carried
     here so it travels with the request to every worker): cached blocks are shared only between equal salts.
     """
@@ -36,6 +40,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     cache_salt: str | None = None
+    logprobs: int | None = None           # the sampled token's logprob and the top k (0..20); None: none
+    prompt_logprobs: int | None = None    # the same for every prompt token (the first has none)
+    presence_penalty: float = 0.0         # minus this for tokens in the output ([-2, 2])
+    frequency_penalty: float = 0.0        # minus this x the token's count in the output ([-2, 2])
+    repetition_penalty: float = 1.0       # tokens in prompt or output: logit / p if > 0 else logit x p (> 0)
+    min_tokens: int = 0                   # EOS and stop_token_ids cannot end the output before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit) (a dict is accepted)
 
     def __post_init__(self):
         def bad(field, why):
@@ -66,6 +77,28 @@ class SamplingParams:
             bad("ignore_eos", "must be a bool")
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
             bad("cache_salt", "must be None or a non-empty string")
+        for f in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)
+                                  or not 0 <= v <= MAX_LOGPROBS):
+                bad(f, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        for f in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                bad(f, "must be a number in [-2, 2]")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not np.isfinite(rp) or rp <= 0:
+            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        if not isinstance(self.min_tokens, (int, np.integer)) or isinstance(self.min_tokens, bool) \
+                or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", "must be an integer in [0, max_tokens]")
+        if self.min_tokens and len(self.stop_token_ids) > MAX_BAN - 4:
+            bad("min_tokens", f"holds back at most {MAX_BAN - 4} stop_token_ids besides EOS")
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias, bad))
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None or self.prompt_logprobs is not None
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
@@ -81,7 +114,27 @@ class SamplingParams:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stop"], d["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
+        d["logit_bias"] = {str(t): b for t, b in self.logit_bias}   # JSON keys are strings (OpenAI's format)
         return d
+
+
+def _bias_pairs(bias, bad) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs from a dict (keys may be digit strings, as in OpenAI's JSON) or
+    a sequence of pairs; ValueError via `bad` naming the problem."""
+    if bias is None:
+        return ()
+    items = bias.items() if isinstance(bias, dict) else bias
+    try:
+        pairs = {int(t) if isinstance(t, str) else t: b for t, b in items}
+    except (TypeError, ValueError):
+        bad("logit_bias", "must map token ids to biases")
+    if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t < 0 for t in pairs):
+        bad("logit_bias", "keys must be non-negative token ids")
+    if any(isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100 for b in pairs.values()):
+        bad("logit_bias", "biases must be numbers in [-100, 100]")
+    if len(pairs) > MAX_BIAS:
+        bad("logit_bias", f"at most {MAX_BIAS} entries")
+    return tuple(sorted((int(t), float(b)) for t, b in pairs.items()))
 
 
 def sampling_arrays(params: Sequence[SamplingParams | None], seeds: Sequence[int]) -> dict[str, np.ndarray]:

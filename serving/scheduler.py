@@ -32,6 +32,7 @@ from serving.api import Event, Request, Status
 from serving.batched_prefill import PrefillJob, prefill_many
 from serving.config import SchedulerConfig
 from serving.engine import DecodeBatch, Engine, Prefix
+from serving.logits import needs_processing
 from serving.pages import PagePool
 from serving.sampling import sampling_arrays
 from serving.stops import append_tokens
@@ -174,7 +175,7 @@ class Scheduler:
             while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
                 req = self.waiting[0]
                 n = self._pages_for(req)
-                hashes = self.pages.hashes(req.prompt_ids, req.salt)
+                hashes = self.pages.hashes(req.prompt_ids, req.salt) if req.cacheable else []
                 rank = self._pick_rank(n, hashes)
                 got = None if rank is None else self.pages.acquire(req.prompt_ids, n, rank, hashes)
                 if got is None:
@@ -210,6 +211,8 @@ class Scheduler:
         outs = self.decode.prefill_batch([(req.prompt_ids, c, req.pages, req.sampling_row())
                                           for req, c in zip(group, chunks)])
         for req, out in zip(group, outs):
+            if out.prompt_logprobs is not None:
+                req.prompt_logprobs = (req.prompt_logprobs or []) + out.prompt_logprobs
             if (req.aborted and req not in self.prefilling) or req.chunks:
                 continue
             req.prefill_end = time.perf_counter()
@@ -218,13 +221,13 @@ class Scheduler:
             with self._lock:
                 if req in self.prefilling:  # else aborted meanwhile (already finished)
                     self.prefilling.remove(req)
-                    self._start_running(req, out.token)
+                    self._start_running(req, out.token, out.logprobs)
         return T * len(group)
 
-    def _start_running(self, req: Request, first_token: int) -> None:
+    def _start_running(self, req: Request, first_token: int, logprobs=None) -> None:
         req.status = Status.RUNNING
         self.running.append(req)
-        self._append(req, [first_token], time.perf_counter())
+        self._append(req, [first_token], time.perf_counter(), None if logprobs is None else [logprobs])
 
     def _decode(self) -> None:
         with self._lock:
@@ -234,7 +237,10 @@ class Scheduler:
             positions=np.array([r.position for r in rows], np.int32),
             page_tables=np.stack([self.decode.page_table(r.pages) for r in rows]),
             sampling=sampling_arrays([r.params for r in rows], [r.seed for r in rows]),
-            ranks=np.array([self.decode.rank_of(r.pages[0]) for r in rows], np.int64))
+            ranks=np.array([self.decode.rank_of(r.pages[0]) for r in rows], np.int64),
+            params=[r.params for r in rows])
+        if any(needs_processing(r.params) for r in rows):   # the processors count the tokens so far
+            batch.histories = [np.concatenate([r.prompt_ids, np.asarray(r.output_ids, np.int32)]) for r in rows]
         if self.decode.cfg.mtp:
             batch.drafts = np.array([r.draft for r in rows], np.int32)
             batch.draft_q = np.stack([r.draft_q for r in rows])
@@ -245,7 +251,7 @@ class Scheduler:
                 if r.status != Status.RUNNING:  # aborted meanwhile
                     continue
                 before = len(r.output_ids)
-                self._append(r, out.tokens[i], now)
+                self._append(r, out.tokens[i], now, out.logprobs[i] if out.logprobs else None)
                 if out.drafts is not None:
                     r.draft, r.draft_q = int(out.drafts[i]), out.draft_q[i]
                     # count only the verify steps whose tokens were kept (not those past a stop or the limit)
@@ -258,9 +264,9 @@ class Scheduler:
                         done += size
 
     # ---- token bookkeeping: stops, limits, text (serving.stops, incremental) -----------------------------------
-    def _append(self, req: Request, tokens: list[int], now: float) -> None:
+    def _append(self, req: Request, tokens: list[int], now: float, logprobs: list | None = None) -> None:
         """Add tokens (under self._lock, or on the only thread touching `req`) and end the request on a stop."""
-        event, reason = append_tokens(req, tokens, now, self.eos_ids, self.detokenize)
+        event, reason = append_tokens(req, tokens, now, self.eos_ids, self.detokenize, logprobs)
         self._events.append(event)
         if reason is not None:
             if req in self.running:
@@ -315,7 +321,7 @@ class Scheduler:
                 self._deliver(req, None, None)
                 continue
             n = eng.pages_needed(len(req.prompt_ids))
-            got = pool.acquire(req.prompt_ids, n, salt=req.salt)
+            got = pool.acquire(req.prompt_ids, n, hashes=None if req.cacheable else [], salt=req.salt)
             if got is None and taken:   # the pages of this batch's requests come back after it: retry then
                 carry.extendleft(reversed(batch[k:]))
                 break
@@ -401,7 +407,8 @@ class Scheduler:
                 req.pages = self.pages.allocator.allocate(n, rank)
                 self.decode.insert(prefix, req.pages)
                 req.draft, req.draft_q = prefix.draft, prefix.draft_q
-                self._start_running(req, prefix.first_token)
+                req.prompt_logprobs = prefix.prompt_logprobs
+                self._start_running(req, prefix.first_token, prefix.logprobs)
 
     def _insert_after_cached(self, req: Request, prefix: Prefix, n: int) -> bool:
         """(Under the lock.) A prefix sent without its first `skip` pages: take pages with the cached prefix shared
@@ -427,6 +434,7 @@ class Scheduler:
         self.decode.insert(prefix, ids)
         req.pages = pages
         req.draft, req.draft_q = prefix.draft, prefix.draft_q
+        req.prompt_logprobs = prefix.prompt_logprobs
         self.prefill_stats["pages_not_sent"] += prefix.skip
-        self._start_running(req, prefix.first_token)
+        self._start_running(req, prefix.first_token, prefix.logprobs)
         return True

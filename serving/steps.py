@@ -22,12 +22,16 @@ class Prefix:
     draft: int = 0            # MTP: the drafted token after first_token (0 without MTP)
     draft_q: np.ndarray | None = None   # MTP: the distribution it was drawn from [W]
     skip: int = 0             # leading pages not sent: the receiver's prefix cache holds them (`pages` starts after)
+    logprobs: typing.Any = None          # first_token's `TokenLogprobs` (when the request asked for logprobs)
+    prompt_logprobs: list | None = None  # the prompt's tokens' (prompt_logprobs; the first is None)
 
 
 class PrefillOut(typing.NamedTuple):
     token: int                # the first generated token
     draft: int                # MTP draft of the token after `token` (0 without MTP)
     draft_q: np.ndarray | None   # the draft's distribution [W] (None without MTP)
+    logprobs: typing.Any = None  # the token's `serving.logits.TokenLogprobs` (if the row asked for logprobs)
+    prompt_logprobs: list | None = None   # this chunk's prompt tokens' TokenLogprobs (if asked; see prefill_batch)
 
 
 class DecodeOut(typing.NamedTuple):
@@ -36,6 +40,7 @@ class DecodeOut(typing.NamedTuple):
     accepted: list[list[bool]]    # per row and step, whether the MTP draft was accepted (all False without MTP)
     drafts: np.ndarray | None     # [n] next drafts (MTP)
     draft_q: np.ndarray | None    # [n, W] their distributions (MTP)
+    logprobs: list | None = None  # per row, a TokenLogprobs per emitted token (None for rows that did not ask)
 
 
 @dataclasses.dataclass
@@ -49,3 +54,5 @@ class DecodeBatch:
     drafts: np.ndarray | None = None      # MTP: [n] draft token for the position after `tokens`
     draft_q: np.ndarray | None = None     # MTP: [n, W] the distributions they were drawn from
     ranks: np.ndarray | None = None       # [n] attention rank of each row (data-parallel attention; None: 0)
+    params: list | None = None            # [n] SamplingParams: logprobs and logits processors (None: neither)
+    histories: list | None = None         # [n] each row's tokens so far (prompt + output; for the processors)

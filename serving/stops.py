@@ -104,15 +104,26 @@ def _rules(req: Request, eos_ids: Sequence[int]) -> StopRules:
 
 
 def append_tokens(req: Request, tokens: Sequence[int], now: float, eos_ids: Sequence[int],
-                  detokenize: Callable[[list[int]], str] | None = None) -> tuple[Event, str | None]:
+                  detokenize: Callable[[list[int]], str] | None = None,
+                  logprobs: Sequence | None = None) -> tuple[Event, str | None]:
     """The token rules on `req`'s new tokens (and, given `detokenize`, the text rules in line): extend its ids and
-    token times. Returns the event to stream and the finish reason (None while it runs); the caller ends the
-    request when there is one. Without `detokenize` the event carries no text: a `TextStage` adds it later."""
+    token times (and logprobs: one per token, for a request that asked). Returns the event to stream and the
+    finish reason (None while it runs); the caller ends the request when there is one. Without `detokenize` the
+    event carries no text: a `TextStage` adds it later."""
     rules = _rules(req, eos_ids)
     kept, reason = rules.tokens(len(req.output_ids), tokens)
     if req.first_token_time is None and kept:
         req.first_token_time = now
     req.output_ids.extend(kept)
+    new_lps = None
+    if req.params.logprobs is not None:
+        if logprobs is None or len(logprobs) < len(kept):
+            raise RuntimeError(f"request {req.id} asked for logprobs but {len(kept)} tokens came with "
+                               f"{0 if logprobs is None else len(logprobs)}")
+        new_lps = list(logprobs[:len(kept)])
+        if req.output_logprobs is None:
+            req.output_logprobs = []
+        req.output_logprobs.extend(new_lps)
     req.token_times.extend([now] * len(kept))
     delta = ""
     if detokenize is not None:
@@ -120,7 +131,7 @@ def append_tokens(req: Request, tokens: Sequence[int], now: float, eos_ids: Sequ
         if hit:
             reason = "stop"
         req.text = rules.text
-    return Event(req, kept, delta, reason is not None), reason
+    return Event(req, kept, delta, reason is not None, new_lps), reason
 
 
 class TextStage:
@@ -158,5 +169,5 @@ class TextStage:
             elif hit:
                 req.text_stopped = True
                 req.finish_reason = "stop"
-            out.append(Event(req, ev.new_token_ids, delta, ev.finished or hit))
+            out.append(Event(req, ev.new_token_ids, delta, ev.finished or hit, ev.new_logprobs))
         return out

@@ -1,0 +1,104 @@
+"""Log-probabilities computed in the executables, and vLLM's logits processors (penalties, min_tokens, logit_bias).
+
+Specification (f32 weights): every generated token's logprob and top-k equal log_softmax of the teacher-forced
+logits (a plain full forward over prompt + output) within 1e-4, and so do the prompt tokens' (the first has none);
+colocated, disaggregated and with MTP. The processors change exactly what vLLM's do: greedy decoding with them
+equals greedy decoding over teacher-forced logits processed by a numpy transcription of vLLM's rules.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import checkpoints
+import hf_reference
+from serving import LLM, EngineConfig, SamplingParams
+
+EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
+                  decode_steps=3, decode_windows=(8,), prefill_rows=(1, 2))
+PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 40], [3, 1, 4],
+           [9, 2, 6, 5, 35, 8, 9, 7, 9]]
+N_NEW = 9
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("logprob_ckpt"))
+    hf_reference.build(path, dict(num_hidden_layers=2, max_position_embeddings=128), seed=11, with_mtp=True)
+    return checkpoints.load(path, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def colocated(model):
+    with LLM(model=model, engine_config=EC) as llm:
+        yield llm
+
+
+def teacher_forced(model, ids) -> np.ndarray:
+    """log_softmax of the logits of a plain full forward over `ids` (no cache): [len(ids), W]."""
+    logits = model(jnp.asarray([ids], jnp.int32))[0]
+    return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def check_logprobs(model, out, k: int, pk: int | None):
+    ids = list(out.prompt_token_ids) + list(out.token_ids)
+    ref = teacher_forced(model, ids)
+    n_prompt = len(out.prompt_token_ids)
+    assert len(out.logprobs) == len(out.token_ids)
+    for j, (tok, e) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = ref[n_prompt - 1 + j]
+        np.testing.assert_allclose(e.logprob, row[tok], atol=1e-4)
+        assert len(e.top) == k
+        want = np.sort(row)[::-1][:k]
+        np.testing.assert_allclose([lp for _, lp in e.top], want, atol=1e-4)
+        np.testing.assert_allclose([row[t] for t, _ in e.top], want, atol=1e-4)   # ids name those values
+    if pk is None:
+        assert out.prompt_logprobs is None
+        return
+    assert len(out.prompt_logprobs) == n_prompt and out.prompt_logprobs[0] is None
+    for i in range(1, n_prompt):
+        e, row = out.prompt_logprobs[i], ref[i - 1]
+        np.testing.assert_allclose(e.logprob, row[ids[i]], atol=1e-4)
+        assert len(e.top) == pk
+        np.testing.assert_allclose([lp for _, lp in e.top], np.sort(row)[::-1][:pk], atol=1e-4)
+
+
+PARAMS = [SamplingParams(max_tokens=N_NEW, logprobs=5, prompt_logprobs=3),
+          SamplingParams(max_tokens=N_NEW, temperature=0.8, seed=4, logprobs=0),
+          SamplingParams(max_tokens=N_NEW, logprobs=20, ignore_eos=True)]
+
+
+def _check_all(model, llm, outs):
+    for out, p in zip(outs, PARAMS):
+        check_logprobs(model, out, p.logprobs, p.prompt_logprobs)
+    for pool in llm.page_pools().values():
+        pool.allocator.check()
+        assert pool.allocator.used == 0 and pool.allocator.leased == 0
+
+
+def test_logprobs_equal_teacher_forced_colocated(model, colocated):
+    outs = colocated.generate(PROMPTS, PARAMS)
+    _check_all(model, colocated, outs)
+    # asking for logprobs changes no token
+    plain = colocated.generate(PROMPTS, [SamplingParams(max_tokens=N_NEW, temperature=p.temperature, seed=p.seed,
+                                                        ignore_eos=p.ignore_eos) for p in PARAMS])
+    assert [o.token_ids for o in plain] == [o.token_ids for o in outs]
+    assert all(o.logprobs is None and o.prompt_logprobs is None for o in plain)
+
+
+@pytest.mark.parametrize("kw", [dict(mode="disagg", prefill_mesh="tp=1", decode_mesh="ep=2"), dict(mtp=True)],
+                         ids=["disagg", "mtp"])
+def test_logprobs_equal_teacher_forced(model, kw):
+    with LLM(model=model, engine_config=EC, **kw) as llm:
+        _check_all(model, llm, llm.generate(PROMPTS, PARAMS))
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache(model):
+    ec = EngineConfig(**{**EC.__dict__, "prefix_caching": True})
+    with LLM(model=model, engine_config=ec) as llm:
+        p = SamplingParams(max_tokens=2, prompt_logprobs=2, logprobs=1)
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2))
+        out = llm.generate([PROMPTS[0]], p)[0]
+        assert out.metrics.cached_tokens == 0
+        check_logprobs(model, out, 1, 2)
