@@ -449,8 +449,9 @@ class Engine(Programs):
         drafts = batch.drafts if batch.drafts is not None else np.zeros(n, np.int32)
         q = batch.draft_q if batch.draft_q is not None else np.zeros((n, self._q_width), np.float32)
         params = batch.params or [None] * n
-        proc = self._proc_args(params, batch.histories, [len(h) for h in batch.histories or ()] or [0] * n,
-                               batch.positions + 1, Pw * self.cfg.page_size, B, place)
+        n_prompt = batch.prompt_lens if batch.prompt_lens is not None else np.zeros(n, np.int32)
+        proc = self._proc_args(params, batch.histories, n_prompt, batch.positions + 1 - n_prompt,
+                               Pw * self.cfg.page_size, B, place)
         toks, ok, d, q, lp, top_ids, top_lps = self._run(
             "decode", (B, Pw), place(batch.tokens, 0), place(batch.positions, 0), pt, place(s["temperature"], 0),
             place(s["top_k"], 0), place(s["top_p"], 1.0), place(s["seed"], 0), place(drafts, 0), place(q, 0), *proc)

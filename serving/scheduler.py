@@ -241,6 +241,7 @@ class Scheduler:
             params=[r.params for r in rows])
         if any(needs_processing(r.params) for r in rows):   # the processors count the tokens so far
             batch.histories = [np.concatenate([r.prompt_ids, np.asarray(r.output_ids, np.int32)]) for r in rows]
+            batch.prompt_lens = np.array([len(r.prompt_ids) for r in rows], np.int32)
         if self.decode.cfg.mtp:
             batch.drafts = np.array([r.draft for r in rows], np.int32)
             batch.draft_q = np.stack([r.draft_q for r in rows])

@@ -56,3 +56,4 @@ class DecodeBatch:
     ranks: np.ndarray | None = None       # [n] attention rank of each row (data-parallel attention; None: 0)
     params: list | None = None            # [n] SamplingParams: logprobs and logits processors (None: neither)
     histories: list | None = None         # [n] each row's tokens so far (prompt + output; for the processors)
+    prompt_lens: np.ndarray | None = None  # [n] each row's prompt length (with histories)

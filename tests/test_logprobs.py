@@ -64,34 +64,64 @@ def check_logprobs(model, out, k: int, pk: int | None):
         np.testing.assert_allclose([lp for _, lp in e.top], np.sort(row)[::-1][:pk], atol=1e-4)
 
 
+def check_processed_greedy(model, out, p: SamplingParams, eos_ids):
+    """Each greedy token is the argmax of the teacher-forced logits processed by vLLM's rules (numpy)."""
+    prompt, toks = list(out.prompt_token_ids), list(out.token_ids)
+    logits = np.asarray(model(jnp.asarray([prompt + toks], jnp.int32))[0], np.float64)
+    for j, tok in enumerate(toks):
+        x = logits[len(prompt) - 1 + j].copy()
+        for t, b in p.logit_bias:
+            x[t] += b
+        if j < p.min_tokens:
+            x[list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))] = -np.inf
+        for t in set(prompt + toks[:j]):
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+        for t in set(toks[:j]):
+            x[t] -= p.frequency_penalty * toks[:j].count(t) + p.presence_penalty
+        assert tok == int(np.argmax(x)), (j, tok, int(np.argmax(x)), p)
+
+
+BIASED = 7   # min_tokens holds this stop token back 4 tokens; then its +100 bias makes it the 5th
 PARAMS = [SamplingParams(max_tokens=N_NEW, logprobs=5, prompt_logprobs=3),
           SamplingParams(max_tokens=N_NEW, temperature=0.8, seed=4, logprobs=0),
           SamplingParams(max_tokens=N_NEW, logprobs=20, ignore_eos=True)]
+PENALIZED = [SamplingParams(max_tokens=N_NEW, presence_penalty=1.5, frequency_penalty=0.7, ignore_eos=True),
+             SamplingParams(max_tokens=N_NEW, repetition_penalty=1.8, logprobs=2, ignore_eos=True),
+             SamplingParams(max_tokens=N_NEW, min_tokens=4, stop_token_ids=(BIASED,),
+                            logit_bias={BIASED: 100.0, 3: -100.0})]
 
 
 def _check_all(model, llm, outs):
-    for out, p in zip(outs, PARAMS):
-        check_logprobs(model, out, p.logprobs, p.prompt_logprobs)
+    """`outs` of PROMPTS x PARAMS then PROMPTS x PENALIZED (one call: rows with and without processors mixed)."""
+    for out, p in zip(outs, PARAMS + PENALIZED):
+        if p.logprobs is not None:
+            check_logprobs(model, out, p.logprobs, p.prompt_logprobs)
+    for out, p in zip(outs[len(PARAMS):], PENALIZED):
+        check_processed_greedy(model, out, p, model.cfg.eos_token_ids)
+    last = outs[-1]
+    assert last.token_ids[-1] == BIASED and len(last.token_ids) == 5 and last.finish_reason == "stop"
     for pool in llm.page_pools().values():
         pool.allocator.check()
         assert pool.allocator.used == 0 and pool.allocator.leased == 0
 
 
-def test_logprobs_equal_teacher_forced_colocated(model, colocated):
-    outs = colocated.generate(PROMPTS, PARAMS)
+def test_logprobs_and_processors_colocated(model, colocated):
+    outs = colocated.generate(PROMPTS * 2, PARAMS + PENALIZED)
     _check_all(model, colocated, outs)
-    # asking for logprobs changes no token
-    plain = colocated.generate(PROMPTS, [SamplingParams(max_tokens=N_NEW, temperature=p.temperature, seed=p.seed,
-                                                        ignore_eos=p.ignore_eos) for p in PARAMS])
-    assert [o.token_ids for o in plain] == [o.token_ids for o in outs]
+    # asking for logprobs changes no token; the processors do change them
+    plain = colocated.generate(PROMPTS * 2, [SamplingParams(max_tokens=N_NEW, temperature=p.temperature,
+                                                            seed=p.seed, ignore_eos=p.ignore_eos)
+                                             for p in PARAMS + PENALIZED])
+    assert [o.token_ids for o in plain[:3]] == [o.token_ids for o in outs[:3]]
+    assert all(a.token_ids != b.token_ids for a, b in zip(plain[3:], outs[3:]))
     assert all(o.logprobs is None and o.prompt_logprobs is None for o in plain)
 
 
 @pytest.mark.parametrize("kw", [dict(mode="disagg", prefill_mesh="tp=1", decode_mesh="ep=2"), dict(mtp=True)],
                          ids=["disagg", "mtp"])
-def test_logprobs_equal_teacher_forced(model, kw):
+def test_logprobs_and_processors(model, kw):
     with LLM(model=model, engine_config=EC, **kw) as llm:
-        _check_all(model, llm, llm.generate(PROMPTS, PARAMS))
+        _check_all(model, llm, llm.generate(PROMPTS * 2, PARAMS + PENALIZED))
 
 
 def test_prompt_logprobs_bypass_the_prefix_cache(model):
