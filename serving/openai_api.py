@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from serving.logits import MAX_LOGPROBS
 from serving.sampling import SamplingParams
 
 # A template for checkpoints without one (the shipped model): role-tagged lines, then the assistant's tag.
@@ -33,23 +34,36 @@ def _num(body: dict, key: str, kind, default, lo=None, hi=None):
 
 # Fields OpenAI / vLLM clients send that this engine does not implement, with the values that mean "off": a request
 # setting one to anything else is refused (400 naming it), never accepted and ignored.
-NOT_IMPLEMENTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
-                   "min_tokens": (0,), "logit_bias": ({},), "min_p": (0,), "response_format": ({"type": "text"},),
-                   "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
-                   "structured_outputs": (), "use_beam_search": (False,), "length_penalty": (1,), "tools": ([],),
-                   "tool_choice": ("none",), "prompt_logprobs": ()}
+NOT_IMPLEMENTED = {"min_p": (0,), "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
+                   "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "use_beam_search": (False,),
+                   "length_penalty": (1,), "tools": ([],), "tool_choice": ("none",), "prompt_logprobs": ()}
 
 
-def sampling_of(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int]:
+def _logprobs_of(body: dict, chat: bool) -> int | None:
+    """The top-k a request asks for (None: no logprobs). Completions: `logprobs` = k; chat: `logprobs: true` with
+    `top_logprobs` = k (OpenAI's rule: top_logprobs needs logprobs)."""
+    if not chat:
+        v = body.get("logprobs")
+        return None if v is None else _num(body, "logprobs", int, None, 0, MAX_LOGPROBS)
+    on, k = body.get("logprobs"), body.get("top_logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise BadRequest("'logprobs' must be a boolean in chat completions (top_logprobs = how many)")
+    if k not in (None, 0) and not on:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true")
+    return (_num(body, "top_logprobs", int, 0, 0, MAX_LOGPROBS)) if on else None
+
+
+def sampling_of(body: dict, default_max_tokens: int, chat: bool = False) -> tuple[SamplingParams, int]:
     """(SamplingParams, n) from an OpenAI request body; BadRequest naming the field."""
     bad = sorted(k for k, neutral in NOT_IMPLEMENTED.items() if body.get(k) is not None and body[k] not in neutral)
     if bad:
         raise BadRequest(f"not supported by this engine: {', '.join(repr(k) for k in bad)} (remove the field or "
                          "leave it at its neutral value)")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise BadRequest("'logprobs' is not supported by this engine (it does not return token log-probabilities)")
-    if body.get("best_of") not in (None, 1) or body.get("echo") or body.get("suffix"):
-        raise BadRequest("'best_of', 'echo' and 'suffix' are not supported")
+    if body.get("best_of") not in (None, 1) or body.get("suffix"):
+        raise BadRequest("'best_of' and 'suffix' are not supported")
+    if chat and body.get("echo"):
+        raise BadRequest("'echo' is a completions option (not supported in chat completions)")
+    logprobs = _logprobs_of(body, chat)
     n = _num(body, "n", int, 1, 1, 16)
     stop = body.get("stop") or ()
     if isinstance(stop, str):
@@ -65,14 +79,46 @@ def sampling_of(body: dict, default_max_tokens: int) -> tuple[SamplingParams, in
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
         raise BadRequest("'seed' must be an integer in [0, 2**31)")
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise BadRequest("'logit_bias' must be an object mapping token ids to biases")
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=float(_num(body, "temperature", float, 1.0, 0, 2)),
-                                top_p=float(_num(body, "top_p", float, 1.0)), top_k=_num(body, "top_k", int, 0),
-                                seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
-                                ignore_eos=bool(body.get("ignore_eos", False)), cache_salt=body.get("cache_salt"))
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=float(_num(body, "temperature", float, 1.0, 0, 2)),
+            top_p=float(_num(body, "top_p", float, 1.0)), top_k=_num(body, "top_k", int, 0), seed=seed,
+            stop=tuple(stop), stop_token_ids=tuple(stop_ids), ignore_eos=bool(body.get("ignore_eos", False)),
+            cache_salt=body.get("cache_salt"), logprobs=logprobs,
+            prompt_logprobs=logprobs if body.get("echo") and logprobs is not None else None,
+            presence_penalty=float(_num(body, "presence_penalty", float, 0.0)),
+            frequency_penalty=float(_num(body, "frequency_penalty", float, 0.0)),
+            repetition_penalty=float(_num(body, "repetition_penalty", float, 1.0)),
+            min_tokens=_num(body, "min_tokens", int, 0), logit_bias=bias)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     return params, n
+
+
+# ---- logprobs in OpenAI's two response formats -----------------------------------------------------------------------
+def completion_logprobs(token_ids, lps, piece, offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object for tokens (`lps`: TokenLogprobs or None — a prompt's first token):
+    tokens (their text), token_logprobs, top_logprobs ({text: logprob}; null where none) and text_offset (from
+    `offset`). `piece(id)` is a token's text."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t, e in zip(token_ids, lps):
+        s = piece(t)
+        out["tokens"].append(s)
+        out["token_logprobs"].append(None if e is None else e.logprob)
+        out["top_logprobs"].append(None if e is None else {piece(i): lp for i, lp in e.top})
+        out["text_offset"].append(offset)
+        offset += len(s)
+    return out
+
+
+def chat_logprobs(token_ids, lps, piece) -> dict:
+    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    entry = lambda s, lp: {"token": s, "logprob": lp, "bytes": list(s.encode())}
+    return {"content": [{**entry(piece(t), e.logprob), "top_logprobs": [entry(piece(i), lp) for i, lp in e.top]}
+                        for t, e in zip(token_ids, lps)]}
 
 
 def completion_prompt(body: dict):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -35,7 +36,8 @@ import numpy as np
 
 from serving.api import Event, Request
 from serving.metrics import Metrics
-from serving.openai_api import BadRequest, chat_prompt, chat_template_of, completion_prompt, sampling_of
+from serving.openai_api import (BadRequest, chat_logprobs, chat_prompt, chat_template_of, completion_logprobs,
+                                completion_prompt, sampling_of)
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +266,9 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
             if body.get("model") not in (None, model_name):
                 raise BadRequest(f"model {body.get('model')!r} is not served here (this server serves "
                                  f"{model_name!r})")
-            params, n = sampling_of(body, default_max_tokens)
+            params, n = sampling_of(body, default_max_tokens, chat)
             prompt = chat_prompt(body, chat_template) if chat else completion_prompt(body)
+            echo = not chat and bool(body.get("echo"))
             base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
             reqs = []
             for i in range(n):   # n choices: n requests; distinct seeds when the client fixed one
@@ -282,7 +285,7 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if stream:
-            return StreamingResponse(_stream(request, handles, base, chat, include_usage),
+            return StreamingResponse(_stream(request, handles, base, chat, include_usage, echo),
                                      media_type="text/event-stream")
         watch = asyncio.ensure_future(_watch_disconnect(request))
         try:
@@ -295,7 +298,7 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
                 return Response(status_code=499)
         finally:
             watch.cancel()
-        return JSONResponse(_final(handles, base, chat))
+        return JSONResponse(_final(handles, base, chat, echo))
 
     async def _drain(h: Handle) -> None:
         while True:
@@ -313,7 +316,28 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    def _final(handles, base, chat) -> dict:
+    @functools.lru_cache(maxsize=1 << 16)
+    def piece(t: int) -> str:
+        """A token's text (logprobs name tokens by text, as OpenAI does)."""
+        return llm.tokenizer.decode([t]) if llm.tokenizer is not None else str(t)
+
+    def _echo(r) -> tuple[str, dict | None]:
+        """An echoed prompt: its text and, when logprobs are asked, its tokens' logprobs (the first null)."""
+        text = llm.tokenizer.decode(r.prompt_ids.tolist()) if llm.tokenizer is not None else ""
+        lps = None
+        if r.params.logprobs is not None:
+            lps = completion_logprobs(r.prompt_ids.tolist(), r.prompt_logprobs or [None] * len(r.prompt_ids), piece)
+        return text, lps
+
+    def _logprobs(r, token_ids, lps, chat, offset=0):
+        if r.params.logprobs is None:
+            return None
+        return chat_logprobs(token_ids, lps, piece) if chat else completion_logprobs(token_ids, lps, piece, offset)
+
+    def _joined(a: dict | None, b: dict) -> dict:
+        return b if a is None else {k: a[k] + b[k] for k in b}
+
+    def _final(handles, base, chat, echo=False) -> dict:
         choices = []
         for i, h in enumerate(handles):
             r = h.req
@@ -324,14 +348,17 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
                 c["error"] = r.error
             if chat:
                 c["message"] = {"role": "assistant", "content": _choice_text(h)}
+                c["logprobs"] = _logprobs(r, r.output_ids, r.output_logprobs or [], True)
             else:
-                c["text"] = _choice_text(h)
-                c["logprobs"] = None
+                head, head_lps = _echo(r) if echo else ("", None)
+                c["text"] = head + _choice_text(h)
+                lps = _logprobs(r, r.output_ids, r.output_logprobs or [], False, len(head))
+                c["logprobs"] = None if lps is None else _joined(head_lps, lps)
             choices.append(c)
         return {"id": base, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": choices, "usage": _usage(handles)}
 
-    async def _stream(request: HTTPRequest, handles, base, chat, include_usage):
+    async def _stream(request: HTTPRequest, handles, base, chat, include_usage, echo=False):
         obj = "chat.completion.chunk" if chat else "text_completion"
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -343,7 +370,8 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
                     return
 
         tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-        finished = 0
+        finished, offsets = 0, [0] * len(handles)   # text_offset of each choice's next token
+        headed = [not echo] * len(handles)            # echo: the prompt goes first, once per choice
         try:
             if chat:
                 for i in range(len(handles)):
@@ -362,10 +390,19 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
                     continue
                 text = ev.new_text if llm.tokenizer is not None else ""
                 c = {"index": i, "finish_reason": fr, "token_ids": list(ev.new_token_ids)}
+                lps = _logprobs(r, ev.new_token_ids, ev.new_logprobs or [], chat, offsets[i])
                 if chat:
                     c["delta"] = {"content": text} if text or fr is None else {}
+                    c["logprobs"] = lps
                 else:
-                    c["text"], c["logprobs"] = text, None
+                    head, head_lps = ("", None)
+                    if not headed[i]:
+                        headed[i] = True
+                        head, head_lps = _echo(r)   # the first chunk: the prompt first
+                        lps = _logprobs(r, ev.new_token_ids, ev.new_logprobs or [], chat, len(head))
+                    c["text"], c["logprobs"] = head + text, None if lps is None else _joined(head_lps, lps)
+                    if lps is not None:
+                        offsets[i] = lps["text_offset"][-1] + len(lps["tokens"][-1]) if lps["tokens"] else offsets[i]
                 if r.error and fr is not None:
                     c["error"] = r.error
                 yield _sse({"id": base, "object": obj, "created": created, "model": model_name, "choices": [c]})

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 
@@ -133,12 +134,14 @@ def test_concurrent_requests_equal_sequential(served):
     ({"prompt": ""}, "empty"),
     ({"prompt": [1, 2, 999999]}, "vocabulary"),
     ({"prompt": "x " * 400}, "max_model_len"),
-    ({"prompt": PROMPT, "logprobs": 2}, "logprobs"),
+    ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
     ({"prompt": PROMPT, "model": "gpt-4"}, "not served"),
     ({"prompt": PROMPT, "stop": [""]}, "stop"),
     ({"prompt": PROMPT, "seed": "abc"}, "seed"),
     ({"prompt": PROMPT, "n": 0}, "'n'"),
-    ({"prompt": PROMPT, "frequency_penalty": 0.5}, "'frequency_penalty'"),
+    ({"prompt": PROMPT, "frequency_penalty": 3}, "frequency_penalty"),
+    ({"prompt": PROMPT, "logit_bias": {"5": 200}}, "logit_bias"),
+    ({"prompt": PROMPT, "extra_body": {"min_tokens": 99}, "max_tokens": 4}, "min_tokens"),
     ({"prompt": PROMPT, "extra_body": {"response_format": {"type": "json_object"}}}, "'response_format'"),
     ({"prompt": PROMPT, "extra_body": {"cache_salt": ""}}, "cache_salt"),
 ])
@@ -147,6 +150,55 @@ def test_bad_requests_get_400_naming_the_problem(served, body, needle):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**{"model": "shakespeare-moe", **body})
     assert needle in str(e.value)
+
+
+def _lp_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None) and (x is None or abs(x - y) < 1e-4), (a, b)
+
+
+def test_logprobs_echo_and_penalties_through_the_openai_client(served):
+    """Completions (legacy logprobs object; echo = the prompt's logprobs, first null — what lm-eval scores with),
+    chat (logprobs + top_logprobs), streaming equal to not, penalties: all equal to `LLM.generate`'s."""
+    llm, _, _, client = served
+    ids = llm.tokenizer.encode(PROMPT)
+    want = llm.generate([ids], SamplingParams(max_tokens=6, logprobs=3, prompt_logprobs=3))[0]
+    r = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    _lp_equal(lp.token_logprobs, [e.logprob for e in want.logprobs])
+    assert "".join(lp.tokens) == r.choices[0].text == want.text
+    assert all(len(t) <= 3 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert lp.text_offset[1:] == list(np.cumsum([len(t) for t in lp.tokens])[:-1])
+    # echo + logprobs (lm-eval's loglikelihood request): the prompt's tokens first, the first without a logprob
+    r = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1,
+                                  echo=True)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(PROMPT) and len(lp.tokens) == len(ids) + 1
+    _lp_equal(lp.token_logprobs[:len(ids)], [None] + [e.logprob for e in want.prompt_logprobs[1:]])
+    # streamed: the same logprobs, chunk by chunk
+    chunks = list(client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=6, temperature=0,
+                                            logprobs=3, stream=True))
+    _lp_equal([x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs],
+              [e.logprob for e in want.logprobs])
+    # chat: logprobs + top_logprobs
+    msgs = [{"role": "user", "content": PROMPT}]
+    r = client.chat.completions.create(model="shakespeare-moe", messages=msgs, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    chat_ids = llm.tokenizer.encode(chat_prompt({"messages": msgs}, DEFAULT_CHAT_TEMPLATE))
+    cw = llm.generate([chat_ids], SamplingParams(max_tokens=5, logprobs=2))[0]
+    content = r.choices[0].logprobs.content
+    _lp_equal([c.logprob for c in content], [e.logprob for e in cw.logprobs])
+    assert [len(c.top_logprobs) for c in content] == [2] * len(content)
+    assert [c.top_logprobs[0].logprob for c in content] == pytest.approx([e.top[0][1] for e in cw.logprobs], abs=1e-4)
+    # penalties / min_tokens / logit_bias: the same tokens as LLM.generate with those params
+    kw = dict(presence_penalty=0.8, frequency_penalty=0.5, logit_bias={"7": 3.0})
+    r = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=8, temperature=0,
+                                  extra_body={"repetition_penalty": 1.3, "min_tokens": 2}, **kw)
+    p = SamplingParams(max_tokens=8, repetition_penalty=1.3, min_tokens=2, presence_penalty=0.8,
+                       frequency_penalty=0.5, logit_bias={7: 3.0})
+    got = llm.generate([ids], p)[0]
+    assert r.choices[0].text == got.text and got.token_ids != want.token_ids[:len(got.token_ids)]
 
 
 def test_malformed_json_and_chat_messages(served):
