@@ -20,6 +20,7 @@ import time
 from typing import Protocol, Sequence
 
 from serving.api import Event, Request, Status
+from serving.logits import TokenLogprobs, logprobs_from_wire
 from serving.stops import append_tokens
 from serving.protocol import sampling_to_wire
 from serving.router import Router, RouterConfig
@@ -162,8 +163,12 @@ class RemoteBackend:
                 req.prefill_end = req.prefill_start + (m.get("prefill_s") or 0.0) + (m.get("transfer_s") or 0.0)
                 req.transfer_s, req.attempts, req.workers = m.get("transfer_s"), m.get("attempts"), m.get("workers")
             event, reason = Event(req, [], "", False), None
+            if ev.get("prompt_logprobs") is not None:
+                req.prompt_logprobs = logprobs_from_wire({"prompt_logprobs": ev["prompt_logprobs"]})["prompt_logprobs"]
             if ev["tokens"] and req.finish_reason is None:
-                event, reason = append_tokens(req, ev["tokens"], now, self.eos_ids)
+                lps = ev.get("logprobs")
+                event, reason = append_tokens(req, ev["tokens"], now, self.eos_ids, None,
+                                              None if lps is None else [TokenLogprobs.from_wire(w) for w in lps])
             if reason is not None and not ev["finished"]:
                 self.router.abort(req.id)              # a stop rule ended it here: end the remote request
             if ev["finished"] or reason is not None:

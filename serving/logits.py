@@ -180,3 +180,21 @@ class TokenLogprobs(typing.NamedTuple):
 
 def logprob_entry(lp: float, ids: np.ndarray, lps: np.ndarray, k: int) -> TokenLogprobs:
     return TokenLogprobs(float(lp), tuple(zip(ids[:k].tolist(), lps[:k].tolist())))
+
+
+def logprobs_to_wire(prefix) -> dict:
+    """A Prefix's logprobs as msgpack-able offer fields (none when the request asked for none)."""
+    out = {}
+    if prefix.logprobs is not None:
+        out["logprobs"] = prefix.logprobs.to_wire()
+    if prefix.prompt_logprobs is not None:
+        out["prompt_logprobs"] = [None if e is None else e.to_wire() for e in prefix.prompt_logprobs]
+    return out
+
+
+def logprobs_from_wire(d: dict) -> dict:
+    """`logprobs_to_wire`'s fields back as Prefix keyword arguments."""
+    lp, plp = d.get("logprobs"), d.get("prompt_logprobs")
+    return {"logprobs": None if lp is None else TokenLogprobs.from_wire(lp),
+            "prompt_logprobs": None if plp is None else [None if e is None else TokenLogprobs.from_wire(e)
+                                                         for e in plp]}

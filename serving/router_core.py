@@ -100,6 +100,8 @@ class RReq:
     transfer_s: float | None = None
     first_token_t: float | None = None
     workers: list[str] = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)   # fields the next event carries (logprobs)
+    prompt_lps_sent: bool = False          # prompt logprobs go to the client once (a migration recomputes them)
 
     def metrics(self) -> dict:
         ttft = None if self.first_token_t is None else self.first_token_t - self.arrival
@@ -251,7 +253,9 @@ class RouterCore:
         return bool(self._send_fn(w.addr, type_, **fields))
 
     def _emit(self, r: RReq, tokens: list[int], finished: bool) -> None:
-        ev = {"rid": r.id, "tokens": tokens, "finished": finished, "reason": r.finish_reason, "error": r.error}
+        ev = {"rid": r.id, "tokens": tokens, "finished": finished, "reason": r.finish_reason, "error": r.error,
+              **r.extra}
+        r.extra = {}
         if finished or r.first_token_t is not None and tokens and len(r.output) == len(tokens):
             ev["metrics"] = r.metrics()
         self._emit_fn(ev, r.client)
@@ -298,6 +302,11 @@ class RouterCore:
         toks = [int(t) for t in msg["tokens"]]
         if toks and r.first_token_t is None:
             r.first_token_t = self._now
+        if msg.get("logprobs") is not None:   # one per token, passed through to the client
+            r.extra["logprobs"] = msg["logprobs"]
+        if msg.get("prompt_logprobs") is not None and not r.prompt_lps_sent:
+            r.prompt_lps_sent = True
+            r.extra["prompt_logprobs"] = msg["prompt_logprobs"][:len(r.prompt)]
         if r.state in ("prefilling", "transferring"):
             r.state = "decoding"
         r.output.extend(toks)

@@ -38,6 +38,7 @@ from serving.api import Request
 from serving.batched_prefill import PrefillJob, prefill_many
 from serving import flags as serving_flags
 from serving.build import build_engine
+from serving.logits import logprobs_from_wire, logprobs_to_wire
 from serving.config import default_mesh, parse_mesh_spec
 from serving.engine import Prefix
 from serving import group as group_mod
@@ -101,6 +102,7 @@ class Worker:
         if self.pages.prefix_cache is not None:
             self.pages.allocator.events = []   # cache events for the router (drained into health_ok / offered)
         self._owner: dict[str, bytes] = {}
+        self._prompt_lps_sent: set[str] = set()   # requests whose prompt logprobs went out (with their first tokens)
         self._pulls: dict[str, dict] = {}              # rid -> pending pull state
         self._pulled: queue.Queue = queue.Queue()
 
@@ -239,7 +241,7 @@ class Worker:
                 self.send(ident, "error", rid=req.id, error=f"prompt needs {n} pages; the prefill cache has "
                           f"{self.pages.allocator.total}", kind="capacity")
                 continue
-            got = self.pages.acquire(req.prompt_ids, n, salt=req.salt)   # with prefix caching: the cached prefix shared
+            got = self.pages.acquire(req.prompt_ids, n, hashes=None if req.cacheable else [], salt=req.salt)   # with prefix caching: the cached prefix shared
             if got is None:
                 break  # saturated: leases must end (ack / expiry) first
             self._jobs.popleft()
@@ -281,7 +283,7 @@ class Worker:
                  "first_token": int(prefix.first_token), "checksums": sums, "prefill_s": prefill_s,
                  "queued_s": queued_s, "cached_tokens": cached,
                  "draft": int(prefix.draft), "draft_q": None if prefix.draft_q is None else
-                 np.asarray(prefix.draft_q, np.float32).tobytes(),
+                 np.asarray(prefix.draft_q, np.float32).tobytes(), **logprobs_to_wire(prefix),
                  "lease_s": self.lease_s, "worker": self.address}
         self.send(ident, "offered", rid=req.id, uuid=uuid, offer=offer, kv_events=self.kv_events())
 
@@ -343,10 +345,15 @@ class Worker:
             want = (self.engine.cache_shape[0], pages.shape[1], *self.engine.cache_shape[2:])
             if tuple(pages.shape) != want or pages.shape[1] not in self.engine.cfg.transfer_buckets:
                 raise ValueError(f"offered pages {list(pages.shape)} do not fit this cache (want {list(want)})")
+            if (req.params.logprobs is not None and offer.get("logprobs") is None) or \
+                    (req.params.prompt_logprobs is not None and offer.get("prompt_logprobs") is None):
+                raise ValueError("the request asks for logprobs but the offer carries none (a prefill worker of "
+                                 "an older version?)")
             dq = offer.get("draft_q")
             prefix = self.engine.receive(Prefix(pages, int(offer["n_pages"]), int(offer["length"]),
                                                 int(offer["first_token"]), int(offer.get("draft") or 0),
-                                                None if dq is None else np.frombuffer(dq, np.float32).copy()))
+                                                None if dq is None else np.frombuffer(dq, np.float32).copy(),
+                                                **logprobs_from_wire(offer)))
             self._pulled.put((req, offer, prefix, None, time.perf_counter() - t0))
         except Exception as e:
             self._pulled.put((req, offer, None, f"{type(e).__name__}: {e}", time.perf_counter() - t0))
@@ -385,10 +392,17 @@ class Worker:
             ident = self._owner.get(rid)
             if ident is not None:
                 r = ev.request
+                lps = {}
+                if ev.new_logprobs:
+                    lps["logprobs"] = [e.to_wire() for e in ev.new_logprobs]
+                if r.prompt_logprobs is not None and rid not in self._prompt_lps_sent:   # with the first tokens
+                    self._prompt_lps_sent.add(rid)
+                    lps["prompt_logprobs"] = [None if e is None else e.to_wire() for e in r.prompt_logprobs]
                 self.send(ident, "tokens", rid=rid, tokens=[int(t) for t in ev.new_token_ids],
                           finished=ev.finished, reason=r.finish_reason if ev.finished else None, error=r.error,
-                          cached_tokens=r.cached_tokens if ev.finished else None)
+                          cached_tokens=r.cached_tokens if ev.finished else None, **lps)
             if ev.finished:
+                self._prompt_lps_sent.discard(rid)
                 self._owner.pop(rid, None)
                 self.scheduler.requests.pop(rid, None)
 

@@ -146,13 +146,14 @@ def colocated(ckpt, cluster):
 
 def test_1p1d_equals_colocated(cluster, colocated):
     P, D = cluster["P"], cluster["D1"]
-    params = [SamplingParams(max_tokens=N_NEW), SamplingParams(max_tokens=N_NEW, temperature=0.8, top_p=0.9,
-                                                              seed=123), SamplingParams(max_tokens=5),
-              SamplingParams(max_tokens=N_NEW)]
+    params = [SamplingParams(max_tokens=N_NEW, logprobs=3, prompt_logprobs=2),
+              SamplingParams(max_tokens=N_NEW, temperature=0.8, top_p=0.9, seed=123), SamplingParams(max_tokens=5),
+              SamplingParams(max_tokens=N_NEW, repetition_penalty=1.5, presence_penalty=0.5, logprobs=1)]
     want = colocated.generate(PROMPTS, params)
     with LLM(workers=[P.addr, D.addr], router_config=router_cfg()) as llm:
         got = llm.generate(PROMPTS, params)
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        same_logprobs(got, want)   # from the prefill worker (first token, prompt) and the decode worker
         assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
         m = llm.backend.router.snapshot()["metrics"]
         assert m["remote_prefills"] == len(PROMPTS) and m["transfers"] == len(PROMPTS), m
@@ -184,13 +185,24 @@ def test_1p1d_over_tcp_transport_equals_colocated(ckpt, cluster, colocated):
     P.kill(), D.kill()
 
 
+def same_logprobs(got, want):
+    for g, w in zip(got, want):
+        for a, b in ((g.logprobs, w.logprobs), (g.prompt_logprobs, w.prompt_logprobs)):
+            assert (a is None) == (b is None) and len(a or ()) == len(b or ())
+            for x, y in zip(a or (), b or ()):
+                assert (x is None and y is None) or (abs(x.logprob - y.logprob) < 1e-4
+                                                     and [t for t, _ in x.top] == [t for t, _ in y.top])
+
+
 def test_short_prompts_prefill_locally(cluster, colocated):
     P, D = cluster["P"], cluster["D1"]
-    want = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+    sp = SamplingParams(max_tokens=N_NEW, logprobs=2, prompt_logprobs=1)
+    want = colocated.generate(PROMPTS, sp)
     with LLM(workers=[P.addr, D.addr], router_config=router_cfg(local_prefill_threshold=9)) as llm:
-        got = llm.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+        got = llm.generate(PROMPTS, sp)
         m = llm.backend.router.snapshot()["metrics"]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    same_logprobs(got, want)
     assert m["local_prefills"] == 2 and m["remote_prefills"] == 2, m   # the 3- and 9-token prompts stay local
     check_drained([P.addr, D.addr])
 
