@@ -24,6 +24,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._t.decode(ids)
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (what grammar engines read)."""
+        return self._t.to_str()
+
     @property
     def vocab_size(self) -> int:
         return self._t.get_vocab_size()

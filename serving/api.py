@@ -55,6 +55,7 @@ class Request:
     send_all: bool = False                        # disaggregated: send every KV page (the decode cache lost some)
     stop_rules: object = dataclasses.field(default=None, repr=False, compare=False)   # serving.stops.StopRules
     text_stopped: bool = False                    # a stop string ended it (the text stage; reason stays "stop")
+    matcher: object = dataclasses.field(default=None, repr=False, compare=False)   # structured output (grammar)
     # metrics
     prefill_start: float | None = None
     prefill_end: float | None = None

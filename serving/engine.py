@@ -184,7 +184,7 @@ class Engine(Programs):
         return self._lower(jax.jit(functools.partial(self._decode_fn, steps=steps), donate_argnums=(1,)),
                            self.params, cache_sds, vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32),
                            vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32),
-                           *(self._sds(*a) for a in proc_shapes(B, Pw * self.cfg.page_size)))
+                           *(self._sds(*a) for a in proc_shapes(B, Pw * self.cfg.page_size, self.model_cfg.vocab_size)))
 
     def _sds(self, shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
@@ -205,7 +205,8 @@ class Engine(Programs):
             out["prefill", R, T] = self._lower(jax.jit(self._prefill_fn, donate_argnums=(1,)), self.params,
                                                cache_sds, self._sds((R, T), i32), vec(i32), vec(i32), vec(i32),
                                                self._sds((R, P), i32), vec(f32), vec(i32), vec(f32), vec(i32),
-                                               *(self._sds(*a) for a in proc_shapes(R, P * cfg.page_size)))
+                                               *(self._sds(*a) for a in proc_shapes(R, P * cfg.page_size,
+                                                                                   self.model_cfg.vocab_size)))
         for B in (self.decode_buckets if "decode" in self.roles else ()):
             for Pw in cfg.windows:
                 out["decode", B, Pw] = self.lower_decode(B, Pw, cfg.decode_steps)
@@ -341,8 +342,9 @@ class Engine(Programs):
                 samp[k][r] = sampling[k]
         params = [it[3].get("params") for it in items] + [None] * (R - len(items))
         prompts = [it[0] for it in items] + [None] * (R - len(items))
+        masks = [it[3].get("mask") for it in items] + [None] * (R - len(items))
         proc = self._proc_args(params, prompts, [0 if p is None else len(p) for p in prompts], [0] * R,
-                               self.cfg.pages_per_seq * self.cfg.page_size, R, lambda a, fill: a)
+                               self.cfg.pages_per_seq * self.cfg.page_size, R, lambda a, fill: a, masks)
         token, draft, q, lp, ids, lps, plp, pids, plps = self._run(
             "prefill", (R, T), toks, start, length, nxt, pt, samp["temperature"], samp["top_k"], samp["top_p"],
             samp["seed"], *proc)
@@ -451,7 +453,7 @@ class Engine(Programs):
         params = batch.params or [None] * n
         n_prompt = batch.prompt_lens if batch.prompt_lens is not None else np.zeros(n, np.int32)
         proc = self._proc_args(params, batch.histories, n_prompt, batch.positions + 1 - n_prompt,
-                               Pw * self.cfg.page_size, B, place)
+                               Pw * self.cfg.page_size, B, place, batch.masks)
         toks, ok, d, q, lp, top_ids, top_lps = self._run(
             "decode", (B, Pw), place(batch.tokens, 0), place(batch.positions, 0), pt, place(s["temperature"], 0),
             place(s["top_k"], 0), place(s["top_p"], 1.0), place(s["seed"], 0), place(drafts, 0), place(q, 0), *proc)
@@ -471,14 +473,16 @@ class Engine(Programs):
                                 for j in range(S) for m in range(2 if ok[i, j] else 1)] for i, k in enumerate(want)]
         return DecodeOut(rows, sizes, ok.tolist(), np.asarray(d)[slot], np.asarray(q)[slot], lps)
 
-    def _proc_args(self, params, histories, n_prompt, n_out, L: int, rows: int, place) -> list:
+    def _proc_args(self, params, histories, n_prompt, n_out, L: int, rows: int, place, masks=None) -> list:
         """The `serving.logits.Proc` inputs of one call of `rows` rows (`place` lays the n request rows into
         them). With no row processing its logits the wide arrays are device-resident zeros, built once per shape,
         so a plain call moves no history to the device."""
         need = any(needs_processing(p) for p in params)
-        arrays = proc_rows(params, histories, n_prompt, n_out, self.model_cfg.eos_token_ids, L if need else None)
+        W = self.model_cfg.vocab_size
+        arrays = proc_rows(params, histories, n_prompt, n_out, self.model_cfg.eos_token_ids, L if need else None, W,
+                           masks)
         out = []
-        for name, fill, (shape, dt) in zip(Proc._fields, PROC_FILL, proc_shapes(rows, L)):
+        for name, fill, (shape, dt) in zip(Proc._fields, PROC_FILL, proc_shapes(rows, L, W)):
             if name in arrays:
                 out.append(place(arrays[name], fill))
                 continue

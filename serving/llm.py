@@ -25,6 +25,7 @@ from model.runtime import Runtime
 from serving.api import Event, Request, RequestOutput, Tokenizer, as_prompt_list, new_request, output_of, params_list
 from serving.backend import Backend, LocalBackend, RemoteBackend
 from serving.build import build_engine
+from serving.grammar import Grammars
 from serving.config import DEFAULT_CHECKPOINT, OFFLINE_PREFILL_BUDGET, default_max_model_len, EngineConfig, parse_mesh_spec, SchedulerConfig
 from serving.protocol import read_token
 from serving.router import RouterConfig
@@ -71,6 +72,7 @@ class LLM:
             `DECODE_RULES.replace(vocab="ep")` for a vocabulary-parallel embedding and head over the EP ranks.
         """
         self._ids = itertools.count()
+        self._grammars: Grammars | None = None
         self.prefill_engine = self.decode_engine = self.scheduler = None
         if workers is not None or router is not None:
             given = dict(model=model, prefill_mesh=prefill_mesh, engine_config=engine_config,
@@ -145,8 +147,19 @@ class LLM:
     def make_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Request:
         """A validated request (ValueError naming the problem); `add_request` submits it."""
         rid = request_id if request_id is not None else f"r{os.getpid()}-{next(self._ids)}"
-        return new_request(prompt, params, rid, tokenizer=self.tokenizer, vocab_size=self.backend.vocab_size,
-                           max_model_len=self.backend.max_model_len)
+        req = new_request(prompt, params, rid, tokenizer=self.tokenizer, vocab_size=self.backend.vocab_size,
+                          max_model_len=self.backend.max_model_len)
+        if params.structured_output is not None:
+            req.matcher = self.grammars().matcher(params.structured_output)   # ValueError: the grammar's problem
+        return req
+
+    def grammars(self) -> Grammars:
+        """The structured-output matchers of this model's tokenizer (built on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_output needs the checkpoint's tokenizer.json (this model has none)")
+            self._grammars = Grammars(self.tokenizer.to_json(), self.backend.vocab_size, self.backend.eos_ids)
+        return self._grammars
 
     def add_request(self, req: Request) -> None:
         self.backend.submit(req)

@@ -38,28 +38,31 @@ class Proc(typing.NamedTuple):
     bias: object             # [R, MAX_BIAS] f32 their biases
     hist: object             # [R, L] int32 the row's tokens by position (-1: none)
     n_prompt: object         # [R] int32 prompt length (hist positions >= it are output tokens)
+    mask: object             # [R, ceil(W / 32)] int32 bitmask of the tokens a grammar allows (all bits: no grammar)
 
 
-PROC_FILL = Proc(-1, -1, 0, 0, 1, 0, -1, -1, 0, -1, 0)   # an empty row's values (padding rows)
+PROC_FILL = Proc(-1, -1, 0, 0, 1, 0, -1, -1, 0, -1, 0, -1)   # an empty row's values (padding rows)
 
 
-def proc_shapes(R: int, L: int) -> Proc:
+def proc_shapes(R: int, L: int, W: int) -> Proc:
     i32, f32 = jnp.int32, jnp.float32
     return Proc(((R,), i32), ((R,), i32), ((R,), f32), ((R,), f32), ((R,), f32), ((R,), i32), ((R, MAX_BAN), i32),
-                ((R, MAX_BIAS), i32), ((R, MAX_BIAS), f32), ((R, L), i32), ((R,), i32))
+                ((R, MAX_BIAS), i32), ((R, MAX_BIAS), f32), ((R, L), i32), ((R,), i32), ((R, -(-W // 32)), i32))
 
 
 def needs_processing(p) -> bool:
     """Whether SamplingParams `p` changes logits (penalties, bias, min_tokens)."""
     return p is not None and (p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
-                              or bool(p.logit_bias) or p.min_tokens > 0)
+                              or bool(p.logit_bias) or p.min_tokens > 0 or p.structured_output is not None)
 
 
 def proc_rows(params: typing.Sequence, histories: typing.Sequence, n_prompt: typing.Sequence[int],
-              n_out: typing.Sequence[int], eos_ids: typing.Sequence[int], L: int | None) -> dict:
+              n_out: typing.Sequence[int], eos_ids: typing.Sequence[int], L: int | None, W: int = 0,
+              masks: typing.Sequence | None = None) -> dict:
     """Host arrays of `Proc` for n rows (params None = an empty row). `histories[i]`: row i's tokens so far (prompt
-    + output; may be None when no row needs processing), `n_out[i]` its output tokens so far. L: hist width, or
-    None to leave `ban`/`bias_ids`/`bias`/`hist` out (no row needs processing: the caller passes its zeros)."""
+    + output; may be None when no row needs processing), `n_out[i]` its output tokens so far, `masks[i]` its grammar
+    bitmask (None: unconstrained). L: hist width, or None to leave `ban`/`bias_ids`/`bias`/`hist`/`mask` out (no
+    row needs processing: the caller passes its neutral arrays)."""
     n = len(params)
     out = {"logprobs": np.full(n, -1, np.int32), "prompt_logprobs": np.full(n, -1, np.int32),
            "presence": np.zeros(n, np.float32), "frequency": np.zeros(n, np.float32),
@@ -67,7 +70,8 @@ def proc_rows(params: typing.Sequence, histories: typing.Sequence, n_prompt: typ
            "n_prompt": np.asarray(n_prompt, np.int32).reshape(n)}
     if L is not None:
         out.update(ban=np.full((n, MAX_BAN), -1, np.int32), bias_ids=np.full((n, MAX_BIAS), -1, np.int32),
-                   bias=np.zeros((n, MAX_BIAS), np.float32), hist=np.full((n, L), -1, np.int32))
+                   bias=np.zeros((n, MAX_BIAS), np.float32), hist=np.full((n, L), -1, np.int32),
+                   mask=np.full((n, -(-W // 32)), -1, np.int32))
     for i, p in enumerate(params):
         if p is None:
             continue
@@ -85,6 +89,8 @@ def proc_rows(params: typing.Sequence, histories: typing.Sequence, n_prompt: typ
             out["bias_ids"][i, :len(ids)], out["bias"][i, :len(ids)] = ids, vals
         h = np.asarray(histories[i], np.int32)[:L]
         out["hist"][i, :len(h)] = h
+        if masks is not None and masks[i] is not None:
+            out["mask"][i] = masks[i]
     return out
 
 
@@ -92,19 +98,23 @@ def proc_rows(params: typing.Sequence, histories: typing.Sequence, n_prompt: typ
 def active(proc: Proc):
     """Whether any row of the call changes its logits (a traced bool)."""
     return jnp.any((proc.presence != 0) | (proc.frequency != 0) | (proc.repetition != 1) | (proc.min_left > 0)
-                   | jnp.any(proc.bias != 0, axis=-1))
+                   | jnp.any(proc.bias != 0, axis=-1) | jnp.any(proc.mask != -1, axis=-1))
 
 
-def process(logits_BW, proc: Proc, hist_BL, min_left_B):
-    """vLLM's processors on f32 logits, in its order: logit bias, min_tokens (EOS / stop ids to -inf while output
-    tokens are still owed), then repetition (tokens in prompt or output: positive logits divided, negative
-    multiplied), frequency (minus penalty x output count) and presence (minus penalty if in the output)."""
+def process(logits_BW, proc: Proc, hist_BL, min_left_B, masked=True):
+    """vLLM's processors on f32 logits, in its order: the grammar's mask (when `masked`: a decode dispatch applies
+    it at its first step only), logit bias, min_tokens (EOS / stop ids to -inf while output tokens are still owed),
+    then repetition (tokens in prompt or output: positive logits divided, negative multiplied), frequency (minus
+    penalty x output count) and presence (minus penalty if in the output)."""
     logits_BW = logits_BW.astype(jnp.float32)
 
     def run():
         B, W = logits_BW.shape
         rows = jnp.arange(B)[:, None]
-        out = logits_BW.at[rows, jnp.where(proc.bias_ids >= 0, proc.bias_ids, W)].add(proc.bias, mode="drop")
+        w = jnp.arange(W)
+        allowed = ((proc.mask[:, w // 32] >> (w % 32)[None]) & 1) == 1
+        out = jnp.where(allowed | jnp.logical_not(masked), logits_BW, -jnp.inf)
+        out = out.at[rows, jnp.where(proc.bias_ids >= 0, proc.bias_ids, W)].add(proc.bias, mode="drop")
         banned = (proc.ban >= 0) & (min_left_B[:, None] > 0)
         out = out.at[rows, jnp.where(banned, proc.ban, W)].set(-jnp.inf, mode="drop")
         valid = hist_BL >= 0

@@ -96,26 +96,27 @@ class Programs:
         rows = jnp.arange(tokens_B.shape[0])
 
         def step(carry, _):
-            cache, tok_B, pos_B, hist, left = carry
+            cache, tok_B, pos_B, hist, left, i = carry
             logits, hidden, cache = model.forward(tok_B[:, None], pos_B[:, None], cache=layout, state=cache,
                                                   absorbed=True)
             with jax.named_scope("sampling"):
                 raw = logits[:, 0]
-                nxt_B = sample(process(raw, proc, hist, left), pos_B + 1, temperature, top_k, top_p, seed)
+                # a grammar's mask holds for the first step only (the host keeps only that token of such rows)
+                nxt_B = sample(process(raw, proc, hist, left, i == 0), pos_B + 1, temperature, top_k, top_p, seed)
                 lps = token_logprobs(raw, nxt_B, proc.logprobs)
             hist = hist.at[rows, pos_B + 1].set(nxt_B, mode="drop")
-            return (cache, nxt_B, pos_B + 1, hist, left - 1), (nxt_B, *lps)
+            return (cache, nxt_B, pos_B + 1, hist, left - 1, i + 1), (nxt_B, *lps)
 
         def spec_step(carry, _):
             """Verify the draft at pos+1 with the main model (T = 2), then draft again with the MTP module."""
-            cache, tok_B, pos_B, d_B, q_BW, hist, left = carry
+            cache, tok_B, pos_B, d_B, q_BW, hist, left, i = carry
             toks_BT = jnp.stack([tok_B, d_B], 1)
             pos_BT = jnp.stack([pos_B, pos_B + 1], 1)
             layout2 = self._layout(page_tables_BP, jnp.broadcast_to(valid_B1, pos_BT.shape), kernel=True)
             logits, hidden_BTD, cache = model.forward(toks_BT, pos_BT, cache=layout2, state=cache, absorbed=True)
             hist_d = hist.at[rows, pos_B + 1].set(d_B, mode="drop")   # position 1's logits follow the draft
-            p0 = token_probs(process(logits[:, 0], proc, hist, left), temperature, top_k, top_p)
-            p1 = token_probs(process(logits[:, 1], proc, hist_d, left - 1), temperature, top_k, top_p)
+            p0 = token_probs(process(logits[:, 0], proc, hist, left, i == 0), temperature, top_k, top_p)
+            p1 = token_probs(process(logits[:, 1], proc, hist_d, left - 1, False), temperature, top_k, top_p)
             t1_B, ok_B = speculative_accept(p0, q_BW, d_B, keys_for(seed, pos_B + 1, stream=1),
                                             keys_for(seed, pos_B + 1, stream=2))
             bonus_B = draw(p1, keys_for(seed, pos_B + 2))
@@ -131,18 +132,19 @@ class Programs:
             hist = hist.at[rows, pos_B + 1].set(t1_B, mode="drop")
             hist = hist.at[rows, jnp.where(ok_B, pos_B + 2, hist.shape[1])].set(bonus_B, mode="drop")
             lps = tuple(jnp.stack([a, b], 1) for a, b in zip(lp0, lp1))
-            return ((cache, new_tok_B, new_pos_B, d_new_B, q_new_BW, hist, left - jnp.where(ok_B, 2, 1)),
+            return ((cache, new_tok_B, new_pos_B, d_new_B, q_new_BW, hist, left - jnp.where(ok_B, 2, 1), i + 1),
                     (jnp.stack([t1_B, bonus_B], 1), ok_B, *lps))
 
         S, B = steps, tokens_B.shape[0]
         row_major = lambda x: jnp.moveaxis(x, 0, 1)   # [S, B, ...] -> [B, S, ...]
         if not self.cfg.mtp:
             (cache, *_), (toks_SB, *lps) = jax.lax.scan(step, (cache, tokens_B, positions_B, proc.hist,
-                                                               proc.min_left), None, length=S)
+                                                               proc.min_left, jnp.int32(0)), None, length=S)
             return (*self._to_host(toks_SB.T, jnp.zeros((B, S), bool), drafts_B, q_BW, *map(row_major, lps)),
                     cache)
         (cache, _, _, d_B, q_BW, *_), (toks_SB2, ok_SB, *lps) = jax.lax.scan(
-            spec_step, (cache, tokens_B, positions_B, drafts_B, q_BW, proc.hist, proc.min_left), None, length=S)
+            spec_step, (cache, tokens_B, positions_B, drafts_B, q_BW, proc.hist, proc.min_left, jnp.int32(0)), None,
+            length=S)
         return (*self._to_host(row_major(toks_SB2), ok_SB.T, d_B, q_BW, *map(row_major, lps)), cache)
 
     def _to_host(self, *xs):

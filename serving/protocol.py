@@ -106,7 +106,7 @@ def decode_message(frame: bytes, token: str | None = None) -> dict:
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
                    "cache_salt", "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "min_tokens", "logit_bias")
+                   "repetition_penalty", "min_tokens", "logit_bias", "structured_output")
 
 
 def sampling_to_wire(params, seed: int) -> dict:
@@ -114,6 +114,7 @@ def sampling_to_wire(params, seed: int) -> dict:
     d = {f: getattr(params, f) for f in SAMPLING_FIELDS}
     d["stop"], d["stop_token_ids"], d["seed"] = list(d["stop"] or []), list(d["stop_token_ids"] or []), int(seed)
     d["logit_bias"] = [[int(t), float(b)] for t, b in d["logit_bias"]]
+    d["structured_output"] = None if d["structured_output"] is None else list(d["structured_output"])
     return d
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from serving.grammar import normalize
 from serving.logits import MAX_BAN, MAX_BIAS, MAX_LOGPROBS
 
 
@@ -47,6 +48,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0       # tokens in prompt or output: logit / p if > 0 else logit x p (> 0)
     min_tokens: int = 0                   # EOS and stop_token_ids cannot end the output before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit) (a dict is accepted)
+    structured_output: tuple[str, str] | None = None  # a grammar the output follows (`serving.grammar.normalize`:
+    #   {"json": schema} | {"json_object": True} | {"regex": r} | {"choice": [...]} | {"grammar": lark})
 
     def __post_init__(self):
         def bad(field, why):
@@ -95,6 +98,10 @@ class SamplingParams:
         if self.min_tokens and len(self.stop_token_ids) > MAX_BAN - 4:
             bad("min_tokens", f"holds back at most {MAX_BAN - 4} stop_token_ids besides EOS")
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias, bad))
+        try:
+            object.__setattr__(self, "structured_output", normalize(self.structured_output))
+        except (ValueError, TypeError) as e:
+            bad("structured_output", str(e))
 
     @property
     def wants_logprobs(self) -> bool:
@@ -115,6 +122,7 @@ class SamplingParams:
         d = dataclasses.asdict(self)
         d["stop"], d["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
         d["logit_bias"] = {str(t): b for t, b in self.logit_bias}   # JSON keys are strings (OpenAI's format)
+        d["structured_output"] = None if self.structured_output is None else list(self.structured_output)
         return d
 
 

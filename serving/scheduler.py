@@ -20,6 +20,7 @@ events handed to the caller), so a long-running server's memory stays flat.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -32,6 +33,7 @@ from serving.api import Event, Request, Status
 from serving.batched_prefill import PrefillJob, prefill_many
 from serving.config import SchedulerConfig
 from serving.engine import DecodeBatch, Engine, Prefix
+from serving.grammar import consume, mask_of
 from serving.logits import needs_processing
 from serving.pages import PagePool
 from serving.sampling import sampling_arrays
@@ -155,6 +157,13 @@ class Scheduler:
             events, self._events = self._events, []
         return events
 
+    def _row(self, req: Request) -> dict:
+        """A request's sampling row for prefill, with its grammar's mask for the first token."""
+        row = req.sampling_row()
+        if req.matcher is not None:
+            row["mask"] = mask_of(req.matcher, self.decode.model_cfg.vocab_size)
+        return row
+
     def _pages_for(self, req: Request) -> int:
         return self.decode.pages_needed(len(req.prompt_ids) + req.limit)
 
@@ -208,7 +217,7 @@ class Scheduler:
             if req.prefill_start is None:
                 req.prefill_start = now
         chunks = [req.chunks.pop(0) for req in group]
-        outs = self.decode.prefill_batch([(req.prompt_ids, c, req.pages, req.sampling_row())
+        outs = self.decode.prefill_batch([(req.prompt_ids, c, req.pages, self._row(req))
                                           for req, c in zip(group, chunks)])
         for req, out in zip(group, outs):
             if out.prompt_logprobs is not None:
@@ -238,7 +247,8 @@ class Scheduler:
             page_tables=np.stack([self.decode.page_table(r.pages) for r in rows]),
             sampling=sampling_arrays([r.params for r in rows], [r.seed for r in rows]),
             ranks=np.array([self.decode.rank_of(r.pages[0]) for r in rows], np.int64),
-            params=[r.params for r in rows])
+            params=[r.params for r in rows],
+            masks=[None if r.matcher is None else mask_of(r.matcher, self.decode.model_cfg.vocab_size) for r in rows])
         if any(needs_processing(r.params) for r in rows):   # the processors count the tokens so far
             batch.histories = [np.concatenate([r.prompt_ids, np.asarray(r.output_ids, np.int32)]) for r in rows]
             batch.prompt_lens = np.array([len(r.prompt_ids) for r in rows], np.int32)
@@ -252,7 +262,10 @@ class Scheduler:
                 if r.status != Status.RUNNING:  # aborted meanwhile
                     continue
                 before = len(r.output_ids)
-                self._append(r, out.tokens[i], now, out.logprobs[i] if out.logprobs else None)
+                toks, lps = out.tokens[i], out.logprobs[i] if out.logprobs else None
+                if r.matcher is not None:   # the grammar's mask held for the dispatch's first token only
+                    toks, lps = toks[:1], None if lps is None else lps[:1]
+                self._append(r, toks, now, lps)
                 if out.drafts is not None:
                     r.draft, r.draft_q = int(out.drafts[i]), out.draft_q[i]
                     # count only the verify steps whose tokens were kept (not those past a stop or the limit)
@@ -268,11 +281,19 @@ class Scheduler:
     def _append(self, req: Request, tokens: list[int], now: float, logprobs: list | None = None) -> None:
         """Add tokens (under self._lock, or on the only thread touching `req`) and end the request on a stop."""
         event, reason = append_tokens(req, tokens, now, self.eos_ids, self.detokenize, logprobs)
+        err = None
+        if req.matcher is not None and reason is None:
+            err = consume(req.matcher, event.new_token_ids)
+            if err is not None:
+                reason = "error"
+            elif req.matcher.is_stopped():   # the grammar is complete: nothing more may follow
+                reason = "stop"
+                event = dataclasses.replace(event, finished=True)
         self._events.append(event)
         if reason is not None:
             if req in self.running:
                 self.running.remove(req)
-            self._finish(req, reason)
+            self._finish(req, reason, err)
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         if req.status == Status.RUNNING and req.pages and not self.decode.cfg.mtp:
@@ -288,7 +309,7 @@ class Scheduler:
             self.pages.release(req.pages)
             req.pages = []
         self.requests.pop(req.id, None)
-        req.chunks, req.draft_q = [], None
+        req.chunks, req.draft_q, req.matcher = [], None, None
         if reason in ("abort", "error"):
             self._events.append(Event(req, [], "", True))
 
@@ -333,7 +354,7 @@ class Scheduler:
             req.cached_tokens = got[1]
             req.prefill_start = time.perf_counter()
             taken.append((req, got[0]))
-            jobs.append(PrefillJob(req.prompt_ids, got[0], req.sampling_row(), got[1]))
+            jobs.append(PrefillJob(req.prompt_ids, got[0], self._row(req), got[1]))
         done = set()
         try:
             for i, out in prefill_many(eng, jobs, self.prefill_stats):

@@ -57,3 +57,4 @@ class DecodeBatch:
     params: list | None = None            # [n] SamplingParams: logprobs and logits processors (None: neither)
     histories: list | None = None         # [n] each row's tokens so far (prompt + output; for the processors)
     prompt_lens: np.ndarray | None = None  # [n] each row's prompt length (with histories)
+    masks: list | None = None             # [n] grammar bitmask of each row's next token (None: unconstrained)
