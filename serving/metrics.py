@@ -34,6 +34,8 @@ class Metrics:
         self.running = Gauge("tandem_num_requests_running", "requests decoding", registry=r)
         self.waiting = Gauge("tandem_num_requests_waiting", "requests waiting or prefilling", registry=r)
         self.pages = Gauge("tandem_kv_pages", "KV pages by state", ["engine", "state"], registry=r)
+        self.features = Counter("tandem_feature_requests", "finished requests that used a feature", ["feature"],
+                                registry=r)
         self.prefix_hit_rate = Gauge("tandem_prefix_cache_hit_rate", "prefix-cache block hit rate by tier",
                                      ["engine", "tier"], registry=r)
 
@@ -49,6 +51,14 @@ class Metrics:
                 h.observe(v)
         for g in m.itl_s:
             self.itl.observe(g)
+        p = req.params
+        for name, used in (("logprobs", p.logprobs is not None), ("prompt_logprobs", p.prompt_logprobs is not None),
+                           ("structured_output", p.structured_output is not None),
+                           ("penalties", p.presence_penalty != 0 or p.frequency_penalty != 0
+                            or p.repetition_penalty != 1), ("logit_bias", bool(p.logit_bias)),
+                           ("min_tokens", p.min_tokens > 0), ("cache_salt", p.cache_salt is not None)):
+            if used:
+                self.features.labels(name).inc()
         self.spec_proposed.inc(m.spec_proposed)
         self.spec_accepted.inc(m.spec_accepted)
         if transfer_bytes:

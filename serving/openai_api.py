@@ -34,9 +34,33 @@ def _num(body: dict, key: str, kind, default, lo=None, hi=None):
 
 # Fields OpenAI / vLLM clients send that this engine does not implement, with the values that mean "off": a request
 # setting one to anything else is refused (400 naming it), never accepted and ignored.
-NOT_IMPLEMENTED = {"min_p": (0,), "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
-                   "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "use_beam_search": (False,),
-                   "length_penalty": (1,), "tools": ([],), "tool_choice": ("none",), "prompt_logprobs": ()}
+NOT_IMPLEMENTED = {"min_p": (0,), "use_beam_search": (False,), "length_penalty": (1,), "tools": ([],),
+                   "tool_choice": ("none",), "prompt_logprobs": ()}
+
+
+def structured_of(body: dict) -> dict | None:
+    """The request's grammar in `SamplingParams.structured_output` form, from OpenAI's `response_format`
+    (json_object, json_schema) or vLLM's `structured_outputs` / `guided_json|regex|choice|grammar`; at most one."""
+    found = []
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise BadRequest("'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}")
+        if rf["type"] == "json_object":
+            found.append({"json_object": True})
+        elif rf["type"] == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+                raise BadRequest("'response_format.json_schema' must be an object with a 'schema' object")
+            found.append({"json": js.get("schema", {})})
+    if body.get("structured_outputs") is not None:
+        found.append(body["structured_outputs"])
+    for k in ("json", "regex", "choice", "grammar"):
+        if body.get(f"guided_{k}") is not None:
+            found.append({k: body[f"guided_{k}"]})
+    if len(found) > 1:
+        raise BadRequest("give one of 'response_format', 'structured_outputs', 'guided_*'")
+    return found[0] if found else None
 
 
 def _logprobs_of(body: dict, chat: bool) -> int | None:
@@ -92,7 +116,7 @@ def sampling_of(body: dict, default_max_tokens: int, chat: bool = False) -> tupl
             presence_penalty=float(_num(body, "presence_penalty", float, 0.0)),
             frequency_penalty=float(_num(body, "frequency_penalty", float, 0.0)),
             repetition_penalty=float(_num(body, "repetition_penalty", float, 1.0)),
-            min_tokens=_num(body, "min_tokens", int, 0), logit_bias=bias)
+            min_tokens=_num(body, "min_tokens", int, 0), logit_bias=bias, structured_output=structured_of(body))
     except ValueError as e:
         raise BadRequest(str(e)) from None
     return params, n

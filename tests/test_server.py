@@ -4,6 +4,7 @@ thread, the shipped model): completions and chat, streaming and not, n, concurre
 
 import concurrent.futures
 import json
+import re
 import socket
 import threading
 import time
@@ -142,7 +143,10 @@ def test_concurrent_requests_equal_sequential(served):
     ({"prompt": PROMPT, "frequency_penalty": 3}, "frequency_penalty"),
     ({"prompt": PROMPT, "logit_bias": {"5": 200}}, "logit_bias"),
     ({"prompt": PROMPT, "extra_body": {"min_tokens": 99}, "max_tokens": 4}, "min_tokens"),
-    ({"prompt": PROMPT, "extra_body": {"response_format": {"type": "json_object"}}}, "'response_format'"),
+    ({"prompt": PROMPT, "extra_body": {"response_format": {"type": "xml"}}}, "'response_format'"),
+    ({"prompt": PROMPT, "extra_body": {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}}}, "rejected"),
+    ({"prompt": PROMPT, "extra_body": {"guided_regex": "(", "guided_choice": ["a"]}}, "one of"),
     ({"prompt": PROMPT, "extra_body": {"cache_salt": ""}}, "cache_salt"),
 ])
 def test_bad_requests_get_400_naming_the_problem(served, body, needle):
@@ -199,6 +203,33 @@ def test_logprobs_echo_and_penalties_through_the_openai_client(served):
                        frequency_penalty=0.5, logit_bias={7: 3.0})
     got = llm.generate([ids], p)[0]
     assert r.choices[0].text == got.text and got.token_ids != want.token_ids[:len(got.token_ids)]
+
+
+def test_structured_output_through_the_openai_client(served):
+    """response_format json_schema (chat), vLLM's structured_outputs choice and guided_regex (completions): outputs
+    follow the grammar and equal LLM.generate's; /metrics counts the feature requests."""
+    llm, engine, srv, client = served
+    schema = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no"]},
+                                               "n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["verdict", "n"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="shakespeare-moe", messages=[{"role": "user", "content": PROMPT}], max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": schema}})
+    v = json.loads(r.choices[0].message.content)
+    assert set(v) == {"verdict", "n"} and v["verdict"] in ("yes", "no") and 1 <= v["n"] <= 9
+    r = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=20, temperature=0,
+                                  extra_body={"structured_outputs": {"choice": ["Lord", "Lady", "Knave"]}})
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=20, structured_output={"choice": ["Lord", "Lady",
+                                                                                                "Knave"]}))[0]
+    assert r.choices[0].text == want.text and want.text in ("Lord", "Lady", "Knave")
+    r = client.completions.create(model="shakespeare-moe", prompt=PROMPT, max_tokens=20, temperature=0.9, seed=1,
+                                  extra_body={"guided_regex": "[a-z]{2,6} [0-9]"}, logprobs=1)
+    assert re.fullmatch("[a-z]{2,6} [0-9]", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+    engine._last_gauges = 0.0
+    text = httpx.get(srv.url + "/metrics").text
+    for f in ("structured_output", "logprobs"):
+        line = [l for l in text.splitlines() if l.startswith(f'tandem_feature_requests_total{{feature="{f}"}}')]
+        assert line and float(line[0].split()[-1]) >= 1, f
 
 
 def test_malformed_json_and_chat_messages(served):
