@@ -115,3 +115,21 @@ def consume(matcher, tokens) -> str | None:
         if not matcher.consume_token(int(t)):
             return f"structured output: token {int(t)} violates the grammar ({matcher.get_error()})"
     return None
+
+
+def of_checkpoint(checkpoint: str | None, model_cfg) -> Grammars:
+    """Grammars over a checkpoint's tokenizer.json (ValueError when it has none)."""
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer.of_checkpoint(checkpoint)
+    if tok is None:
+        raise ValueError(f"structured output needs the checkpoint's tokenizer.json ({checkpoint})")
+    return Grammars(tok.to_json(), model_cfg.vocab_size, model_cfg.eos_token_ids)
+
+
+def prefill_row(req, vocab_size: int) -> dict:
+    """A request's sampling row for prefill, with its grammar's mask for the first token when it has one."""
+    row = req.sampling_row()
+    if req.matcher is not None:
+        row["mask"] = mask_of(req.matcher, vocab_size)
+    return row

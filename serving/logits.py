@@ -202,9 +202,26 @@ def logprobs_to_wire(prefix) -> dict:
     return out
 
 
-def logprobs_from_wire(d: dict) -> dict:
-    """`logprobs_to_wire`'s fields back as Prefix keyword arguments."""
+def logprobs_from_wire(d: dict, params=None) -> dict:
+    """`logprobs_to_wire`'s fields back as Prefix keyword arguments; ValueError when `params` (the request's
+    SamplingParams) asks for logprobs the offer does not carry (a prefill worker of an older version)."""
     lp, plp = d.get("logprobs"), d.get("prompt_logprobs")
+    if params is not None and ((params.logprobs is not None and lp is None)
+                               or (params.prompt_logprobs is not None and plp is None)):
+        raise ValueError("the request asks for logprobs but the offer carries none (a prefill worker of an older "
+                         "version?)")
     return {"logprobs": None if lp is None else TokenLogprobs.from_wire(lp),
             "prompt_logprobs": None if plp is None else [None if e is None else TokenLogprobs.from_wire(e)
                                                          for e in plp]}
+
+
+def event_logprobs_to_wire(ev, prompt_sent: set) -> dict:
+    """A worker's token-event fields for `ev`: its tokens' logprobs and, once per request (the ids in
+    `prompt_sent`), the prompt's."""
+    out, r = {}, ev.request
+    if ev.new_logprobs:
+        out["logprobs"] = [e.to_wire() for e in ev.new_logprobs]
+    if r.prompt_logprobs is not None and r.id not in prompt_sent:
+        prompt_sent.add(r.id)
+        out["prompt_logprobs"] = [None if e is None else e.to_wire() for e in r.prompt_logprobs]
+    return out

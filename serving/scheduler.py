@@ -33,7 +33,7 @@ from serving.api import Event, Request, Status
 from serving.batched_prefill import PrefillJob, prefill_many
 from serving.config import SchedulerConfig
 from serving.engine import DecodeBatch, Engine, Prefix
-from serving.grammar import consume, mask_of
+from serving.grammar import consume, mask_of, prefill_row
 from serving.logits import needs_processing
 from serving.pages import PagePool
 from serving.sampling import sampling_arrays
@@ -158,11 +158,7 @@ class Scheduler:
         return events
 
     def _row(self, req: Request) -> dict:
-        """A request's sampling row for prefill, with its grammar's mask for the first token."""
-        row = req.sampling_row()
-        if req.matcher is not None:
-            row["mask"] = mask_of(req.matcher, self.decode.model_cfg.vocab_size)
-        return row
+        return prefill_row(req, self.decode.model_cfg.vocab_size)
 
     def _pages_for(self, req: Request) -> int:
         return self.decode.pages_needed(len(req.prompt_ids) + req.limit)

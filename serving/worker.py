@@ -38,7 +38,9 @@ from serving.api import Request
 from serving.batched_prefill import PrefillJob, prefill_many
 from serving import flags as serving_flags
 from serving.build import build_engine
-from serving.logits import logprobs_from_wire, logprobs_to_wire
+from serving.grammar import Grammars, prefill_row
+from serving.grammar import of_checkpoint as grammar_of_checkpoint
+from serving.logits import event_logprobs_to_wire, logprobs_from_wire, logprobs_to_wire
 from serving.config import default_mesh, parse_mesh_spec
 from serving.engine import Prefix
 from serving import group as group_mod
@@ -90,6 +92,7 @@ class Worker:
         self.busy_hook = None          # a group's leader: Group.busy, marks engine work (its step watchdog)
         self.group = None              # a group's leader: its serving.group.Group (set by `start`)
         self.mesh_spec, self.checkpoint, self.startup_s = "", None, 0.0
+        self.grammars: Grammars | None = None   # structured output: built on the first request that needs it
         self.invariant_ok = True
         self._stop = threading.Event()
         # prefill role
@@ -192,7 +195,18 @@ class Worker:
         limit = ec.max_model_len - len(prompt) if limit is None else min(limit, ec.max_model_len - len(prompt))
         if limit < 1:
             raise ProtocolError("malformed", f"limit {limit}: nothing to generate")
-        return Request(id=msg["rid"], prompt_ids=prompt, params=params, seed=params.seed, limit=limit)
+        req = Request(id=msg["rid"], prompt_ids=prompt, params=params, seed=params.seed, limit=limit)
+        if params.structured_output is not None:   # this worker's own matcher (masks its steps, reads its tokens)
+            try:
+                req.matcher = self._grammars().matcher(params.structured_output)
+            except ValueError as e:
+                raise ProtocolError("malformed", str(e)) from None
+        return req
+
+    def _grammars(self) -> Grammars:
+        if self.grammars is None:
+            self.grammars = grammar_of_checkpoint(self.checkpoint, self.engine.model_cfg)
+        return self.grammars
 
     # ---- dispatch -------------------------------------------------------------------------------------------------
     def _handle(self, ident: bytes, msg: dict) -> None:
@@ -247,7 +261,8 @@ class Worker:
             self._jobs.popleft()
             taken.append((ident, req, uuid, got[0], got[1]))
         t0, done = time.perf_counter(), set()
-        jobs = [PrefillJob(req.prompt_ids, pages, req.sampling_row(), cached) for _, req, _, pages, cached in taken]
+        jobs = [PrefillJob(req.prompt_ids, pages, prefill_row(req, self.engine.model_cfg.vocab_size), cached)
+                for _, req, _, pages, cached in taken]
         try:
             for i, out in prefill_many(eng, jobs, self.metrics):
                 done.add(i)
@@ -345,15 +360,11 @@ class Worker:
             want = (self.engine.cache_shape[0], pages.shape[1], *self.engine.cache_shape[2:])
             if tuple(pages.shape) != want or pages.shape[1] not in self.engine.cfg.transfer_buckets:
                 raise ValueError(f"offered pages {list(pages.shape)} do not fit this cache (want {list(want)})")
-            if (req.params.logprobs is not None and offer.get("logprobs") is None) or \
-                    (req.params.prompt_logprobs is not None and offer.get("prompt_logprobs") is None):
-                raise ValueError("the request asks for logprobs but the offer carries none (a prefill worker of "
-                                 "an older version?)")
             dq = offer.get("draft_q")
             prefix = self.engine.receive(Prefix(pages, int(offer["n_pages"]), int(offer["length"]),
                                                 int(offer["first_token"]), int(offer.get("draft") or 0),
                                                 None if dq is None else np.frombuffer(dq, np.float32).copy(),
-                                                **logprobs_from_wire(offer)))
+                                                **logprobs_from_wire(offer, req.params)))
             self._pulled.put((req, offer, prefix, None, time.perf_counter() - t0))
         except Exception as e:
             self._pulled.put((req, offer, None, f"{type(e).__name__}: {e}", time.perf_counter() - t0))
@@ -392,12 +403,7 @@ class Worker:
             ident = self._owner.get(rid)
             if ident is not None:
                 r = ev.request
-                lps = {}
-                if ev.new_logprobs:
-                    lps["logprobs"] = [e.to_wire() for e in ev.new_logprobs]
-                if r.prompt_logprobs is not None and rid not in self._prompt_lps_sent:   # with the first tokens
-                    self._prompt_lps_sent.add(rid)
-                    lps["prompt_logprobs"] = [None if e is None else e.to_wire() for e in r.prompt_logprobs]
+                lps = event_logprobs_to_wire(ev, self._prompt_lps_sent)
                 self.send(ident, "tokens", rid=rid, tokens=[int(t) for t in ev.new_token_ids],
                           finished=ev.finished, reason=r.finish_reason if ev.finished else None, error=r.error,
                           cached_tokens=r.cached_tokens if ev.finished else None, **lps)

@@ -178,3 +178,17 @@ def to_block_fp8(src: str, dst: str, block: int = 128) -> int:
         if fname not in ("config.json", "model.safetensors"):
             shutil.copy2(os.path.join(src, fname), os.path.join(dst, fname))
     return n
+
+
+def write_tokenizer(path: str, vocab_size: int = 96) -> None:
+    """A byte-level tokenizer.json for BASE's 96-token vocabulary: one token per printable ASCII character (id 0 is
+    the space) and "<eos>" last, so tests over this checkpoint can use text (stop strings, structured output)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    assert vocab_size == 96, "one token per printable ASCII character + <eos>"
+    vocab = {("\u0120" if i == 0 else chr(32 + i)): i for i in range(95)}
+    vocab["<eos>"] = 95
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    t.decoder = decoders.ByteLevel()
+    t.save(os.path.join(path, "tokenizer.json"))

@@ -31,7 +31,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def colocated(model):
-    with LLM(model=model, engine_config=EC) as llm:
+    with LLM(model=model, engine_config=EC, prefix_caching=True) as llm:
         yield llm
 
 
@@ -117,18 +117,14 @@ def test_logprobs_and_processors_colocated(model, colocated):
     assert all(o.logprobs is None and o.prompt_logprobs is None for o in plain)
 
 
-@pytest.mark.parametrize("kw", [dict(mode="disagg", prefill_mesh="tp=1", decode_mesh="ep=2"), dict(mtp=True)],
-                         ids=["disagg", "mtp"])
-def test_logprobs_and_processors(model, kw):
-    with LLM(model=model, engine_config=EC, **kw) as llm:
+def test_logprobs_and_processors_disaggregated_with_mtp(model):
+    with LLM(model=model, engine_config=EC, mode="disagg", prefill_mesh="tp=1", decode_mesh="ep=2", mtp=True) as llm:
         _check_all(model, llm, llm.generate(PROMPTS * 2, PARAMS + PENALIZED))
 
 
-def test_prompt_logprobs_bypass_the_prefix_cache(model):
-    ec = EngineConfig(**{**EC.__dict__, "prefix_caching": True})
-    with LLM(model=model, engine_config=ec) as llm:
-        p = SamplingParams(max_tokens=2, prompt_logprobs=2, logprobs=1)
-        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2))
-        out = llm.generate([PROMPTS[0]], p)[0]
-        assert out.metrics.cached_tokens == 0
-        check_logprobs(model, out, 1, 2)
+def test_prompt_logprobs_bypass_the_prefix_cache(model, colocated):
+    p = SamplingParams(max_tokens=2, prompt_logprobs=2, logprobs=1)
+    assert colocated.generate([PROMPTS[0]], SamplingParams(max_tokens=2))[0].metrics.cached_tokens > 0
+    out = colocated.generate([PROMPTS[0]], p)[0]
+    assert out.metrics.cached_tokens == 0
+    check_logprobs(model, out, 1, 2)

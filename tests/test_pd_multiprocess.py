@@ -6,6 +6,7 @@ test bounds the time until every request has finished or failed with a reason.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -119,6 +120,7 @@ def router_cfg(**kw):
 def ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("pd_ckpt"))
     hf_reference.build(path, dict(num_hidden_layers=2, max_position_embeddings=128), seed=11)
+    hf_reference.write_tokenizer(path)   # (structured output needs one)
     return path
 
 
@@ -144,7 +146,10 @@ def colocated(ckpt, cluster):
     llm.close()
 
 
-def test_1p1d_equals_colocated(cluster, colocated):
+REGEX = "[a-z]{3} [0-9]"
+
+
+def test_1p1d_equals_colocated(ckpt, cluster, colocated):
     P, D = cluster["P"], cluster["D1"]
     params = [SamplingParams(max_tokens=N_NEW, logprobs=3, prompt_logprobs=2),
               SamplingParams(max_tokens=N_NEW, temperature=0.8, top_p=0.9, seed=123), SamplingParams(max_tokens=5),
@@ -160,6 +165,10 @@ def test_1p1d_equals_colocated(cluster, colocated):
         assert m.get("local_prefills", 0) == 0 and m.get("retries", 0) == 0, m
         for o in got:
             assert o.metrics.ttft_s > 0 and o.metrics.transfer_s > 0 and o.metrics.queue_s >= 0
+    # structured output over worker processes: the prefill worker masks the first token, the decode worker the rest
+    with LLM(workers=[P.addr, D.addr], router_config=router_cfg(), checkpoint=ckpt) as llm:
+        outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=N_NEW, structured_output={"regex": REGEX}))
+    assert all(re.fullmatch(REGEX, o.text) and o.finish_reason == "stop" for o in outs), [o.text for o in outs]
     check_drained([P.addr, D.addr])
     # freshly started workers served their first requests without compiling anything (all AOT at start-up)
     for w in (P, D):
