@@ -139,7 +139,7 @@ def run(reps: int, configs=None, batches=(1, 4, 16), chunks=(32, 128)) -> dict:
             pred = decode_step(mc, prof, hw, DecodeLayout(1), B, L, eff, act_bytes=4.0)
             args = (np.ones(B, i32), np.full(B, 8, i32), np.zeros((B, L // Z), i32), np.zeros(B, f32),
                     np.zeros(B, i32), np.ones(B, f32), np.zeros(B, i32), np.zeros(B, i32),
-                    np.zeros((B, 1), f32))
+                    np.zeros((B, 1), f32), *eng.neutral_proc(B, L))
 
             def call():
                 out = exe(eng.params, eng.cache, *args)
@@ -165,7 +165,8 @@ def run(reps: int, configs=None, batches=(1, 4, 16), chunks=(32, 128)) -> dict:
             def callp():
                 one = lambda v, dt: np.full(1, v, dt)
                 out = exe(eng.params, eng.cache, np.ones((1, T), np.int32), one(0, i32), one(T, i32), one(T - 1, i32),
-                          pt[None], one(0, f32), one(0, i32), one(1, f32), one(0, i32))
+                          pt[None], one(0, f32), one(0, i32), one(1, f32), one(0, i32),
+                          *eng.neutral_proc(1, ec.pages_per_seq * Z))
                 eng.cache = out[-1] if isinstance(out, tuple) else out
                 jax.block_until_ready(out)
 

@@ -473,6 +473,11 @@ class Engine(Programs):
                                 for j in range(S) for m in range(2 if ok[i, j] else 1)] for i, k in enumerate(want)]
         return DecodeOut(rows, sizes, ok.tolist(), np.asarray(d)[slot], np.asarray(q)[slot], lps)
 
+    def neutral_proc(self, rows: int, L: int) -> list:
+        """The `serving.logits.Proc` inputs of a call of `rows` rows none of which asks for logprobs, processors or a
+        grammar (L: the token-history width — decode: window pages x page size; prefill: max_model_len)."""
+        return self._proc_args([None] * rows, None, [0] * rows, [0] * rows, L, rows, lambda a, fill: a)
+
     def _proc_args(self, params, histories, n_prompt, n_out, L: int, rows: int, place, masks=None) -> list:
         """The `serving.logits.Proc` inputs of one call of `rows` rows (`place` lays the n request rows into
         them). With no row processing its logits the wide arrays are device-resident zeros, built once per shape,

@@ -95,6 +95,15 @@ def proc_rows(params: typing.Sequence, histories: typing.Sequence, n_prompt: typ
 
 
 # ---- inside the compiled steps -------------------------------------------------------------------------------------
+OPTIONAL_SCOPE = "row_features"   # names the branches taken only when a row asks (the planner leaves them out)
+
+
+def _scoped(fn):
+    def run():
+        with jax.named_scope(OPTIONAL_SCOPE):
+            return fn()
+    return run
+
 def active(proc: Proc):
     """Whether any row of the call changes its logits (a traced bool)."""
     return jnp.any((proc.presence != 0) | (proc.frequency != 0) | (proc.repetition != 1) | (proc.min_left > 0)
@@ -127,7 +136,7 @@ def process(logits_BW, proc: Proc, hist_BL, min_left_B, masked=True):
         out = jnp.where(seen, jnp.where(out > 0, out / rep, out * rep), out)
         return out - proc.frequency[:, None] * counts - proc.presence[:, None] * (counts > 0)
 
-    return jax.lax.cond(active(proc), run, lambda: logits_BW)
+    return jax.lax.cond(active(proc), _scoped(run), lambda: logits_BW)
 
 
 def token_logprobs(raw_BW, token_B, want_B):
@@ -142,7 +151,7 @@ def token_logprobs(raw_BW, token_B, want_B):
 
     zeros = lambda: (jnp.zeros((B,), jnp.float32), jnp.zeros((B, MAX_LOGPROBS), jnp.int32),
                      jnp.zeros((B, MAX_LOGPROBS), jnp.float32))
-    return jax.lax.cond(jnp.any(want_B >= 0), run, zeros)
+    return jax.lax.cond(jnp.any(want_B >= 0), _scoped(run), zeros)
 
 
 def prompt_logprobs(head, hidden_RTD, next_RT, want_R):
@@ -170,7 +179,7 @@ def prompt_logprobs(head, hidden_RTD, next_RT, want_R):
 
     zeros = lambda: (jnp.zeros((R, T), jnp.float32), jnp.zeros((R, T, MAX_LOGPROBS), jnp.int32),
                      jnp.zeros((R, T, MAX_LOGPROBS), jnp.float32))
-    return jax.lax.cond(jnp.any(want_R >= 0), run, zeros)
+    return jax.lax.cond(jnp.any(want_R >= 0), _scoped(run), zeros)
 
 
 # ---- on the host -----------------------------------------------------------------------------------------------------

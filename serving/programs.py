@@ -73,8 +73,8 @@ class Programs:
         prompt_next_RT = jnp.where(jnp.arange(T)[None] == last_R[:, None], next_token_R[:, None], in_chunk_RT)
         plps = prompt_logprobs(model.head, hidden_RTD, prompt_next_RT, proc.prompt_logprobs)
         if not self.cfg.mtp:
-            return (*self._to_host(token_R, jnp.zeros((R,), jnp.int32), jnp.zeros((R, 1), jnp.float32), *lps,
-                                   *plps), cache)
+            return (*self._to_host(token_R, jnp.zeros((R,), jnp.int32), jnp.zeros((R, 1), jnp.float32)),
+                    *self._lp_out(*lps, *plps), cache)
         # MTP over the chunk: position t sees (h_t, x_{t+1}); fills the MTP layer's cache and drafts x_{n+1}.
         follow_R = jnp.where(next_token_R >= 0, next_token_R, token_R)
         next_RT = jnp.where(jnp.arange(T)[None] == last_R[:, None], follow_R[:, None], in_chunk_RT)
@@ -82,7 +82,7 @@ class Programs:
                                                logits_at=last_R)
         q_RW = token_probs(m_logits[:, 0], temperature_R, top_k_R, top_p_R)
         draft_R = draw(q_RW, keys_for(seed_R, start_R + length_R + 1, stream=3))
-        return (*self._to_host(token_R, draft_R, q_RW, *lps, *plps), cache)
+        return (*self._to_host(token_R, draft_R, q_RW), *self._lp_out(*lps, *plps), cache)
 
     def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed,
                    drafts_B, q_BW, *proc, steps: int):
@@ -140,12 +140,17 @@ class Programs:
         if not self.cfg.mtp:
             (cache, *_), (toks_SB, *lps) = jax.lax.scan(step, (cache, tokens_B, positions_B, proc.hist,
                                                                proc.min_left, jnp.int32(0)), None, length=S)
-            return (*self._to_host(toks_SB.T, jnp.zeros((B, S), bool), drafts_B, q_BW, *map(row_major, lps)),
-                    cache)
+            return (*self._to_host(toks_SB.T, jnp.zeros((B, S), bool), drafts_B, q_BW),
+                    *self._lp_out(*map(row_major, lps)), cache)
         (cache, _, _, d_B, q_BW, *_), (toks_SB2, ok_SB, *lps) = jax.lax.scan(
             spec_step, (cache, tokens_B, positions_B, drafts_B, q_BW, proc.hist, proc.min_left, jnp.int32(0)), None,
             length=S)
-        return (*self._to_host(row_major(toks_SB2), ok_SB.T, d_B, q_BW, *map(row_major, lps)), cache)
+        return (*self._to_host(row_major(toks_SB2), ok_SB.T, d_B, q_BW), *self._lp_out(*map(row_major, lps)), cache)
+
+    def _lp_out(self, *xs):
+        """Logprob outputs: read only when a row asked, so left where they are computed (a gather on the host
+        then), except in a worker group, whose leader can read only replicated outputs."""
+        return self._to_host(*xs) if self.multiprocess else xs
 
     def _to_host(self, *xs):
         """Outputs the host reads (tokens, drafts, pages) replicated: a worker group's leader reads its own copy."""

@@ -158,7 +158,7 @@ class Scheduler:
         return events
 
     def _row(self, req: Request) -> dict:
-        return prefill_row(req, self.decode.model_cfg.vocab_size)
+        return prefill_row(req, self.decode.model_cfg.vocab_size) if req.matcher is not None else req.sampling_row()
 
     def _pages_for(self, req: Request) -> int:
         return self.decode.pages_needed(len(req.prompt_ids) + req.limit)
