@@ -42,10 +42,12 @@ def _by_kind(colls: list[dict]) -> dict[str, dict[str, list[float]]]:
     """Sum result bytes per (layer kind, op) of the normal path (the EP dispatch's exact fallback branch, taken
     only when a capacity bucket overflows, and the logits processors' / logprobs' / grammar's branches, taken only
     when a row asks for them, are left out)."""
+    from serving.logits import OPTIONAL_SCOPE
+
     out: dict[str, dict[str, list[float]]] = {}
     for c in colls:
         name = c["op_name"]
-        if "ep_fallback" in name or "row_features" in name:
+        if "ep_fallback" in name or OPTIONAL_SCOPE in name:
             continue
         kind = "dense" if "layer0" in name else "moe" if ("layer1" in name or not name.startswith("jit(")) else "other"
         slot = out.setdefault(kind, {}).setdefault(c["op"], [0.0, 0.0])

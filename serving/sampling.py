@@ -103,10 +103,6 @@ class SamplingParams:
         except (ValueError, TypeError) as e:
             bad("structured_output", str(e))
 
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs is not None or self.prompt_logprobs is not None
-
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
         known = {f.name for f in dataclasses.fields(cls)}
