@@ -26,6 +26,7 @@ from serving.protocol import sampling_to_wire
 from serving.router import Router, RouterConfig
 from serving.router_client import RouterClient
 from serving.scheduler import Scheduler
+from serving import tracing
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class RemoteBackend:
         self.vocab_size = int(engine_info["vocab_size"])
         self.eos_ids = tuple(engine_info.get("eos_ids") or ())
         self._live: dict[str, Request] = {}
+        self._submitted: dict[str, float] = {}   # request id -> when it went to the router (its queue span)
         self._closed_pages: dict | None = None
 
     @classmethod
@@ -141,7 +143,9 @@ class RemoteBackend:
             raise ValueError(f"request id {req.id!r} is already in flight")
         self._live[req.id] = req
         req.status = Status.RUNNING
-        self.router.submit(req.id, req.prompt_ids.tolist(), sampling_to_wire(req.params, req.seed), req.limit)
+        self.router.submit(req.id, req.prompt_ids.tolist(), sampling_to_wire(req.params, req.seed), req.limit,
+                           req.trace)
+        self._submitted[req.id] = time.perf_counter()
 
     def abort(self, request_id: str) -> None:
         self.router.abort(request_id)
@@ -158,7 +162,13 @@ class RemoteBackend:
                 continue
             now = time.perf_counter()
             m = ev.get("metrics") or {}
+            if ev.get("spans"):   # the workers' spans of a traced request, passed on by a router process
+                tracing.ingest(ev["spans"])
             if m.get("queue_s") is not None:
+                sub = self._submitted.pop(req.id, None)
+                if sub is not None:   # its queue span: arrival here -> the router dispatched it
+                    tracing.span(req.trace, "queue", req.arrival, sub + m["queue_s"],
+                                 {"tandem.request_id": req.id, "tandem.router_queue_s": m["queue_s"]})
                 req.prefill_start = req.arrival + m["queue_s"] + (m.get("prefill_queue_s") or 0.0)
                 req.prefill_end = req.prefill_start + (m.get("prefill_s") or 0.0) + (m.get("transfer_s") or 0.0)
                 req.transfer_s, req.attempts, req.workers = m.get("transfer_s"), m.get("attempts"), m.get("workers")
@@ -167,6 +177,9 @@ class RemoteBackend:
                 req.prompt_logprobs = logprobs_from_wire({"prompt_logprobs": ev["prompt_logprobs"]})["prompt_logprobs"]
             if ev["tokens"] and req.finish_reason is None:
                 lps = ev.get("logprobs")
+                if req.first_token_time is None and "sent_ns" in ev:   # the first token's trip from its worker
+                    tracing.span(req.trace, "deliver", tracing.perf_of(ev["sent_ns"], now), now,
+                                 {"tandem.request_id": req.id})
                 event, reason = append_tokens(req, ev["tokens"], now, self.eos_ids, None,
                                               None if lps is None else [TokenLogprobs.from_wire(w) for w in lps])
             if reason is not None and not ev["finished"]:
@@ -179,6 +192,7 @@ class RemoteBackend:
                     reason = "stop"
                 req.finish_reason, req.status, req.finish_time = reason, Status.FINISHED, now
                 self._live.pop(req.id, None)
+                self._submitted.pop(req.id, None)
                 out.append(Event(req, event.new_token_ids, event.new_text, True, event.new_logprobs))
             elif event.new_token_ids:
                 out.append(event)

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 from typing import Iterator, Sequence
 
 import checkpoints
@@ -31,6 +32,7 @@ from serving.protocol import read_token
 from serving.router import RouterConfig
 from serving.sampling import SamplingParams
 from serving.stops import TextStage
+from serving import tracing
 from serving.scheduler import Scheduler
 from sharding import DECODE_RULES, PREFILL_RULES, Topology
 
@@ -144,11 +146,15 @@ class LLM:
     def max_model_len(self) -> int:
         return self.backend.max_model_len
 
-    def make_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Request:
-        """A validated request (ValueError naming the problem); `add_request` submits it."""
+    def make_request(self, prompt, params: SamplingParams, request_id: str | None = None,
+                     arrival: float | None = None) -> Request:
+        """A validated request (ValueError naming the problem); `add_request` submits it. `arrival`: when it came
+        in (perf_counter; default now), where its queue time and its trace start."""
         rid = request_id if request_id is not None else f"r{os.getpid()}-{next(self._ids)}"
         req = new_request(prompt, params, rid, tokenizer=self.tokenizer, vocab_size=self.backend.vocab_size,
                           max_model_len=self.backend.max_model_len)
+        req.arrival = req.arrival if arrival is None else arrival
+        tracing.begin_request(req)   # tracing on: the root span of its trace (serving.tracing)
         if params.structured_output is not None:
             req.matcher = self.grammars().matcher(params.structured_output)   # ValueError: the grammar's problem
         return req
@@ -181,7 +187,11 @@ class LLM:
     def apply_text(self, events: list[Event], abort=None) -> list[Event]:
         """Detokenize and apply stop strings (`serving.stops.TextStage`); a stop string aborts the rest of its
         request through `abort` (default: this LLM's; the HTTP server passes its engine thread's queue)."""
-        return self.text.apply(events, abort or self.abort)
+        t0 = time.perf_counter()
+        out = self.text.apply(events, abort or self.abort)
+        if tracing.enabled():   # the first token's detokenize span; at the end the engine phases, the root span
+            tracing.frontend_spans(out, t0, time.perf_counter(), local=self.scheduler is not None)
+        return out
 
     def has_work(self) -> bool:
         return self.backend.has_work()

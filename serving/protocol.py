@@ -29,6 +29,7 @@ import os
 import msgpack
 
 from serving.sampling import SamplingParams
+from serving.tracing import valid_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ def decode_message(frame: bytes, token: str | None = None) -> dict:
         v = msg[field]
         if not isinstance(v, types) or (types is _INT and isinstance(v, bool)):
             raise ProtocolError("malformed", f"{t!r} field {field!r} has type {type(v).__name__}")
+    if msg.get("trace") is not None and not valid_traceparent(msg["trace"]):
+        raise ProtocolError("malformed", f"{t!r} field 'trace' is not a W3C traceparent")
+    if "spans" in msg and not isinstance(msg["spans"], list):
+        raise ProtocolError("malformed", f"{t!r} field 'spans' has type {type(msg['spans']).__name__}")
     if "prompt" in SCHEMA[t] and not all(isinstance(x, int) and not isinstance(x, bool) for x in msg["prompt"]):
         raise ProtocolError("malformed", f"{t!r} field 'prompt' must be a list of ints")
     return msg

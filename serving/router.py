@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import zmq
 from absl import app, flags
 
+from serving import tracing
 from serving.protocol import ProtocolError, decode_message, encode_message, read_token
 from serving.router_client import RouterClient
 from serving.router_core import RouterConfig, RouterCore, RReq, WorkerState
@@ -65,8 +66,9 @@ class Router:
         self._thread.start()
 
     # ---- public, any thread ---------------------------------------------------------------------------------------
-    def submit(self, rid: str, prompt: list[int], sampling: dict, limit: int | None = None) -> None:
-        self._cmd(("submit", rid, list(map(int, prompt)), dict(sampling), limit))
+    def submit(self, rid: str, prompt: list[int], sampling: dict, limit: int | None = None,
+               trace: str | None = None) -> None:
+        self._cmd(("submit", rid, list(map(int, prompt)), dict(sampling), limit, trace))
 
     def abort(self, rid: str) -> None:
         self._cmd(("abort", rid))
@@ -132,6 +134,8 @@ class Router:
         s = self._socks.get(addr)
         if s is None:
             return False
+        if fields.get("trace"):   # a traced request: the receiver's first span starts when this left
+            fields["sent_ns"] = time.time_ns()
         try:
             s.send(encode_message(type_, self.cfg.token, **fields), zmq.NOBLOCK)
             return True
@@ -215,8 +219,8 @@ class Router:
                 return changed
             changed = True
             if c[0] == "submit":
-                _, rid, prompt, sampling, limit = c
-                self.core.submit(rid, prompt, sampling, limit, None, time.monotonic())
+                _, rid, prompt, sampling, limit, trace = c
+                self.core.submit(rid, prompt, sampling, limit, None, time.monotonic(), trace)
             elif c[0] == "abort":
                 self.core.abort(c[1], time.monotonic())
             elif c[0] == "snapshot":
@@ -237,6 +241,12 @@ class Router:
                 log.warning("rejected message from worker %s: %s", addr, e)
                 continue
             try:
+                if "spans" in msg:   # a traced request's worker spans: exported here, else on to its client
+                    r = self.core.by_rid.get(msg.get("rid"))
+                    if not tracing.ingest(spans := msg.pop("spans")) and r is not None and r.client is not None:
+                        r.extra.setdefault("spans", []).extend(spans)
+                    if r is not None and msg["type"] == "tokens" and "sent_ns" in msg:
+                        r.extra["sent_ns"] = msg["sent_ns"]   # (the frontend's `deliver` span starts there)
                 self.core.on_worker_message(addr, msg, time.monotonic())
             except Exception:  # one bad (if well-formed) message never takes the router thread down
                 self.core.count("handler_errors")
@@ -259,7 +269,8 @@ class Router:
                 if t == "generate":
                     limit = msg.get("limit")
                     self.core.submit(msg["rid"], msg["prompt"], msg["sampling"],
-                                     int(limit) if isinstance(limit, int) else None, ident, time.monotonic())
+                                     int(limit) if isinstance(limit, int) else None, ident, time.monotonic(),
+                                     msg.get("trace"))
                 elif t == "cancel":
                     self.core.abort(msg["rid"], time.monotonic(), client=ident)
                 elif t in ("stats", "health"):
@@ -291,6 +302,8 @@ def main(argv):
                        dead_after_s=F.dead_after_s, step_timeout_s=F.step_timeout_s, max_retries=F.max_retries,
                        unavailable_timeout_s=F.unavailable_timeout_s, token=read_token(F.token_file),
                        kv_routing=F.kv_routing, kv_overlap_weight=F.kv_overlap_weight)
+    if F.otlp_traces_endpoint:   # clients' traced requests: their workers' spans are exported from here
+        tracing.configure("tandem-router", endpoint=F.otlp_traces_endpoint)
     r = Router(F.workers, cfg, bind=f"{F.host}:{F.port}")
     print(f"TANDEM_ROUTER_READY {F.host}:{F.port} workers={','.join(F.workers)}", flush=True)
     try:
@@ -300,6 +313,7 @@ def main(argv):
         pass
     finally:
         r.close()
+        tracing.shutdown()
     return 0
 
 
@@ -322,5 +336,7 @@ if __name__ == "__main__":
                       "--prefix_caching): cost = kv_overlap_weight x blocks to prefill + blocks in flight")
     flags.DEFINE_float("kv_overlap_weight", 1.0, "weight of the blocks a worker would have to prefill against its "
                        "load (higher: follow the cache more, balance less)")
+    flags.DEFINE_string("otlp_traces_endpoint", None, "OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces): "
+                        "export the worker spans of traced requests (docs/tracing.md); off by default")
     flags.mark_flag_as_required("workers")
     app.run(main)

@@ -61,10 +61,10 @@ class RouterClient:
         s = self.stats(timeout)
         return {"workers": s["workers"], "metrics": s["metrics"]}
 
-    def submit(self, rid, prompt, sampling, limit=None):
+    def submit(self, rid, prompt, sampling, limit=None, trace=None):
         with self._lock:
             self.sock.send(encode_message("generate", self.token, rid=rid, prompt=list(map(int, prompt)),
-                                          sampling=sampling, limit=limit))
+                                          sampling=sampling, limit=limit, trace=trace))
 
     def abort(self, rid):
         with self._lock:

@@ -102,6 +102,7 @@ class RReq:
     workers: list[str] = dataclasses.field(default_factory=list)
     extra: dict = dataclasses.field(default_factory=dict)   # fields the next event carries (logprobs)
     prompt_lps_sent: bool = False          # prompt logprobs go to the client once (a migration recomputes them)
+    trace: str | None = None               # W3C traceparent, passed to every worker of every attempt (tracing)
 
     def metrics(self) -> dict:
         ttft = None if self.first_token_t is None else self.first_token_t - self.arrival
@@ -135,7 +136,7 @@ class RouterCore:
 
     # ---- inputs -----------------------------------------------------------------------------------------------------
     def submit(self, rid: str, prompt: Sequence[int], sampling: dict, limit: int | None, client: object,
-               now: float) -> bool:
+               now: float, trace: str | None = None) -> bool:
         """Queue a request (dispatched by the next `tick`). `limit`: max new tokens (None: sampling's max_tokens).
         A duplicate in-flight id or unusable fields end it at once with an error event; returns whether queued."""
         self._now = now
@@ -148,7 +149,7 @@ class RouterCore:
         except (TypeError, ValueError, AttributeError) as e:
             self._reject(rid, client, f"bad request: {e}")
             return False
-        r = RReq(rid, prompt, dict(sampling), limit, client=client, arrival=now)
+        r = RReq(rid, prompt, dict(sampling), limit, client=client, arrival=now, trace=trace)
         r.deadline = now + self.cfg.unavailable_timeout_s
         self.reqs[rid] = r
         self.pending[rid] = r
@@ -278,7 +279,7 @@ class RouterCore:
         d.inflight[r.rid] = None
         r.workers.append(d.addr)
         if not self._send(d, "decode", rid=r.rid, prompt=r.prompt + r.output, sampling=r.sampling,
-                          limit=r.limit - len(r.output), offer=offer):
+                          limit=r.limit - len(r.output), offer=offer, trace=r.trace):
             self._retry(r, f"decode worker {d.addr} unreachable")
 
     def _on_pulled(self, r: RReq, msg: dict) -> None:
@@ -371,7 +372,7 @@ class RouterCore:
                 r.workers.append(d.addr)
                 self.metrics["local_prefills"] += 1
                 if not self._send(d, "decode", rid=r.rid, prompt=prompt, sampling=r.sampling,
-                                  limit=r.limit - len(r.output)):
+                                  limit=r.limit - len(r.output), trace=r.trace):
                     self._retry(r, f"decode worker {d.addr} unreachable")
             else:
                 p = self._pick_prefill(free_pre, hashes, blocks)
@@ -381,7 +382,8 @@ class RouterCore:
                 p.inflight[r.rid] = blocks
                 r.workers.append(p.addr)
                 self.metrics["remote_prefills"] += 1
-                if not self._send(p, "prefill", rid=r.rid, prompt=prompt, sampling=r.sampling, uuid=r.uuid):
+                if not self._send(p, "prefill", rid=r.rid, prompt=prompt, sampling=r.sampling, uuid=r.uuid,
+                                  trace=r.trace):
                     self._retry(r, f"prefill worker {p.addr} unreachable")
         return changed
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from serving.api import Event, Request
 from serving.metrics import Metrics
+from serving import tracing
 from serving.openai_api import (BadRequest, chat_logprobs, chat_prompt, chat_template_of, completion_logprobs,
                                 completion_prompt, sampling_of)
 
@@ -252,6 +253,7 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
                 return
 
     async def serve(request: HTTPRequest, chat: bool):
+        arrival = time.perf_counter()   # its queue time and trace start here
         if not authorized(request):
             return error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
         if not engine.alive or engine._stop.is_set():
@@ -273,7 +275,7 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
             reqs = []
             for i in range(n):   # n choices: n requests; distinct seeds when the client fixed one
                 p = params if n == 1 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-                reqs.append(llm.make_request(prompt, p, f"{base}-{i}"))
+                reqs.append(llm.make_request(prompt, p, f"{base}-{i}", arrival=arrival))
         except (BadRequest, ValueError) as e:
             return error(400, str(e))
         loop = asyncio.get_running_loop()
@@ -406,6 +408,8 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
                 if r.error and fr is not None:
                     c["error"] = r.error
                 yield _sse({"id": base, "object": obj, "created": created, "model": model_name, "choices": [c]})
+                if ev.new_token_ids:   # (sent: the generator resumes once the chunk is written)
+                    tracing.responded(r, time.perf_counter())
             if include_usage:
                 yield _sse({"id": base, "object": obj, "created": created, "model": model_name, "choices": [],
                             "usage": _usage(handles)})
@@ -493,6 +497,9 @@ def _define_flags():
                     "$TANDEM_API_KEY if set, else no key)")
     f.DEFINE_integer("max_queue", 256, "requests in flight before new ones get 429")
     f.DEFINE_integer("default_max_tokens", 64, "max_tokens when a request does not set it")
+    f.DEFINE_string("otlp_traces_endpoint", None, "OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces): one "
+                    "trace per request across the router and workers (docs/tracing.md); off by default")
+    f.DEFINE_float("trace_sample_ratio", 1.0, "fraction of requests traced when --otlp_traces_endpoint is set")
     serving_flags.define_engine_flags()
     serving_flags.define_pool_flags()
 
@@ -512,6 +519,8 @@ def main(argv):
             key = fh.read().strip()
     key = key or os.environ.get("TANDEM_API_KEY") or None
     name = F.served_model_name or os.path.basename(os.path.normpath(ckpt))
+    if F.otlp_traces_endpoint:
+        tracing.configure("tandem-server", endpoint=F.otlp_traces_endpoint, sample_ratio=F.trace_sample_ratio)
     llm = serving_flags.llm(ONLINE_PREFILL_BUDGET, F)
     engine = EngineLoop(llm, max_queue=F.max_queue)
     app_ = build_app(engine, model_name=name, chat_template=chat_template_of(ckpt), api_key=key,
@@ -524,6 +533,7 @@ def main(argv):
     finally:
         engine.close()
         llm.close()
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

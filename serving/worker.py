@@ -3,17 +3,11 @@
     python -m serving.worker --role=prefill --port=7101 --checkpoint=DIR [--devices=1 --mesh=tp=1]
     python -m serving.worker --role=decode  --port=7201 --checkpoint=DIR
 
-Roles (see docs/pd_multiprocess.md):
-- prefill: `prefill` -> run the prompt, *lease* its pages, offer the latent pages on the transport
-  under the router's uuid, answer `offered` (layout, checksums, first token). The lease ends on `release` (ack),
-  on expiry (`--lease_s`), or on `abort`; the pages go back to the free list then.
-- decode: `decode` with an offer -> pull it (into the offered layout, bounded by `--pull_timeout_s`), verify the
-  checksums, reshard onto the decode mesh, hand it to the continuous-batching Scheduler; without an offer ->
-  prefill locally (colocated path). New tokens stream back as `tokens` messages.
-
-One thread runs the control loop and the engine; pulls run on their own threads. Bad messages are answered with
-`error` and logged; the worker stays up. After every iteration the page invariant free + used + leased == total
-is checked (exported in `health_ok`).
+prefill: `prefill` -> run the prompt, lease its pages, offer them under the router's uuid, answer `offered`; the
+lease ends on `release`, expiry (`--lease_s`) or `abort`. decode: `decode` with an offer -> pull it (bounded by
+`--pull_timeout_s`), verify checksums, reshard, hand it to the Scheduler; without one -> prefill locally; tokens stream
+back as `tokens` (docs/pd_multiprocess.md). One thread runs the control loop and the engine; pulls run on their own
+threads. Bad messages get `error`; free + used + leased == total is checked after every iteration.
 """
 
 from __future__ import annotations
@@ -47,6 +41,7 @@ from serving import group as group_mod
 from serving.pages import PagePool
 from serving.protocol import ProtocolError, decode_message, encode_message, read_token, sampling_from_wire
 from serving.scheduler import Scheduler
+from serving import tracing
 from serving.transfer import layout_of, make_transport, offerable, page_checksums, spec_from_wire, verify_pages
 from sharding import DECODE_RULES, PREFILL_RULES, Topology
 
@@ -195,7 +190,8 @@ class Worker:
         limit = ec.max_model_len - len(prompt) if limit is None else min(limit, ec.max_model_len - len(prompt))
         if limit < 1:
             raise ProtocolError("malformed", f"limit {limit}: nothing to generate")
-        req = Request(id=msg["rid"], prompt_ids=prompt, params=params, seed=params.seed, limit=limit)
+        req = Request(id=msg["rid"], prompt_ids=prompt, params=params, seed=params.seed, limit=limit,
+                      trace=msg.get("trace"), arrival=tracing.perf_of(msg.get("sent_ns"), time.perf_counter()))
         if params.structured_output is not None:   # this worker's own matcher (masks its steps, reads its tokens)
             try:
                 req.matcher = self._grammars().matcher(params.structured_output)
@@ -219,7 +215,6 @@ class Worker:
             req = self._make_request(msg)
             if any(l.uuid == msg["uuid"] for l in self.leases.values()):
                 raise ProtocolError("malformed", f"uuid {msg['uuid']} is already offered")
-            req.arrival = time.perf_counter()
             self._jobs.append((ident, req, msg["uuid"]))
         elif self.role == "prefill" and t == "release":
             self._end_lease(msg["uuid"], consumed=bool(msg.get("consumed", True)), why="release")
@@ -283,9 +278,9 @@ class Worker:
             prefix = eng.extract(pages, len(req.prompt_ids), out)
             arrays = [offerable(prefix.pages)]
             sums = page_checksums(np.asarray(arrays[0]))
-            prefill_s = time.perf_counter() - t0
             self.pages.allocator.lease(pages)
             self.transport.offer(uuid, arrays)
+            prefill_s = time.perf_counter() - t0
         except Exception as e:
             self.pages.allocator.release(pages)
             log.exception("prefill of %s failed", req.id)
@@ -299,8 +294,10 @@ class Worker:
                  "queued_s": queued_s, "cached_tokens": cached,
                  "draft": int(prefix.draft), "draft_q": None if prefix.draft_q is None else
                  np.asarray(prefix.draft_q, np.float32).tobytes(), **logprobs_to_wire(prefix),
-                 "lease_s": self.lease_s, "worker": self.address}
-        self.send(ident, "offered", rid=req.id, uuid=uuid, offer=offer, kv_events=self.kv_events())
+                 "lease_s": self.lease_s, "worker": self.address, "offered_ns": time.time_ns()}
+        tracing.prefill_spans(req, t0, t0 + prefill_s, cached)
+        self.send(ident, "offered", rid=req.id, uuid=uuid, offer=offer, kv_events=self.kv_events(),
+                  **tracing.take(req.trace))
 
     def _end_lease(self, uuid: int, consumed: bool, why: str) -> None:
         l = self.leases.pop(uuid, None)
@@ -389,8 +386,8 @@ class Worker:
             self.send(ident, "pulled", rid=req.id, uuid=int(offer["uuid"]), ok=err is None, error=err,
                       transfer_s=dt, prefill_s=offer.get("prefill_s"))
             if err is None:
-                req.prefill_start = time.perf_counter() - dt
                 req.prefill_end = time.perf_counter()
+                req.prefill_start, req.transfer_s = tracing.perf_of(offer.get("offered_ns"), req.arrival), dt
                 self.scheduler.add_prefilled(req, prefix)
             else:
                 self._owner.pop(req.id, None)
@@ -404,9 +401,10 @@ class Worker:
             if ident is not None:
                 r = ev.request
                 lps = event_logprobs_to_wire(ev, self._prompt_lps_sent)
+                tracing.worker_spans(r, ev.finished)
                 self.send(ident, "tokens", rid=rid, tokens=[int(t) for t in ev.new_token_ids],
                           finished=ev.finished, reason=r.finish_reason if ev.finished else None, error=r.error,
-                          cached_tokens=r.cached_tokens if ev.finished else None, **lps)
+                          cached_tokens=r.cached_tokens if ev.finished else None, **lps, **tracing.take(r.trace))
             if ev.finished:
                 self._prompt_lps_sent.discard(rid)
                 self._owner.pop(rid, None)
@@ -485,6 +483,8 @@ def define_worker_flags():
     f.DEFINE_float("group_timeout_s", 120.0, "worker group: forming the group must finish within this")
     f.DEFINE_float("group_step_timeout_s", 120.0, "worker group: the leader's engine step stuck this long (a "
                    "collective that never completes) fences the group")
+    f.DEFINE_string("otlp_traces_endpoint", None, "OTLP/HTTP traces URL: export this worker's spans of traced "
+                    "requests itself (default: they go back to the router on the control plane)")
     f.DEFINE_bool("allow_cross_domain", False, "let EP/TP groups span hosts (domains) when the mesh needs it")
     serving_flags.define_engine_flags()   # the engine flags every entry point shares (serving.flags)
     return flags.FLAGS
@@ -559,6 +559,7 @@ def start(FLAGS, role: str) -> "Worker | None":
     w.group, w.mesh_spec, w.checkpoint = group, mesh_spec, ckpt
     if group is not None:
         w.busy_hook = group.busy
+    tracing.configure(f"tandem-{role}-worker", endpoint=FLAGS.otlp_traces_endpoint, forward=True)
     w.count_compiles()   # from here on, any XLA compile is on the request path (reported in health_ok)
     w.startup_s = round(time.perf_counter() - t0, 2)
     return w

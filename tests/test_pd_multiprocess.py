@@ -286,6 +286,43 @@ def test_http_server_over_worker_processes(cluster, colocated):
     check_drained([P.addr, D.addr])
 
 
+def test_one_trace_across_server_router_and_worker_processes(cluster):
+    """Tracing on in the server's process (in-memory exporter): a disaggregated request over the worker processes
+    gives one trace — its spans made in three processes (the workers' carried back on the control plane) — whose
+    spans up to the first token add up to the client's TTFT within 10%."""
+    import httpx
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from serving import tracing
+    from serving.openai_api import DEFAULT_CHAT_TEMPLATE
+    from serving.server import EngineLoop, Server, build_app
+    from trace_check import stream_ttft, traced_request
+
+    P, D = cluster["P"], cluster["D1"]
+    prompt = PROMPTS[0] + PROMPTS[3] + PROMPTS[2]   # 40 tokens, 3 prefill chunks: TTFT well above the hops' ~2 ms
+    mem = InMemorySpanExporter()
+    tracing.configure("tandem-server", exporter=mem)
+    try:
+        with LLM(workers=[P.addr, D.addr], router_config=router_cfg()) as llm:
+            eng = EngineLoop(llm)
+            srv = Server(build_app(eng, model_name="tiny", chat_template=DEFAULT_CHAT_TEMPLATE)).start()
+            try:
+                with httpx.Client(timeout=60) as c:
+                    stream_ttft(c, srv.url, {"prompt": PROMPTS[2], "max_tokens": 4, "temperature": 0})   # (warm)
+                    body = {"prompt": prompt, "max_tokens": N_NEW, "temperature": 0, "cache_salt": "trace"}
+                    by, ids = traced_request(c, srv.url, body, mem, "workers",   # (salted: no prefix-cache hit)
+                                             {"tandem-server", "tandem-prefill-worker", "tandem-decode-worker"})
+            finally:
+                srv.stop()
+                eng.close()
+    finally:
+        tracing.shutdown()
+    assert by["prefill"].resource.attributes["service.name"] == "tandem-prefill-worker"
+    assert by["kv_transfer"].resource.attributes["service.name"] == "tandem-decode-worker"
+    assert by["prefill"].attributes["tandem.prompt_tokens"] == len(prompt) and len(ids) == N_NEW
+    check_drained([P.addr, D.addr])
+
+
 def test_load_spreads_over_both_decode_workers(cluster):
     P, D1, D2 = cluster["P"], cluster["D1"], cluster["D2"]
     with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:

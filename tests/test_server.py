@@ -350,3 +350,28 @@ def test_disaggregated_server_equals_colocated(served):
         srv.stop()
         eng.close()
         d.close()
+
+
+def test_one_trace_per_request_whose_spans_add_up_to_the_ttft(served):
+    """Tracing on (in-memory exporter): a streamed request gives one trace — root `request`, the engine phases and
+    the first token's detokenize — whose spans up to the first token add up to the client's TTFT within 10%."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from serving import tracing
+    from trace_check import stream_ttft, traced_request
+
+    llm, engine, srv, _ = served
+    prompt = " ".join([PROMPT, "that is the question"] * 8)   # ~3 prefill chunks: TTFT well above HTTP's ~1 ms
+    mem = InMemorySpanExporter()
+    tracing.configure("tandem-server", exporter=mem)
+    try:
+        with httpx.Client(timeout=60) as c:
+            stream_ttft(c, srv.url, {"prompt": prompt, "max_tokens": 4, "temperature": 0})   # (warm)
+            _wait_drained(llm, engine)
+            by, ids = traced_request(c, srv.url, {"prompt": prompt + " that", "max_tokens": 6, "temperature": 0},
+                                     mem, "colocated", {"tandem-server"})
+        _wait_drained(llm, engine)
+    finally:
+        tracing.shutdown()
+    assert len(ids) == 6 and by["request"].attributes["tandem.output_tokens"] == 6
+    assert by["prefill"].attributes["tandem.prompt_tokens"] == len(llm.tokenizer.encode(prompt + " that"))
