@@ -28,7 +28,7 @@ def ckpt(tmp_path_factory):
 def _job(ckpt, inp, out, cache, *extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS="--xla_force_host_platform_device_count=2 " + os.environ["TANDEM_TEST_XLA_FLAGS"])
     cmd = [sys.executable, "-m", "serving.batch", "--input", str(inp), "--output", str(out), "--checkpoint", ckpt,
            "--mode", "colocated", "--max_tokens", "24", "--page_size", "8", "--num_pages", "64",
            "--max_model_len", "64", "--prefill_buckets", "16", "--max_batch", "2", "--decode_steps", "2", "--noprogress", "--print_outputs",

@@ -76,7 +76,8 @@ class Procs:
         self.tmp, self.procs = tmp, {}
         xsub, xpub = _free_port(), _free_port()
         self.env = dict(os.environ, **local_env(tmp, xsub, xpub), HOME=os.path.join(tmp, "home"),
-                        JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                        JAX_PLATFORMS="cpu",
+                        XLA_FLAGS="--xla_force_host_platform_device_count=1 " + os.environ["TANDEM_TEST_XLA_FLAGS"],
                         TANDEM_TOKEN=TOKEN, PYTHONPATH=ROOT)
         self.xsub, self.xpub = xsub, xpub
 

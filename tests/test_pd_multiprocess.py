@@ -54,7 +54,8 @@ class Proc:
         self.start()
 
     def start(self):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", TANDEM_TOKEN=TOKEN,
+        env = dict(os.environ, TANDEM_TOKEN=TOKEN,
+                   XLA_FLAGS="--xla_force_host_platform_device_count=1 " + os.environ["TANDEM_TEST_XLA_FLAGS"],
                    PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
         self.p = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=open(self.log, "a"),
                                   stderr=subprocess.STDOUT)

@@ -27,7 +27,7 @@ class Member(Proc):
     """One process of a worker group: 4 CPU devices of its own (jax_num_cpu_devices), no forced device count."""
 
     def start(self):
-        env = dict(os.environ, XLA_FLAGS="", TANDEM_TOKEN=TOKEN, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+        env = dict(os.environ, XLA_FLAGS=os.environ["TANDEM_TEST_XLA_FLAGS"], TANDEM_TOKEN=TOKEN, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
         self.p = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=open(self.log, "a"),
                                   stderr=subprocess.STDOUT)
 
@@ -281,7 +281,7 @@ def test_a_member_ends_on_sigterm(tmp_path):
     code = ("import sys, time; from serving.group import GroupSpec, join; "
             f"join(GroupSpec('127.0.0.1:{port}', 2, int(sys.argv[1]), fence_s=3.0, init_timeout_s=60)); "
             "print('joined', flush=True); time.sleep(120)")
-    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ["TANDEM_TEST_XLA_FLAGS"], PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(k)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
     try:
