@@ -9,7 +9,8 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
-.PHONY: run test test-jax-next setup bench bench-sweep bench-model peers serve dynamo plan clean gpu-wheels gpu-check
+.PHONY: run test test-jax-next setup bench bench-sweep bench-model peers serve dynamo plan clean gpu-wheels gpu-check \
+	lm-eval
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,7 +72,16 @@ $(PEERS)/aiperf/.installed:
 	test -x $(PEERS)/aiperf/bin/python || $(PYTHON) -m venv $(PEERS)/aiperf
 	$(PEERS)/aiperf/bin/pip install -q aiperf==0.13.0
 	touch $@
+$(PEERS)/lmeval/.installed:
+	test -x $(PEERS)/lmeval/bin/python || $(PYTHON) -m venv $(PEERS)/lmeval
+	$(PEERS)/lmeval/bin/pip install -q "lm_eval[api]==0.4.13"
+	touch $@
 peers: $(PEERS)/vllm/.installed $(PEERS)/aiperf/.installed
+
+# lm-evaluation-harness (its own venv: datasets, pyarrow, scikit-learn, ...) against `serving.server` on the shipped
+# model: a loglikelihood and a generate-until task on held-out lines, checked against Tandem's own scores
+lm-eval: $(STAMP) $(PEERS)/lmeval/.installed
+	$(PY) -m bench.lm_eval_check --lm_eval_python $(PEERS)/lmeval/bin/python
 
 # Tandem vs vLLM on the same checkpoints (offline LLM.generate, then both OpenAI servers under aiperf), worst of 3
 # runs: table on stdout, JSON in runs/vs_vllm.json (an interrupted run resumes from it)

@@ -18,8 +18,11 @@ class Tokenizer:
         p = os.path.join(checkpoint, "tokenizer.json") if checkpoint else ""
         return cls(p) if p and os.path.exists(p) else None
 
-    def encode(self, text: str) -> list[int]:
-        return self._t.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._t.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._t.id_to_token(int(i))
 
     def decode(self, ids: list[int]) -> str:
         return self._t.decode(ids)

@@ -145,15 +145,29 @@ def chat_logprobs(token_ids, lps, piece) -> dict:
                         for t, e in zip(token_ids, lps)]}
 
 
-def completion_prompt(body: dict):
+MAX_PROMPTS = 256   # prompts in one completions request (a batch; each still counts against --max_queue)
+
+
+def _ids(p) -> bool:
+    return isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+
+def completion_prompts(body: dict) -> list:
+    """`prompt` as OpenAI's completions API takes it — a string, a list of token ids, or a batch of either — as a
+    list of prompts (each a string or a list of token ids)."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]              # a batch of one
-    if isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
-        if not p:
-            raise BadRequest("'prompt' is empty")
-        return p
-    raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)")
+    if isinstance(p, str) or (_ids(p) and p):
+        batch = [p]
+    elif isinstance(p, list) and p and all(isinstance(x, str) or _ids(x) for x in p):
+        batch = p
+    else:
+        raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either (a batch)")
+    if len(batch) > MAX_PROMPTS:
+        raise BadRequest(f"'prompt' holds {len(batch)} prompts; at most {MAX_PROMPTS} per request")
+    for k, x in enumerate(batch):
+        if not x:
+            raise BadRequest("'prompt' is empty" if len(batch) == 1 else f"'prompt'[{k}] is empty")
+    return batch
 
 
 def chat_prompt(body: dict, template: str) -> str:

@@ -38,7 +38,7 @@ from serving.api import Event, Request
 from serving.metrics import Metrics
 from serving import tracing
 from serving.openai_api import (BadRequest, chat_logprobs, chat_prompt, chat_template_of, completion_logprobs,
-                                completion_prompt, sampling_of)
+                                completion_prompts, sampling_of)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class Handle:
     req: Request
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    per_prompt: int = 1   # choices per prompt (`n`): a batch's prompts are every per_prompt-th handle
 
     def push(self, ev: Event) -> None:
         try:
@@ -241,6 +242,39 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
         return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                                          "owned_by": "tandem", "max_model_len": llm.max_model_len}]})
 
+    async def tokenizer_api(request: HTTPRequest):
+        """vLLM's /tokenize, /detokenize and /tokenizer_info (what lm-evaluation-harness's remote tokenizer calls)."""
+        if not authorized(request):
+            return error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+        tok, what = llm.tokenizer, request.url.path.strip("/")
+        if tok is None:
+            return error(400, "this model has no tokenizer.json: send and read token ids")
+        if what == "tokenizer_info":
+            eos = [tok.id_to_token(i) for i in llm.backend.eos_ids]
+            return JSONResponse({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos[0] if eos else None,
+                                 "bos_token": None, "pad_token": None, "chat_template": chat_template,
+                                 "model_max_length": llm.max_model_len, "vocab_size": llm.backend.vocab_size})
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error(400, "request body is not valid JSON")
+        try:
+            if what == "detokenize":
+                ids = body.get("tokens") if isinstance(body, dict) else None
+                if not isinstance(ids, list) or any(not isinstance(t, int) or isinstance(t, bool) or
+                                                    not 0 <= t < llm.backend.vocab_size for t in ids):
+                    raise BadRequest(f"'tokens' must be a list of token ids in [0, {llm.backend.vocab_size})")
+                return JSONResponse({"prompt": tok.decode(ids)})
+            if not isinstance(body, dict) or not isinstance(body.get("prompt", body.get("messages")), (str, list)):
+                raise BadRequest("give 'prompt' (a string) or 'messages' (a chat)")
+            text = chat_prompt(body, chat_template) if "messages" in body else body["prompt"]
+            if not isinstance(text, str):
+                raise BadRequest("'prompt' must be a string")
+            ids = tok.encode(text, add_special_tokens=bool(body.get("add_special_tokens", True)))
+        except BadRequest as e:
+            return error(400, str(e))
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": llm.max_model_len})
+
     async def metrics(request):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -269,17 +303,21 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
                 raise BadRequest(f"model {body.get('model')!r} is not served here (this server serves "
                                  f"{model_name!r})")
             params, n = sampling_of(body, default_max_tokens, chat)
-            prompt = chat_prompt(body, chat_template) if chat else completion_prompt(body)
+            prompts = [chat_prompt(body, chat_template)] if chat else completion_prompts(body)
             echo = not chat and bool(body.get("echo"))
             base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
             reqs = []
-            for i in range(n):   # n choices: n requests; distinct seeds when the client fixed one
-                p = params if n == 1 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-                reqs.append(llm.make_request(prompt, p, f"{base}-{i}", arrival=arrival))
+            for j, prompt in enumerate(prompts):   # choice index j * n + i, as OpenAI numbers a batch's choices
+                for i in range(n):   # n choices: n requests; distinct seeds when the client fixed one
+                    p = params if n == 1 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                    try:
+                        reqs.append(llm.make_request(prompt, p, f"{base}-{j * n + i}", arrival=arrival))
+                    except ValueError as e:
+                        raise BadRequest(f"prompt {j}: {e}" if len(prompts) > 1 else str(e)) from None
         except (BadRequest, ValueError) as e:
             return error(400, str(e))
         loop = asyncio.get_running_loop()
-        handles = [Handle(r, loop, asyncio.Queue()) for r in reqs]
+        handles = [Handle(r, loop, asyncio.Queue(), n) for r in reqs]
         try:
             engine.submit(handles)
         except OverflowError as e:
@@ -312,7 +350,7 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
         return h.req.text if llm.tokenizer is not None else ""
 
     def _usage(handles) -> dict:
-        p = len(handles[0].req.prompt_ids)
+        p = sum(len(h.req.prompt_ids) for h in handles[::handles[0].per_prompt])
         c = sum(len(h.req.output_ids) for h in handles)
         cached = sum(h.req.cached_tokens for h in handles)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
@@ -435,6 +473,9 @@ def build_app(engine: EngineLoop, *, model_name: str, chat_template: str, api_ke
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/tokenize", tokenizer_api, methods=["POST"]),
+        Route("/detokenize", tokenizer_api, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_api, methods=["GET"]),
     ])
 
 

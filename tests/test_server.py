@@ -375,3 +375,60 @@ def test_one_trace_per_request_whose_spans_add_up_to_the_ttft(served):
         tracing.shutdown()
     assert len(ids) == 6 and by["request"].attributes["tandem.output_tokens"] == 6
     assert by["prefill"].attributes["tandem.prompt_tokens"] == len(llm.tokenizer.encode(prompt + " that"))
+
+
+def test_a_batch_of_prompts_in_one_request(served):
+    """`prompt` as a batch (lm-evaluation-harness sends its loglikelihood requests so: token lists, echo,
+    logprobs=1, max_tokens=1): one choice per prompt in order (index = prompt x n + choice), each equal to the same
+    prompt sent alone; usage sums the prompts; a bad member is named."""
+    llm, _, _, client = served
+    a, b = llm.tokenizer.encode(PROMPT), llm.tokenizer.encode("Now is the winter of our discontent")
+    kw = dict(model="shakespeare-moe", max_tokens=1, temperature=0, echo=True, logprobs=1)
+    both = client.completions.create(prompt=[a, b], **kw)
+    alone = [client.completions.create(prompt=p, **kw).choices[0] for p in (a, b)]
+    assert [c.index for c in both.choices] == [0, 1]
+    for got, want in zip(both.choices, alone):
+        assert got.text == want.text and got.model_extra["token_ids"] == want.model_extra["token_ids"]
+        assert got.logprobs.tokens == want.logprobs.tokens and got.logprobs.token_logprobs[0] is None
+        np.testing.assert_allclose(got.logprobs.token_logprobs[1:], want.logprobs.token_logprobs[1:], atol=1e-5)
+    assert both.usage.prompt_tokens == len(a) + len(b) and both.usage.completion_tokens == 2
+    two = client.completions.create(model="shakespeare-moe", prompt=[PROMPT, "Now is"], max_tokens=3, n=2,
+                                    temperature=0)
+    assert [c.index for c in two.choices] == [0, 1, 2, 3] and two.usage.completion_tokens == 12
+    assert two.choices[0].text == two.choices[1].text != two.choices[2].text == two.choices[3].text
+    r = httpx.post(served[2].url + "/v1/completions", json={"prompt": [a, [1, -5]], "max_tokens": 1}, timeout=30)
+    assert r.status_code == 400 and "prompt 1" in r.json()["error"]["message"], r.text
+
+
+def test_lm_eval_requests_score_like_the_model(served):
+    """What lm-evaluation-harness's `local-completions` model sends (`make lm-eval` runs the real harness:
+    bench/lm_eval_check.py): its remote-tokenizer calls (/tokenizer_info, /tokenize, /detokenize), then
+    loglikelihood requests — a batch of token-id prompts, echo, logprobs=1, max_tokens=1 — parsed as it parses
+    them (sum of token_logprobs[ctxlen:-1]): equal to the model's teacher-forced scores over the same ids."""
+    import checkpoints
+    from bench.lm_eval_check import ASSET, encode_pair, heldout_pairs, teacher_forced
+
+    llm, _, srv, _ = served
+    info = httpx.get(srv.url + "/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == llm.tokenizer.id_to_token(llm.backend.eos_ids[0])
+    assert info["model_max_length"] == llm.max_model_len
+
+    def enc(s):
+        return httpx.post(srv.url + "/tokenize", json={"prompt": s, "add_special_tokens": False}, timeout=30).json()[
+            "tokens"]
+
+    pairs = heldout_pairs(6)
+    encs = [encode_pair(enc, c, x) for c, x in pairs]
+    assert httpx.post(srv.url + "/detokenize", json={"tokens": encs[0][0]}, timeout=30).json()["prompt"] == (
+        pairs[0][0].rstrip())
+    body = {"model": "shakespeare-moe", "prompt": [c + x for c, x in encs], "temperature": 0, "max_tokens": 1,
+            "logprobs": 1, "seed": 1234, "echo": True}
+    out = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
+    chs = sorted(out["choices"], key=lambda ch: ch["index"])
+    got = [sum(ch["logprobs"]["token_logprobs"][len(c):-1]) for ch, (c, _) in zip(chs, encs)]
+    for ch, (c, x) in zip(chs, encs):   # lm-eval's is_greedy reads top_logprobs at the same positions
+        assert len(ch["logprobs"]["top_logprobs"]) == len(c) + len(x) + 1
+    want = teacher_forced(checkpoints.load(ASSET, dtype=jnp.float32), [(c + x, len(c)) for c, x in encs])
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    bad = httpx.post(srv.url + "/detokenize", json={"tokens": [10 ** 9]}, timeout=30)
+    assert bad.status_code == 400 and "tokens" in bad.json()["error"]["message"]
