@@ -52,6 +52,8 @@ from serving import worker as worker_mod
 from serving.config import DEFAULT_PREFILL_TOKENS, dynamo_registration
 from serving.dynamo_setup import local_env, model_card, run_broker
 from serving.protocol import decode_message, encode_message, read_token
+from model.tokenizer import Tokenizer
+from serving.grammar import normalize as normalize_grammar
 from serving.sampling import SamplingParams
 
 log = logging.getLogger("serving.dynamo")
@@ -60,10 +62,10 @@ ROLES = ("aggregated", "prefill", "decode")
 MODES = {"aggregated": DisaggregationMode.AGGREGATED, "prefill": DisaggregationMode.PREFILL,
          "decode": DisaggregationMode.DECODE}
 # sampling options Tandem does not implement: refused unless absent or neutral (never accepted and ignored)
-NEUTRAL_SAMPLING = {"min_p": (0, 0.0), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
-                    "repetition_penalty": (1, 1.0), "best_of": (1,), "use_beam_search": (False,),
-                    "length_penalty": (1, 1.0)}
-NEUTRAL_STOP = {"min_tokens": (0,), "max_thinking_tokens": ()}
+NEUTRAL_SAMPLING = {"min_p": (0, 0.0), "best_of": (1,), "use_beam_search": (False,), "length_penalty": (1, 1.0)}
+NEUTRAL_STOP = {"max_thinking_tokens": ()}
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")   # applied on device, as vLLM's
+GUIDED = ("json", "regex", "choice", "grammar")   # Dynamo's guided_decoding kinds Tandem's llguidance takes
 WAIT_S = 0.25            # a generate loop re-checks cancellation and the worker thread this often
 STALL_S = 600.0          # ... and gives a request up after this long without a message about it
 
@@ -88,15 +90,26 @@ def request_options(request: dict, max_model_len: int, vocab_size: int | None = 
     oo = request.get("output_options") or {}
     bad = [f"sampling_options.{k}={v!r}" for k, v in so.items()
            if k in NEUTRAL_SAMPLING and v is not None and v not in NEUTRAL_SAMPLING[k]]
-    if so.get("guided_decoding") is not None:
-        bad.append("sampling_options.guided_decoding (structured output)")
-    known = {"temperature", "top_p", "top_k", "seed", "n", "guided_decoding", *NEUTRAL_SAMPLING}
+    guided = None
+    gd = so.get("guided_decoding")
+    if gd is not None:   # {json|regex|choice|grammar: ..., backend, whitespace_pattern, ...}: one kind, llguidance's
+        kinds = {k: v for k, v in (gd.items() if isinstance(gd, dict) else ()) if v is not None}
+        given = [k for k in GUIDED if k in kinds]
+        other = sorted(k for k in kinds if k not in GUIDED and k not in ("backend", "whitespace_pattern"))
+        if len(given) != 1 or other:
+            bad.append(f"sampling_options.guided_decoding needs exactly one of {list(GUIDED)}"
+                       + (f" (unsupported: {other})" if other else ""))
+        else:
+            try:
+                guided = list(normalize_grammar({given[0]: kinds[given[0]]}))
+            except ValueError as e:
+                bad.append(f"sampling_options.guided_decoding: {e}")
+    known = {"temperature", "top_p", "top_k", "seed", "n", "guided_decoding", *PENALTIES, *NEUTRAL_SAMPLING}
     bad += [f"sampling_options.{k}" for k, v in so.items() if k not in known and v is not None]
     bad += [f"stop_conditions.{k}={v!r}" for k, v in sc.items()
             if k in NEUTRAL_STOP and v is not None and v not in NEUTRAL_STOP[k]]
-    for k in ("logprobs", "prompt_logprobs"):
-        if oo.get(k) is not None:
-            bad.append(f"output_options.{k} (log-probabilities are not implemented yet)")
+    if oo.get("prompt_logprobs") is not None:
+        bad.append("output_options.prompt_logprobs (prompt log-probabilities through Dynamo are not implemented)")
     if bad:
         raise OptionError("unsupported by the Tandem engine: " + ", ".join(bad))
     prompt_len = len(request["token_ids"])
@@ -118,7 +131,10 @@ def request_options(request: dict, max_model_len: int, vocab_size: int | None = 
             "top_p": 1.0 if so.get("top_p") is None else float(so["top_p"]),
             "top_k": 0 if so.get("top_k") in (None, -1) else int(so["top_k"]),
             "stop": [],        # stop strings: Dynamo's frontend applies them on the text and cancels us
-            "stop_token_ids": stop_ids, "ignore_eos": bool(sc.get("ignore_eos") or False)}
+            "stop_token_ids": stop_ids, "ignore_eos": bool(sc.get("ignore_eos") or False),
+            "min_tokens": int(sc.get("min_tokens") or 0), "structured_output": guided,
+            "logprobs": None if oo.get("logprobs") is None else int(oo["logprobs"]),
+            **{k: float(so[k]) for k in PENALTIES if so.get(k) is not None}}
     try:   # the worker's own validation, here, so a bad value is refused before anything is queued
         SamplingParams(**wire)
     except ValueError as e:
@@ -133,6 +149,7 @@ class TandemEngine(LLMEngine):
         if role not in ROLES:
             raise ValueError(f"role={role!r}: expected one of {ROLES}")
         self.worker, self.role, self.card_dir, self.served_name, self.token = worker, role, card_dir, served_name, token
+        self._tok = None   # the checkpoint's tokenizer, for logprobs' token texts (built on first use)
         ec = worker.engine.cfg
         self.page_size, self.max_model_len = ec.page_size, ec.max_model_len
         self.eos_ids = list(worker.engine.model_cfg.eos_token_ids)
@@ -431,10 +448,11 @@ class TandemEngine(LLMEngine):
             if t == "error":
                 raise RuntimeError(f"Tandem decode failed: {msg.get('error')}")
             toks = [int(x) for x in msg.get("tokens") or []]
+            lp = self._logprobs(msg.get("logprobs"), len(toks))
             counts[rid] += len(toks)
             if not msg.get("finished"):
                 if toks:
-                    yield {"token_ids": toks, "index": index[rid]}
+                    yield {"token_ids": toks, "index": index[rid], **lp}
                 continue
             live.discard(rid)
             if msg.get("cached_tokens") and offer is None:
@@ -443,17 +461,30 @@ class TandemEngine(LLMEngine):
             finished[rid] = ("cancelled" if reason == "abort" else f"error: {msg.get('error')}" if reason == "error"
                              else reason)
             if toks and (live or len(rids) > 1):
-                yield {"token_ids": toks, "index": index[rid]}
-                toks = []
+                yield {"token_ids": toks, "index": index[rid], **lp}
+                toks, lp = [], {}
             if live:
                 continue
             # every choice done: their finish chunks together, since Dynamo 1.6.1 ends the whole stream at the first
             # finish_reason (the other choices then read "stop"); usage once, on the first
             for i, r in enumerate(rids):
-                chunk = {"token_ids": toks, "index": index[r], "finish_reason": finished[r]}
+                chunk = {"token_ids": toks, "index": index[r], "finish_reason": finished[r], **(lp if i == 0 else {})}
                 if i == 0:
                     chunk["completion_usage"] = _usage(len(prompt), sum(counts.values()), max(cached.values()))
                 yield chunk
+
+
+    def _logprobs(self, wire, n: int) -> dict:
+        """A worker's per-token logprobs (`TokenLogprobs.to_wire`) as Dynamo's chunk fields: `log_probs` and
+        `top_logprobs` ({rank, token_id, token, logprob}, most likely first), aligned with the chunk's tokens."""
+        if not wire or len(wire) != n:
+            return {}
+        if self._tok is None:
+            self._tok = Tokenizer.of_checkpoint(self.worker.checkpoint) or False
+        text = (lambda t: self._tok.decode([t])) if self._tok else (lambda t: f"token_id:{t}")
+        return {"log_probs": [float(w[0]) for w in wire],
+                "top_logprobs": [[{"rank": r + 1, "token_id": int(t), "token": text(int(t)), "logprob": float(v)}
+                                  for r, (t, v) in enumerate(w[1])] for w in wire]}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:

@@ -197,14 +197,22 @@ def test_request_options_apply_or_refuse():
                                "ignore_eos": True, "min_tokens": 0}, "output_options": {"skip_special_tokens": True}}
     wire, n, limit = request_options(req, max_model_len=64)
     assert (n, limit) == (2, 61) and wire == {"max_tokens": 61, "temperature": 0.5, "top_p": 0.9, "top_k": 0,
-                                              "stop": [], "stop_token_ids": [1, 9], "ignore_eos": True}
+                                              "stop": [], "stop_token_ids": [1, 9], "ignore_eos": True,
+                                              "min_tokens": 0, "structured_output": None, "logprobs": None,
+                                              "repetition_penalty": 1.0}
     assert request_options({"token_ids": [1]}, 64)[0]["temperature"] == 1.0   # OpenAI's default
-    bad = {"token_ids": [1], "sampling_options": {"frequency_penalty": 0.5, "min_p": 0.1, "guided_decoding": {"json": {}},
+    ok = {"token_ids": [1], "sampling_options": {"frequency_penalty": 0.5, "presence_penalty": 0.25,
+                                                 "guided_decoding": {"regex": "[ab]+", "backend": None}},
+          "stop_conditions": {"min_tokens": 4}, "output_options": {"logprobs": 2}}
+    wire = request_options(ok, 64)[0]
+    assert (wire["frequency_penalty"], wire["presence_penalty"], wire["min_tokens"], wire["logprobs"],
+            wire["structured_output"]) == (0.5, 0.25, 4, 2, ["regex", "[ab]+"])
+    bad = {"token_ids": [1], "sampling_options": {"min_p": 0.1, "guided_decoding": {"json": {}, "regex": "a"},
                                                   "mystery": 1},
-           "stop_conditions": {"min_tokens": 4}, "output_options": {"logprobs": 2}}
+           "output_options": {"prompt_logprobs": 2}}
     with pytest.raises(OptionError) as e:
         request_options(bad, 64)
-    for name in ("frequency_penalty", "min_p", "guided_decoding", "mystery", "min_tokens", "logprobs"):
+    for name in ("min_p", "guided_decoding", "mystery", "prompt_logprobs"):
         assert name in str(e.value)
     with pytest.raises(OptionError, match="top_p"):
         request_options({"token_ids": [1], "sampling_options": {"top_p": 0.0}}, 64)
@@ -248,6 +256,29 @@ def test_greedy_equals_llm_generate(dyn, ref, fe):
     assert got_chat.choices[0].message.content == want_chat
 
 
+@pytest.mark.parametrize("fe", ["fe_agg", "fe_pd"])
+def test_logprobs_penalties_and_structured_output(dyn, ref, fe):
+    """Behind Dynamo too: logprobs (top 2) and penalties equal `LLM.generate`'s, aggregated and disaggregated;
+    a json_schema response_format is followed."""
+    import json
+
+    import numpy as np
+
+    c = client(getattr(dyn, fe))
+    sp = dict(max_tokens=12, frequency_penalty=0.5, presence_penalty=0.25)
+    want = ref.generate([HELD_OUT[0]], SamplingParams(**sp, logprobs=2))[0]
+    got = c.completions.create(model=MODEL, prompt=HELD_OUT[0], temperature=0, logprobs=2, **sp).choices[0]
+    assert got.text == want.text
+    np.testing.assert_allclose(got.logprobs.token_logprobs, [t.logprob for t in want.logprobs], atol=2e-2)
+    assert all(1 <= len(d) <= 2 for d in got.logprobs.top_logprobs)
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Art thou a king?"}],
+                                  max_tokens=24, temperature=0, response_format={
+                                      "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert json.loads(r.choices[0].message.content)["answer"] in ("yes", "no"), r.choices[0].message.content
+
+
 def test_pd_releases_the_prefill_pages_at_once(dyn):
     """The decode worker acknowledges its pull at the prefill worker (Dynamo sends none): the prefill lease ends
     right after, not at its 60 s expiry."""
@@ -282,9 +313,9 @@ def test_repeated_prompt_goes_to_the_worker_holding_it(dyn):
 def test_unsupported_option_is_refused(dyn):
     c = client(dyn.fe_agg)
     with pytest.raises(openai.BadRequestError):
-        c.completions.create(model=MODEL, prompt="To be", max_tokens=4, frequency_penalty=0.5)
+        c.completions.create(model=MODEL, prompt="To be", max_tokens=4, extra_body={"min_p": 0.1})
     end = time.monotonic() + 5
-    while not any("frequency_penalty=0.5" in dyn.log(w) for w in ("agg1", "agg2")):
+    while not any("min_p=0.1" in dyn.log(w) for w in ("agg1", "agg2")):
         assert time.monotonic() < end, "no worker log names the refused option"
         time.sleep(0.1)
 
