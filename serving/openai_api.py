@@ -156,6 +156,8 @@ def completion_prompts(body: dict) -> list:
     """`prompt` as OpenAI's completions API takes it — a string, a list of token ids, or a batch of either — as a
     list of prompts (each a string or a list of token ids)."""
     p = body.get("prompt")
+    if p == [] or p == "":
+        raise BadRequest("'prompt' is empty")
     if isinstance(p, str) or (_ids(p) and p):
         batch = [p]
     elif isinstance(p, list) and p and all(isinstance(x, str) or _ids(x) for x in p):

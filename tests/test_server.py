@@ -133,6 +133,8 @@ def test_concurrent_requests_equal_sequential(served):
     ({"prompt": PROMPT, "top_p": 0}, "top_p"),
     ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
     ({"prompt": ""}, "empty"),
+    ({"prompt": []}, "empty"),
+    ({"prompt": ["To be", ""]}, "'prompt'[1] is empty"),
     ({"prompt": [1, 2, 999999]}, "vocabulary"),
     ({"prompt": "x " * 400}, "max_model_len"),
     ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
