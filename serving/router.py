@@ -245,7 +245,7 @@ class Router:
                     r = self.core.by_rid.get(msg.get("rid"))
                     if not tracing.ingest(spans := msg.pop("spans")) and r is not None and r.client is not None:
                         r.extra.setdefault("spans", []).extend(spans)
-                    if r is not None and msg["type"] == "tokens" and "sent_ns" in msg:
+                    if r is not None and msg["type"] in ("tokens", "offered") and "sent_ns" in msg:
                         r.extra["sent_ns"] = msg["sent_ns"]   # (the frontend's `deliver` span starts there)
                 self.core.on_worker_message(addr, msg, time.monotonic())
             except Exception:  # one bad (if well-formed) message never takes the router thread down
@@ -301,7 +301,8 @@ def main(argv):
                        max_prefill_inflight=F.max_prefill_inflight, heartbeat_s=F.heartbeat_s,
                        dead_after_s=F.dead_after_s, step_timeout_s=F.step_timeout_s, max_retries=F.max_retries,
                        unavailable_timeout_s=F.unavailable_timeout_s, token=read_token(F.token_file),
-                       kv_routing=F.kv_routing, kv_overlap_weight=F.kv_overlap_weight)
+                       kv_routing=F.kv_routing, kv_overlap_weight=F.kv_overlap_weight,
+                       early_first_token=F.early_first_token)
     if F.otlp_traces_endpoint:   # clients' traced requests: their workers' spans are exported from here
         tracing.configure("tandem-router", endpoint=F.otlp_traces_endpoint)
     r = Router(F.workers, cfg, bind=f"{F.host}:{F.port}")
@@ -336,6 +337,8 @@ if __name__ == "__main__":
                       "--prefix_caching): cost = kv_overlap_weight x blocks to prefill + blocks in flight")
     flags.DEFINE_float("kv_overlap_weight", 1.0, "weight of the blocks a worker would have to prefill against its "
                        "load (higher: follow the cache more, balance less)")
+    flags.DEFINE_bool("early_first_token", True, "send the first token when the prefill worker offers it, before "
+                      "the KV transfer and the first decode dispatch (off: it comes from the decode worker)")
     flags.DEFINE_string("otlp_traces_endpoint", None, "OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces): "
                         "export the worker spans of traced requests (docs/tracing.md); off by default")
     flags.mark_flag_as_required("workers")

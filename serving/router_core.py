@@ -56,6 +56,9 @@ class RouterConfig:
     # formula); the local-prefill threshold applies to the tokens the decode worker does not hold cached.
     kv_routing: bool = True
     kv_overlap_weight: float = 1.0
+    # the first token goes to the client as soon as the prefill worker offers it (it sampled it), not after the KV
+    # transfer and the decode worker's first dispatch; the decode worker's copy of it is then dropped here
+    early_first_token: bool = True
 
 
 @dataclasses.dataclass(eq=False)
@@ -103,6 +106,7 @@ class RReq:
     extra: dict = dataclasses.field(default_factory=dict)   # fields the next event carries (logprobs)
     prompt_lps_sent: bool = False          # prompt logprobs go to the client once (a migration recomputes them)
     trace: str | None = None               # W3C traceparent, passed to every worker of every attempt (tracing)
+    skip: int = 0                          # tokens of this attempt already sent from its offer (early first token)
 
     def metrics(self) -> dict:
         ttft = None if self.first_token_t is None else self.first_token_t - self.arrival
@@ -281,6 +285,17 @@ class RouterCore:
         if not self._send(d, "decode", rid=r.rid, prompt=r.prompt + r.output, sampling=r.sampling,
                           limit=r.limit - len(r.output), offer=offer, trace=r.trace):
             self._retry(r, f"decode worker {d.addr} unreachable")
+        elif self.cfg.early_first_token and isinstance(offer.get("first_token"), int):
+            r.skip = 1   # the client gets it now; the decode worker's first event repeats it
+            if offer.get("logprobs") is not None:
+                r.extra["logprobs"] = [offer["logprobs"]]
+            if offer.get("prompt_logprobs") is not None and not r.prompt_lps_sent:
+                r.prompt_lps_sent = True
+                r.extra["prompt_logprobs"] = offer["prompt_logprobs"][:len(r.prompt)]
+            if r.first_token_t is None:
+                r.first_token_t = self._now
+            r.output.append(int(offer["first_token"]))
+            self._emit(r, [int(offer["first_token"])], False)
 
     def _on_pulled(self, r: RReq, msg: dict) -> None:
         p = self.workers.get(r.prefill_w)
@@ -300,11 +315,14 @@ class RouterCore:
             self._retry(r, f"KV transfer from {r.prefill_w} to {r.decode_w} failed: {err}")
 
     def _on_tokens(self, r: RReq, msg: dict) -> None:
-        toks = [int(t) for t in msg["tokens"]]
+        toks, lps = [int(t) for t in msg["tokens"]], msg.get("logprobs")
+        if r.skip and toks:   # the first token went out with the offer: drop its repeat
+            k = min(r.skip, len(toks))
+            toks, lps, r.skip = toks[k:], None if lps is None else lps[k:], r.skip - k
         if toks and r.first_token_t is None:
             r.first_token_t = self._now
-        if msg.get("logprobs") is not None:   # one per token, passed through to the client
-            r.extra["logprobs"] = msg["logprobs"]
+        if lps:   # one per token, passed through to the client
+            r.extra["logprobs"] = lps
         if msg.get("prompt_logprobs") is not None and not r.prompt_lps_sent:
             r.prompt_lps_sent = True
             r.extra["prompt_logprobs"] = msg["prompt_logprobs"][:len(r.prompt)]
@@ -464,7 +482,7 @@ class RouterCore:
         if r.attempt > self.cfg.max_retries:
             self._finish(r, "error", f"{why}; gave up after {r.attempt} attempts")
             return
-        r.state, r.prefill_w, r.decode_w, r.uuid, r.offer = "queued", None, None, None, None
+        r.state, r.prefill_w, r.decode_w, r.uuid, r.offer, r.skip = "queued", None, None, None, None, 0
         r.deadline = self._now + self.cfg.unavailable_timeout_s
         self.pending[r.id] = r
         self.pending.move_to_end(r.id, last=False)   # retried requests go first

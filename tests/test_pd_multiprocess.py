@@ -290,37 +290,51 @@ def test_http_server_over_worker_processes(cluster, colocated):
 def test_one_trace_across_server_router_and_worker_processes(cluster):
     """Tracing on in the server's process (in-memory exporter): a disaggregated request over the worker processes
     gives one trace — its spans made in three processes (the workers' carried back on the control plane) — whose
-    spans up to the first token add up to the client's TTFT within 10%."""
+    spans up to the first token (transfer and first decode included: early_first_token off) add up to the
+    client's TTFT within 10%. With the early first token (the default) the same request's first token leaves
+    before its KV transfer has ended, and the tokens are the same."""
     import httpx
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from serving import tracing
     from serving.openai_api import DEFAULT_CHAT_TEMPLATE
     from serving.server import EngineLoop, Server, build_app
-    from trace_check import stream_ttft, traced_request
+    from trace_check import check_trace, stream_ttft, traced_request
 
     P, D = cluster["P"], cluster["D1"]
     prompt = PROMPTS[0] + PROMPTS[3] + PROMPTS[2]   # 40 tokens, 3 prefill chunks: TTFT well above the hops' ~2 ms
+    services = {"tandem-server", "tandem-prefill-worker", "tandem-decode-worker"}
+    body = {"prompt": prompt, "max_tokens": N_NEW, "temperature": 0, "cache_salt": "trace"}   # (salted: no hit)
     mem = InMemorySpanExporter()
     tracing.configure("tandem-server", exporter=mem)
+    got = {}
     try:
-        with LLM(workers=[P.addr, D.addr], router_config=router_cfg()) as llm:
-            eng = EngineLoop(llm)
-            srv = Server(build_app(eng, model_name="tiny", chat_template=DEFAULT_CHAT_TEMPLATE)).start()
-            try:
-                with httpx.Client(timeout=60) as c:
-                    stream_ttft(c, srv.url, {"prompt": PROMPTS[2], "max_tokens": 4, "temperature": 0})   # (warm)
-                    body = {"prompt": prompt, "max_tokens": N_NEW, "temperature": 0, "cache_salt": "trace"}
-                    by, ids = traced_request(c, srv.url, body, mem, "workers",   # (salted: no prefix-cache hit)
-                                             {"tandem-server", "tandem-prefill-worker", "tandem-decode-worker"})
-            finally:
-                srv.stop()
-                eng.close()
+        for early in (False, True):
+            with LLM(workers=[P.addr, D.addr], router_config=router_cfg(early_first_token=early)) as llm:
+                eng = EngineLoop(llm)
+                srv = Server(build_app(eng, model_name="tiny", chat_template=DEFAULT_CHAT_TEMPLATE)).start()
+                try:
+                    with httpx.Client(timeout=60) as c:
+                        stream_ttft(c, srv.url, {"prompt": PROMPTS[2], "max_tokens": 4, "temperature": 0})   # (warm)
+                        if early:
+                            mem.clear()
+                            ttft, ids = stream_ttft(c, srv.url, body)
+                            by = check_trace(mem.get_finished_spans(), "workers_early", ttft, services)[0]
+                        else:
+                            by, ids = traced_request(c, srv.url, body, mem, "workers", services)
+                        got[early] = by, ids
+                finally:
+                    srv.stop()
+                    eng.close()
     finally:
         tracing.shutdown()
+    by, ids = got[False]
     assert by["prefill"].resource.attributes["service.name"] == "tandem-prefill-worker"
     assert by["kv_transfer"].resource.attributes["service.name"] == "tandem-decode-worker"
     assert by["prefill"].attributes["tandem.prompt_tokens"] == len(prompt) and len(ids) == N_NEW
+    early_by, early_ids = got[True]
+    assert early_ids == ids
+    assert early_by["deliver"].start_time < early_by["kv_transfer"].end_time   # it did not wait for the transfer
     check_drained([P.addr, D.addr])
 
 

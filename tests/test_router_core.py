@@ -34,6 +34,7 @@ class Harness:
         self.reconnects: list[str] = []
         self.incarnation: dict[str, str] = {}
         self.roles: dict[str, str] = {}
+        cfg = {"early_first_token": False, **cfg}   # (the tests below the classic path; one test the early token)
         self.core = RouterCore(list(workers), RouterConfig(**cfg), send=self.send, emit=self.emit,
                                reconnect=self.reconnects.append, uuid_start=500)
 
@@ -163,6 +164,43 @@ def test_remote_prefill_offer_pull_release_stream_then_no_trace_left():
     assert h.core.metrics["finished_length"] == 1 and h.core.metrics.get("retries", 0) == 0
     # the id is free again once finished
     assert h.submit("a")
+
+
+def test_early_first_token_goes_out_with_the_offer_and_its_repeat_is_dropped():
+    """early_first_token: the offer's first token (and its logprobs) reaches the client when `offered` arrives —
+    before the transfer — and the decode worker's repeat of it is dropped; a migration after that continues from
+    prompt + that token, and its own offer's token goes out early in turn."""
+    h = Harness(early_first_token=True)
+    h.join(**{P: "prefill", D1: "decode", D2: "decode"})
+    h.submit("a")
+    h.tick()
+    _, _, pre = h.one("prefill", P)
+    h.now += 0.25
+    h.msg(P, "offered", rid=pre["rid"], uuid=pre["uuid"], offer={
+        "transport": "jax", "addr": "x:1", "uuid": pre["uuid"], "arrays": [], "n_pages": 3, "length": len(LONG),
+        "first_token": 42, "checksums": [1], "prefill_s": 0.2, "queued_s": 0.0, "logprobs": [-0.5, [[42, -0.5]]],
+        "lease_s": 30.0, "worker": P})
+    daddr, _, dec = h.one("decode")
+    assert dec["prompt"] == LONG and dec["limit"] == SAMPLING["max_tokens"]     # the decode side starts as before
+    assert [e["tokens"] for e in h.events] == [[42]] and h.events[0]["logprobs"] == [[-0.5, [[42, -0.5]]]]
+    assert h.events[0]["metrics"]["ttft_s"] == pytest.approx(0.25)              # before any transfer
+    h.msg(daddr, "pulled", rid=dec["rid"], uuid=pre["uuid"], ok=True, error=None, transfer_s=0.02)
+    h.msg(daddr, "tokens", rid=dec["rid"], tokens=[42, 43], finished=False, reason=None, error=None,
+          logprobs=[[-0.5, []], [-1.5, []]])
+    assert [e["tokens"] for e in h.events] == [[42], [43]] and h.events[1]["logprobs"] == [[-1.5, []]]
+    # the decode worker goes silent: migration, the next attempt continues after 42, 43
+    h.tick(h.core.cfg.dead_after_s + 0.1, alive=(P, D1 if daddr == D2 else D2))
+    _, _, pre2 = h.one("prefill", P)
+    assert pre2["prompt"] == LONG + [42, 43]
+    h.msg(P, "offered", rid=pre2["rid"], uuid=pre2["uuid"], offer={
+        "transport": "jax", "addr": "x:1", "uuid": pre2["uuid"], "arrays": [], "n_pages": 3,
+        "length": len(LONG) + 2, "first_token": 44, "checksums": [1], "lease_s": 30.0, "worker": P})
+    d2, _, dec2 = h.one("decode")
+    assert dec2["prompt"] == LONG + [42, 43] and dec2["limit"] == SAMPLING["max_tokens"] - 2
+    h.msg(d2, "tokens", rid=dec2["rid"], tokens=[44, 45], finished=True, reason="length", error=None)
+    assert [e["tokens"] for e in h.events] == [[42], [43], [44], [45]] and h.events[-1]["finished"]
+    h.take("release")
+    h.assert_empty()
 
 
 def test_least_loaded_prefill_and_decode_workers_are_chosen():
