@@ -166,8 +166,10 @@ class RemoteBackend:
                 tracing.ingest(ev["spans"])
             if m.get("queue_s") is not None:
                 sub = self._submitted.pop(req.id, None)
-                if sub is not None:   # its queue span: arrival here -> the router dispatched it
-                    tracing.span(req.trace, "queue", req.arrival, sub + m["queue_s"],
+                if sub is not None:   # its queue span: arrival here -> the router dispatched it (the router's
+                    # wall clock when it sent it; else its queue time after the submission, which adds the hop)
+                    tracing.span(req.trace, "queue", req.arrival, tracing.perf_of(m.get("dispatch_ns"),
+                                                                                 sub + m["queue_s"]),
                                  {"tandem.request_id": req.id, "tandem.router_queue_s": m["queue_s"]})
                 req.prefill_start = req.arrival + m["queue_s"] + (m.get("prefill_queue_s") or 0.0)
                 req.prefill_end = req.prefill_start + (m.get("prefill_s") or 0.0) + (m.get("transfer_s") or 0.0)

@@ -136,6 +136,9 @@ class Router:
             return False
         if fields.get("trace"):   # a traced request: the receiver's first span starts when this left
             fields["sent_ns"] = time.time_ns()
+            r = self.core.by_rid.get(fields.get("rid")) if type_ in ("prefill", "decode") else None
+            if r is not None and r.dispatch_ns is None:   # its first dispatch: the frontend's `queue` span ends here
+                r.dispatch_ns = fields["sent_ns"]
         try:
             s.send(encode_message(type_, self.cfg.token, **fields), zmq.NOBLOCK)
             return True

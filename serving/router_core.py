@@ -98,6 +98,7 @@ class RReq:
     failures: list[str] = dataclasses.field(default_factory=list)
     # metrics (router clock)
     dispatch_t: float | None = None
+    dispatch_ns: int | None = None         # wall clock of the first dispatch (set by the shell for traced requests)
     prefill_s: float | None = None
     prefill_queue_s: float | None = None   # waiting in the prefill worker's queue
     transfer_s: float | None = None
@@ -113,7 +114,8 @@ class RReq:
         queue_s = None if self.dispatch_t is None else self.dispatch_t - self.arrival
         return {"ttft_s": ttft, "queue_s": queue_s, "prefill_queue_s": self.prefill_queue_s,
                 "prefill_s": self.prefill_s, "transfer_s": self.transfer_s,
-                "attempts": self.attempt + 1, "workers": list(self.workers), "local_prefill": self.local}
+                "attempts": self.attempt + 1, "workers": list(self.workers), "local_prefill": self.local,
+                **({} if self.dispatch_ns is None else {"dispatch_ns": self.dispatch_ns})}
 
 
 class RouterCore:

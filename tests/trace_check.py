@@ -51,6 +51,9 @@ def check_trace(spans, path: str, ttft_s: float, services: set[str]) -> tuple[di
     for a, b in zip(tile, tile[1:]):   # in order (2 ms slack: the control-plane hops between processes)
         assert b.start_time >= a.end_time - 2_000_000, (a.name, b.name, a.end_time - b.start_time)
     assert by["decode"].start_time >= by["first_decode"].end_time - 2_000_000
+    if "prefill_queue" in by:   # one clock reading hands it over: the router's dispatch (its send) is both ends
+        gap = by["prefill_queue"].start_time - by["queue"].end_time
+        assert abs(gap) < 20_000, ("queue -> prefill_queue", gap)
     total = sum(s.end_time - s.start_time for s in tile) / 1e9
     if abs(total - ttft_s) <= 0.1 * ttft_s:
         return by, None
