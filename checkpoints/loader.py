@@ -34,6 +34,7 @@ from tqdm import tqdm
 from checkpoints.safetensors_io import Checkpoint, CheckpointError
 from model.config import ModelConfig
 from model.deepseek import DeepseekV3
+from model.moe import replica_table, uniform_placement
 from model.runtime import Runtime, platform_dtype
 from pallas_kernels import formats, fp8
 from checkpoints.tensors import (_host_device, _is_packed, _packed_format, checkpoint_quant, parse_quant,
@@ -56,10 +57,13 @@ class _Plan:
     kind: str
     shape: tuple[int, ...] | None = None
     part: tuple[int, int, int] | None = None         # head_rows: (first row, end row, rows per head)
+    value: tuple | None = None                       # const: the values (no checkpoint tensor; e.g. a placement)
 
     def build(self, xs: list[np.ndarray]) -> np.ndarray:
         """Sources (already float) -> the weight in Tandem's layout."""
         k = self.kind
+        if k == "const":
+            return np.asarray(self.value)
         if k == "copy":
             return xs[0]
         if k == "linear":
@@ -142,12 +146,22 @@ def _layer_plans(hf_prefix: str, cfg: ModelConfig, moe: bool, ckpt: Checkpoint) 
         p["mlp.experts_gate_proj"] = _Plan((m + "experts.gate_up_proj",), "fused_gate")
         p["mlp.experts_up_proj"] = _Plan((m + "experts.gate_up_proj",), "fused_up")
         p["mlp.experts_down_proj"] = _Plan((m + "experts.down_proj",), "fused_down")
-    else:
+    else:   # with redundant experts, physical slot p is the uniform placement's expert (`model.moe`)
+        logical = uniform_placement(E, cfg.n_physical_experts).tolist()
         for n in ("gate_proj", "up_proj", "down_proj"):
-            p[f"mlp.experts_{n}"] = _Plan(tuple(f"{m}experts.{e}.{n}.weight" for e in range(E)), "experts")
+            p[f"mlp.experts_{n}"] = _Plan(tuple(f"{m}experts.{e}.{n}.weight" for e in logical), "experts")
+        if cfg.n_redundant_experts:
+            table, counts = replica_table(logical, E)
+            for name, v in (("expert_logical", logical), ("expert_replicas", table.tolist()),
+                            ("expert_n_replicas", counts.tolist())):
+                p[f"mlp.{name}"] = _Plan((), "const", value=_tuples(v))
     if cfg.n_shared_experts:
         p.update(_mlp_plans(m + "shared_experts", "mlp.shared_experts"))
     return p
+
+
+def _tuples(v):
+    return tuple(map(_tuples, v)) if isinstance(v, list) else v
 
 
 def plans(cfg: ModelConfig, ckpt: Checkpoint) -> dict[str, _Plan]:
@@ -369,7 +383,8 @@ def _get_path(tree, path):
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: str | None = None,
          keep_fp8: bool = True, fp8_block: tuple[int, int] = fp8.BLOCK, runtime: Runtime | None = None,
-         capacity_factor: float = 2.0, threads: int = 4, progress: bool = False) -> DeepseekV3:
+         capacity_factor: float = 2.0, threads: int = 4, progress: bool = False, redundant_experts: int = 0
+         ) -> DeepseekV3:
     """Load an HF DeepSeek-V3/R1 checkpoint directory into a `DeepseekV3` model, placed tensor by tensor.
 
     dtype: the weights' dtype (default by the target platform, `model.runtime.platform_dtype`: float32 on CPU,
@@ -386,6 +401,8 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
     keep_fp8: DeepSeek block-FP8 tensors stay FP8 on device (`pallas_kernels.fp8.Fp8Tensor`, W8A16 matmuls);
     False dequantizes them to `dtype`. fp8_block: the (K, N) block of `quant="fp8"` (DeepSeek's 128 x 128).
     threads: weights prepared concurrently (I/O and conversion); progress: a progress bar on stderr.
+    redundant_experts: extra routed-expert slots per MoE layer (EPLB; `sharding.eplb` rebalances them later),
+    loaded as the uniform placement — each slot read straight from its expert's tensors.
     """
     path = os.fspath(path)
     if quant == "fp8":
@@ -401,6 +418,8 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
         log.info("checkpoint has %d MTP layer(s) (config says %d); loading %d", n_mtp,
                  cfg.num_nextn_predict_layers, n_mtp)
         cfg = cfg.replace(num_nextn_predict_layers=n_mtp)
+    if redundant_experts:   # EPLB: extra expert slots, loaded in the uniform placement (`sharding.eplb`)
+        cfg = cfg.replace(n_redundant_experts=redundant_experts)
     if dtype is None:
         dtype = platform_dtype((runtime.platform if runtime is not None and runtime.platform else None)
                                or (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform)

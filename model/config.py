@@ -47,6 +47,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 0
     eos_token_id: int | tuple[int, ...] | None = 1
+    # Not an HF field: extra physical copies of routed experts (EPLB, `sharding.eplb`); each MoE layer then holds
+    # n_routed_experts + n_redundant_experts expert weights and a table saying which logical expert each one is.
+    n_redundant_experts: int = 0
 
     def __post_init__(self):
         errors = []
@@ -63,6 +66,8 @@ class ModelConfig:
         if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
             errors.append(f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in "
                           f"topk_group={self.topk_group} groups")
+        if self.n_redundant_experts < 0:
+            errors.append(f"n_redundant_experts={self.n_redundant_experts} must be >= 0")
         if self.qk_rope_head_dim % 2:
             errors.append(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         if self.first_k_dense_replace > self.num_hidden_layers:
@@ -77,6 +82,11 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_physical_experts(self) -> int:
+        """Routed-expert weights each MoE layer holds: one per logical expert plus the redundant copies."""
+        return self.n_routed_experts + self.n_redundant_experts
 
     @property
     def cache_width(self) -> int:
@@ -170,7 +180,7 @@ class ModelConfig:
                 rope_scaling = tuple(sorted(rope.items()))
         kw: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("rope_scaling", "rope_theta"):
+            if f.name in ("rope_scaling", "rope_theta", "n_redundant_experts"):
                 continue
             if f.name in d and d[f.name] is not None:
                 kw[f.name] = d[f.name]
@@ -187,7 +197,7 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The HF `config.json` content for this config (transformers >= 5 layout, `rope_parameters`)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("rope_scaling", "rope_theta")}
+             if f.name not in ("rope_scaling", "rope_theta", "n_redundant_experts")}
         if isinstance(d["eos_token_id"], tuple):
             d["eos_token_id"] = list(d["eos_token_id"])
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}

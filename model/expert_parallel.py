@@ -103,8 +103,10 @@ def _exchange(x_nD, w_nX, idx_nX, valid_nX, axes, S: int, E_l: int, C: int, all_
             e_M = jnp.where(mine, ig - me * E_l, -1).reshape(-1)
             y = _local_experts(jnp.repeat(xg, X, axis=0), e_M, E_l, gate, up, down, impl)
             scale_M = jnp.where(mine, wg, 0).reshape(-1).astype(y.dtype)
-            part = (y * scale_M[:, None]).reshape(-1, X, D).sum(1)
-            return lax.psum_scatter(part, axes, scatter_dimension=0, tiled=True)
+            # per copy, summed by the sender in copy order: each copy is non-zero on one shard only, so the psum
+            # adds zeros (exact) and the result does not depend on which shard owns which expert (EPLB)
+            part = (y * scale_M[:, None]).reshape(-1, X, D)
+            return lax.psum_scatter(part, axes, scatter_dimension=0, tiled=True).sum(1)
 
     return lax.cond(overflow > 0, exact_path, capacity_path, x_nD)
 

@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
@@ -73,20 +74,29 @@ def routed_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "
     token_of = order // X
     group_sizes_E = jnp.bincount(flat_e, length=E).astype(jnp.int32)
     y_MD = expert_ffn(x_ND[token_of], group_sizes_E, gate_EDF, up_EDF, down_EFD, impl)
-    y_MD = y_MD * w_NX.reshape(-1)[order][:, None].astype(y_MD.dtype)
-    return jnp.zeros_like(x_ND).at[token_of].add(y_MD)
+    return _combine(y_MD, order, w_NX)
+
+
+def _combine(y_MD, order, w_NX):
+    """Sum of each token's weighted copies (rows y_MD in the sorted `order`), added in the token's own copy order:
+    the result does not depend on which (physical) expert ids the copies had."""
+    N, X = w_NX.shape
+    y_NXD = jnp.zeros_like(y_MD).at[order].set(y_MD).reshape(N, X, -1)
+    return (y_NXD * w_NX[:, :, None].astype(y_MD.dtype)).sum(1)
 
 
 def dense_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla") -> jax.Array:
     """`routed_experts` computed densely: every expert on every token, weighted by the router (zero weight for
     experts a token did not pick), as batched matmuls over [E, N, *]."""
     N, E = x_ND.shape[0], gate_EDF.shape[0]
-    w_NE = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], idx_NX].add(w_NX.astype(jnp.float32))
     x_END = jnp.broadcast_to(x_ND[None], (E, *x_ND.shape))
     g_ENF = batched_matmul(x_END, gate_EDF, impl)
     u_ENF = batched_matmul(x_END, up_EDF, impl)
-    h_ENF = jax.nn.silu(g_ENF) * u_ENF * w_NE.T[:, :, None].astype(x_ND.dtype)
-    return batched_matmul(h_ENF, down_EFD, impl).sum(0).astype(x_ND.dtype)
+    y_END = batched_matmul(jax.nn.silu(g_ENF) * u_ENF, down_EFD, impl)
+    # each token's copies weighted and added in its copy order (not the experts' order: the same sum for any
+    # expert ids, e.g. EPLB's replicas)
+    y_NXD = y_END[idx_NX, jnp.arange(N)[:, None]]
+    return (y_NXD * w_NX[:, :, None].astype(y_NXD.dtype)).sum(1).astype(x_ND.dtype)
 
 
 def _take_experts(w, idx):
@@ -164,8 +174,7 @@ def segment_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = 
     # only the live items (sum_e ceil(size_e / t), a traced count): idle experts cost nothing (a while loop;
     # the static bound ceil(M / t) + E would run every idle expert's matmuls too)
     y_MD = jax.lax.fori_loop(0, tile_end[-1], body, jnp.zeros((M + t, D), x_ND.dtype))[:M]
-    y_MD = y_MD * w_NX.reshape(-1)[order][:, None].astype(y_MD.dtype)
-    return jnp.zeros_like(x_ND).at[token_of].add(y_MD)
+    return _combine(y_MD, order, w_NX)
 
 
 def _segment_tile(copies: int, experts: int) -> int:
@@ -265,19 +274,61 @@ def choose_moe_impl(cfg: ModelConfig, n_tokens: int, platform: str, itemsize: in
     return min(("dense", "gather", "capacity", "segment"), key=lambda k: (c[k], k))
 
 
+# ---- redundant experts (EPLB) -------------------------------------------------------------------------------
+# With n_redundant_experts > 0 a MoE layer holds P = E + R physical expert weights; `expert_logical_P` says which
+# logical expert each one is (a table, so a new placement needs new data, not a new executable). Routing picks
+# logical experts as always; each token copy then goes to one of its expert's replicas (`physical_ids`), and the
+# replicas' weights are equal, so outputs do not change. `sharding.eplb` computes placements from routing counts.
+
+def uniform_placement(n_experts: int, n_physical: int) -> np.ndarray:
+    """The placement before any statistics: physical p < E is expert p, the extra copies round-robin."""
+    return (np.arange(n_physical) % n_experts).astype(np.int32)
+
+
+def replica_table(logical_P, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(replicas [E, 1 + P - E] physical ids of each logical expert, the unused tail repeating its first; counts
+    [E]) of a placement. Raises if an expert has no replica or an id is out of range."""
+    logical_P = np.asarray(logical_P, np.int64)
+    P = logical_P.shape[0]
+    if logical_P.min(initial=0) < 0 or logical_P.max(initial=0) >= n_experts:
+        raise ValueError(f"placement names experts outside [0, {n_experts})")
+    counts = np.bincount(logical_P, minlength=n_experts)
+    if (counts == 0).any():
+        raise ValueError(f"placement leaves experts {np.flatnonzero(counts == 0)[:8].tolist()} without a replica")
+    table = np.zeros((n_experts, 1 + P - n_experts), np.int32)
+    for e in range(n_experts):
+        ids = np.flatnonzero(logical_P == e)
+        table[e] = np.resize(ids, table.shape[1])
+    return table, counts.astype(np.int32)
+
+
+def physical_ids(idx_NX: jax.Array, replicas_EK: jax.Array, n_replicas_E: jax.Array) -> jax.Array:
+    """Each token copy's physical expert: replica (row mod count) of its logical expert — the rows choosing an
+    expert spread evenly over its replicas."""
+    n_N1 = jnp.arange(idx_NX.shape[0], dtype=jnp.int32)[:, None]
+    r_NX = n_N1 % n_replicas_E[idx_NX]
+    return replicas_EK[idx_NX, r_NX]
+
+
 _LOCAL_IMPLS = {"ragged": routed_experts, "dense": dense_experts, "gather": gather_experts,
                 "capacity": capacity_experts, "segment": segment_experts}
 
 
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
-        D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+        D, E, F, P = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_physical_experts
         self.cfg = cfg
         self.gate = param(rngs, (D, E), ("embed", None), jnp.float32)
         self.e_score_correction_bias = param(rngs, (E,), (None,), jnp.float32, init="zeros", kind=Buffer)
-        self.experts_gate_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), dtype)
-        self.experts_up_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), dtype)
-        self.experts_down_proj = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), dtype)
+        self.experts_gate_proj = param(rngs, (P, D, F), ("experts", "embed", "expert_mlp"), dtype)
+        self.experts_up_proj = param(rngs, (P, D, F), ("experts", "embed", "expert_mlp"), dtype)
+        self.experts_down_proj = param(rngs, (P, F, D), ("experts", "expert_mlp", "embed"), dtype)
+        if cfg.n_redundant_experts:   # the placement, as data (replicated: every device routes every token)
+            logical_P = uniform_placement(E, P)
+            replicas_EK, n_replicas_E = replica_table(logical_P, E)
+            self.expert_logical = Buffer(jnp.asarray(logical_P), axes=(None,))
+            self.expert_replicas = Buffer(jnp.asarray(replicas_EK), axes=(None, None))
+            self.expert_n_replicas = Buffer(jnp.asarray(n_replicas_E), axes=(None,))
         self.shared_experts = (MLP(D, F * cfg.n_shared_experts, rngs=rngs, dtype=dtype, axis="mlp")
                                if cfg.n_shared_experts else None)
 
@@ -296,6 +347,8 @@ class MoE(nnx.Module):
         if hasattr(self, "__captures__"):
             self.sow(nnx.Intermediate, "expert_counts",
                      jnp.bincount(idx_NX.reshape(-1), length=self.cfg.n_routed_experts))
+        if self.cfg.n_redundant_experts:
+            idx_NX = physical_ids(idx_NX, self.expert_replicas[...], self.expert_n_replicas[...])
         impl = runtime.resolved_matmul_impl()
         if runtime.expert_parallel is not None:
             experts = runtime.expert_parallel
