@@ -347,6 +347,7 @@ class MoE(nnx.Module):
         if hasattr(self, "__captures__"):
             self.sow(nnx.Intermediate, "expert_counts",
                      jnp.bincount(idx_NX.reshape(-1), length=self.cfg.n_routed_experts))
+            self.sow(nnx.Intermediate, "expert_choices", idx_NX)   # per row (the engine drops padding rows)
         if self.cfg.n_redundant_experts:
             idx_NX = physical_ids(idx_NX, self.expert_replicas[...], self.expert_n_replicas[...])
         impl = runtime.resolved_matmul_impl()

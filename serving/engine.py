@@ -40,6 +40,7 @@ from serving.config import EngineConfig, auto_num_pages, resolve_decode_buckets
 from serving.pages import pages_for
 from serving.logits import PROC_FILL, Proc, logprob_entry, needs_processing, proc_rows, proc_shapes
 from serving.programs import Programs
+from serving.expert_stats import ExpertStats
 from serving.steps import DecodeBatch, DecodeOut, PrefillOut, Prefix
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class Engine(Programs):
         self.mirror = None   # a worker group's leader: sends each call to the followers first (serving.group)
         # spans several processes (a worker group): device arrays are read only through this process's shards
         self.multiprocess = mesh is not None and {d.process_index for d in mesh.devices.flat} != {jax.process_index()}
+        self.expert_stats = ExpertStats(self, model)   # routing counts (every executable updates them) and EPLB
         if compile and not self.abstract:
             self._compile()
 
@@ -181,10 +183,13 @@ class Engine(Programs):
         i32, f32 = jnp.int32, jnp.float32
         cache_sds = jax.ShapeDtypeStruct(self.cache_shape, self.cache.dtype, sharding=self.cache.sharding)
         vec = lambda dt: self._sds((B,), dt)
-        return self._lower(jax.jit(functools.partial(self._decode_fn, steps=steps), donate_argnums=(1,)),
-                           self.params, cache_sds, vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32),
+        return self._lower(jax.jit(functools.partial(self._decode_fn, steps=steps), donate_argnums=(1, 2)),
+                           self.params, cache_sds, self._load_sds(), vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32),
                            vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32),
                            *(self._sds(*a) for a in proc_shapes(B, Pw * self.cfg.page_size, self.model_cfg.vocab_size)))
+
+    def _load_sds(self):
+        return jax.ShapeDtypeStruct(self.expert_stats.shape, jnp.int32, sharding=self._replicated)
 
     def _sds(self, shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
@@ -202,8 +207,8 @@ class Engine(Programs):
         out = {}
         for R, T in (cfg.prefill_shapes if "prefill" in self.roles else ()):
             vec = lambda dt: self._sds((R,), dt)
-            out["prefill", R, T] = self._lower(jax.jit(self._prefill_fn, donate_argnums=(1,)), self.params,
-                                               cache_sds, self._sds((R, T), i32), vec(i32), vec(i32), vec(i32),
+            out["prefill", R, T] = self._lower(jax.jit(self._prefill_fn, donate_argnums=(1, 2)), self.params,
+                                               cache_sds, self._load_sds(), self._sds((R, T), i32), vec(i32), vec(i32), vec(i32),
                                                self._sds((R, P), i32), vec(f32), vec(i32), vec(f32), vec(i32),
                                                *(self._sds(*a) for a in proc_shapes(R, P * cfg.page_size,
                                                                                    self.model_cfg.vocab_size)))
@@ -282,11 +287,10 @@ class Engine(Programs):
     def execute(self, kind: str, key, args):
         """One executable call as `_run` makes it, without mirroring — what a group's follower runs for each call
         its leader sends (`serving.group.follow`)."""
-        if kind == "prefill":
-            *out, self.cache = self._prefill_exe[key](self.params, self.cache, *args)
-            return out
-        if kind == "decode":
-            *out, self.cache = self._decode_exe[key](self.params, self.cache, *args)
+        if kind in ("prefill", "decode"):
+            exe = (self._prefill_exe if kind == "prefill" else self._decode_exe)[key]
+            *out, self.cache, load = exe(self.params, self.cache, self.expert_stats.load, *args)
+            self.expert_stats.update(load)
             return out
         if kind == "extract":
             return self._extract_exe[key](self.cache, *args)

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 from model.deepseek import DeepseekV3
 from model.moe import choose_moe_impl
 from model.paged_cache import SCRATCH_PAGE, PagedCache
+from serving.expert_stats import counted
 from serving.logits import Proc, process, prompt_logprobs, token_logprobs
 from serving.sampling import draw, keys_for, sample, speculative_accept, token_probs
 
@@ -49,13 +50,14 @@ class Programs:
         return model
 
     # ---- compiled functions (pure; traced once per bucket at start-up) -------------------------------------------
-    def _prefill_fn(self, params, cache, tokens_RT, start_R, length_R, next_token_R, page_table_RP, temperature_R,
-                    top_k_R, top_p_R, seed_R, *proc):
+    def _prefill_fn(self, params, cache, load_LE, tokens_RT, start_R, length_R, next_token_R, page_table_RP,
+                    temperature_R, top_k_R, top_p_R, seed_R, *proc):
         """One chunk of each of R requests (a batched prefill; padding rows have length 0 and an all-scratch page
         table): row r's tokens at start_r..start_r+length_r-1. `next_token_R` is the prompt token after each
         chunk (-1 if it is the prompt's last chunk: then the sampled token takes its place for the MTP pass).
         `proc` (`serving.logits.Proc`, hist = the whole prompt): processors for the sampled token, its logprobs,
-        and the chunk's prompt logprobs (position t: the prompt token at t + 1)."""
+        and the chunk's prompt logprobs (position t: the prompt token at t + 1). `load_LE`: the routing counts
+        (`serving.expert_stats`), returned with this chunk's added."""
         proc = Proc(*proc)
         R, T = tokens_RT.shape
         model = self._model_for(params, R * T)
@@ -63,8 +65,10 @@ class Programs:
         valid_RT = jnp.arange(T)[None] < length_R[:, None]
         layout = self._layout(page_table_RP, valid_RT, prefill=True)
         last_R = jnp.maximum(length_R - 1, 0)
-        logits_R1W, hidden_RTD, cache = model.forward(tokens_RT, positions_RT, cache=layout, state=cache,
-                                                      logits_at=last_R)
+        paths = self.expert_stats.paths
+        (logits_R1W, hidden_RTD, cache), load_LE = counted(
+            lambda m: m.forward(tokens_RT, positions_RT, cache=layout, state=cache, logits_at=last_R), model, paths,
+            load_LE, valid_RT)
         raw_RW = logits_R1W[:, 0]
         token_R = sample(process(raw_RW, proc, proc.hist, proc.min_left), start_R + length_R, temperature_R,
                          top_k_R, top_p_R, seed_R)
@@ -74,46 +78,53 @@ class Programs:
         plps = prompt_logprobs(model.head, hidden_RTD, prompt_next_RT, proc.prompt_logprobs)
         if not self.cfg.mtp:
             return (*self._to_host(token_R, jnp.zeros((R,), jnp.int32), jnp.zeros((R, 1), jnp.float32)),
-                    *self._lp_out(*lps, *plps), cache)
+                    *self._lp_out(*lps, *plps), cache, load_LE)
         # MTP over the chunk: position t sees (h_t, x_{t+1}); fills the MTP layer's cache and drafts x_{n+1}.
         follow_R = jnp.where(next_token_R >= 0, next_token_R, token_R)
         next_RT = jnp.where(jnp.arange(T)[None] == last_R[:, None], follow_R[:, None], in_chunk_RT)
-        m_logits, _, cache = model.mtp_forward(hidden_RTD, next_RT, positions_RT, cache=layout, state=cache,
-                                               logits_at=last_R)
+        (m_logits, _, cache), load_LE = counted(
+            lambda m: m.mtp_forward(hidden_RTD, next_RT, positions_RT, cache=layout, state=cache, logits_at=last_R),
+            model, paths, load_LE, valid_RT)
         q_RW = token_probs(m_logits[:, 0], temperature_R, top_k_R, top_p_R)
         draft_R = draw(q_RW, keys_for(seed_R, start_R + length_R + 1, stream=3))
-        return (*self._to_host(token_R, draft_R, q_RW), *self._lp_out(*lps, *plps), cache)
+        return (*self._to_host(token_R, draft_R, q_RW), *self._lp_out(*lps, *plps), cache, load_LE)
 
-    def _decode_fn(self, params, cache, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p, seed,
-                   drafts_B, q_BW, *proc, steps: int):
+    def _decode_fn(self, params, cache, load_LE, tokens_B, positions_B, page_tables_BP, temperature, top_k, top_p,
+                   seed, drafts_B, q_BW, *proc, steps: int):
         """`steps` decode steps for B rows. `proc` (`serving.logits.Proc`): the rows' logits processors (each step
-        writes its token into the history they count) and logprob requests."""
+        writes its token into the history they count) and logprob requests. `load_LE`: the routing counts
+        (`serving.expert_stats`), returned with these steps' added."""
         proc = Proc(*proc)
         model = self._model_for(params, tokens_B.shape[0] * (2 if self.cfg.mtp else 1))
         # padding rows have an all-scratch page table (each rank's scratch is its local page 0)
         valid_B1 = (page_tables_BP[:, :1] % self.pages_per_rank != SCRATCH_PAGE)
         layout = self._layout(page_tables_BP, valid_B1, kernel=True)
         rows = jnp.arange(tokens_B.shape[0])
+        paths = self.expert_stats.paths
 
         def step(carry, _):
-            cache, tok_B, pos_B, hist, left, i = carry
-            logits, hidden, cache = model.forward(tok_B[:, None], pos_B[:, None], cache=layout, state=cache,
-                                                  absorbed=True)
+            cache, load, tok_B, pos_B, hist, left, i = carry
+            (logits, hidden, cache), load = counted(
+                lambda m: m.forward(tok_B[:, None], pos_B[:, None], cache=layout, state=cache, absorbed=True), model,
+                paths, load, valid_B1)
             with jax.named_scope("sampling"):
                 raw = logits[:, 0]
                 # a grammar's mask holds for the first step only (the host keeps only that token of such rows)
                 nxt_B = sample(process(raw, proc, hist, left, i == 0), pos_B + 1, temperature, top_k, top_p, seed)
                 lps = token_logprobs(raw, nxt_B, proc.logprobs)
             hist = hist.at[rows, pos_B + 1].set(nxt_B, mode="drop")
-            return (cache, nxt_B, pos_B + 1, hist, left - 1, i + 1), (nxt_B, *lps)
+            return (cache, load, nxt_B, pos_B + 1, hist, left - 1, i + 1), (nxt_B, *lps)
 
         def spec_step(carry, _):
             """Verify the draft at pos+1 with the main model (T = 2), then draft again with the MTP module."""
-            cache, tok_B, pos_B, d_B, q_BW, hist, left, i = carry
+            cache, load, tok_B, pos_B, d_B, q_BW, hist, left, i = carry
             toks_BT = jnp.stack([tok_B, d_B], 1)
             pos_BT = jnp.stack([pos_B, pos_B + 1], 1)
             layout2 = self._layout(page_tables_BP, jnp.broadcast_to(valid_B1, pos_BT.shape), kernel=True)
-            logits, hidden_BTD, cache = model.forward(toks_BT, pos_BT, cache=layout2, state=cache, absorbed=True)
+            valid_BT = jnp.broadcast_to(valid_B1, pos_BT.shape)
+            (logits, hidden_BTD, cache), load = counted(
+                lambda m: m.forward(toks_BT, pos_BT, cache=layout2, state=cache, absorbed=True), model, paths, load,
+                valid_BT)
             hist_d = hist.at[rows, pos_B + 1].set(d_B, mode="drop")   # position 1's logits follow the draft
             p0 = token_probs(process(logits[:, 0], proc, hist, left, i == 0), temperature, top_k, top_p)
             p1 = token_probs(process(logits[:, 1], proc, hist_d, left - 1, False), temperature, top_k, top_p)
@@ -122,8 +133,9 @@ class Programs:
             bonus_B = draw(p1, keys_for(seed, pos_B + 2))
             lp0, lp1 = (token_logprobs(logits[:, i], t, proc.logprobs) for i, t in ((0, t1_B), (1, bonus_B)))
             # MTP at pos (h_pos, t1) drafts pos+2 if rejected; at pos+1 (h_pos+1, bonus) drafts pos+3 if accepted
-            m_logits, _, cache = model.mtp_forward(hidden_BTD, jnp.stack([t1_B, bonus_B], 1), pos_BT,
-                                                   cache=layout2, state=cache, absorbed=True)
+            (m_logits, _, cache), load = counted(
+                lambda m: m.mtp_forward(hidden_BTD, jnp.stack([t1_B, bonus_B], 1), pos_BT, cache=layout2, state=cache,
+                                        absorbed=True), model, paths, load, valid_BT)
             new_pos_B = pos_B + jnp.where(ok_B, 2, 1)
             q_new_BW = jnp.where(ok_B[:, None], token_probs(m_logits[:, 1], temperature, top_k, top_p),
                                  token_probs(m_logits[:, 0], temperature, top_k, top_p))
@@ -132,20 +144,21 @@ class Programs:
             hist = hist.at[rows, pos_B + 1].set(t1_B, mode="drop")
             hist = hist.at[rows, jnp.where(ok_B, pos_B + 2, hist.shape[1])].set(bonus_B, mode="drop")
             lps = tuple(jnp.stack([a, b], 1) for a, b in zip(lp0, lp1))
-            return ((cache, new_tok_B, new_pos_B, d_new_B, q_new_BW, hist, left - jnp.where(ok_B, 2, 1), i + 1),
+            return ((cache, load, new_tok_B, new_pos_B, d_new_B, q_new_BW, hist, left - jnp.where(ok_B, 2, 1), i + 1),
                     (jnp.stack([t1_B, bonus_B], 1), ok_B, *lps))
 
         S, B = steps, tokens_B.shape[0]
         row_major = lambda x: jnp.moveaxis(x, 0, 1)   # [S, B, ...] -> [B, S, ...]
         if not self.cfg.mtp:
-            (cache, *_), (toks_SB, *lps) = jax.lax.scan(step, (cache, tokens_B, positions_B, proc.hist,
-                                                               proc.min_left, jnp.int32(0)), None, length=S)
+            (cache, load_LE, *_), (toks_SB, *lps) = jax.lax.scan(
+                step, (cache, load_LE, tokens_B, positions_B, proc.hist, proc.min_left, jnp.int32(0)), None, length=S)
             return (*self._to_host(toks_SB.T, jnp.zeros((B, S), bool), drafts_B, q_BW),
-                    *self._lp_out(*map(row_major, lps)), cache)
-        (cache, _, _, d_B, q_BW, *_), (toks_SB2, ok_SB, *lps) = jax.lax.scan(
-            spec_step, (cache, tokens_B, positions_B, drafts_B, q_BW, proc.hist, proc.min_left, jnp.int32(0)), None,
-            length=S)
-        return (*self._to_host(row_major(toks_SB2), ok_SB.T, d_B, q_BW), *self._lp_out(*map(row_major, lps)), cache)
+                    *self._lp_out(*map(row_major, lps)), cache, load_LE)
+        (cache, load_LE, _, _, d_B, q_BW, *_), (toks_SB2, ok_SB, *lps) = jax.lax.scan(
+            spec_step, (cache, load_LE, tokens_B, positions_B, drafts_B, q_BW, proc.hist, proc.min_left, jnp.int32(0)),
+            None, length=S)
+        return (*self._to_host(row_major(toks_SB2), ok_SB.T, d_B, q_BW), *self._lp_out(*map(row_major, lps)), cache,
+                load_LE)
 
     def _lp_out(self, *xs):
         """Logprob outputs: read only when a row asked, so left where they are computed (a gather on the host

@@ -150,3 +150,35 @@ def test_v3_real_dims_with_288_expert_slots_on_ep8():
     tokens = jax.ShapeDtypeStruct((64, 1), jnp.int32)
     low = jax.jit(lambda s, t: nnx.merge(graph, s)(t)).lower(state, tokens)
     assert "all-to-all" in low.compile().as_text()
+
+
+def test_engine_counts_routing_on_device_and_rebalances_between_steps(skewed):
+    """The executables count every MoE layer's routing (padding rows excluded); with redundant experts and
+    `eplb_interval` the engine moves its slots between steps, and greedy tokens stay those of the model without
+    redundant experts on the same ep=4 mesh."""
+    import dataclasses
+
+    from serving import LLM, EngineConfig, SamplingParams
+
+    model, _, _ = skewed
+    prompts = [[(7 * i + j) % CFG.vocab_size for j in range(5 + i)] for i in range(3)]
+    sp = SamplingParams(max_tokens=9, temperature=0.0)
+    ec = EngineConfig(page_size=16, num_pages=64, max_model_len=128, prefill_buckets=(16,), prefill_rows=(1,),
+                      decode_buckets=(4,), decode_windows=(8,), decode_steps=4, expert_stats_interval=2)
+    base = LLM(model=model, engine_config=ec, decode_mesh="ep=4")
+    ref = [o.token_ids for o in base.generate(prompts, sp)]
+    counts = base.decode_engine.expert_stats.counts()
+    # prompt tokens + 8 decode steps per request (bucket 4, 3 rows: the padding row not counted), 4 copies each
+    assert counts.shape == (3, 16) and counts[:2].sum(1).tolist() == [4 * (sum(map(len, prompts)) + 3 * 8)] * 2
+    assert counts[2].sum() == 0                                          # no MTP pass ran
+    base.close()
+    llm = LLM(model=eplb.expand(model, 16), engine_config=dataclasses.replace(ec, eplb_interval=2, eplb_min_gain=0.0),
+              decode_mesh="ep=4")
+    eng = llm.decode_engine
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == ref
+    st = eng.expert_stats
+    assert st.rebalances >= 1, st.summary()
+    placed = [np.asarray(m.expert_logical[...]) for m in eplb.moe_layers(nnx.merge(eng.graphdef, eng.params))]
+    assert any(not np.array_equal(p, uniform_placement(16, 32)) for p in placed)
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == ref       # and again on the moved slots
+    llm.close()
