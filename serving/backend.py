@@ -51,6 +51,8 @@ class Backend(Protocol):
 
     def prefix_cache_stats(self) -> dict[str, dict]: ...
 
+    def expert_stats(self) -> dict[str, dict]: ...
+
     def close(self) -> None: ...
 
 
@@ -85,6 +87,12 @@ class LocalBackend:
     def prefix_cache_stats(self) -> dict[str, dict]:
         """Per engine with prefix caching on: hits per tier, evictions, blocks and bytes per tier."""
         return {name: pool.prefix_cache.stats() for name, pool in self.pools() if pool.prefix_cache is not None}
+
+    def expert_stats(self) -> dict[str, dict]:
+        """Per engine with MoE layers: routing counts and EP balance (`serving.expert_stats`)."""
+        s = self.scheduler
+        engines = [s.decode] + ([s.prefill] if s.prefill is not None else [])
+        return {e.name: e.expert_stats.summary() for e in engines if e.expert_stats.shape[0]}
 
     def close(self) -> None:
         self.scheduler.close()   # and its page pools (prefix-cache offload threads)
@@ -213,6 +221,12 @@ class RemoteBackend:
         snap = self.router.snapshot()
         return {a: w["info"]["prefix_cache"] for a, w in snap["workers"].items()
                 if w.get("alive") and (w.get("info") or {}).get("prefix_cache")}
+
+    def expert_stats(self) -> dict[str, dict]:
+        """{worker: routing counts and EP balance} of every live worker with MoE layers."""
+        snap = self.router.snapshot()
+        return {a: w["info"]["experts"] for a, w in snap["workers"].items()
+                if w.get("alive") and (w.get("info") or {}).get("experts")}
 
     def close(self) -> None:
         if self._closed_pages is None:

@@ -18,7 +18,7 @@ from serving.config import (AUTO_BATCH_CAP, DEFAULT_AUTO_BATCH_CAP, DEFAULT_KV_M
 from serving.engine import Engine
 from sharding.plan import MemoryPlan, device_memory_of, kv_bytes_per_token, weight_bytes_per_device
 from sharding.plan import plan as memory_plan
-from sharding import AxisRules, place
+from sharding import AxisRules, eplb, place
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,15 @@ def build_engine(cfg: EngineConfig, *, mesh: Mesh | None, rules: AxisRules, name
     GPUs with num_pages=None: 0.9 by default; elsewhere None leaves the engine to a host budget)."""
     if (checkpoint is None) == (model is None):
         raise ValueError("build_engine needs exactly one of checkpoint= or model=")
+    R = cfg.redundant_experts
     if model is not None:
-        m = place(model, mesh, rules, runtime=runtime)
+        if R and model.cfg.n_redundant_experts not in (0, R):
+            raise ValueError(f"redundant_experts={R} but the model has {model.cfg.n_redundant_experts}")
+        m = place(eplb.expand(model, R) if R and not model.cfg.n_redundant_experts else model, mesh, rules,
+                  runtime=runtime)
     else:
         m = checkpoints.load(checkpoint, mesh=mesh, rules=rules, dtype=resolve_dtype(dtype, mesh, name=name),
-                             quant=quant, runtime=runtime, progress=progress)
+                             quant=quant, runtime=runtime, progress=progress, redundant_experts=R)
     if kv_memory_fraction is None and cfg.num_pages is None and mesh_platform(mesh) in GPU_PLATFORMS:
         kv_memory_fraction = DEFAULT_KV_MEMORY_FRACTION   # GPUs report their memory: fill it (CPU: a host budget)
     if kv_memory_fraction is not None:

@@ -85,6 +85,8 @@ class EngineConfig:
     disk_cache_dir: str | None = None
     # routing counts per MoE layer and expert (serving.expert_stats): read by the host every this many dispatches
     expert_stats_interval: int = 32
+    # EPLB: extra routed-expert slots per MoE layer (checkpoints.load(redundant_experts=...), sharding.eplb)
+    redundant_experts: int = 0
     # EPLB (needs redundant experts): place the expert slots from the counts every this many dispatches (0: never
     # automatically), when the predicted max/mean copies per EP rank improves by at least eplb_min_gain
     eplb_interval: int = 0
@@ -105,8 +107,8 @@ class EngineConfig:
         if self.decode_buckets is not None and (sorted(set(self.decode_buckets)) != list(self.decode_buckets)
                                                 or not self.decode_buckets):
             raise ValueError(f"decode_buckets={self.decode_buckets} must be strictly increasing")
-        if self.expert_stats_interval < 0 or self.eplb_interval < 0:
-            raise ValueError("expert_stats_interval / eplb_interval must be >= 0")
+        if self.expert_stats_interval < 0 or self.eplb_interval < 0 or self.redundant_experts < 0:
+            raise ValueError("expert_stats_interval / eplb_interval / redundant_experts must be >= 0")
         if self.decode_steps < 1:
             raise ValueError(f"decode_steps={self.decode_steps} must be >= 1")
         if self.host_cache_pages < 0 or self.disk_cache_pages < 0:

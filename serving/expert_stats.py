@@ -68,6 +68,7 @@ class ExpertStats:
         self.window = np.zeros(self.shape, np.int64)      # since the last placement
         self.dispatches = self.rebalances = 0
         self.last_imbalance: list[float] | None = None
+        self.placements = self._read_placements(model)    # host copy of each layer's slot -> expert table
         sharding = engine._replicated
         self._zeros = jax.jit(lambda: jnp.zeros(self.shape, jnp.int32), out_shardings=sharding)
         self.load = (jax.ShapeDtypeStruct(self.shape, jnp.int32, sharding=sharding) if engine.abstract
@@ -106,23 +107,22 @@ class ExpertStats:
 
     def counts(self) -> np.ndarray:
         """Token copies per MoE layer and logical expert since start, including the dispatches not yet read
-        (no reset; safe at any time)."""
+        (a device read without reset: call it from the engine's thread, between dispatches)."""
         return self.total + self._local()
 
     def summary(self) -> dict:
-        """For stats and /metrics: copies counted, per layer the max/mean over EP ranks of the copies since the
-        last placement under the current placement (over experts without EP), rebalances made."""
-        window = self.window + self._local()
+        """For stats and /metrics (host data only: safe from any thread): copies counted as of the last periodic
+        read, per layer the max/mean over EP ranks of the copies since the last placement under the current
+        placement (over experts without EP), rebalances made."""
         return {"layers": self.shape[0], "experts": self.shape[1], "ep_ranks": self.ranks,
-                "copies": int(self.counts().sum()), "rebalances": self.rebalances,
-                "imbalance": [round(x, 4) for x in self._imbalance(window, self._placements())],
+                "copies": int(self.total.sum()), "rebalances": self.rebalances,
+                "imbalance": [round(x, 4) for x in self._imbalance(self.window, self.placements)],
                 "placed_imbalance": self.last_imbalance}
 
     # ---- EPLB -------------------------------------------------------------------------------------------------
-    def _placements(self) -> list[np.ndarray] | None:
-        if not self.engine.model_cfg.n_redundant_experts:
+    def _read_placements(self, model) -> list[np.ndarray] | None:
+        if not model.cfg.n_redundant_experts or self.engine.abstract:
             return None
-        model = nnx.merge(self.engine.graphdef, self.engine.params)
         return [np.asarray(jax.device_get(m.expert_logical.get_value())) for m in eplb.moe_layers(model)]
 
     def _imbalance(self, window: np.ndarray, placements) -> list[float]:
@@ -149,7 +149,7 @@ class ExpertStats:
         if eng.multiprocess:
             raise ValueError("rebalance: not supported in a worker group spanning several processes yet")
         window = self.window + self._local()
-        old = self._placements()
+        old = self.placements
         if placements is None:
             if window.sum() == 0:
                 return {"moved": False, "reason": "no routing counted since the last placement"}
@@ -162,6 +162,7 @@ class ExpertStats:
         model = nnx.merge(eng.graphdef, eng.params)
         eplb.rebalance(model, placements)
         eng.graphdef, eng.params = nnx.split(model)
+        self.placements = [np.asarray(p, np.int32) for p in placements]
         self.window[:] = 0
         self.total += self._local()
         self.load = self._zeros()

@@ -55,6 +55,12 @@ def define_engine_flags() -> None:
     f.DEFINE_integer("prefill_budget", 0, "colocated: prompt tokens prefilled per scheduler step (0: the entry "
                      f"point's policy: the batch job 2048, throughput; the server {ONLINE_PREFILL_BUDGET}, latency)")
     f.DEFINE_bool("mtp", False, "speculative decoding with the checkpoint's MTP module (k = 1)")
+    f.DEFINE_integer("redundant_experts", 0, "EPLB: extra routed-expert slots per MoE layer (e.g. 32: V3's 256 "
+                     "experts in 288 slots), loaded in the uniform placement and rebalanced by --eplb_interval")
+    f.DEFINE_integer("eplb_interval", 0, "EPLB: re-place the expert slots from the routing counts every this many "
+                     "dispatches, between steps, without recompiling (0: never; needs --redundant_experts)")
+    f.DEFINE_integer("expert_stats_interval", EngineConfig.expert_stats_interval, "dispatches between host reads of "
+                     "the routing counts the executables keep on device (/metrics, worker stats)")
     f.DEFINE_bool("prefix_caching", False, "reuse the KV of cached prompt prefixes (full pages, chained token "
                   "hashes, LRU) instead of prefilling them again")
     f.DEFINE_integer("kv_host_pages", 0, "host-memory KV tier: pages evicted from the device are kept here "
@@ -96,7 +102,9 @@ def engine_config(mcfg, F=flags.FLAGS) -> EngineConfig:
         decode_buckets=(tuple(int(b) for b in F.decode_buckets) if F.decode_buckets
                         else decode_buckets_up_to(F.max_batch) if F.max_batch else None),
         decode_steps=F.decode_steps, mtp=F.mtp, cache_dtype=F.cache_dtype, prefix_caching=F.prefix_caching,
-        host_cache_pages=F.kv_host_pages, disk_cache_pages=F.kv_disk_pages, disk_cache_dir=F.kv_disk_dir)
+        host_cache_pages=F.kv_host_pages, disk_cache_pages=F.kv_disk_pages, disk_cache_dir=F.kv_disk_dir,
+        redundant_experts=F.redundant_experts, eplb_interval=F.eplb_interval,
+        expert_stats_interval=F.expert_stats_interval)
 
 
 def scheduler_config(default_budget: int, F=flags.FLAGS) -> SchedulerConfig:

@@ -237,6 +237,10 @@ class LLM:
         engines with prefix caching on."""
         return self.backend.prefix_cache_stats()
 
+    def expert_stats(self) -> dict[str, dict]:
+        """{engine or worker: routing counts and EP balance} (`serving.expert_stats.ExpertStats.summary`)."""
+        return self.backend.expert_stats()
+
     def close(self) -> None:
         self.backend.close()
 

@@ -38,6 +38,12 @@ class Metrics:
                                 registry=r)
         self.prefix_hit_rate = Gauge("tandem_prefix_cache_hit_rate", "prefix-cache block hit rate by tier",
                                      ["engine", "tier"], registry=r)
+        self.expert_imbalance = Gauge("tandem_expert_load_imbalance", "max/mean routed token copies per EP rank "
+                                      "(per expert without EP) since the last placement, by MoE layer",
+                                      ["engine", "layer"], registry=r)
+        self.expert_copies = Gauge("tandem_expert_routed_copies", "routed token copies counted (all MoE layers)",
+                                   ["engine"], registry=r)
+        self.eplb_rebalances = Gauge("tandem_eplb_rebalances", "EPLB placements applied", ["engine"], registry=r)
 
     def observe(self, req: Request, transfer_bytes: int = 0) -> None:
         m = output_of(req).metrics

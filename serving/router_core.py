@@ -190,7 +190,8 @@ class RouterCore:
                 w.joins += 1
                 self._drop_kv(w)     # a new process: its cache starts empty
             w.alive, w.role, w.incarnation = True, msg["role"], msg["incarnation"]
-            w.info = {k: msg.get(k) for k in ("pages", "load", "engine", "invariant_ok", "metrics", "prefix_cache")}
+            w.info = {k: msg.get(k) for k in ("pages", "load", "engine", "invariant_ok", "metrics", "prefix_cache",
+                                                 "experts")}
             self._on_kv_events(w, msg.get("kv_events"))
             return
         if w.alive:

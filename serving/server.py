@@ -203,6 +203,11 @@ class EngineLoop:
             for eng, st in llm.prefix_cache_stats().items():
                 for tier in ("device", "host", "disk"):
                     m.prefix_hit_rate.labels(eng, tier).set(st.get(f"hit_rate_{tier}", 0.0))
+            for eng, st in llm.expert_stats().items():
+                m.expert_copies.labels(eng).set(st["copies"])
+                m.eplb_rebalances.labels(eng).set(st["rebalances"])
+                for i, x in enumerate(st["imbalance"]):
+                    m.expert_imbalance.labels(eng, str(i)).set(x)
         except Exception:   # remote stats can time out; gauges are best effort
             log.debug("stats unavailable", exc_info=True)
 

@@ -151,11 +151,11 @@ class Worker:
             load.update(running=st["running"], waiting=st["waiting"] + st["ready"] + st["prefilling"],
                         pulling=len(self._pulls))
         ec, mc = self.engine.cfg, self.engine.model_cfg
-        return dict(role=self.role, worker=self.address, incarnation=self.incarnation, ready=True,
-                    pages=self.pages.stats(),
+        return dict(role=self.role, worker=self.address, incarnation=self.incarnation, ready=True, pages=self.pages.stats(),
                     prefix_cache=self.pages.prefix_cache.stats() if self.pages.prefix_cache else None,
                     kv_events=self.kv_events() if kv_events else None,
                     invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
+                    experts=self.engine.expert_stats.summary() if self.engine.expert_stats.shape[0] else None,
                     group=None if self.group_info is None else {
                         **self.group_info, "mirror": getattr(self.engine.mirror, "stats", None),
                         "member_compiles": {str(k): v for k, v in getattr(

@@ -166,6 +166,9 @@ def test_1p1d_equals_colocated(ckpt, cluster, colocated):
         assert m.get("local_prefills", 0) == 0 and m.get("retries", 0) == 0, m
         for o in got:
             assert o.metrics.ttft_s > 0 and o.metrics.transfer_s > 0 and o.metrics.queue_s >= 0
+        # routing counts of both workers reach the frontend (health -> router -> LLM.expert_stats, /metrics)
+        ex = llm.expert_stats()
+        assert set(ex) == {P.addr, D.addr} and all(e["layers"] >= 1 and e["experts"] >= 2 for e in ex.values()), ex
     # structured output over worker processes: the prefill worker masks the first token, the decode worker the rest
     with LLM(workers=[P.addr, D.addr], router_config=router_cfg(), checkpoint=ckpt) as llm:
         outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=N_NEW, structured_output={"regex": REGEX}))

@@ -21,7 +21,8 @@ from serving.openai_api import DEFAULT_CHAT_TEMPLATE, BadRequest, chat_prompt, s
 from serving.server import EngineLoop, Server, build_app
 
 EC = EngineConfig(page_size=16, num_pages=64, max_model_len=256, prefill_buckets=(16, 64), decode_buckets=(2, 4, 8),
-                  decode_steps=4, decode_windows=(16,), prefill_tokens=64)   # no (4, 64) prefill to compile
+                  decode_steps=4, decode_windows=(16,), prefill_tokens=64,   # no (4, 64) prefill to compile
+                  expert_stats_interval=1)
 PROMPT = "To be, or not to be"
 
 
@@ -317,6 +318,13 @@ def test_api_key_health_ready_models_metrics(served):
         assert name in text, name
     count = [l for l in text.splitlines() if l.startswith("tandem_time_to_first_token_seconds_count")]
     assert float(count[0].split()[-1]) >= 1
+    # routing counted on device, read every dispatch here: copies = tokens x experts per token x MoE layers
+    value = lambda name: float(next(l for l in text.splitlines() if l.startswith(name)).split()[-1])  # noqa: E731
+    mc = llm.decode_engine.model_cfg
+    copies = value('tandem_expert_routed_copies{engine="decode"}')
+    assert copies > 0 and copies % mc.num_experts_per_tok == 0, copies
+    assert value('tandem_expert_load_imbalance{engine="decode",layer="0"}') >= 1.0
+    assert value('tandem_eplb_rebalances{engine="decode"}') == 0
 
 
 def test_parsing_units():
