@@ -43,7 +43,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from model.layers import local_weight, weight_spec
-from model.moe import expert_ffn, routed_experts
+from model.moe import expert_ffn, routed_experts, segment_experts
 
 
 def _axes(mesh: Mesh, axes) -> tuple[str, ...]:
@@ -52,8 +52,15 @@ def _axes(mesh: Mesh, axes) -> tuple[str, ...]:
     return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
-def _local_experts(x_MD, e_M, n_local: int, gate_EDF, up_EDF, down_EFD, impl: str):
-    """Rows x_MD through local expert e_M (0..n_local-1; -1 = empty slot -> 0): one sorted grouped matmul."""
+def _local_experts(x_MD, e_M, n_local: int, gate_EDF, up_EDF, down_EFD, impl: str, segment: bool = False):
+    """Rows x_MD through local expert e_M (0..n_local-1; -1 = empty slot -> 0): one sorted grouped matmul, or
+    (`segment`) a loop over the live (expert, row tile) items — XLA:CPU runs a grouped matmul as a dot over every
+    group, so its cost there grows with the local experts (EPLB's extra slots), the loop's only with the rows."""
+    if segment:
+        gate_EDF, up_EDF, down_EDF = map(local_weight, (gate_EDF, up_EDF, down_EFD))
+        ok_M1 = (e_M >= 0)[:, None]
+        return segment_experts(x_MD, jnp.ones(ok_M1.shape, jnp.float32), jnp.maximum(e_M, 0)[:, None], gate_EDF,
+                               up_EDF, down_EDF, impl, valid_NX=ok_M1)
     key_M = jnp.where(e_M >= 0, e_M, n_local)                  # empty slots sort last, outside every group
     order = jnp.argsort(key_M, stable=True)
     sizes_E = jnp.bincount(key_M, length=n_local + 1)[:n_local].astype(jnp.int32)
@@ -63,7 +70,8 @@ def _local_experts(x_MD, e_M, n_local: int, gate_EDF, up_EDF, down_EFD, impl: st
     return jnp.where((e_M >= 0)[:, None], y_MD, jnp.zeros((), y_MD.dtype))
 
 
-def _exchange(x_nD, w_nX, idx_nX, valid_nX, axes, S: int, E_l: int, C: int, all_axes, weights, impl: str):
+def _exchange(x_nD, w_nX, idx_nX, valid_nX, axes, S: int, E_l: int, C: int, all_axes, weights, impl: str,
+              segment: bool = False):
     """Steps 2-4 over expert `axes` (S shards of E_l experts; expert ids relative to these shards): each valid
     copy to its expert's shard in buckets of C rows, local experts, back, weighted sum per row. Exact on
     overflow (one globally agreed `lax.cond`)."""
@@ -87,7 +95,7 @@ def _exchange(x_nD, w_nX, idx_nX, valid_nX, axes, S: int, E_l: int, C: int, all_
                 (idx_nX.reshape(-1) % E_l).astype(jnp.int32))[: S * C]
             recv_x = lax.all_to_all(send_x.reshape(S, C, D), axes, 0, 0, tiled=True)
             recv_e = lax.all_to_all(send_e.reshape(S, C), axes, 0, 0, tiled=True)
-            y = _local_experts(recv_x.reshape(S * C, D), recv_e.reshape(-1), E_l, gate, up, down, impl)
+            y = _local_experts(recv_x.reshape(S * C, D), recv_e.reshape(-1), E_l, gate, up, down, impl, segment)
             back = lax.all_to_all(y.reshape(S, C, D), axes, 0, 0, tiled=True).reshape(S * C, D)
             y_MD = back[jnp.minimum(slot_M, S * C - 1)]
             scale_M = jnp.where(keep_M, w_nX.reshape(-1), 0).astype(y_MD.dtype)
@@ -101,7 +109,7 @@ def _exchange(x_nD, w_nX, idx_nX, valid_nX, axes, S: int, E_l: int, C: int, all_
             vg = lax.all_gather(valid_nX, axes, tiled=True)
             mine = (ig // E_l == me) & vg
             e_M = jnp.where(mine, ig - me * E_l, -1).reshape(-1)
-            y = _local_experts(jnp.repeat(xg, X, axis=0), e_M, E_l, gate, up, down, impl)
+            y = _local_experts(jnp.repeat(xg, X, axis=0), e_M, E_l, gate, up, down, impl, segment)
             scale_M = jnp.where(mine, wg, 0).reshape(-1).astype(y.dtype)
             # per copy, summed by the sender in copy order: each copy is non-zero on one shard only, so the psum
             # adds zeros (exact) and the result does not depend on which shard owns which expert (EPLB)
@@ -112,7 +120,7 @@ def _exchange(x_nD, w_nX, idx_nX, valid_nX, axes, S: int, E_l: int, C: int, all_
 
 
 def _hierarchical(x_nD, w_nX, idx_nX, valid_nX, outer: str, inner: tuple[str, ...], mesh: Mesh, E_l: int,
-                  capacity_factor: float, all_axes, weights, impl: str):
+                  capacity_factor: float, all_axes, weights, impl: str, segment: bool = False):
     """Stage 1 over the domain axis (one row per token and domain), stage 2 `_exchange` inside the domain,
     stage 1 back (see the module docstring)."""
     n, D = x_nD.shape
@@ -132,7 +140,7 @@ def _hierarchical(x_nD, w_nX, idx_nX, valid_nX, outer: str, inner: tuple[str, ..
     # stage 2: rows from every domain, each with its expert copies in this domain (about X / So of them)
     C2 = int(min(max(1, math.ceil(capacity_factor * R * X / So / Si)), R * min(X, E_l)))
     y_RD = _exchange(recv_x.reshape(R, D), recv_w.reshape(R, X), jnp.maximum(rows_i, 0), rows_i >= 0, inner, Si,
-                     E_l, C2, all_axes, weights, impl)
+                     E_l, C2, all_axes, weights, impl, segment)
     with jax.named_scope("ep_domains"):
         back = lax.all_to_all(y_RD.reshape(So, n, D), outer, 0, 0, tiled=True)         # my tokens, per domain
     return back.sum(0)
@@ -150,8 +158,11 @@ class ExpertParallel:
     ffn_axis: str | tuple[str, ...] | None = "tp"
     capacity_factor: float = 2.0
     domain_axis: str | None = None   # hierarchical dispatch: the first expert axis, crossing domains (see above)
+    local_impl: str = "grouped"      # the local experts: "grouped" (GPU kernels) or "segment" (XLA:CPU)
 
     def __post_init__(self):
+        if self.local_impl not in ("grouped", "segment"):
+            raise ValueError(f"local_impl={self.local_impl!r}: expected 'grouped' or 'segment'")
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
         ep, ffn = _axes(self.mesh, self.axis), _axes(self.mesh, self.ffn_axis)
@@ -255,15 +266,16 @@ class ExpertParallel:
         E_l = E // S
         ffn_spec = ffn if ffn else None
         hier = self.domain_axis is not None
+        seg = self.local_impl == "segment"
 
         def body(x_nD, w_nX, idx_nX, valid_n, gate, up, down):
             valid_nX = jnp.broadcast_to(valid_n[:, None], idx_nX.shape)
             if not hier:
                 out = _exchange(x_nD, w_nX, idx_nX, valid_nX, ep, S, E_l, self.capacity(N, E, X), all_axes,
-                                (gate, up, down), impl)
+                                (gate, up, down), impl, seg)
             else:
                 out = _hierarchical(x_nD, w_nX, idx_nX, valid_nX, self.domain_axis, ep[1:], self.mesh, E_l,
-                                    self.capacity_factor, all_axes, (gate, up, down), impl)
+                                    self.capacity_factor, all_axes, (gate, up, down), impl, seg)
             return lax.psum(out, ffn) if ffn else out
 
         tok_spec = P(tok or None)

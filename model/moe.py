@@ -140,19 +140,20 @@ def _index_quantized(w, e):
     return QuantizedTensor(one(w.codes), one(w.scales), one(w.tensor_scale), w.fmt, w.shape[1:])
 
 
-def segment_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla", tile: int | None = None
-                    ) -> jax.Array:
+def segment_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "xla", tile: int | None = None,
+                    valid_NX: jax.Array | None = None) -> jax.Array:
     """`routed_experts` as a loop over (expert, row tile) work items of the token copies sorted by expert: each
     item multiplies up to `tile` rows of one expert by that expert's weights — the top-k work plus at most one
-    partial tile per expert, exact for any routing (no capacity to overflow), plain matmuls (no ragged_dot)."""
+    partial tile per expert, exact for any routing (no capacity to overflow), plain matmuls (no ragged_dot).
+    `valid_NX`: copies to compute (the others add nothing and cost nothing; e.g. empty capacity slots)."""
     N, X = idx_NX.shape
     E = gate_EDF.shape[0]
     M = N * X
     t = tile or _segment_tile(M, E)
-    flat_e = idx_NX.reshape(-1)
+    flat_e = idx_NX.reshape(-1) if valid_NX is None else jnp.where(valid_NX.reshape(-1), idx_NX.reshape(-1), E)
     order = jnp.argsort(flat_e, stable=True)
     token_of = order // X
-    sizes_E = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    sizes_E = jnp.bincount(flat_e, length=E + 1)[:E].astype(jnp.int32)
     ends = jnp.cumsum(sizes_E)
     starts = ends - sizes_E
     ntiles = (sizes_E + t - 1) // t

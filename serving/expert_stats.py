@@ -153,8 +153,8 @@ class ExpertStats:
         if placements is None:
             if window.sum() == 0:
                 return {"moved": False, "reason": "no routing counted since the last placement"}
-            placements = [eplb.balanced_placement(row + 1, mc.n_physical_experts, self.ranks, n_domains=self.domains,
-                                                  n_groups=mc.n_group) for row in window]
+            placements = [eplb.choose_placement(row + 1, mc.n_physical_experts, self.ranks, n_domains=self.domains,
+                                                n_groups=mc.n_group) for row in window]
         before, after = self._imbalance(window, old), self._imbalance(window, placements)
         gain = max((b - a) / b for b, a in zip(before, after))
         if gain < min_gain:

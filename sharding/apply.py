@@ -25,7 +25,8 @@ from pallas_kernels.fp8 import Fp8Tensor
 from sharding.rules import AxisRules, DECODE_RULES, RulesError, logical_sharding
 
 
-def expert_parallel(mesh: Mesh, rules: AxisRules, capacity_factor: float = 2.0) -> ExpertParallel | None:
+def expert_parallel(mesh: Mesh, rules: AxisRules, capacity_factor: float = 2.0, local_impl: str = "grouped"
+                    ) -> ExpertParallel | None:
     """The expert dispatch for `mesh` under `rules`: experts split over mesh axes (all_to_all), and/or each
     expert's FFN width split (tensor-parallel experts, a psum); None when neither is split. Hierarchical
     (`domain_axis`) when the first of several expert axes is the one that crosses processes (a worker group:
@@ -35,7 +36,7 @@ def expert_parallel(mesh: Mesh, rules: AxisRules, capacity_factor: float = 2.0) 
     if not ep and not ffn:
         return None
     return ExpertParallel(mesh, axis=ep or None, ffn_axis=ffn or None, capacity_factor=capacity_factor,
-                          domain_axis=domain_axis(mesh, ep))
+                          domain_axis=domain_axis(mesh, ep), local_impl=local_impl)
 
 
 def domain_axis(mesh: Mesh, expert_axes: tuple[str, ...]) -> str | None:
@@ -60,7 +61,11 @@ def runtime_for(mesh: Mesh | None, rules: AxisRules | None = None, *, base: Runt
         return base.replace(expert_parallel=None, mesh=None, rules=None)
     platform = base.platform or mesh.devices.flat[0].platform
     rules = rules or DECODE_RULES
-    return base.replace(platform=platform, expert_parallel=expert_parallel(mesh, rules, capacity_factor),
+    # XLA:CPU's grouped matmul is a dot over every group: there the local experts run as a loop over live items
+    # (the Pallas kernels, interpreted for a GPU plan, keep the grouped path)
+    xla_cpu = platform == "cpu" and base.replace(platform=platform).resolved_matmul_impl() == "xla"
+    ep = expert_parallel(mesh, rules, capacity_factor, "segment" if xla_cpu else "grouped")
+    return base.replace(platform=platform, expert_parallel=ep,
                         mesh=mesh, rules=rules)
 
 

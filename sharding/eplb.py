@@ -91,6 +91,19 @@ def balanced_placement(load_E, n_physical: int, n_ranks: int, *, n_domains: int 
     return out
 
 
+def choose_placement(load_E, n_physical: int, n_ranks: int, *, n_domains: int = 1, n_groups: int = 1,
+                     tolerance: float = 0.05) -> np.ndarray:
+    """The hierarchical placement (a token's copies reach fewer domains) unless its max/mean per rank is more
+    than `tolerance` worse than the flat one's — pinning whole groups to domains cannot spread a hot group
+    (bench.eplb: Zipf 1.4 on ep=32 over 4 domains, 2.57 vs 1.24 flat)."""
+    flat = balanced_placement(load_E, n_physical, n_ranks, n_groups=n_groups)
+    if n_domains <= 1:
+        return flat
+    hier = balanced_placement(load_E, n_physical, n_ranks, n_domains=n_domains, n_groups=n_groups)
+    ok = imbalance(hier, load_E, n_ranks) <= (1 + tolerance) * imbalance(flat, load_E, n_ranks)
+    return hier if ok else flat
+
+
 def rank_loads(logical_P, load_E, n_ranks: int) -> np.ndarray:
     """Expected token copies per EP rank [n_ranks] under a placement (each expert's load split evenly over its
     replicas, as `model.moe.physical_ids` spreads rows)."""

@@ -52,6 +52,12 @@ def test_placement_balances_a_zipf_load_and_keeps_groups_in_domains():
     assert counts[np.argmax(load)] == counts.max() > 1
     for r in flat.reshape(S, -1):   # (9 copies of the hottest expert over 8 ranks: one rank holds two)
         assert all(c <= 1 or counts[e] > S for e, c in zip(*np.unique(r, return_counts=True)))
+    # where pinning groups to domains cannot spread a hot group, the engine's choice falls back to flat
+    hot = _zipf(E, s=1.6)
+    chosen = eplb.choose_placement(hot, P, S, n_domains=4, n_groups=8)
+    assert eplb.imbalance(chosen, hot, S) <= 1.05 * eplb.imbalance(eplb.balanced_placement(hot, P, S), hot, S)
+    assert eplb.imbalance(eplb.balanced_placement(hot, P, S, n_domains=4, n_groups=8), hot, S) > 1.2 * \
+        eplb.imbalance(chosen, hot, S)
     with pytest.raises(ValueError, match="physical experts"):
         eplb.balanced_placement(load, 60, S)
 

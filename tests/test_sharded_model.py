@@ -92,21 +92,23 @@ def _routed_inputs(reference, n_tokens, seed):
     return x_ND, w_NX, idx_NX, weights
 
 
-def test_ep_capacity_path_is_exact_for_balanced_routing(reference):
+@pytest.mark.parametrize("local", ["grouped", "segment"])
+def test_ep_capacity_path_is_exact_for_balanced_routing(reference, local):
     x_ND, w_NX, _, weights = _routed_inputs(reference, 32, seed=2)
     E, X = reference.cfg.n_routed_experts, reference.cfg.num_experts_per_tok
     idx_NX = (jnp.arange(32 * X).reshape(32, X) % E).astype(jnp.int32)    # every bucket exactly at the mean
-    d = ExpertParallel(_mesh(ep=4), capacity_factor=1.0)
+    d = ExpertParallel(_mesh(ep=4), capacity_factor=1.0, local_impl=local)
     assert d.bucket_loads(idx_NX, E).max() == d.capacity(32, E, X)         # full, not over
     out = jax.jit(d)(x_ND, w_NX, idx_NX, *weights)
     np.testing.assert_allclose(out, routed_experts(x_ND, w_NX, idx_NX, *weights), atol=TOL, rtol=0)
 
 
-def test_ep_overflow_falls_back_and_drops_no_token(reference):
+@pytest.mark.parametrize("local", ["grouped", "segment"])
+def test_ep_overflow_falls_back_and_drops_no_token(reference, local):
     x_ND, w_NX, _, weights = _routed_inputs(reference, 32, seed=3)
     E, X = reference.cfg.n_routed_experts, reference.cfg.num_experts_per_tok
     idx_NX = jnp.tile(jnp.array([[0, 1]], jnp.int32), (32, 1))             # every copy to expert shard 0
-    d = ExpertParallel(_mesh(ep=8), capacity_factor=1.0)
+    d = ExpertParallel(_mesh(ep=8), capacity_factor=1.0, local_impl=local)
     assert d.bucket_loads(idx_NX, E).max() > d.capacity(32, E, X)          # the capacity path would drop
     out = jax.jit(d)(x_ND, w_NX, idx_NX, *weights)
     np.testing.assert_allclose(out, routed_experts(x_ND, w_NX, idx_NX, *weights), atol=TOL, rtol=0)
@@ -116,6 +118,7 @@ def test_model_with_tiny_capacity_still_equals_single_device(reference, tokens, 
     mesh = _mesh(ep=4, tp=2)
     m = place(reference, mesh, DECODE_RULES, capacity_factor=0.05)
     d = m.runtime.expert_parallel
+    assert d.local_impl == "segment"                  # XLA:CPU: the local experts loop over live items
     # 8 rows per device send 16 copies into 4 buckets of capacity 1: every MoE layer overflows.
     assert d.capacity(tokens.size, 8, 2) == 1 and d.rows_per_device(tokens.size) * 2 > d.n_shards * 1
     np.testing.assert_allclose(np.asarray(_forward(m, tokens, mesh, DECODE_RULES)), np.asarray(ref_logits),
