@@ -1,6 +1,14 @@
-"""`python -m planner`: the deployment planner's command line (planner/cli.py)."""
+"""`python -m planner`: the deployment planner's command line (planner/cli.py); `python -m planner predict ...`:
+one given deployment at given loads (planner/predict.py)."""
 
-from planner.cli import main
+import sys
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["predict"]:
+        from planner.predict import main as predict_main
+
+        predict_main(sys.argv[2:])
+    else:
+        from planner.cli import main
+
+        main()

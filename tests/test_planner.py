@@ -184,3 +184,58 @@ def test_cpu_validation_runs_the_step_function_of_the_gpu_predictions(monkeypatc
     assert [r["predicted_s"] for r in dec] == [st.seconds for st in calls["decode"]]
     assert [r["predicted_s"] for r in pre] == [t + cal["call_s"] for t, _ in calls["prefill"]]
     assert all(r["measured_s"] > 0 for r in res["rows"])
+
+
+def _r1():
+    cfg = preset("deepseek-r1")
+    return cfg, planner.model_costs(cfg, "nvfp4", "fp8", "r1"), planner.load_profile(None, planner.profile_name(cfg))
+
+
+def test_predict_a_given_deployment_closes_littles_law_and_saturates_prefill():
+    from planner.predict import parse_pool, predict
+
+    cfg, mc, prof = _r1()
+    hw, wl, eff = HARDWARE["b200"], Workload(1024, 1024, mtp=True), Efficiency()
+    pools = dict(prefill=parse_pool("4:tp4", "prefill"), decode=parse_pool("40:ep8", "decode"))
+    assert pools["prefill"][1] == PrefillLayout(4, "tp") and pools["decode"] == (40, DecodeLayout(8))
+    preds = [predict(mc, prof, hw, wl, eff, concurrency=c, **pools) for c in (64, 512, 4096)]
+    for p in preds:   # the closed loop: C = λ (TTFT + OSL TPOT), and the decode rows are λ OSL TPOT
+        assert p.concurrency == pytest.approx(p.request_rate * (p.ttft_s + wl.mean_osl * p.tpot_s), rel=1e-3)
+        assert p.rows_per_rank * 40 * 8 == pytest.approx(p.request_rate * wl.mean_osl * p.tpot_s, rel=1e-3)
+        assert p.gpus == 4 * 4 + 40 * 8 and p.tok_s_gpu == pytest.approx(p.tok_s / p.gpus)
+    assert preds[0].tok_s < preds[1].tok_s < preds[2].tok_s and preds[0].tpot_s < preds[2].tpot_s
+    # one small prefill instance for a large decode pool: the prompts queue, the rate stops at its capacity
+    one = predict(mc, prof, hw, wl, eff, prefill=parse_pool("1:tp4", "prefill"), decode=pools["decode"],
+                  concurrency=20000)
+    assert one.bound == "prefill" and one.prefill_util > 0.95 and one.ttft_s > 10 * preds[0].ttft_s
+    agg = predict(mc, prof, hw, wl, eff, prefill=None, decode=(1, DecodeLayout(8)), concurrency=64)
+    assert agg.gpus == 8 and agg.prefill_util == 0 and agg.ttft_s > 0
+    for bad, kind in (("4tp4", "prefill"), ("0:tp4", "prefill"), ("2:xp8", "decode"), ("1:tq4", "prefill")):
+        with pytest.raises(ValueError, match=f"--{kind}"):
+            parse_pool(bad, kind)
+
+
+def test_predict_prices_measured_ep_imbalance_and_eplb(tmp_path, capsys):
+    from planner.predict import ep_imbalance, main, zipf_load
+
+    cfg, mc, prof = _r1()
+    load = zipf_load(256, 1.0, layers=4)
+    flat = ep_imbalance(load, 32)
+    balanced = ep_imbalance(load, 32, redundant=32, domains=1, groups=8)
+    assert flat > 3.0 and balanced < 1.1 and ep_imbalance(load, 1) == 1.0
+    path = tmp_path / "counts.json"
+    path.write_text(json.dumps({"counts": load.tolist()}))
+    common = ["--hardware=gb200", "--prefill=2:ep8", "--decode=1:ep32", "--concurrency", "2048", "--mtp",
+              f"--expert_load={path}"]
+    skew = main(common + [f"--json_out={tmp_path}/a.json"])[0]
+    eplb = main(common + ["--redundant_experts=32", f"--json_out={tmp_path}/b.json"])[0]
+    assert skew["ep_imbalance"] == pytest.approx(flat) and eplb["ep_imbalance"] == pytest.approx(balanced, rel=0.05)
+    assert eplb["tok_s_gpu"] > 1.2 * skew["tok_s_gpu"] and eplb["tpot_s"] < skew["tpot_s"]
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["predictions"][0]["concurrency"] == 2048 and "EPLB +32" in saved["ep_imbalance_source"]
+    assert "| concurrency | req/s |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs routing counts"):
+        main(["--redundant_experts=32", "--json_out="])
+    (tmp_path / "bad.json").write_text("{\"counts\": [1, 2]}")
+    with pytest.raises(ValueError, match="bad.json"):
+        main(common[:-1] + [f"--expert_load={tmp_path}/bad.json", "--json_out="])
