@@ -141,10 +141,8 @@ def run(reps: int, configs=None, batches=(1, 4, 16), chunks=(32, 128)) -> dict:
                     np.zeros(B, i32), np.ones(B, f32), np.zeros(B, i32), np.zeros(B, i32),
                     np.zeros((B, 1), f32), *eng.neutral_proc(B, L))
 
-            def call():
-                out = exe(eng.params, eng.cache, *args)
-                eng.cache = out[-1]
-                jax.block_until_ready(out)
+            def call():   # the engine's own call (weights, cache, routing counts, inputs)
+                jax.block_until_ready(eng.execute("decode", (B, L // Z), args))
 
             meas = _median_time(call, reps)
             rows.append(dict(calibration=cal, model=name, exe=f"decode B={B}", moe_impl="segment",
@@ -164,10 +162,9 @@ def run(reps: int, configs=None, batches=(1, 4, 16), chunks=(32, 128)) -> dict:
 
             def callp():
                 one = lambda v, dt: np.full(1, v, dt)
-                out = exe(eng.params, eng.cache, np.ones((1, T), np.int32), one(0, i32), one(T, i32), one(T - 1, i32),
-                          pt[None], one(0, f32), one(0, i32), one(1, f32), one(0, i32),
-                          *eng.neutral_proc(1, ec.pages_per_seq * Z))
-                eng.cache = out[-1] if isinstance(out, tuple) else out
+                out = eng.execute("prefill", (1, T), (np.ones((1, T), np.int32), one(0, i32), one(T, i32),
+                                                    one(T - 1, i32), pt[None], one(0, f32), one(0, i32), one(1, f32),
+                                                    one(0, i32), *eng.neutral_proc(1, ec.pages_per_seq * Z)))
                 jax.block_until_ready(out)
 
             meas = _median_time(callp, reps)
