@@ -39,6 +39,8 @@ def _args(argv):
                     "FP4 routed experts + FP8 for the other linears")
     ap.add_argument("--mesh", default="ep=8", help="mesh of one engine, e.g. ep=8, dp=2,ep=4, tp=8")
     ap.add_argument("--pool", default="decode", choices=["decode", "prefill"], help="which rule set places it")
+    ap.add_argument("--redundant_experts", type=int, default=0, help="EPLB: extra routed-expert slots per MoE layer "
+                    "(docs/eplb.md), split over the expert axes like the others")
     ap.add_argument("--topology", default="all", help="hgx-h200 | h100-8 | hgx-b200 | gb200-nvl72 | all")
     ap.add_argument("--kv_memory_fraction", type=float, default=0.9)
     ap.add_argument("--page_size", type=int, default=64)
@@ -64,6 +66,8 @@ def main(argv=None) -> list[MemoryPlan]:
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_num_cpu_devices", max(n, 1))   # fake devices of the mesh's shape (CPU)
     cfg = preset(a.model) if a.model in presets() else ModelConfig.from_hf(a.model)
+    if a.redundant_experts:
+        cfg = cfg.replace(n_redundant_experts=a.redundant_experts)
     rules = DECODE_RULES if a.pool == "decode" else PREFILL_RULES
     mesh = Topology.preset(f"cpu:{n}/1").allocate(a.pool, **mesh_shape)
     quant = None if a.quant == "bf16" else a.quant
