@@ -37,6 +37,9 @@ serving_flags.define_pool_flags()
 _PRINT = flags.DEFINE_bool("print_outputs", False, "print each completion as it finishes")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "start the output file afresh instead of resuming")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_COUNTS = flags.DEFINE_string("expert_counts_out", None, "at the end, write the decode engine's routing counts per "
+                              "MoE layer and expert as JSON {\"counts\": [[...]]} (`planner predict --expert_load`, "
+                              "EPLB placements; local engines only)")
 
 
 def read_done_ids(path: str) -> set[str]:
@@ -123,6 +126,9 @@ def run(argv_unused=None) -> int:
         raise app.UsageError(f"--input {_INPUT.value} does not exist")
     ckpt = serving_flags.checkpoint()
     mcfg = None if (flags.FLAGS.router or flags.FLAGS.workers) else checkpoints.config_of(ckpt)
+    if _COUNTS.value and mcfg is None:
+        raise app.UsageError("--expert_counts_out reads the local engines' counts; behind a router each worker "
+                             "keeps its own (its stats: `experts`)")
     if _OVERWRITE.value and os.path.exists(_OUTPUT.value):
         os.remove(_OUTPUT.value)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
@@ -218,6 +224,10 @@ def _run_job(items, max_batch: int, llm, n_dev, n_dec) -> int:
             time.sleep(0.05)
             pages = llm.page_stats()
         caches = llm.prefix_cache_stats()
+        if _COUNTS.value:   # (this thread drives the engine: a device read between steps)
+            eng = llm.decode_engine
+            with open(_COUNTS.value, "w") as f:
+                json.dump({"engine": eng.name, "counts": eng.expert_stats.counts().tolist()}, f)
     finally:
         out.close()
         if progress is not None:

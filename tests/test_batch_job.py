@@ -77,9 +77,14 @@ def test_batch_job_resumes_after_kill_without_loss_or_duplicates(ckpt, tmp_path)
 
     # The killed-and-resumed output equals an uninterrupted run of the same job (greedy), line for line.
     full = tmp_path / "uninterrupted.jsonl"
-    proc = _job(ckpt, inp, full, tmp_path / "jaxcache")
+    proc = _job(ckpt, inp, full, tmp_path / "jaxcache", "--expert_counts_out", str(tmp_path / "counts.json"))
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
+    # the routing counts the executables kept on device, for `planner predict --expert_load` / EPLB
+    counts = json.loads((tmp_path / "counts.json").read_text())["counts"]
+    cfg = json.loads(open(os.path.join(ckpt, "config.json")).read())
+    assert len(counts[0]) == cfg["n_routed_experts"] and sum(counts[0]) > 0
+    assert sum(counts[0]) % cfg["num_experts_per_tok"] == 0
     ref = {r["id"]: r for r in map(json.loads, full.read_text().splitlines())}
     assert ref.keys() == by_id.keys()
     for rid, r in ref.items():
