@@ -48,6 +48,7 @@ except ImportError as e:   # the integration's own module: everything else runs 
     raise ImportError("serving.dynamo needs NVIDIA Dynamo: `make setup-dynamo` (or see docs/dynamo.md for the "
                       f"offline install of ai-dynamo==1.6.1): {e}") from None
 
+from serving import flags as serving_flags
 from serving import worker as worker_mod
 from serving.config import DEFAULT_PREFILL_TOKENS, dynamo_registration
 from serving.dynamo_setup import local_env, model_card, run_broker
@@ -526,7 +527,7 @@ def define_flags() -> None:
     f.DEFINE_bool("print_env", False, "print one-host Dynamo settings as shell exports and exit")
     f.DEFINE_string("state_dir", os.path.join(tempfile.gettempdir(), "tandem-dynamo"), "--print_env: where file "
                     "discovery keeps its state")
-    worker_mod.define_worker_flags()
+    serving_flags.define_worker_flags()
 
 
 def main(argv) -> int:

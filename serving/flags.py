@@ -135,3 +135,41 @@ def llm(default_budget: int, F=flags.FLAGS, **kw):
     return LLM(ckpt, mode=F.mode, prefill_mesh=pmesh, decode_mesh=dmesh, engine_config=engine_config(mcfg, F),
                scheduler_config=scheduler_config(default_budget, F), dtype=F.dtype, quant=F.quant,
                kv_memory_fraction=F.kv_memory_fraction, device_memory_gb=F.device_memory_gb, **kw)
+
+
+def define_worker_flags():
+    """The worker flags (all but --role; serving.worker, serving.dynamo): endpoints, transport, leases, groups,
+    drain, and the shared engine flags (idempotent)."""
+    if _once("lease_s"):
+        return flags.FLAGS
+    f = flags
+    f.DEFINE_string("host", "127.0.0.1", "address to bind the control endpoint and the transfer server")
+    f.DEFINE_integer("port", 0, "control port (0: pick a free one; printed on the READY line)")
+    f.DEFINE_integer("transfer_port", 0, "KV transfer server port (0: pick a free one)")
+    f.DEFINE_enum("transport", "jax", ["jax", "tcp"], "KV data plane: jax.experimental.transfer or plain TCP")
+    f.DEFINE_integer("devices", 1, "CPU devices of this process (jax_num_cpu_devices; ignored on GPU/TPU)")
+    f.DEFINE_string("mesh", None, "engine mesh, e.g. 'tp=2' (default: tp over --devices for prefill, ep for "
+                    "decode)")
+    f.DEFINE_float("lease_s", 30.0, "an offered KV lease expires after this many seconds without an ack")
+    f.DEFINE_float("drain_timeout_s", 30.0, "SIGTERM: stop taking work and finish in-flight requests and leases "
+                   "within this, then exit 0 (the router stops sending first)")
+    f.DEFINE_float("pull_timeout_s", 20.0, "a KV pull that takes longer fails")
+    f.DEFINE_bool("verify_checksums", True, "verify per-page checksums of pulled KV")
+    f.DEFINE_string("token_file", None, "file holding the shared-secret token (default: $TANDEM_TOKEN if set)")
+    f.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache (faster restarts)")
+    f.DEFINE_float("fault_pull_delay_s", 0.0, "fault injection for tests: wait this long before each pull")
+    f.DEFINE_float("fault_step_delay_s", 0.0, "fault injection for tests: wait this long before each decode step")
+    # worker groups: one engine over the devices of several processes (serving/group.py, docs/multihost.md)
+    f.DEFINE_string("coordinator_address", None, "worker group: HOST:PORT of jax.distributed's coordinator "
+                    "(process 0 serves it)")
+    f.DEFINE_integer("num_processes", 1, "worker group: processes in the group (1: no group)")
+    f.DEFINE_integer("process_id", 0, "worker group: this process (0 is the leader: the control endpoint)")
+    f.DEFINE_float("fence_s", 10.0, "worker group: a member silent this long fences the whole group")
+    f.DEFINE_float("group_timeout_s", 120.0, "worker group: forming the group must finish within this")
+    f.DEFINE_float("group_step_timeout_s", 120.0, "worker group: the leader's engine step stuck this long (a "
+                   "collective that never completes) fences the group")
+    f.DEFINE_string("otlp_traces_endpoint", None, "OTLP/HTTP traces URL: export this worker's spans of traced "
+                    "requests itself (default: they go back to the router on the control plane)")
+    f.DEFINE_bool("allow_cross_domain", False, "let EP/TP groups span hosts (domains) when the mesh needs it")
+    define_engine_flags()   # the engine flags every entry point shares
+    return flags.FLAGS
