@@ -158,7 +158,7 @@ def test_v3_real_dims_with_288_expert_slots_on_ep8():
     assert "all-to-all" in low.compile().as_text()
 
 
-def test_engine_counts_routing_on_device_and_rebalances_between_steps(skewed):
+def test_engine_counts_routing_on_device_and_rebalances_between_steps(skewed, monkeypatch):
     """The executables count every MoE layer's routing (padding rows excluded); with redundant experts and
     `eplb_interval` the engine moves its slots between steps, and greedy tokens stay those of the model without
     redundant experts on the same ep=4 mesh."""
@@ -181,9 +181,16 @@ def test_engine_counts_routing_on_device_and_rebalances_between_steps(skewed):
     llm = LLM(model=eplb.expand(model, 16), engine_config=dataclasses.replace(ec, eplb_interval=2, eplb_min_gain=0.0),
               decode_mesh="ep=4")
     eng = llm.decode_engine
+    # moving slots frees each layer's old copy as it goes (the engine's params and the merged model share their
+    # variables): live device bytes when a layer's move starts stay at the level of the rebalance's first move
+    live = lambda: sum(a.nbytes for a in jax.live_arrays())                       # noqa: E731
+    seen, gather = [], eplb._gather_slots
+    monkeypatch.setattr(eplb, "_gather_slots", lambda ws, src: (seen.append(live()), gather(ws, src))[1])
+    layer = sum(x.nbytes for x in jax.tree.leaves(eng.params) if x.ndim == 3 and x.shape[0] == 32) // 3
     assert [o.token_ids for o in llm.generate(prompts, sp)] == ref
     st = eng.expert_stats
     assert st.rebalances >= 1, st.summary()
+    assert len(seen) >= 3 and max(seen[i] - seen[i - i % 3] for i in range(len(seen))) < layer // 2, (seen, layer)
     placed = [np.asarray(m.expert_logical[...]) for m in eplb.moe_layers(nnx.merge(eng.graphdef, eng.params))]
     assert any(not np.array_equal(p, uniform_placement(16, 32)) for p in placed)
     assert [o.token_ids for o in llm.generate(prompts, sp)] == ref       # and again on the moved slots
