@@ -6,6 +6,8 @@ Axis letters used in tensor names (`q_nope_BTHK`, `kv_BSC`, ...):
   Q q_lora_rank           L kv_lora_rank            C cache width = L + R     W vocabulary
   E routed experts        X experts per token       G expert groups           F MLP / expert width
   N flattened tokens B*T  M token copies sorted by expert (N*X)               P pages   Z page size
+  EPLB names (`sharding.eplb`, the redundant-expert tables, routing counts) reuse three letters: P expert slots
+  (E + redundant), K replicas of one expert, L MoE layers (`load_LE`).
 
 Logical weight axes (mapped to mesh axes by the rule sets in `sharding/`):
   vocab, embed, heads, qk_head, kv_head, v_head, q_lora, kv_lora, kv_latent, mlp, experts, expert_mlp.

@@ -1,5 +1,5 @@
-"""The engine's compiled functions: pure functions of (weights, cache, host inputs), traced once per bucket at
-start-up by `serving.engine.Engine` (which inherits them): a prefill chunk for R requests, a decode dispatch of
+"""The engine's compiled functions: pure functions of (weights, cache, routing counts, host inputs), traced once per
+bucket at start-up by `serving.engine.Engine` (which inherits them): a prefill chunk for R requests, a decode dispatch of
 `decode_steps` steps (with MTP: verify + draft), and the page extract / insert of a KV transfer. What they read of
 the engine is configuration only (its config, mesh, attention ranks, model graph)."""
 
