@@ -197,8 +197,6 @@ class RouterCore:
             w.info = {k: msg.get(k) for k in ("pages", "load", "engine", "invariant_ok", "metrics", "prefix_cache",
                                                  "experts")}
             self._on_kv_events(w, msg.get("kv_events"))
-            if msg.get("leaving") and w.incarnation == msg["incarnation"]:   # a drained worker's goodbye
-                self._worker_died(w, f"worker {w.addr} left after draining")
             return
         if w.alive:
             self._on_kv_events(w, msg.get("kv_events"))

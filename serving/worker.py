@@ -92,7 +92,7 @@ class Worker:
         self.invariant_ok = True
         self._stop = threading.Event()
         self.drain_deadline: float | None = None   # SIGTERM: finishing what it has, taking nothing new, until this
-        self.drain_announced, self._router = False, None   # a heartbeat said `draining`; who sent heartbeats
+        self.drain_announced = False               # a heartbeat answer said `draining` (the router sends no more)
         # prefill role
         self._jobs: collections.deque = collections.deque()
         self.leases: dict[int, Lease] = {}
@@ -213,9 +213,7 @@ class Worker:
         t = msg["type"]
         if t in ("health", "stats"):   # cache events go to the router's heartbeat only, not to a stats poll
             self.send(ident, "health_ok", **self.health(kv_events=t == "health"))
-            if t == "health":
-                self._router = ident   # where a drained worker says goodbye
-                self.drain_announced |= self.drain_deadline is not None   # the router knows
+            self.drain_announced |= t == "health" and self.drain_deadline is not None   # the router knows
         elif t == "abort":
             self._abort(msg["rid"])
         elif t in ("prefill", "decode") and self.drain_deadline is not None:   # sent before the router knew
@@ -434,10 +432,11 @@ class Worker:
         while not self._stop.is_set():
             if self.drain_deadline is not None and ((self.idle() and self.drain_announced)
                                                     or time.monotonic() > self.drain_deadline):
-                log.log(logging.INFO if self.idle() else logging.WARNING, "drain %s: %d jobs, %d leases, %d pulls "
-                        "left", "done" if self.idle() else "timed out", len(self._jobs), len(self.leases), len(self._pulls))
-                if self._router is not None:   # goodbye: the router marks it gone now, not after missed heartbeats
-                    self.send(self._router, "health_ok", **self.health(), leaving=True)
+                if not self.idle():
+                    log.warning("drain timed out with work in flight: %d jobs, %d leases, %d pulls", len(self._jobs),
+                                len(self.leases), len(self._pulls))
+                else:
+                    log.info("drained: nothing in flight, the router told; leaving")
                 break
             if poller.poll(0 if self.busy() else 10):
                 self._recv_all()
