@@ -435,8 +435,6 @@ class Worker:
                 if not self.idle():
                     log.warning("drain timed out with work in flight: %d jobs, %d leases, %d pulls", len(self._jobs),
                                 len(self.leases), len(self._pulls))
-                else:
-                    log.info("drained: nothing in flight, the router told; leaving")
                 break
             if poller.poll(0 if self.busy() else 10):
                 self._recv_all()

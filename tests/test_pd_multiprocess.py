@@ -517,8 +517,7 @@ def test_rolling_restart_by_sigterm_fails_no_request(ckpt, cluster, colocated):
     n = 40
     prompts = PROMPTS + [p[::-1] for p in PROMPTS]
     want = _greedy_long(colocated, prompts, n)
-    # death detection is not under test here: a worker starved of CPU by a parallel test must not pass for dead
-    with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg(dead_after_s=15.0)) as llm:
+    with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:
         router = llm.backend.router
         for w, role in ((D1, "decode"), (P, "prefill"), (D2, "decode")):
             t0 = time.monotonic()
@@ -539,8 +538,7 @@ def test_rolling_restart_by_sigterm_fails_no_request(ckpt, cluster, colocated):
                 assert r.output_ids == x.token_ids, w.role
             assert all(r.finish_reason in ("length", "stop") for r in late), [(r.finish_reason, r.error) for r in late]
             if role == "decode":   # what ran there finished there
-                assert on_w and all(r.workers[-1] == w.addr for r in reqs if r.id in on_w), \
-                    ([r.workers for r in reqs], w.tail())
+                assert on_w and all(r.workers[-1] == w.addr for r in reqs if r.id in on_w), [r.workers for r in reqs]
             assert w.p.wait(timeout=30) == 0                                # finished its work, exited cleanly
             router.wait_until(lambda s: not s["workers"][w.addr]["alive"], 20)
             m = router.snapshot()["metrics"]
