@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 import uuid as uuidlib
@@ -91,8 +90,6 @@ class Worker:
         self.grammars: Grammars | None = None   # structured output: built on the first request that needs it
         self.invariant_ok = True
         self._stop = threading.Event()
-        self.drain_deadline: float | None = None   # SIGTERM: finishing what it has, taking nothing new, until this
-        self.drain_announced = False               # a heartbeat answer said `draining` (the router sends no more)
         # prefill role
         self._jobs: collections.deque = collections.deque()
         self.leases: dict[int, Lease] = {}
@@ -154,8 +151,7 @@ class Worker:
             load.update(running=st["running"], waiting=st["waiting"] + st["ready"] + st["prefilling"],
                         pulling=len(self._pulls))
         ec, mc = self.engine.cfg, self.engine.model_cfg
-        return dict(role=self.role, worker=self.address, incarnation=self.incarnation, ready=self.drain_deadline is None,
-                    draining=self.drain_deadline is not None, pages=self.pages.stats(),
+        return dict(role=self.role, worker=self.address, incarnation=self.incarnation, ready=True, pages=self.pages.stats(),
                     prefix_cache=self.pages.prefix_cache.stats() if self.pages.prefix_cache else None,
                     kv_events=self.kv_events() if kv_events else None,
                     invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
@@ -213,13 +209,8 @@ class Worker:
         t = msg["type"]
         if t in ("health", "stats"):   # cache events go to the router's heartbeat only, not to a stats poll
             self.send(ident, "health_ok", **self.health(kv_events=t == "health"))
-            self.drain_announced |= t == "health" and self.drain_deadline is not None   # the router knows
         elif t == "abort":
             self._abort(msg["rid"])
-        elif t in ("prefill", "decode") and self.drain_deadline is not None:   # sent before the router knew
-            self.metrics["refused_draining"] += 1
-            self.send(ident, "error", rid=msg["rid"], error="worker draining (shutting down): retry elsewhere",
-                      kind="draining")
         elif self.role == "prefill" and t == "prefill":
             req = self._make_request(msg)
             if any(l.uuid == msg["uuid"] for l in self.leases.values()):
@@ -430,12 +421,6 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while not self._stop.is_set():
-            if self.drain_deadline is not None and ((self.idle() and self.drain_announced)
-                                                    or time.monotonic() > self.drain_deadline):
-                if not self.idle():
-                    log.warning("drain timed out with work in flight: %d jobs, %d leases, %d pulls", len(self._jobs),
-                                len(self.leases), len(self._pulls))
-                break
             if poller.poll(0 if self.busy() else 10):
                 self._recv_all()
             if self.role == "prefill":
@@ -465,21 +450,8 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
-    def drain(self, timeout_s: float) -> None:
-        """Graceful shutdown (SIGTERM): report `draining` (the router stops sending), refuse new work with a
-        retryable error, finish in-flight requests and leases, and leave `serve_forever` once idle and the router
-        has been told — at the latest after `timeout_s` (what is left then the router migrates, as after a crash)."""
-        if self.drain_deadline is None:
-            log.info("draining: finishing in-flight work within %.0f s", timeout_s)
-            self.drain_deadline = time.monotonic() + timeout_s
-
-    def idle(self) -> bool:
-        """Nothing in flight: no queued prefill, lease, pull or running request."""
-        return not (self._jobs or self.leases or self._pulls or not self._pulled.empty()
-                    or (self.scheduler is not None and self.scheduler.has_work()))
-
     def close(self) -> None:
-        self.sock.close(2000 if self.drain_deadline is not None else 0)   # a drain's last tokens get out
+        self.sock.close(0)
         self.transport.close()
         self.pages.close()
 
@@ -585,7 +557,6 @@ def main(argv):
     print("TANDEM_WORKER_READY " + json.dumps({"role": w.role, "control": w.address, "transfer": w.transport.address,
                                                "mesh": w.mesh_spec, "startup_s": w.startup_s,
                                                "group": w.group_info}), flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: w.drain(FLAGS.drain_timeout_s))   # graceful: see Worker.drain
     run(w)
     return 0
 
