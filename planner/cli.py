@@ -103,6 +103,29 @@ def fit_published(mc, prof, wl: Workload, eff: Efficiency, *, fit_on: str = "b20
     return out
 
 
+def model_config(name: str):
+    """--model: a preset name or an HF checkpoint directory (a clear exit otherwise)."""
+    from model.config import ModelConfig, preset, presets
+
+    if name in presets():
+        return preset(name)
+    if os.path.exists(os.path.join(name, "config.json")):
+        return ModelConfig.from_hf(name)
+    raise SystemExit(f"--model {name!r}: not a preset ({', '.join(presets())}) nor an HF checkpoint directory")
+
+
+def efficiency(overrides: list[str]) -> Efficiency:
+    """`Efficiency` with the --eff name=value overrides (a clear exit on an unknown name)."""
+    fields = {f.name: f.type for f in dataclasses.fields(Efficiency)}
+    kw = {}
+    for e in overrides:
+        k, _, v = e.partition("=")
+        if k not in fields or not v:
+            raise SystemExit(f"--eff {e!r}: expected name=value with name one of {sorted(fields)}")
+        kw[k] = int(v) if fields[k] in ("int", int) else float(v)
+    return Efficiency().replace(**kw)
+
+
 def _args(argv):
     import argparse
 
@@ -141,23 +164,8 @@ def main(argv=None) -> dict:
         import jax
 
         jax.config.update("jax_num_cpu_devices", 8)   # fake devices for profiling the anchors (when needed)
-    from model.config import ModelConfig, preset, presets
-
     t0 = time.perf_counter()
-    if a.model in presets():
-        cfg = preset(a.model)
-    elif os.path.exists(os.path.join(a.model, "config.json")):
-        cfg = ModelConfig.from_hf(a.model)
-    else:
-        raise SystemExit(f"--model {a.model!r}: not a preset ({', '.join(presets())}) nor an HF checkpoint directory")
-    fields = {f.name: f.type for f in dataclasses.fields(Efficiency)}
-    overrides = {}
-    for e in a.eff:
-        k, _, v = e.partition("=")
-        if k not in fields or not v:
-            raise SystemExit(f"--eff {e!r}: expected name=value with name one of {sorted(fields)}")
-        overrides[k] = int(v) if fields[k] in ("int", int) else float(v)
-    eff = Efficiency().replace(**overrides)
+    cfg, eff = model_config(a.model), efficiency(a.eff)
     prices = {}
     for p in a.price:
         k, _, v = p.partition("=")

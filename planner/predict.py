@@ -258,32 +258,19 @@ def _args(argv):
 
 
 def main(argv=None) -> list[dict]:
-    from model.config import ModelConfig, preset, presets
-    from planner.cli import load_profile, profile_name
+    from planner.cli import efficiency, load_profile, model_config, profile_name
     from planner.hardware import model_costs
 
     a = _args(argv)
     if a.hardware not in HARDWARE:
         raise SystemExit(f"unknown hardware {a.hardware!r}; known: {sorted(HARDWARE)}")
     hw = HARDWARE[a.hardware]
-    if a.model in presets():
-        cfg = preset(a.model)
-    elif os.path.exists(os.path.join(a.model, "config.json")):
-        cfg = ModelConfig.from_hf(a.model)
-    else:
-        raise SystemExit(f"--model {a.model!r}: not a preset ({', '.join(presets())}) nor an HF checkpoint directory")
+    cfg = model_config(a.model)
     try:
         prefill, decode = parse_pool(a.prefill, "prefill"), parse_pool(a.decode, "decode")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    fields = {f.name for f in dataclasses.fields(Efficiency)}
-    over = {}
-    for e in a.eff:
-        k, _, v = e.partition("=")
-        if k not in fields or not v:
-            raise SystemExit(f"--eff {e!r}: expected name=value with name one of {sorted(fields)}")
-        over[k] = float(v)
-    eff = Efficiency().replace(**over)
+    eff = efficiency(a.eff)
     d_lay = decode[1]
     source = "Efficiency.ep_imbalance (a-priori)"
     if a.expert_load or a.zipf is not None:
