@@ -91,6 +91,9 @@ class EngineConfig:
     # automatically), when the predicted max/mean copies per EP rank improves by at least eplb_min_gain
     eplb_interval: int = 0
     eplb_min_gain: float = 0.05
+    # compiled executables kept on disk (serving.exec_cache): a restart with the same model, mesh and settings
+    # loads them instead of tracing, lowering and compiling (None: off)
+    executable_cache_dir: str | None = None
 
     def __post_init__(self):
         if self.max_model_len % self.page_size:

@@ -40,6 +40,7 @@ from serving.config import EngineConfig, auto_num_pages, resolve_decode_buckets
 from serving.pages import pages_for
 from serving.logits import PROC_FILL, Proc, logprob_entry, needs_processing, proc_rows, proc_shapes
 from serving.programs import Programs
+from serving.exec_cache import ExecutableCache
 from serving.expert_stats import ExpertStats
 from serving.steps import DecodeBatch, DecodeOut, PrefillOut, Prefix
 
@@ -134,6 +135,7 @@ class Engine(Programs):
         if cfg.tiers:   # spilling to and reloading from the host/disk tiers moves pages with extract / insert
             self.roles = roles = roles | {"send", "receive"}
         self.compile_seconds = 0.0
+        self.exec_cache_stats: dict | None = None   # hits/misses/stale/corrupt of the last compile
         self._zeros: dict = {}   # device-resident neutral `Proc` arrays per shape (`_proc_args`)
         self.mirror = None   # a worker group's leader: sends each call to the followers first (serving.group)
         # spans several processes (a worker group): device arrays are read only through this process's shards
@@ -200,30 +202,55 @@ class Engine(Programs):
         ShapeDtypeStruct weights), which is how real-dims executables are built and measured without weights.
         platform: lower for another platform than the host's (e.g. "cuda"; give the model a Runtime with the
         same `platform` so its kernel choice follows)."""
-        cfg, i32, f32 = self.cfg, jnp.int32, jnp.float32
         self._lower_platform = platform
+        try:
+            return {key: lower() for key, lower in self._lowerers().items()}
+        finally:
+            self._lower_platform = None
+
+    def _lowerers(self) -> dict[tuple, "functools.partial"]:
+        """`lowered()`'s keys, each with the call that lowers it (so a cached executable is never traced)."""
+        cfg, i32, f32 = self.cfg, jnp.int32, jnp.float32
         cache_sds = jax.ShapeDtypeStruct(self.cache_shape, self.cache.dtype, sharding=self.cache.sharding)
         P = cfg.pages_per_seq
         out = {}
         for R, T in (cfg.prefill_shapes if "prefill" in self.roles else ()):
-            vec = lambda dt: self._sds((R,), dt)
-            out["prefill", R, T] = self._lower(jax.jit(self._prefill_fn, donate_argnums=(1, 2)), self.params,
-                                               cache_sds, self._load_sds(), self._sds((R, T), i32), vec(i32), vec(i32), vec(i32),
-                                               self._sds((R, P), i32), vec(f32), vec(i32), vec(f32), vec(i32),
-                                               *(self._sds(*a) for a in proc_shapes(R, P * cfg.page_size,
-                                                                                   self.model_cfg.vocab_size)))
+            vec = lambda dt, R=R: self._sds((R,), dt)
+            out["prefill", R, T] = functools.partial(
+                self._lower, jax.jit(self._prefill_fn, donate_argnums=(1, 2)), self.params, cache_sds,
+                self._load_sds(), self._sds((R, T), i32), vec(i32), vec(i32), vec(i32), self._sds((R, P), i32),
+                vec(f32), vec(i32), vec(f32), vec(i32),
+                *(self._sds(*a) for a in proc_shapes(R, P * cfg.page_size, self.model_cfg.vocab_size)))
         for B in (self.decode_buckets if "decode" in self.roles else ()):
             for Pw in cfg.windows:
-                out["decode", B, Pw] = self.lower_decode(B, Pw, cfg.decode_steps)
+                out["decode", B, Pw] = functools.partial(self.lower_decode, B, Pw, cfg.decode_steps)
         L, _, Z, C = self.cache_shape
         for n in cfg.transfer_buckets:
             if "send" in self.roles:
-                out["extract", n] = self._lower(jax.jit(self._extract_fn), cache_sds, self._sds((n,), i32))
+                out["extract", n] = functools.partial(self._lower, jax.jit(self._extract_fn), cache_sds,
+                                                      self._sds((n,), i32))
             if "receive" in self.roles:
-                out["insert", n] = self._lower(jax.jit(self._insert_fn, donate_argnums=(0,)), cache_sds,
-                                               self._sds((n,), i32), self._sds((L, n, Z, C), self.cache.dtype))
-        self._lower_platform = None
+                out["insert", n] = functools.partial(self._lower, jax.jit(self._insert_fn, donate_argnums=(0,)),
+                                                     cache_sds, self._sds((n,), i32),
+                                                     self._sds((L, n, Z, C), self.cache.dtype))
         return out
+
+    def identity(self) -> str:
+        """Everything this engine's executables are built from besides their key and the software versions:
+        model config and dtype, the weights' paths/shapes/dtypes/shardings, the graph, mesh and devices, cache
+        layout, engine settings (the cache directories aside), runtime choices. Names `serving.exec_cache` slots."""
+        leaves = [(jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype), repr(getattr(x, "sharding", None)))
+                  for p, x in jax.tree_util.tree_leaves_with_path(self.params)]
+        cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("executable_cache_dir",
+                                                                                  "disk_cache_dir")}
+        mesh = None if self.mesh is None else (self.mesh.axis_names, tuple(self.mesh.shape.values()),
+                                               tuple((d.id, d.process_index) for d in self.mesh.devices.flat))
+        d = hashlib.blake2b(digest_size=16)
+        for part in (self.model_cfg, str(self.model_dtype), self.runtime, cfg, self.decode_buckets, mesh,
+                     self.cache_shape, str(self.cache.dtype), repr(self.cache.sharding), repr(self._replicated),
+                     self.expert_stats.shape, leaves, self.graphdef):
+            d.update(repr(part).encode() + b"\0")
+        return d.hexdigest()
 
     def exported(self, platform: str = "cuda") -> dict[tuple, "jax.export.Exported"]:
         """`lowered()` as `jax.export` artifacts for `platform` (serializable; the Triton kernels' custom calls are
@@ -251,9 +278,19 @@ class Engine(Programs):
         self._prefill_exe, self._decode_exe, self._extract_exe, self._insert_exe = {}, {}, {}, {}
         tables = {"prefill": self._prefill_exe, "decode": self._decode_exe, "extract": self._extract_exe,
                   "insert": self._insert_exe}
-        for key, low in self.lowered().items():
-            k = key[1:] if len(key) > 2 else key[1]
-            tables[key[0]][k] = low.compile()
+        cache = (ExecutableCache(self.cfg.executable_cache_dir, self.identity())
+                 if self.cfg.executable_cache_dir else None)
+        for key, lower in self._lowerers().items():
+            exe = cache.load(key) if cache is not None else None
+            if exe is None:
+                exe = lower().compile()
+                if cache is not None:
+                    cache.store(key, exe)
+            tables[key[0]][key[1:] if len(key) > 2 else key[1]] = exe
+        self.exec_cache_stats = None if cache is None else dict(cache.stats)
+        if cache is not None:
+            log.info("%s: executable cache %s: %s", self.name, cache.dir,
+                     ", ".join(f"{k} {v}" for k, v in cache.stats.items() if v))
         self.compile_seconds = time.perf_counter() - t0
         log.info("%s: compiled %d prefill, %d decode, %d transfer executables in %.1fs", self.name,
                  len(self._prefill_exe), len(self._decode_exe), len(self._extract_exe) + len(self._insert_exe),

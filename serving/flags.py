@@ -69,6 +69,8 @@ def define_engine_flags() -> None:
                      "--kv_disk_dir (0: none; needs --kv_host_pages)")
     f.DEFINE_string("kv_disk_dir", None, "directory of the disk KV tier (one checksummed file per page; a "
                     "subdirectory per model fingerprint)")
+    f.DEFINE_string("executable_cache_dir", None, "keep compiled executables here: a restart with the same model, "
+                    "mesh and settings loads them instead of tracing, lowering and compiling (serving.exec_cache)")
 
 
 def define_pool_flags() -> None:
@@ -104,7 +106,8 @@ def engine_config(mcfg, F=flags.FLAGS) -> EngineConfig:
         decode_steps=F.decode_steps, mtp=F.mtp, cache_dtype=F.cache_dtype, prefix_caching=F.prefix_caching,
         host_cache_pages=F.kv_host_pages, disk_cache_pages=F.kv_disk_pages, disk_cache_dir=F.kv_disk_dir,
         redundant_experts=F.redundant_experts, eplb_interval=F.eplb_interval,
-        expert_stats_interval=F.expert_stats_interval)
+        expert_stats_interval=F.expert_stats_interval,
+        executable_cache_dir=F.executable_cache_dir)
 
 
 def scheduler_config(default_budget: int, F=flags.FLAGS) -> SchedulerConfig:
