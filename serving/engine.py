@@ -20,6 +20,7 @@ The engine takes a model already placed on its mesh (`checkpoints.load(path, mes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -40,7 +41,7 @@ from serving.config import EngineConfig, auto_num_pages, resolve_decode_buckets
 from serving.pages import pages_for
 from serving.logits import PROC_FILL, Proc, logprob_entry, needs_processing, proc_rows, proc_shapes
 from serving.programs import Programs
-from serving.exec_cache import ExecutableCache
+from serving.exec_cache import ExecutableCache, fresh_compiles
 from serving.expert_stats import ExpertStats
 from serving.steps import DecodeBatch, DecodeOut, PrefillOut, Prefix
 
@@ -280,12 +281,14 @@ class Engine(Programs):
                   "insert": self._insert_exe}
         cache = (ExecutableCache(self.cfg.executable_cache_dir, self.identity())
                  if self.cfg.executable_cache_dir else None)
-        for key, lower in self._lowerers().items():
-            exe = cache.load(key) if cache is not None else None
-            if exe is None:
-                exe = lower().compile()
-                if cache is not None:
-                    cache.store(key, exe)
+        todo, found = self._lowerers(), {}
+        if cache is not None:   # loaded first; what is missing is compiled afresh (not from XLA's cache) and stored
+            found = {key: cache.load(key) for key in todo}
+            todo = {k: v for k, v in todo.items() if found[k] is None}
+        with fresh_compiles() if cache is not None and todo else contextlib.nullcontext():
+            for key, lower in todo.items():
+                found[key] = lower().compile() if cache is None else cache.store(key, lower().compile())
+        for key, exe in found.items():
             tables[key[0]][key[1:] if len(key) > 2 else key[1]] = exe
         self.exec_cache_stats = None if cache is None else dict(cache.stats)
         if cache is not None:

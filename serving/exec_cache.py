@@ -15,6 +15,7 @@ inside): the directory is as trusted as the code — created private (0700), fil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import tempfile
 
 import jax
 from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,23 @@ def versions() -> dict:
             "platform_version": backend.platform_version, "x64": bool(jax.config.jax_enable_x64),
             "matmul_precision": str(jax.config.jax_default_matmul_precision),
             "processes": [jax.process_index(), jax.process_count()]}
+
+
+@contextlib.contextmanager
+def fresh_compiles():
+    """Compiles inside bypass XLA's persistent compilation cache. Measured with jaxlib 0.10.2 on XLA:CPU: an
+    executable that was itself loaded from that cache serializes without some of its functions (the copy fails at
+    its first call: "Function bitcast_gather_fusion.3 not found"), so what this cache stores is compiled afresh."""
+    if not (jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache):
+        yield
+        return
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()   # the "is the cache used" answer is memoized; ask again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
 
 
 class ExecutableCache:
@@ -109,15 +128,15 @@ class ExecutableCache:
         self.stats["hits"] += 1
         return exe
 
-    def store(self, key, exe: "jax.stages.Compiled") -> None:
-        """Write `exe` for `key` (atomically: a reader sees the old file or the whole new one)."""
+    def store(self, key, exe: "jax.stages.Compiled") -> "jax.stages.Compiled":
+        """Write `exe` for `key` (atomically: a reader sees the old file or the whole new one); returns `exe`."""
         try:
             payload = pickle.dumps(serialize_executable.serialize(exe), protocol=pickle.HIGHEST_PROTOCOL)
             devices = [d.id for d in exe._executable._unloaded_executable.device_list]
         except Exception as e:   # e.g. an executable with constants jax cannot serialize: not cached
             self.stats["store_failed"] += 1
             log.warning("executable cache: %s not stored (%s: %s)", key, type(e).__name__, e)
-            return
+            return exe
         data = _pack({"identity": self.identity, "key": repr(key), "versions": self.versions, "devices": devices},
                      payload)
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
@@ -129,6 +148,7 @@ class ExecutableCache:
             pathlib.Path(tmp).unlink(missing_ok=True)
             raise
         self.stats["stored"] += 1
+        return exe
 
 
 def _pack(header: dict, payload: bytes) -> bytes:

@@ -87,3 +87,41 @@ def test_bad_entries_are_recompiled_and_replaced_never_loaded(ckpt, tmp_path):
     assert exec_cache._unpack(stale.read_bytes())[0]["versions"] == exec_cache.versions()   # replaced
     with LLM(model=model, engine_config=ec) as llm:   # every replaced entry now loads
         assert llm.decode_engine.exec_cache_stats["hits"] == n
+
+
+_STARTS = """
+import json, sys
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from serving import LLM, EngineConfig, SamplingParams
+kw = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[3]).items()}
+ec = EngineConfig(**kw, executable_cache_dir=sys.argv[4] or None)
+with LLM(sys.argv[1], engine_config=ec, dtype="float32") as llm:
+    toks = [o.token_ids for o in llm.generate(json.loads(sys.argv[5]), SamplingParams(max_tokens=6))]
+    print("RESULT", json.dumps([toks, llm.decode_engine.exec_cache_stats]))
+"""
+
+
+def test_entries_written_while_xla_persistent_cache_is_warm_run(ckpt, tmp_path):
+    """XLA's own persistent cache filled first (a worker started with --compilation_cache_dir before): the
+    executable cache must still store executables that run (one loaded from XLA's cache re-serializes broken on
+    XLA:CPU), so a third start loads them and generates the same tokens. Fresh processes: the cache is global."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    xla, exe = str(tmp_path / "xla"), str(tmp_path / "exe")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+               + os.environ["TANDEM_TEST_XLA_FLAGS"], JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    out = []
+    for exe_dir in ("", exe, exe):   # XLA cache filled; executables stored (XLA cache warm); loaded
+        r = subprocess.run([sys.executable, "-c", _STARTS, ckpt, xla, json.dumps(EC), exe_dir, json.dumps(PROMPTS)],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out.append(json.loads(r.stdout.split("RESULT ", 1)[1]))
+    assert out[1][1]["stored"] == out[2][1]["hits"] > 0 and out[2][1]["misses"] == 0, out
+    assert out[0][0] == out[1][0] == out[2][0]

@@ -33,6 +33,9 @@ PROMPTS = [[5, 17, 3, 44, 12, 9, 61, 2, 30, 30, 7, 1, 88, 15, 4, 27, 51, 19, 6, 
            [3, 1, 4], [9, 2, 6, 5, 35, 8, 9, 7, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 N_NEW = 8
 XLA_CACHE = os.environ.get("TANDEM_TEST_XLA_CACHE", os.path.expanduser("~/.cache/tandem/xla_test_cache"))
+# worker processes with the same settings load each other's executables (serving.exec_cache): a test's restart
+# skips tracing and lowering; entries of other source versions are stale and replaced
+EXE_CACHE = os.environ.get("TANDEM_TEST_EXE_CACHE", os.path.expanduser("~/.cache/tandem/exe_test_cache"))
 BOUND_S = 50.0   # every request of a fault test ends (finished or failed with a reason) within this
 
 
@@ -49,7 +52,8 @@ class Proc:
         self.args = [sys.executable, "-m", "serving.worker", f"--role={role}", f"--port={self.port}",
                      f"--checkpoint={ckpt}", "--dtype=float32", "--page_size=8", "--num_pages=48", "--max_model_len=64",
                      "--prefill_buckets=8,16", "--decode_buckets=2,4", "--decode_steps=3", "--lease_s=15",
-                     "--pull_timeout_s=5", f"--compilation_cache_dir={XLA_CACHE}", *extra]
+                     "--pull_timeout_s=5", f"--compilation_cache_dir={XLA_CACHE}",
+                     f"--executable_cache_dir={EXE_CACHE}", *extra]
         self.log = os.path.join(tmp, f"{role}-{self.port}.log")
         self.start()
 
