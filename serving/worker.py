@@ -556,6 +556,7 @@ def main(argv):
         return 0
     print("TANDEM_WORKER_READY " + json.dumps({"role": w.role, "control": w.address, "transfer": w.transport.address,
                                                "mesh": w.mesh_spec, "startup_s": w.startup_s,
+                                               "executable_cache": w.engine.exec_cache_stats,
                                                "group": w.group_info}), flush=True)
     run(w)
     return 0

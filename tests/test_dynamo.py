@@ -36,6 +36,7 @@ LONG = ["KING: Go, bid the soldiers shoot, and let the drums beat loud upon the 
         "HAMLET: O that this too too solid flesh would melt, thaw, and resolve itself into a dew, or that the",
         "PORTIA: The quality of mercy is not strain'd; it droppeth as the gentle rain from heaven upon the place"]
 XLA_CACHE = os.environ.get("TANDEM_TEST_XLA_CACHE", os.path.expanduser("~/.cache/tandem/xla_test_cache"))
+EXE_CACHE = os.environ.get("TANDEM_TEST_EXE_CACHE", os.path.expanduser("~/.cache/tandem/exe_test_cache"))
 READY_S = 240.0
 
 
@@ -93,7 +94,7 @@ class Procs:
     def worker(self, name, role, namespace, *extra):
         self.start(name, ["-m", "serving.dynamo", f"--role={role}", f"--namespace={namespace}",
                           f"--card_dir={os.path.join(self.tmp, 'cards')}", f"--compilation_cache_dir={XLA_CACHE}",
-                          "--discovery_backend=file", *ENGINE, *extra])
+                          f"--executable_cache_dir={EXE_CACHE}", "--discovery_backend=file", *ENGINE, *extra])
 
     def control(self, name) -> str:
         for line in self.log(name).splitlines():

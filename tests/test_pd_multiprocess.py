@@ -5,6 +5,7 @@ persistent compilation cache; readiness is a control-plane health reply (bounded
 test bounds the time until every request has finished or failed with a reason.
 """
 
+import json
 import os
 import re
 import signal
@@ -510,6 +511,12 @@ def test_kill_decode_mid_generation_migrates(ckpt, cluster, colocated):
         for _ in llm._stream(reqs):
             pass
         assert D1.addr in {r.workers[-1] for r in reqs}   # the restarted worker takes traffic
+    # ... with executables loaded from the cache its first start (or its twin's) stored: no trace, lower, compile
+    with open(D1.log) as f:
+        ready = [json.loads(ln.split(" ", 1)[1]) for ln in f if ln.startswith("TANDEM_WORKER_READY ")]
+    assert len(ready) == 2 and ready[-1]["executable_cache"]["misses"] == 0, ready
+    assert ready[-1]["executable_cache"]["hits"] == sum(ready[0]["executable_cache"][k]
+                                                         for k in ("hits", "misses", "stale", "corrupt"))
     check_drained([P.addr, D1.addr, D2.addr])
 
 
