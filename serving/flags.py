@@ -142,7 +142,7 @@ def llm(default_budget: int, F=flags.FLAGS, **kw):
 
 def define_worker_flags():
     """The worker flags (all but --role; serving.worker, serving.dynamo): endpoints, transport, leases, groups,
-    and the shared engine flags (idempotent)."""
+    drain, and the shared engine flags (idempotent)."""
     if _once("lease_s"):
         return flags.FLAGS
     f = flags
@@ -154,6 +154,8 @@ def define_worker_flags():
     f.DEFINE_string("mesh", None, "engine mesh, e.g. 'tp=2' (default: tp over --devices for prefill, ep for "
                     "decode)")
     f.DEFINE_float("lease_s", 30.0, "an offered KV lease expires after this many seconds without an ack")
+    f.DEFINE_float("drain_timeout_s", 30.0, "SIGTERM: stop taking work, finish in-flight requests and leases within "
+                   "this, then exit 0 (the router stops sending first and lets the worker go once it is idle)")
     f.DEFINE_float("pull_timeout_s", 20.0, "a KV pull that takes longer fails")
     f.DEFINE_bool("verify_checksums", True, "verify per-page checksums of pulled KV")
     f.DEFINE_string("token_file", None, "file holding the shared-secret token (default: $TANDEM_TOKEN if set)")

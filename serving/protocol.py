@@ -17,6 +17,7 @@ Message types (router <-> worker; see docs/pd_multiprocess.md for the flow):
     pulled                          decode worker -> router: an offer arrived (or failed: checksum, timeout, peer)
     release     -> released        prefill worker: the offer was consumed (ack) or is abandoned; end its lease
     abort                           either worker: drop a request
+    bye                             router -> a draining worker it saw idle: everything arrived, exit now
     generate / cancel               client -> router process: submit / abort a request; router answers `tokens`
 """
 
@@ -55,6 +56,7 @@ SCHEMA: dict[str, dict[str, object]] = {
     "generate": {"rid": _STR, "prompt": _LIST, "sampling": _DICT},
     "cancel": {"rid": _STR},
     "stats": {},
+    "bye": {},
     "stats_ok": {},
 }
 

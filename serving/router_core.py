@@ -73,6 +73,8 @@ class WorkerState:
     inflight: dict = dataclasses.field(default_factory=dict)   # attempt rid assigned here -> its prompt blocks
     joins: int = 0
     kv_blocks: set = dataclasses.field(default_factory=set)    # block hashes it reported cached (device)
+    draining: bool = False     # shutting down gracefully (SIGTERM): finishes what it has, gets nothing new
+    left: str | None = None    # the incarnation that drained and was let go (its late heartbeat replies: ignored)
 
 
 @dataclasses.dataclass(eq=False)
@@ -183,6 +185,9 @@ class RouterCore:
         t = msg["type"]
         w.last_seen = now
         if t == "health_ok":
+            if msg["incarnation"] == w.left:   # drained and let go; it has not exited yet
+                self._send(w, "bye")
+                return
             if not w.alive or w.incarnation != msg["incarnation"]:
                 if w.alive and w.incarnation != msg["incarnation"]:
                     self._worker_died(w, f"worker {w.addr} restarted")
@@ -190,9 +195,14 @@ class RouterCore:
                 w.joins += 1
                 self._drop_kv(w)     # a new process: its cache starts empty
             w.alive, w.role, w.incarnation = True, msg["role"], msg["incarnation"]
+            if msg.get("draining") and not w.draining:
+                log.info("worker %s is draining: no new work goes there", w.addr)
+            w.draining = bool(msg.get("draining"))
             w.info = {k: msg.get(k) for k in ("pages", "load", "engine", "invariant_ok", "metrics", "prefix_cache",
                                                  "experts")}
             self._on_kv_events(w, msg.get("kv_events"))
+            if w.draining and msg.get("idle") and not w.inflight:   # every result it sent came before this reply
+                self._worker_left(w)
             return
         if w.alive:
             self._on_kv_events(w, msg.get("kv_events"))
@@ -219,6 +229,8 @@ class RouterCore:
                 return
             self._on_tokens(r, msg)
         elif t == "error":
+            if msg.get("kind") == "draining":   # it refused new work: no more goes there (before its heartbeat says)
+                w.draining = True
             if current:
                 self._retry(r, f"worker {w.addr}: {msg['error']}")
             else:
@@ -243,7 +255,8 @@ class RouterCore:
     def snapshot(self) -> dict:
         """Workers, in-flight requests and counters (tests, stats)."""
         return {"workers": {a: {"role": w.role, "alive": w.alive, "incarnation": w.incarnation, "joins": w.joins,
-                                "inflight": len(w.inflight), "info": w.info} for a, w in self.workers.items()},
+                                "inflight": len(w.inflight), "draining": w.draining, "info": w.info}
+                            for a, w in self.workers.items()},
                 "requests": {r.id: {"state": r.state, "attempt": r.attempt, "prefill": r.prefill_w,
                                     "decode": r.decode_w, "tokens": len(r.output), "workers": list(r.workers)}
                              for r in self.reqs.values()},
@@ -350,7 +363,7 @@ class RouterCore:
         return len(w.inflight) + 0.5 * (l.get("waiting", 0) + l.get("queued", 0))
 
     def _pick(self, role: str) -> WorkerState | None:
-        cands = [w for w in self.workers.values() if w.role == role and w.alive]
+        cands = [w for w in self.workers.values() if w.role == role and w.alive and not w.draining]
         if not cands:
             return None
         return min(cands, key=lambda w: (self._load(w), w.addr))
@@ -381,7 +394,7 @@ class RouterCore:
             self.by_rid[r.rid] = r
             if r.dispatch_t is None:
                 r.dispatch_t = now
-            pre = [w for w in self.workers.values() if w.role == "prefill" and w.alive]
+            pre = [w for w in self.workers.values() if w.role == "prefill" and w.alive and not w.draining]
             free_pre = [w for w in pre if len(w.inflight) < self.cfg.max_prefill_inflight]
             hashes = self._prompt_hashes(prompt, info, r.sampling.get("cache_salt"))
             blocks = -(-len(prompt) // max(1, int(info.get("page_size") or 16)))
@@ -515,10 +528,19 @@ class RouterCore:
                 changed = True
         return changed
 
+    def _worker_left(self, w: WorkerState) -> None:
+        """A draining worker finished everything it had: it leaves (not a death; nothing to migrate)."""
+        log.info("worker %s drained and leaves", w.addr)
+        self.metrics["workers_left"] += 1
+        w.alive, w.draining, w.left = False, False, w.incarnation
+        self._drop_kv(w)
+        self._send(w, "bye")
+
     def _worker_died(self, w: WorkerState, why: str) -> None:
-        log.warning("%s: declaring it dead, migrating %d request(s)", why, len(w.inflight))
-        self.metrics["worker_deaths"] += 1
-        w.alive = False
+        log.warning("%s: declaring it %s, migrating %d request(s)", why, "gone (it was draining)" if w.draining
+                    else "dead", len(w.inflight))
+        self.metrics["workers_left" if w.draining and not w.inflight else "worker_deaths"] += 1
+        w.alive, w.draining = False, False
         self._drop_kv(w)
         victims = [self.by_rid[rid] for rid in w.inflight if rid in self.by_rid]
         w.inflight.clear()

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import uuid as uuidlib
@@ -84,12 +85,12 @@ class Worker:
         self.incarnation = uuidlib.uuid4().hex[:12]
         self.metrics = collections.Counter()
         self.group_info = group_info   # a worker group's leader: its members (serving.group)
-        self.busy_hook = None          # a group's leader: Group.busy, marks engine work (its step watchdog)
-        self.group = None              # a group's leader: its serving.group.Group (set by `start`)
+        self.busy_hook = self.group = None   # a group's leader: Group.busy (step watchdog); its Group (`start`)
         self.mesh_spec, self.checkpoint, self.startup_s = "", None, 0.0
         self.grammars: Grammars | None = None   # structured output: built on the first request that needs it
-        self.invariant_ok = True
-        self._stop = threading.Event()
+        self.invariant_ok, self._stop = True, threading.Event()
+        self.drain_deadline: float | None = None   # SIGTERM: finishing what it has, taking nothing new, until this
+        self._bye, self._last_health = False, time.monotonic()   # draining: router let us go; a router last asked
         # prefill role
         self._jobs: collections.deque = collections.deque()
         self.leases: dict[int, Lease] = {}
@@ -151,7 +152,9 @@ class Worker:
             load.update(running=st["running"], waiting=st["waiting"] + st["ready"] + st["prefilling"],
                         pulling=len(self._pulls))
         ec, mc = self.engine.cfg, self.engine.model_cfg
-        return dict(role=self.role, worker=self.address, incarnation=self.incarnation, ready=True, pages=self.pages.stats(),
+        return dict(role=self.role, worker=self.address, incarnation=self.incarnation, ready=self.drain_deadline is None,
+                    draining=self.drain_deadline is not None, idle=self.drain_deadline is not None and self.idle(),
+                    pages=self.pages.stats(),
                     prefix_cache=self.pages.prefix_cache.stats() if self.pages.prefix_cache else None,
                     kv_events=self.kv_events() if kv_events else None,
                     invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
@@ -209,8 +212,14 @@ class Worker:
         t = msg["type"]
         if t in ("health", "stats"):   # cache events go to the router's heartbeat only, not to a stats poll
             self.send(ident, "health_ok", **self.health(kv_events=t == "health"))
+            self._last_health = time.monotonic() if t == "health" else self._last_health
+        elif t == "bye":   # sent after the router processed everything we sent before our idle health_ok
+            self._bye = self.drain_deadline is not None
         elif t == "abort":
             self._abort(msg["rid"])
+        elif t in ("prefill", "decode") and self.drain_deadline is not None:   # sent before the router knew
+            self.metrics["refused_draining"] += 1
+            self.send(ident, "error", rid=msg["rid"], error="worker draining: retry elsewhere", kind="draining")
         elif self.role == "prefill" and t == "prefill":
             req = self._make_request(msg)
             if any(l.uuid == msg["uuid"] for l in self.leases.values()):
@@ -421,6 +430,8 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while not self._stop.is_set():
+            if self.drain_deadline is not None and self._drained():
+                break
             if poller.poll(0 if self.busy() else 10):
                 self._recv_all()
             if self.role == "prefill":
@@ -449,6 +460,26 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def drain(self, timeout_s: float) -> None:
+        """Graceful shutdown (SIGTERM): report `draining` (the router stops sending), refuse new work (retryable),
+        finish in-flight requests and leases; `serve_forever` returns once idle and the router said `bye` (it got
+        everything we sent), or no router asks for 5 s, or after `timeout_s` (the router migrates what is left)."""
+        if self.drain_deadline is None:
+            log.info("draining: finishing in-flight work within %.0f s", timeout_s)
+            self.drain_deadline = time.monotonic() + timeout_s
+
+    def _drained(self) -> bool:
+        now, idle = time.monotonic(), self.idle()
+        if now > self.drain_deadline and not idle:
+            log.warning("drain timed out with work in flight: %d jobs, %d leases, %d pulls", len(self._jobs),
+                        len(self.leases), len(self._pulls))
+        return now > self.drain_deadline or idle and (self._bye or now - self._last_health > 5.0)
+
+    def idle(self) -> bool:
+        """Nothing in flight: no queued prefill, lease, pull or running request."""
+        return not (self._jobs or self.leases or self._pulls or not self._pulled.empty()
+                    or (self.scheduler is not None and self.scheduler.has_work()))
 
     def close(self) -> None:
         self.sock.close(0)
@@ -558,6 +589,7 @@ def main(argv):
                                                "mesh": w.mesh_spec, "startup_s": w.startup_s,
                                                "executable_cache": w.engine.exec_cache_stats,
                                                "group": w.group_info}), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: w.drain(FLAGS.drain_timeout_s))   # graceful: see Worker.drain
     run(w)
     return 0
 

@@ -520,6 +520,47 @@ def test_kill_decode_mid_generation_migrates(ckpt, cluster, colocated):
     check_drained([P.addr, D1.addr, D2.addr])
 
 
+def test_rolling_restart_of_every_worker_under_load(ckpt, cluster, colocated):
+    """SIGTERM each worker in turn (D1, P, D2) while requests keep arriving: it reports draining and gets nothing
+    new, the requests running there finish there (not migrated), it exits 0, restarts (executables from the cache)
+    and rejoins. Zero failed requests, every output equal to colocated greedy, leaves counted, no death."""
+    P, D1, D2 = cluster["P"], cluster["D1"], cluster["D2"]
+    n = 24
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS]
+    want = {tuple(p): o.token_ids for p, o in zip(prompts, _greedy_long(colocated, prompts, n))}
+    with LLM(workers=[P.addr, D1.addr, D2.addr], router_config=router_cfg()) as llm:
+        router = llm.backend.router
+        t0 = time.monotonic()
+        deaths = router.snapshot()["metrics"].get("worker_deaths", 0)
+        submit = lambda: [llm.submit(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p in prompts]
+        reqs, stayed = [], {}
+        for w in (D1, P, D2):
+            reqs += submit()
+            if w.role == "decode":   # requests decoding there at SIGTERM must finish there
+                router.wait_until(lambda s: any(r["decode"] == w.addr and r["state"] == "decoding" and r["tokens"] >= 2
+                                                for r in s["requests"].values()), 40)
+                stayed.update({rid: w.addr for rid, r in router.snapshot()["requests"].items()
+                               if r["decode"] == w.addr and r["state"] == "decoding" and r["tokens"] >= 2})
+            w.p.send_signal(signal.SIGTERM)
+            router.wait_until(lambda s: s["workers"][w.addr]["draining"] or not s["workers"][w.addr]["alive"], 20)
+            reqs += submit()                                     # load continues; none of it goes to w
+            assert w.p.wait(timeout=40) == 0, w.tail()           # finished its work, exited cleanly
+            router.wait_until(lambda s: not s["workers"][w.addr]["alive"], 20)
+            w.start()
+            router.wait_until(lambda s: s["workers"][w.addr]["alive"], 120)
+        reqs += submit()
+        for _ in llm._stream(reqs):
+            assert time.monotonic() - t0 < 240
+        for r in reqs:
+            assert r.finish_reason == "length", (r.finish_reason, r.error)
+            assert r.output_ids == want[tuple(r.prompt_ids.tolist())]
+        assert {a for a in stayed.values()} == {D1.addr, D2.addr}
+        assert all(r.workers[-1] == stayed[r.id] for r in reqs if r.id in stayed), [r.workers for r in reqs]
+        m = router.snapshot()["metrics"]
+        assert m.get("workers_left") == 3 and m.get("worker_deaths", 0) == deaths, m   # leaves, not deaths
+    check_drained([P.addr, D1.addr, D2.addr])
+
+
 def test_no_worker_ends_with_a_clear_error(cluster):
     from serving.router import Router
 

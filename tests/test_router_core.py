@@ -53,13 +53,13 @@ class Harness:
         m = decode_message(encode_message(type_, None, **fields))
         self.core.on_worker_message(addr, m, self.now)
 
-    def health(self, addr, role=None, incarnation=None, load=None) -> None:
+    def health(self, addr, role=None, incarnation=None, load=None, **extra) -> None:
         role = role or self.roles[addr]
         inc = incarnation or self.incarnation.get(addr, "inc0")
         self.roles[addr], self.incarnation[addr] = role, inc
         self.msg(addr, "health_ok", role=role, worker=addr, incarnation=inc, ready=True,
                  pages={"free": 48, "used": 0, "leased": 0, "total": 48}, invariant_ok=True,
-                 load=load or {"queued": 0, "leases": 0}, metrics={}, engine=ENGINE)
+                 load=load or {"queued": 0, "leases": 0}, metrics={}, engine=ENGINE, **extra)
 
     def join(self, **roles) -> None:
         for addr, role in roles.items():
@@ -118,6 +118,33 @@ def remote_to_decoding(h: Harness, rid="a", prompt=LONG, p=P, d=None) -> tuple[d
     h.msg(daddr, "pulled", rid=dec["rid"], uuid=pre["uuid"], ok=True, error=None, transfer_s=0.02, prefill_s=0.01)
     h.one("release", p)
     return pre, dec
+
+
+def test_a_draining_worker_gets_nothing_new_and_is_let_go_only_once_its_results_are_in():
+    """Drain handshake: `draining` in a heartbeat reply -> no new work there; an idle reply while the router still
+    has a request on it changes nothing (its last tokens are on the way); the idle reply after them -> a leave (not
+    a death, nothing migrated) and `bye`; late replies of that incarnation get `bye` again and never rejoin; a
+    restarted process (new incarnation) joins."""
+    h = Harness()
+    h.join(**{P: "prefill", D1: "decode", D2: "decode"})
+    h.health(D2, "decode", load={"waiting": 4, "queued": 0})   # D1 is the least loaded: "a" goes there
+    remote_to_decoding(h, "a", d=D1)
+    h.health(D1, draining=True, idle=False)
+    assert h.core.snapshot()["workers"][D1]["draining"]
+    remote_to_decoding(h, "b", d=D2)                            # new work avoids it although it is lighter
+    h.health(D1, draining=True, idle=True)                      # (a reply racing its last tokens)
+    assert h.core.workers[D1].alive and h.take("bye") == []
+    h.tokens(D1, "a#0", [42], finished=True, reason="length")
+    h.health(D1, draining=True, idle=True)
+    assert h.take("bye") == [(D1, "bye", {})] and not h.core.workers[D1].alive
+    m = h.core.metrics
+    assert m["workers_left"] == 1 and m.get("worker_deaths", 0) == 0 and m.get("retries", 0) == 0, m
+    h.health(D1, draining=True, idle=True)                      # not exited yet: let go again, no rejoin
+    assert h.take("bye") == [(D1, "bye", {})] and not h.core.workers[D1].alive
+    h.tick(10.0, alive=[P, D2])                                 # its silence afterwards is not a death
+    assert h.core.metrics.get("worker_deaths", 0) == 0
+    h.health(D1, incarnation="inc1")                            # restarted
+    assert h.core.workers[D1].alive and not h.core.workers[D1].draining
 
 
 # ---- the happy path --------------------------------------------------------------------------------------------------
