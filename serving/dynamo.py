@@ -49,7 +49,7 @@ except ImportError as e:   # the integration's own module: everything else runs 
                       f"offline install of ai-dynamo==1.6.1): {e}") from None
 
 from serving import flags as serving_flags
-from serving import worker as worker_mod
+from serving import worker_start as worker_mod
 from serving.config import DEFAULT_PREFILL_TOKENS, dynamo_registration
 from serving.dynamo_setup import local_env, model_card, run_broker
 from serving.protocol import decode_message, encode_message, read_token
