@@ -157,6 +157,9 @@ def define_worker_flags():
     f.DEFINE_float("drain_timeout_s", 30.0, "SIGTERM: stop taking work, finish in-flight requests and leases within "
                    "this, then exit 0 (the router stops sending first and lets the worker go once it is idle)")
     f.DEFINE_float("pull_timeout_s", 20.0, "a KV pull that takes longer fails")
+    f.DEFINE_string("weights_from", None, "HOST:PORT of a running worker with the same checkpoint: take its weights "
+                    "over the transfer server instead of reading the checkpoint (which stays the fallback)")
+    f.DEFINE_float("weights_timeout_s", 60.0, "--weights_from: the peer's answer and the pull must finish within this")
     f.DEFINE_bool("verify_checksums", True, "verify per-page checksums of pulled KV")
     f.DEFINE_string("token_file", None, "file holding the shared-secret token (default: $TANDEM_TOKEN if set)")
     f.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache (faster restarts)")

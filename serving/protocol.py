@@ -18,6 +18,8 @@ Message types (router <-> worker; see docs/pd_multiprocess.md for the flow):
     release     -> released        prefill worker: the offer was consumed (ack) or is abandoned; end its lease
     abort                           either worker: drop a request
     bye                             router -> a draining worker it saw idle: everything arrived, exit now
+    weights     -> weights_offer    a starting worker asks a running one for its weights (serving.weights_peer);
+    weights_release                 ends that offer
     generate / cancel               client -> router process: submit / abort a request; router answers `tokens`
 """
 
@@ -57,6 +59,9 @@ SCHEMA: dict[str, dict[str, object]] = {
     "cancel": {"rid": _STR},
     "stats": {},
     "bye": {},
+    "weights": {},
+    "weights_offer": {"uuid": _INT, "transfer": _STR, "transport": _STR, "checkpoint": _STR, "leaves": _LIST},
+    "weights_release": {"uuid": _INT},
     "stats_ok": {},
 }
 

@@ -38,6 +38,7 @@ from serving.pages import PagePool
 from serving.protocol import ProtocolError, decode_message, encode_message, sampling_from_wire
 from serving.scheduler import Scheduler
 from serving import tracing
+from serving.weights_peer import WeightServer
 from serving.transfer import layout_of, make_transport, offerable, page_checksums, spec_from_wire, verify_pages
 
 log = logging.getLogger("serving.worker")
@@ -65,6 +66,7 @@ class Worker:
             raise ValueError(f"role={role!r}: expected 'prefill' or 'decode'")
         self.role, self.engine, self.token = role, engine, token
         self.lease_s, self.pull_timeout_s, self.verify = lease_s, pull_timeout_s, verify_checksums
+        self.weight_server = WeightServer(self, lease_s)
         self.fault_pull_delay_s, self.fault_step_delay_s = fault_pull_delay_s, fault_step_delay_s
         self.transport = transport or make_transport("jax", host)
         self.ctx = zmq.Context.instance()
@@ -80,7 +82,7 @@ class Worker:
         self.metrics = collections.Counter()
         self.group_info = group_info   # a worker group's leader: its members (serving.group)
         self.busy_hook = self.group = None   # a group's leader: Group.busy (step watchdog); its Group (`start`)
-        self.mesh_spec, self.checkpoint, self.startup_s = "", None, 0.0
+        self.mesh_spec, self.checkpoint, self.startup_s, self.weights = "", None, 0.0, None
         self.grammars: Grammars | None = None   # structured output: built on the first request that needs it
         self.invariant_ok, self._stop = True, threading.Event()
         self.drain_deadline: float | None = None   # SIGTERM: finishing what it has, taking nothing new, until this
@@ -211,6 +213,8 @@ class Worker:
             self._bye = self.drain_deadline is not None
         elif t == "abort":
             self._abort(msg["rid"])
+        elif t in ("weights", "weights_release"):   # a starting worker takes our weights (serving.weights_peer)
+            self.weight_server.handle(ident, msg)
         elif t in ("prefill", "decode") and self.drain_deadline is not None:   # sent before the router knew
             self.metrics["refused_draining"] += 1
             self.send(ident, "error", rid=msg["rid"], error="worker draining: retry elsewhere", kind="draining")
@@ -491,7 +495,7 @@ def main(argv):
         return 0
     print("TANDEM_WORKER_READY " + json.dumps({"role": w.role, "control": w.address, "transfer": w.transport.address,
                                                "mesh": w.mesh_spec, "startup_s": w.startup_s,
-                                               "executable_cache": w.engine.exec_cache_stats,
+                                               "executable_cache": w.engine.exec_cache_stats, "weights": w.weights,
                                                "group": w.group_info}), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: w.drain(FLAGS.drain_timeout_s))   # graceful: see Worker.drain
     run(w)

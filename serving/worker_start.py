@@ -16,10 +16,11 @@ import checkpoints
 from serving import flags as serving_flags
 from serving import group as group_mod
 from serving import tracing
-from serving.build import build_engine
+from serving.build import build_engine, resolve_dtype
 from serving.config import default_mesh, parse_mesh_spec
 from serving.protocol import read_token
 from serving.transfer import make_transport
+from serving.weights_peer import pull_weights
 from serving.worker import ROLE_EXECUTABLES, Worker
 from sharding import DECODE_RULES, PREFILL_RULES, Topology
 
@@ -40,6 +41,8 @@ def start(FLAGS, role: str) -> "Worker | None":
     ckpt = serving_flags.checkpoint(FLAGS)
     mcfg = checkpoints.config_of(ckpt)
     group = spec = None
+    if FLAGS.weights_from and FLAGS.num_processes > 1:
+        raise ValueError("--weights_from is for single-process workers; a worker group reads the checkpoint")
     if FLAGS.num_processes > 1:   # checked before jax.distributed starts, then agreed on before any compile
         spec = group_mod.GroupSpec(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id,
                                    fence_s=FLAGS.fence_s, init_timeout_s=FLAGS.group_timeout_s,
@@ -59,9 +62,16 @@ def start(FLAGS, role: str) -> "Worker | None":
         log.warning("decode mesh %s over domains %s: attention ranks and routed experts span every dp x ep device "
                     "(wide EP), so the MoE all-to-all crosses domains (per-step bytes: python -m bench.group_comm)",
                     mesh_spec, domains)
+    token = read_token(FLAGS.token_file)
+    transport = make_transport(FLAGS.transport, FLAGS.host, FLAGS.transfer_port, token)
+    model, weights = None, {"source": "checkpoint"}
+    if FLAGS.weights_from:   # a running worker's weights over the transfer server; the checkpoint if that fails
+        model, weights = pull_weights(FLAGS.weights_from, token=token, transport=transport, checkpoint=ckpt,
+                                      dtype=resolve_dtype(FLAGS.dtype, mesh, name=role), quant=FLAGS.quant,
+                                      redundant_experts=ecfg.redundant_experts, timeout_s=FLAGS.weights_timeout_s)
     engine = build_engine(ecfg, mesh=mesh,
                           rules=PREFILL_RULES if role == "prefill" else DECODE_RULES, name=role, roles=ROLE_EXECUTABLES[role],
-                          checkpoint=ckpt, dtype=FLAGS.dtype, quant=FLAGS.quant,
+                          checkpoint=ckpt if model is None else None, model=model, dtype=FLAGS.dtype, quant=FLAGS.quant,
                           kv_memory_fraction=FLAGS.kv_memory_fraction, device_memory_gb=FLAGS.device_memory_gb,
                           progress=True)
     group_info = None
@@ -86,13 +96,11 @@ def start(FLAGS, role: str) -> "Worker | None":
                       else "flat" if ep is not None else None}
         log.info("group of %d processes, mesh %s, MoE dispatch %s", spec.num_processes, mesh_spec,
                  group_info["moe_dispatch"])
-    token = read_token(FLAGS.token_file)
-    transport = make_transport(FLAGS.transport, FLAGS.host, FLAGS.transfer_port, token)
     w = Worker(role, engine, host=FLAGS.host, port=FLAGS.port, transport=transport, token=token,
                lease_s=FLAGS.lease_s, pull_timeout_s=FLAGS.pull_timeout_s, verify_checksums=FLAGS.verify_checksums,
                eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s,
                fault_step_delay_s=FLAGS.fault_step_delay_s, group_info=group_info)
-    w.group, w.mesh_spec, w.checkpoint = group, mesh_spec, ckpt
+    w.group, w.mesh_spec, w.checkpoint, w.weights = group, mesh_spec, ckpt, weights
     if group is not None:
         w.busy_hook = group.busy
     tracing.configure(f"tandem-{role}-worker", endpoint=FLAGS.otlp_traces_endpoint, forward=True)

@@ -611,3 +611,32 @@ def test_prefill_worker_batches_its_queued_jobs(ckpt, colocated):
         assert w.pages.allocator.used == 0 and w.pages.allocator.leased == 0
     finally:
         w.close()
+
+
+def _ready_line(w) -> dict:
+    with open(w.log) as f:
+        return [json.loads(ln.split(" ", 1)[1]) for ln in f if ln.startswith("TANDEM_WORKER_READY ")][-1]
+
+
+def test_a_new_worker_takes_its_weights_from_a_running_peer(ckpt, cluster, colocated):
+    """`--weights_from`: a new decode worker pulls every weight from a running one (checksums checked on arrival)
+    instead of reading the checkpoint, and serves the same tokens; with no peer answering, a worker reads the
+    checkpoint after the bounded wait. (Last in the module: serving weights compiles the peer's checksum.)"""
+    tmp, D2 = cluster["tmp"], cluster["D2"]
+    Dn = Proc("decode", ckpt, tmp, f"--weights_from={D2.addr}")
+    Px = Proc("prefill", ckpt, tmp, f"--weights_from=127.0.0.1:{_free_port()}", "--weights_timeout_s=2")
+    try:
+        wait_ready([Dn, Px])
+        wn, wx = _ready_line(Dn)["weights"], _ready_line(Px)["weights"]
+        assert wn["source"] == "peer" and wn["leaves"] > 10 and wn["bytes"] > 0, wn
+        assert wx["source"] == "checkpoint" and "no answer" in wx["fallback"], wx
+        with LLM(workers=[Px.addr, Dn.addr], router_config=router_cfg()) as llm:
+            outs = llm.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+        want = colocated.generate(PROMPTS, SamplingParams(max_tokens=N_NEW))
+        assert [o.token_ids for o in outs] == [o.token_ids for o in want]
+        m = control(D2.addr, "stats")["metrics"]
+        assert m.get("weights_offered") == m.get("weights_released") == 1, m   # the offer ended
+        check_drained([Px.addr, Dn.addr])
+    finally:
+        Dn.kill()
+        Px.kill()
