@@ -28,10 +28,13 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "checkpoint dir (default: the sh
 _RUNS = flags.DEFINE_integer("runs", 3, "starts per variant")
 _ROLES = flags.DEFINE_list("roles", ["prefill", "decode"], "worker roles to start")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 900.0, "a start that is not ready within this fails the benchmark")
+_PEER = flags.DEFINE_bool("weights_peer", False, "instead: warm starts (executable cache) reading the checkpoint vs "
+                          "taking the weights from a running worker (--weights_from)")
 
 
-def start(role: str, extra: list[str], xla: str | None = None, exe: str | None = None) -> dict:
-    """Spawn one worker, wait for READY (bounded), stop it; its startup figures."""
+def start(role: str, extra: list[str], xla: str | None = None, exe: str | None = None, keep: bool = False) -> dict:
+    """Spawn one worker, wait for READY (bounded), stop it (unless `keep`: then "proc" is in the result); its
+    startup figures and READY line."""
     cmd = [sys.executable, "-m", "serving.worker", f"--role={role}", *extra]
     if _CKPT.value:
         cmd.append(f"--checkpoint={_CKPT.value}")
@@ -52,8 +55,17 @@ def start(role: str, extra: list[str], xla: str | None = None, exe: str | None =
                 line = proc.stdout.readline()
                 if line.startswith("TANDEM_WORKER_READY "):
                     info = json.loads(line.split(" ", 1)[1])
-                    return {"startup_s": info["startup_s"], "wall_s": time.perf_counter() - t0}
+                    out = {"startup_s": info["startup_s"], "wall_s": time.perf_counter() - t0, "ready": info}
+                    if keep:
+                        out["proc"], proc = proc, None
+                    return out
     finally:
+        if proc is not None:
+            stop(proc)
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
@@ -62,8 +74,37 @@ def start(role: str, extra: list[str], xla: str | None = None, exe: str | None =
             proc.wait(timeout=20)
 
 
+def peer_runs(extra: list[str], root: str) -> None:
+    """Warm starts (executables cached) with the weights from the checkpoint vs from a running peer."""
+    rows = ["| role | weights from | startup s (runs) | pull + verify s | MB |", "|---|---|---|---|---|"]
+    for role in _ROLES.value:
+        xla, exe = os.path.join(root, role, "xla"), os.path.join(root, role, "exe")
+        peer = start(role, extra, xla, exe, keep=True)   # fills the executable cache, stays up as the peer
+        try:
+            addr = peer["ready"]["control"]
+            disk, pulled = [], []
+            for r in range(_RUNS.value):
+                disk.append(start(role, extra, xla, exe))
+                pulled.append(start(role, extra + [f"--weights_from={addr}"], xla, exe))
+                assert pulled[-1]["ready"]["weights"]["source"] == "peer", pulled[-1]["ready"]["weights"]
+                print(role, r, disk[-1]["startup_s"], pulled[-1]["ready"]["weights"], flush=True)
+        finally:
+            stop(peer["proc"])
+        w = [x["ready"]["weights"] for x in pulled]
+        rows.append(f"| {role} | checkpoint | {', '.join('%.2f' % x['startup_s'] for x in disk)} | | |")
+        rows.append(f"| {role} | peer | {', '.join('%.2f' % x['startup_s'] for x in pulled)} | "
+                    f"{', '.join('%.2f' % x['seconds'] for x in w)} | {w[0]['bytes'] / 1e6:.1f} |")
+    print("\n".join(rows))
+
+
 def main(argv):
     extra = list(argv[1:])
+    if _PEER.value:
+        root = tempfile.mkdtemp(prefix="tandem-restart-")
+        try:
+            return peer_runs(extra, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
     rows = ["| role | variant | startup s (runs) | wall to READY s (runs) |", "|---|---|---|---|"]
     summary = []
     root = tempfile.mkdtemp(prefix="tandem-restart-")

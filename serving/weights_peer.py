@@ -71,11 +71,21 @@ def _words(x: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(pos, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)])
 
 
+def _words_host(a: np.ndarray) -> list[int]:
+    """`_words` with numpy (uint32 arithmetic wraps the same way): no executable to compile per weight shape."""
+    b = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    w = np.concatenate([b, np.zeros(-b.size % 4, np.uint8)]).view(np.uint32)
+    pos = w * (np.arange(w.size, dtype=np.uint32) * np.uint32(2654435761) + np.uint32(1))
+    mixed = (w ^ (w >> np.uint32(13))) * np.uint32(0x9E3779B1)
+    return [int(np.sum(v, dtype=np.uint32)) for v in (w, pos, mixed)]
+
+
 def leaf_checksum(x: jax.Array) -> int:
-    """A 96-bit checksum of an array's bytes, computed where the array lives (sums of its 32-bit words: plain,
-    position-weighted, bit-mixed)."""
-    s, p, x_ = (int(v) for v in np.asarray(jax.device_get(_words(x))))
-    return (s << 64) | (p << 32) | x_
+    """A 96-bit checksum of an array's bytes (sums of its 32-bit words: plain, position-weighted, bit-mixed),
+    computed where the array lives: on accelerators by a small executable, on CPU devices with numpy (same value)."""
+    on_cpu = all(d.platform == "cpu" for d in x.devices())
+    s, p, m = _words_host(np.asarray(x)) if on_cpu else (int(v) for v in np.asarray(jax.device_get(_words(x))))
+    return (s << 64) | (p << 32) | m
 
 
 def _leaves(state) -> tuple[list[str], list[jax.Array]]:

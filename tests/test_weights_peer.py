@@ -60,3 +60,13 @@ def test_the_expected_structure_is_what_load_makes(ckpt, quant, redundant):
     p2, l2 = _leaves(state)
     assert p1 == p2
     assert [(x.shape, x.dtype) for x in l1] == [(x.shape, x.dtype) for x in l2]
+
+
+def test_host_and_device_checksums_agree():
+    """The CPU path (numpy) and the accelerator path (an executable) give the same value: a GPU peer and a CPU
+    puller (or the reverse) agree."""
+    from serving.weights_peer import _words, _words_host
+
+    for dtype, shape in ((np.float32, (7, 5)), (jnp.bfloat16, (3, 3)), (np.uint8, (13,)), (np.int32, (4, 64))):
+        x = np.random.default_rng(1).integers(0, 250, shape).astype(dtype)
+        assert _words_host(x) == [int(v) for v in np.asarray(_words(jnp.asarray(x)))], dtype
