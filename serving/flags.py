@@ -164,6 +164,8 @@ def define_worker_flags():
     f.DEFINE_string("token_file", None, "file holding the shared-secret token (default: $TANDEM_TOKEN if set)")
     f.DEFINE_string("compilation_cache_dir", None, "persistent XLA compilation cache (faster restarts)")
     f.DEFINE_float("fault_pull_delay_s", 0.0, "fault injection for tests: wait this long before each pull")
+    f.DEFINE_float("fault_corrupt_pages", 0.0, "fault injection (bench.chaos): this share of KV pulls arrive with a "
+                   "flipped bit (caught by the checksum; the request migrates)")
     f.DEFINE_float("fault_step_delay_s", 0.0, "fault injection for tests: wait this long before each decode step")
     # worker groups: one engine over the devices of several processes (serving/group.py, docs/multihost.md)
     f.DEFINE_string("coordinator_address", None, "worker group: HOST:PORT of jax.distributed's coordinator "

@@ -75,6 +75,7 @@ class WorkerState:
     kv_blocks: set = dataclasses.field(default_factory=set)    # block hashes it reported cached (device)
     draining: bool = False     # shutting down gracefully (SIGTERM): finishes what it has, gets nothing new
     left: str | None = None    # the incarnation that drained and was let go (its late heartbeat replies: ignored)
+    reachable: bool = True     # a send to it failed (connection down): no new work until it is heard from again
 
 
 @dataclasses.dataclass(eq=False)
@@ -87,6 +88,7 @@ class RReq:
     arrival: float = 0.0                   # router clock (`now` at submit)
     output: list[int] = dataclasses.field(default_factory=list)
     attempt: int = 0
+    unsent: int = 0                        # attempts whose first message could not be sent (not counted as failures)
     state: str = "queued"                  # queued | prefilling | transferring | decoding | done
     rid: str = ""                          # current attempt id
     prefill_w: str | None = None
@@ -183,7 +185,7 @@ class RouterCore:
             self.metrics["unknown_worker_messages"] += 1
             return
         t = msg["type"]
-        w.last_seen = now
+        w.last_seen, w.reachable = now, True
         if t == "health_ok":
             if msg["incarnation"] == w.left:   # drained and let go; it has not exited yet
                 self._send(w, "bye")
@@ -300,7 +302,7 @@ class RouterCore:
         r.workers.append(d.addr)
         if not self._send(d, "decode", rid=r.rid, prompt=r.prompt + r.output, sampling=r.sampling,
                           limit=r.limit - len(r.output), offer=offer, trace=r.trace):
-            self._retry(r, f"decode worker {d.addr} unreachable")
+            self._unreachable(r, d)
         elif self.cfg.early_first_token and isinstance(offer.get("first_token"), int):
             r.skip = 1   # the client gets it now; the decode worker's first event repeats it
             if offer.get("logprobs") is not None:
@@ -363,7 +365,8 @@ class RouterCore:
         return len(w.inflight) + 0.5 * (l.get("waiting", 0) + l.get("queued", 0))
 
     def _pick(self, role: str) -> WorkerState | None:
-        cands = [w for w in self.workers.values() if w.role == role and w.alive and not w.draining]
+        cands = [w for w in self.workers.values() if w.role == role and w.alive and not w.draining
+                 and w.reachable]
         if not cands:
             return None
         return min(cands, key=lambda w: (self._load(w), w.addr))
@@ -394,7 +397,8 @@ class RouterCore:
             self.by_rid[r.rid] = r
             if r.dispatch_t is None:
                 r.dispatch_t = now
-            pre = [w for w in self.workers.values() if w.role == "prefill" and w.alive and not w.draining]
+            pre = [w for w in self.workers.values() if w.role == "prefill" and w.alive and not w.draining
+                   and w.reachable]
             free_pre = [w for w in pre if len(w.inflight) < self.cfg.max_prefill_inflight]
             hashes = self._prompt_hashes(prompt, info, r.sampling.get("cache_salt"))
             blocks = -(-len(prompt) // max(1, int(info.get("page_size") or 16)))
@@ -407,7 +411,7 @@ class RouterCore:
                 self.metrics["local_prefills"] += 1
                 if not self._send(d, "decode", rid=r.rid, prompt=prompt, sampling=r.sampling,
                                   limit=r.limit - len(r.output), trace=r.trace):
-                    self._retry(r, f"decode worker {d.addr} unreachable")
+                    self._unreachable(r, d)
             else:
                 p = self._pick_prefill(free_pre, hashes, blocks)
                 r.local, r.state, r.prefill_w, r.decode_w = False, "prefilling", p.addr, None
@@ -418,7 +422,7 @@ class RouterCore:
                 self.metrics["remote_prefills"] += 1
                 if not self._send(p, "prefill", rid=r.rid, prompt=prompt, sampling=r.sampling, uuid=r.uuid,
                                   trace=r.trace):
-                    self._retry(r, f"prefill worker {p.addr} unreachable")
+                    self._unreachable(r, p)
         return changed
 
     # ---- KV-aware routing ------------------------------------------------------------------------------------------
@@ -489,13 +493,23 @@ class RouterCore:
                 self._send(d, "abort", rid=r.rid)
         self.by_rid.pop(r.rid, None)
 
-    def _retry(self, r: RReq, why: str, notify_decode: bool = True) -> None:
+    def _unreachable(self, r: RReq, w: WorkerState) -> None:
+        """The first message of an attempt could not be sent (the connection to `w` is down: a network blip, a
+        restart): not the request's failure — it goes back to the queue and `w` gets nothing new until heard from."""
+        w.reachable = False
+        self.metrics["send_failures"] += 1
+        free = r.unsent < 8   # (bounded: a worker heard from whose sends keep failing cannot bounce it forever)
+        r.unsent += free
+        self._retry(r, f"{w.role} worker {w.addr} unreachable", counted=not free)
+
+    def _retry(self, r: RReq, why: str, notify_decode: bool = True, counted: bool = True) -> None:
         log.warning("request %s attempt %d failed: %s", r.id, r.attempt, why)
         self.metrics["retries"] += 1
         self._release_attempt(r, notify_decode)
-        r.failures.append(why)
+        if counted:
+            r.failures.append(why)
         r.attempt += 1
-        if r.attempt > self.cfg.max_retries:
+        if r.attempt - r.unsent > self.cfg.max_retries:
             self._finish(r, "error", f"{why}; gave up after {r.attempt} attempts")
             return
         r.state, r.prefill_w, r.decode_w, r.uuid, r.offer, r.skip = "queued", None, None, None, None, 0

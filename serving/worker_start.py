@@ -101,6 +101,7 @@ def start(FLAGS, role: str) -> "Worker | None":
                eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s,
                fault_step_delay_s=FLAGS.fault_step_delay_s, group_info=group_info)
     w.group, w.mesh_spec, w.checkpoint, w.weights = group, mesh_spec, ckpt, weights
+    w.fault_corrupt_pages = FLAGS.fault_corrupt_pages
     if group is not None:
         w.busy_hook = group.busy
     tracing.configure(f"tandem-{role}-worker", endpoint=FLAGS.otlp_traces_endpoint, forward=True)
