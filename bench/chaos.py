@@ -17,6 +17,7 @@ time to a terminal state; exits 1 on any violation.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import random
@@ -246,11 +247,15 @@ def main(argv):
         for t in threads:
             t.start()
         faults = collections.Counter()
+        kinds = ["kill", "stop", "restart", "delay", "drop"]
+        rng.shuffle(kinds)   # every kind within any five faults in a row
         end = time.monotonic() + 60 * _MINUTES.value
-        while time.monotonic() < end:
+        for n in itertools.count():
+            if time.monotonic() >= end:
+                break
             time.sleep(_EVERY.value)
             name = rng.choice(sorted(workers))
-            w, kind = workers[name], rng.choice(["kill", "stop", "restart", "delay", "drop"])
+            w, kind = workers[name], kinds[n % len(kinds)]
             if kind == "kill":
                 w.signal(signal.SIGKILL)
                 w.p.wait(timeout=10)

@@ -364,9 +364,9 @@ class Worker:
             (pages,) = self.transport.pull(offer["addr"], int(offer["uuid"]), specs, self.pull_timeout_s)
             if self.verify:
                 host = np.asarray(pages)
-                if self.fault_corrupt_pages and np.random.random() < self.fault_corrupt_pages:   # chaos: one bit
+                if self.fault_corrupt_pages and np.random.random() < self.fault_corrupt_pages:   # chaos
                     host = host.copy()
-                    host.reshape(-1).view(np.uint8)[host.nbytes // 2] ^= 0x10
+                    host.reshape(-1).view(np.uint8)[host.nbytes // 8 * 4 + 3] ^= 0x40   # a high exponent bit
                 verify_pages(host, offer["checksums"])
             want = (self.engine.cache_shape[0], pages.shape[1], *self.engine.cache_shape[2:])
             if tuple(pages.shape) != want or pages.shape[1] not in self.engine.cfg.transfer_buckets:
