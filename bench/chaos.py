@@ -299,7 +299,9 @@ def main(argv):
         mismatches = [r for r in done if r["text"] != reference[r["prompt"]]]
         late = [r for r in results if r["s"] > _BOUND.value or r.get("timeout")]
         states = collections.Counter(r["finish"] if r["ok"] else r["error"].split(":")[0] for r in results)
-        summary = {"minutes": _MINUTES.value, "requests": len(results), "completed": len(done),
+        with open(router.log) as f:   # why requests that ended in "error" gave up (the router says)
+            gave_up = [ln.strip()[-300:] for ln in f if "gave up after" in ln][:20]
+        summary = {"errors": gave_up, "minutes": _MINUTES.value, "requests": len(results), "completed": len(done),
                    "terminal_states": dict(states), "faults": dict(faults), "mismatches": len(mismatches),
                    "over_bound": len(late), "max_time_to_terminal_s": round(max((r["s"] for r in results),
                                                                                 default=0), 2),

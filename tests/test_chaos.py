@@ -25,4 +25,6 @@ def test_one_minute_of_chaos_loses_nothing(tmp_path):
     assert all(s["faults"].get(k, 0) >= 1 for k in ("kill", "stop", "restart", "delay", "drop")), s["faults"]
     assert s["faults"]["corrupt_pages_caught (surviving incarnations)"] >= 1, s["faults"]
     assert s["completed"] >= 100 and s["max_time_to_terminal_s"] < 60, s
-    assert s["terminal_states"].get("error", 0) == 0, s   # (a request out of retries: none expected here)
+    # a request may legitimately run out of retries (1 of 65,073 in the 30-minute run); a regression is many more
+    # (a cut connection burning retries: 75 of 2,174 in one minute before the unreachable-send fix)
+    assert s["terminal_states"].get("error", 0) <= 0.01 * s["requests"], s
