@@ -249,7 +249,7 @@ class Engine(Programs):
         d = hashlib.blake2b(digest_size=16)
         for part in (self.model_cfg, str(self.model_dtype), self.runtime, cfg, self.decode_buckets, mesh,
                      self.cache_shape, str(self.cache.dtype), repr(self.cache.sharding), repr(self._replicated),
-                     self.expert_stats.shape, leaves, self.graphdef):
+                     self.expert_stats.shape, leaves, self.graphdef, jax.process_index()):   # (a group: per member)
             d.update(repr(part).encode() + b"\0")
         return d.hexdigest()
 
