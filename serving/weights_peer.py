@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import logging
 import os
 import secrets
@@ -150,11 +151,10 @@ def _ask(addr: str, token: str | None, type_: str, timeout_s: float, **fields) -
 
 def _abstract_state(checkpoint: str, dtype, quant: str | None, redundant_experts: int):
     """(graphdef, abstract state) of what `checkpoints.load` would make of `checkpoint` with these settings."""
-    cfg = checkpoints.config_of(checkpoint)
-    cfg = cfg.replace(num_nextn_predict_layers=mtp_layers_present(cfg, checkpoints.Checkpoint(checkpoint)),
-                      n_redundant_experts=redundant_experts)
+    cfg, ckpt = checkpoints.config_of(checkpoint), checkpoints.Checkpoint(checkpoint)
+    cfg = cfg.replace(num_nextn_predict_layers=mtp_layers_present(cfg, ckpt), n_redundant_experts=redundant_experts)
     stored = checkpoint_quant(checkpoint)
-    fp8_stored = any(k.endswith(".weight_scale_inv") for k in checkpoints.Checkpoint(checkpoint).keys())
+    fp8_stored = any(k.endswith(".weight_scale_inv") for k in ckpt.keys())
     return nnx.split(checkpoints.abstract_model(cfg, dtype=dtype, quant=quant or (stored or {}).get("format"),
                                                 fp8_linears=fp8_stored))
 
@@ -179,7 +179,7 @@ def pull_weights(peer: str, *, token: str | None, transport, checkpoint: str, dt
         got = [(p, tuple(d["shape"]), d["dtype"]) for p, d, _ in rep["leaves"]]
         mine = [(p, tuple(x.shape), jnp.dtype(x.dtype).name) for p, x in zip(paths, want)]
         if got != mine:
-            diff = next((m, g) for m, g in zip(mine + [None] * len(got), got + [None] * len(mine)) if m != g)
+            diff = next((m, g) for m, g in itertools.zip_longest(mine, got) if m != g)
             raise PeerWeightsError(f"the peer's weights differ from this worker's load (dtype, quantization, "
                                    f"redundant experts?): ours {diff[0]}, theirs {diff[1]}")
         arrays = transport.pull(rep["transfer"], uuid, [spec_from_wire(d) for _, d, _ in rep["leaves"]], timeout_s)
