@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from bench.grid_configs import CONFIGS, hf_config
+
 flags.DEFINE_list("configs", ["A", "B", "C", "D", "E", "F"], "grid cells (see CONFIGS)")
 flags.DEFINE_list("batches", ["1", "4", "16", "64"], "batch sizes")
 flags.DEFINE_integer("prompt", 32, "prompt tokens")
@@ -49,23 +51,6 @@ flags.DEFINE_bool("profile", True, "step-time breakdown from a jax.profiler trac
 flags.DEFINE_bool("moe_only", False, "time the routed-expert implementations on one layer instead")
 flags.DEFINE_string("json", None, "write the results here too")
 FLAGS = flags.FLAGS
-
-# name: (hidden, routed experts, top-k, layers)
-CONFIGS = {"A": (128, 8, 2, 2), "B": (128, 64, 8, 4), "C": (256, 32, 4, 4), "D": (512, 8, 2, 8),
-           "E": (512, 64, 8, 2), "F": (384, 16, 6, 6)}
-
-
-def hf_config(D, E, X, L) -> dict:
-    h = max(4, D // 64)
-    return dict(vocab_size=4096, hidden_size=D, intermediate_size=2 * D, moe_intermediate_size=D // 2,
-                num_hidden_layers=L, num_attention_heads=h, n_shared_experts=1, n_routed_experts=E,
-                num_experts_per_tok=X, n_group=1, topk_group=1, kv_lora_rank=D // 4, q_lora_rank=3 * D // 8,
-                qk_rope_head_dim=16, v_head_dim=D // h // 2, qk_nope_head_dim=D // h // 2, first_k_dense_replace=1,
-                max_position_embeddings=512, rope_interleave=True,
-                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
-                                 "mscale_all_dim": 1.0, "original_max_position_embeddings": 128, "beta_fast": 32,
-                                 "beta_slow": 1})
-
 
 def matmul_peak() -> float:
     a = jnp.ones((1024, 1024), jnp.float32)

@@ -137,7 +137,7 @@ def run(reps: int, configs=None, batches=(1, 4, 16), chunks=(32, 128)) -> dict:
                              step_overhead=cal["call_s"], kernels_per_layer=max(1, round(k / layers)),
                              ep_imbalance=1.0, serial=True)
             pred = decode_step(mc, prof, hw, DecodeLayout(1), B, L, eff, act_bytes=4.0)
-            args = (np.ones(B, i32), np.full(B, 8, i32), np.zeros((B, L // Z), i32), np.zeros(B, f32),
+            args = (np.ones(B, i32), np.full(B, -1, i32), np.full(B, 8, i32), np.zeros((B, L // Z), i32), np.zeros(B, f32),
                     np.zeros(B, i32), np.ones(B, f32), np.zeros(B, i32), np.zeros(B, i32),
                     np.zeros((B, 1), f32), *eng.neutral_proc(B, L))
 

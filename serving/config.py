@@ -182,6 +182,8 @@ class SchedulerConfig:
 
     max_batch: int | None = None   # running requests at once; None = the decode engine's largest bucket
     prefill_budget: int = ONLINE_PREFILL_BUDGET   # colocated: prompt tokens prefilled per step (at least one chunk)
+    # queue decode dispatch n+1 (from dispatch n's tokens on the device) before reading dispatch n (Scheduler._decode)
+    overlap_decode: bool = True
 
     def __post_init__(self):
         if self.max_batch is not None and self.max_batch < 1:

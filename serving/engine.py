@@ -26,6 +26,7 @@ import functools
 import hashlib
 import logging
 import time
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,10 @@ class Engine(Programs):
             self.cache = jax.ShapeDtypeStruct(self.cache_shape, dtype, sharding=self._cache_sharding)
         else:   # allocated in place on its devices (never whole on one device first)
             self.cache = jax.jit(lambda: jnp.zeros(self.cache_shape, dtype), out_shardings=self._cache_sharding)()
+            # the last dispatch's last token per slot (`_decode_fn`'s prev_M): read by the next dispatch on device
+            self._last_tokens = jax.jit(lambda: jnp.zeros((self.decode_buckets[-1],), jnp.int32),
+                                        out_shardings=self._replicated)()
+        self._prev_slot: np.ndarray | None = None   # row -> slot of the last decode dispatch
         self.page_bytes = int(np.prod(self.cache_shape[:1] + self.cache_shape[2:])) * jnp.dtype(dtype).itemsize
         if cfg.tiers:   # spilling to and reloading from the host/disk tiers moves pages with extract / insert
             self.roles = roles = roles | {"send", "receive"}
@@ -187,7 +192,8 @@ class Engine(Programs):
         cache_sds = jax.ShapeDtypeStruct(self.cache_shape, self.cache.dtype, sharding=self.cache.sharding)
         vec = lambda dt: self._sds((B,), dt)
         return self._lower(jax.jit(functools.partial(self._decode_fn, steps=steps), donate_argnums=(1, 2)),
-                           self.params, cache_sds, self._load_sds(), vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32),
+                           self.params, cache_sds, self._load_sds(), self._sds((self.decode_buckets[-1],), i32),
+                           vec(i32), vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32),
                            vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32),
                            *(self._sds(*a) for a in proc_shapes(B, Pw * self.cfg.page_size, self.model_cfg.vocab_size)))
 
@@ -328,8 +334,11 @@ class Engine(Programs):
         """One executable call as `_run` makes it, without mirroring — what a group's follower runs for each call
         its leader sends (`serving.group.follow`)."""
         if kind in ("prefill", "decode"):
-            exe = (self._prefill_exe if kind == "prefill" else self._decode_exe)[key]
-            *out, self.cache, load = exe(self.params, self.cache, self.expert_stats.load, *args)
+            if kind == "prefill":
+                *out, self.cache, load = self._prefill_exe[key](self.params, self.cache, self.expert_stats.load, *args)
+            else:
+                *out, self._last_tokens, self.cache, load = self._decode_exe[key](
+                    self.params, self.cache, self.expert_stats.load, self._last_tokens, *args)
             self.expert_stats.update(load)
             return out
         if kind == "extract":
@@ -472,6 +481,12 @@ class Engine(Programs):
 
         With R attention ranks the dispatch has R equal slices of rows; row i goes into the slice of its rank
         (`batch.ranks`), padding rows point at their slice's scratch page. Outputs come back in `batch` order."""
+        return self.dispatch(batch)()
+
+    def dispatch(self, batch: DecodeBatch) -> typing.Callable[[], DecodeOut]:
+        """`generate` without waiting: queues the dispatch and returns the call that reads its outputs. Rows with
+        `batch.src[i]` >= 0 start from the last token of row `src[i]` of the previous dispatch, still on the device
+        (its outputs need not have been read), so the host may queue dispatch n+1 before reading dispatch n."""
         n, R = len(batch.tokens), self.ranks
         ranks = batch.ranks if batch.ranks is not None else np.zeros(n, np.int64)
         per_rank = np.bincount(ranks, minlength=R)
@@ -498,9 +513,19 @@ class Engine(Programs):
         n_prompt = batch.prompt_lens if batch.prompt_lens is not None else np.zeros(n, np.int32)
         proc = self._proc_args(params, batch.histories, n_prompt, batch.positions + 1 - n_prompt,
                                Pw * self.cfg.page_size, B, place, batch.masks)
-        toks, ok, d, q, lp, top_ids, top_lps = self._run(
-            "decode", (B, Pw), place(batch.tokens, 0), place(batch.positions, 0), pt, place(s["temperature"], 0),
-            place(s["top_k"], 0), place(s["top_p"], 1.0), place(s["seed"], 0), place(drafts, 0), place(q, 0), *proc)
+        src = np.full(n, -1, np.int32)   # rows continuing the previous dispatch: their slots there
+        if batch.src is not None and (use := batch.src >= 0).any():
+            src[use] = self._prev_slot[batch.src[use]]
+        self._prev_slot = slot
+        outs = self._run(
+            "decode", (B, Pw), place(batch.tokens, 0), place(src, -1), place(batch.positions, 0), pt,
+            place(s["temperature"], 0), place(s["top_k"], 0), place(s["top_p"], 1.0), place(s["seed"], 0),
+            place(drafts, 0), place(q, 0), *proc)
+        return functools.partial(self._decode_out, outs, slot, params, n)
+
+    def _decode_out(self, outs, slot: np.ndarray, params: list, n: int) -> DecodeOut:
+        """Read one dispatch's outputs (waits for it) in its batch's row order."""
+        toks, ok, d, q, lp, top_ids, top_lps = outs
         toks, ok = np.asarray(toks)[slot], np.asarray(ok)[slot]
         S, want = self.cfg.decode_steps, [-1 if p is None or p.logprobs is None else p.logprobs for p in params]
         if max(want) >= 0:   # [n, S(, 2)] -> per row, one entry per step (MTP: per emitted token)

@@ -67,6 +67,8 @@ class Scheduler:
         self._in_prefill = 0
         self.prefill_stats: collections.Counter = collections.Counter()   # disaggregated: calls and rows
         self._decode_next = False   # colocated: the last step returned first tokens; this one decodes
+        self._inflight: tuple[list[Request], Callable] | None = None   # overlapped decode: dispatch n, unread
+        self.decode_stats: collections.Counter = collections.Counter()   # decode dispatches, overlapped ones
         if prefill is not None:
             self._to_prefill: queue.Queue[Request | None] = queue.Queue()
             self._stop = threading.Event()
@@ -116,7 +118,8 @@ class Scheduler:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self.waiting or self.prefilling or self.running or self._ready) or self._in_prefill > 0
+            return (bool(self.waiting or self.prefilling or self.running or self._ready) or self._in_prefill > 0
+                    or self._inflight is not None)
 
     def close(self) -> None:
         if self.prefill is not None:
@@ -149,7 +152,7 @@ class Scheduler:
         self._decode_next = False
         if self._ready:
             self._insert_ready()
-        if self.running:
+        if self.running or self._inflight is not None:
             self._decode()
         elif self.prefill is not None and not self.prefilling:
             self._wait_for_prefill()
@@ -235,11 +238,44 @@ class Scheduler:
         self._append(req, [first_token], time.perf_counter(), None if logprobs is None else [logprobs])
 
     def _decode(self) -> None:
+        """One decode dispatch over the running rows. Overlapped (`SchedulerConfig.overlap_decode`; not with MTP nor
+        while a row's next step needs host state: logits processors, a grammar): dispatch n+1 is queued first,
+        starting from dispatch n's last tokens where they lie on the device, and only then are dispatch n's outputs
+        read and booked (tokens, stops, events) — the device never waits for the host between dispatches. Rows that
+        dispatch n ends by length are left out of n+1; a row ending on a stop token runs one dispatch too many
+        (discarded: its pages were reserved up front, the extra KV lies past its end)."""
+        prev, self._inflight = self._inflight, None
         with self._lock:
             rows = list(self.running)
+        overlap = (self.config.overlap_decode and not self.decode.cfg.mtp
+                   and not any(r.matcher is not None or needs_processing(r.params) for r in rows))
+        if prev is not None and not overlap:
+            self._book(*prev)
+            prev = None
+            with self._lock:
+                rows = list(self.running)
+        S, src = self.decode.cfg.decode_steps, {}
+        if prev is not None:   # rows in dispatch n continue from its tokens, S positions on
+            src = {id(r): i for i, r in enumerate(prev[0])}
+            rows = [r for r in rows if id(r) not in src or r.limit - len(r.output_ids) > S]
+        nxt = (rows, self.decode.dispatch(self._batch(rows, src))) if rows else None
+        self.decode_stats["dispatches"] += nxt is not None
+        self.decode_stats["overlapped"] += nxt is not None and prev is not None
+        if prev is not None:
+            self._book(*prev)
+        if nxt is not None:
+            if overlap:
+                self._inflight = nxt
+            else:
+                self._book(*nxt)
+
+    def _batch(self, rows: list[Request], src: dict[int, int]) -> DecodeBatch:
+        """The decode batch of `rows`; those in `src` (id -> row of the dispatch in flight) start from its tokens."""
+        S = self.decode.cfg.decode_steps
         batch = DecodeBatch(
-            tokens=np.array([r.output_ids[-1] for r in rows], np.int32),
-            positions=np.array([r.position for r in rows], np.int32),
+            tokens=np.array([0 if id(r) in src else r.output_ids[-1] for r in rows], np.int32),
+            src=np.array([src.get(id(r), -1) for r in rows], np.int32),
+            positions=np.array([r.position + (S if id(r) in src else 0) for r in rows], np.int32),
             page_tables=np.stack([self.decode.page_table(r.pages) for r in rows]),
             sampling=sampling_arrays([r.params for r in rows], [r.seed for r in rows]),
             ranks=np.array([self.decode.rank_of(r.pages[0]) for r in rows], np.int64),
@@ -251,7 +287,11 @@ class Scheduler:
         if self.decode.cfg.mtp:
             batch.drafts = np.array([r.draft for r in rows], np.int32)
             batch.draft_q = np.stack([r.draft_q for r in rows])
-        out = self.decode.generate(batch)
+        return batch
+
+    def _book(self, rows: list[Request], pending) -> None:
+        """Read a dispatch's outputs (waits for it) and add its tokens to the rows still running."""
+        out = pending()
         now = time.perf_counter()
         with self._lock:
             for i, r in enumerate(rows):

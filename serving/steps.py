@@ -58,3 +58,5 @@ class DecodeBatch:
     histories: list | None = None         # [n] each row's tokens so far (prompt + output; for the processors)
     prompt_lens: np.ndarray | None = None  # [n] each row's prompt length (with histories)
     masks: list | None = None             # [n] grammar bitmask of each row's next token (None: unconstrained)
+    src: np.ndarray | None = None         # [n] int: row of the previous dispatch whose last token (still on the
+                                          # device) this row starts from; -1 (or None): `tokens` (Engine.dispatch)

@@ -60,10 +60,17 @@ class FakeEngine:
             out.append(PrefillOut((int(prompt[-1]) + 1) % V, 0, None))
         return out
 
-    def generate(self, batch) -> DecodeOut:
+    def dispatch(self, batch):
+        """Like the engine: a row with src >= 0 starts from the previous dispatch's last token of row src."""
         S = self.cfg.decode_steps
-        rows = [[(int(t) + k) % V for k in range(1, S + 1)] for t in batch.tokens]
-        return DecodeOut(rows, [[1] * S] * len(rows), [[False] * S] * len(rows), None, None)
+        src = batch.src if batch.src is not None else [-1] * len(batch.tokens)
+        start = [self._last[j] if j >= 0 else int(t) for t, j in zip(batch.tokens, src)]
+        rows = [[(t + k) % V for k in range(1, S + 1)] for t in start]
+        self._last = [r[-1] for r in rows]
+        return lambda: DecodeOut(rows, [[1] * S] * len(rows), [[False] * S] * len(rows), None, None)
+
+    def generate(self, batch) -> DecodeOut:
+        return self.dispatch(batch)()
 
 
 def _request(i: int) -> Request:
@@ -115,8 +122,8 @@ def test_prefill_shapes_stay_within_the_token_cap():
 def test_first_token_leaves_before_the_next_decode_dispatch_and_decode_is_never_starved():
     eng = FakeEngine()
     calls = []
-    gen = eng.generate
-    eng.generate = lambda batch: calls.append(len(batch.tokens)) or gen(batch)
+    dispatch = eng.dispatch
+    eng.dispatch = lambda batch: calls.append(len(batch.tokens)) or dispatch(batch)
     s = Scheduler(eng, config=SchedulerConfig(max_batch=8))
     a = _request(0)
     a.params, a.limit = SamplingParams(max_tokens=20), 20

@@ -5,6 +5,7 @@ token (two mesh pairs); staggered arrivals == one request at a time; pages all c
 compilation on the request path.
 """
 
+import dataclasses
 import re
 import threading
 import time
@@ -245,6 +246,44 @@ def test_staggered_arrivals_equal_one_at_a_time(colocated):
     while colocated.scheduler.has_work():
         colocated.step()
     assert [r.output_ids for r in reqs] == alone
+    _check_pages(colocated)
+
+
+def test_overlapped_decode_equals_booking_each_dispatch_first(colocated):
+    """Dispatch n+1 queued from dispatch n's tokens still on the device, before the host reads dispatch n (the
+    default) == the host reading every dispatch before the next: greedy with a stop token mid-dispatch, seeded
+    sampling with logprobs, limits on and off dispatch boundaries, arrivals between steps; pages all back."""
+    greedy = colocated.generate([PROMPTS[0]], SamplingParams(max_tokens=20))[0].token_ids
+    stop = next(t for i, t in enumerate(greedy) if i >= 8 and i % EC.decode_steps != 0 and t not in greedy[:i])
+    params = [SamplingParams(max_tokens=20, stop_token_ids=[stop]),
+              SamplingParams(max_tokens=13, temperature=0.8, seed=3, logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=1.0, top_k=5, seed=9, ignore_eos=True)]
+    s = colocated.scheduler
+
+    def run():
+        reqs = []
+        for p, sp in zip(PROMPTS, params):
+            reqs.append(colocated.submit(p, sp))
+            colocated.step()
+        while s.has_work():
+            colocated.step()
+        return [(r.output_ids, r.finish_reason, r.output_logprobs) for r in reqs]
+
+    n = s.decode_stats["overlapped"]
+    on = run()
+    assert s.decode_stats["overlapped"] > n
+    s.config = dataclasses.replace(s.config, overlap_decode=False)
+    try:
+        n = s.decode_stats["overlapped"]
+        off = run()
+        assert s.decode_stats["overlapped"] == n
+    finally:
+        s.config = dataclasses.replace(s.config, overlap_decode=True)
+    assert [r[:2] for r in on] == [r[:2] for r in off]
+    # logprobs: equal up to the batch buckets' float rounding (the two modes batch rows differently at the ends)
+    np.testing.assert_allclose([t.logprob for t in on[1][2]], [t.logprob for t in off[1][2]], atol=1e-5)
+    assert [r[1] for r in on] == ["stop", "length", "length"] and on[0][0][-1] == stop
+    assert [len(r[0]) for r in on[1:]] == [13, 12] and on[1][2] is not None
     _check_pages(colocated)
 
 
