@@ -54,6 +54,9 @@ def define_engine_flags() -> None:
     f.DEFINE_integer("decode_steps", EngineConfig.decode_steps, "decode steps per dispatch")
     f.DEFINE_integer("prefill_budget", 0, "colocated: prompt tokens prefilled per scheduler step (0: the entry "
                      f"point's policy: the batch job 2048, throughput; the server {ONLINE_PREFILL_BUDGET}, latency)")
+    f.DEFINE_bool("overlap_decode", True, "queue decode dispatch n+1 from dispatch n's tokens on the device before "
+                  "the host reads dispatch n (off: read each dispatch first; always off with MTP, logits processors "
+                  "or grammars in the batch)")
     f.DEFINE_bool("mtp", False, "speculative decoding with the checkpoint's MTP module (k = 1)")
     f.DEFINE_integer("redundant_experts", 0, "EPLB: extra routed-expert slots per MoE layer (e.g. 32: V3's 256 "
                      "experts in 288 slots), loaded in the uniform placement and rebalanced by --eplb_interval")
@@ -111,7 +114,8 @@ def engine_config(mcfg, F=flags.FLAGS) -> EngineConfig:
 
 
 def scheduler_config(default_budget: int, F=flags.FLAGS) -> SchedulerConfig:
-    return SchedulerConfig(max_batch=F.max_batch or None, prefill_budget=F.prefill_budget or default_budget)
+    return SchedulerConfig(max_batch=F.max_batch or None, prefill_budget=F.prefill_budget or default_budget,
+                           overlap_decode=F.overlap_decode)
 
 
 def pool_meshes(mcfg, F=flags.FLAGS) -> tuple[str | None, str]:

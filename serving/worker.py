@@ -38,6 +38,7 @@ from serving.logits import event_logprobs_to_wire, logprobs_from_wire, logprobs_
 from serving.engine import Prefix
 from serving.pages import PagePool
 from serving.protocol import ProtocolError, decode_message, encode_message, sampling_from_wire
+from serving.config import SchedulerConfig
 from serving.scheduler import Scheduler
 from serving import tracing
 from serving.weights_peer import WeightServer
@@ -63,7 +64,7 @@ class Worker:
     def __init__(self, role: str, engine, *, host: str = "127.0.0.1", port: int = 0, transport=None,
                  token: str | None = None, lease_s: float = 30.0, pull_timeout_s: float = 20.0,
                  verify_checksums: bool = True, eos_ids=(), fault_pull_delay_s: float = 0.0,
-                 fault_step_delay_s: float = 0.0, group_info: dict | None = None):
+                 fault_step_delay_s: float = 0.0, group_info: dict | None = None, overlap_decode: bool = True):
         if role not in ("prefill", "decode"):
             raise ValueError(f"role={role!r}: expected 'prefill' or 'decode'")
         self.role, self.engine, self.token = role, engine, token
@@ -94,7 +95,9 @@ class Worker:
         self._jobs: collections.deque = collections.deque()
         self.leases: dict[int, Lease] = {}
         # decode role
-        self.scheduler = Scheduler(engine, None, eos_ids=eos_ids) if role == "decode" else None
+        self.scheduler = (Scheduler(engine, None, eos_ids=eos_ids,
+                                    config=SchedulerConfig(overlap_decode=overlap_decode))
+                          if role == "decode" else None)
         # the pages of this worker's engine: its scheduler's (decode) or its own (prefill)
         self.pages = self.scheduler.pages if self.scheduler is not None else PagePool(engine)
         if self.pages.prefix_cache is not None:

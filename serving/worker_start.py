@@ -99,7 +99,8 @@ def start(FLAGS, role: str) -> "Worker | None":
     w = Worker(role, engine, host=FLAGS.host, port=FLAGS.port, transport=transport, token=token,
                lease_s=FLAGS.lease_s, pull_timeout_s=FLAGS.pull_timeout_s, verify_checksums=FLAGS.verify_checksums,
                eos_ids=mcfg.eos_token_ids, fault_pull_delay_s=FLAGS.fault_pull_delay_s,
-               fault_step_delay_s=FLAGS.fault_step_delay_s, group_info=group_info)
+               fault_step_delay_s=FLAGS.fault_step_delay_s, group_info=group_info,
+               overlap_decode=FLAGS.overlap_decode)
     w.group, w.mesh_spec, w.checkpoint, w.weights = group, mesh_spec, ckpt, weights
     w.fault_corrupt_pages = FLAGS.fault_corrupt_pages
     if group is not None:
