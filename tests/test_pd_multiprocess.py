@@ -640,3 +640,25 @@ def test_a_new_worker_takes_its_weights_from_a_running_peer(ckpt, cluster, coloc
     finally:
         Dn.kill()
         Px.kill()
+
+
+def test_tcp_pull_lands_in_memory_the_cpu_device_adopts_without_a_copy():
+    """A TcpTransport pull receives into 64-byte-aligned buffers, which XLA:CPU takes as device buffers as they are
+    (the device_put after the pull copies nothing); the data arrives intact."""
+    import jax
+
+    from serving.transfer import TcpTransport, aligned_empty
+
+    a = aligned_empty((3, 1000), np.float32)
+    assert a.ctypes.data % 64 == 0 and a.shape == (3, 1000)
+    assert jax.device_put(a).unsafe_buffer_pointer() == a.ctypes.data   # adopted, not copied
+    src, dst = TcpTransport(), TcpTransport()
+    try:
+        x = np.arange(3 * 1000, dtype=np.float32).reshape(3, 1000)
+        src.offer_host(7, [x])
+        (got,) = dst.pull_host(src.address, 7, 10.0)
+        assert got.ctypes.data % 64 == 0 and np.array_equal(got, x)
+        assert jax.device_put(got).unsafe_buffer_pointer() == got.ctypes.data
+    finally:
+        src.close()
+        dst.close()
