@@ -97,6 +97,7 @@ class Engine(Programs):
             raise ValueError("EngineConfig.mtp=True but the model has no MTP module (the checkpoint has no "
                              f"model.layers.{model.cfg.num_hidden_layers}.* tensors)")
         self.graphdef, self.params = nnx.split(model)
+        self._leaves_of, self._leaves = None, []
         self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params))
         for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
             if self.abstract:
@@ -191,8 +192,8 @@ class Engine(Programs):
         i32, f32 = jnp.int32, jnp.float32
         cache_sds = jax.ShapeDtypeStruct(self.cache_shape, self.cache.dtype, sharding=self.cache.sharding)
         vec = lambda dt: self._sds((B,), dt)
-        return self._lower(jax.jit(functools.partial(self._decode_fn, steps=steps), donate_argnums=(1, 2)),
-                           self.params, cache_sds, self._load_sds(), self._sds((self.decode_buckets[-1],), i32),
+        return self._lower(self._flat(functools.partial(self._decode_fn, steps=steps)), *self._param_leaves(),
+                           cache_sds, self._load_sds(), self._sds((self.decode_buckets[-1],), i32),
                            vec(i32), vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32),
                            vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32),
                            *(self._sds(*a) for a in proc_shapes(B, Pw * self.cfg.page_size, self.model_cfg.vocab_size)))
@@ -224,7 +225,7 @@ class Engine(Programs):
         for R, T in (cfg.prefill_shapes if "prefill" in self.roles else ()):
             vec = lambda dt, R=R: self._sds((R,), dt)
             out["prefill", R, T] = functools.partial(
-                self._lower, jax.jit(self._prefill_fn, donate_argnums=(1, 2)), self.params, cache_sds,
+                self._lower, self._flat(self._prefill_fn), *self._param_leaves(), cache_sds,
                 self._load_sds(), self._sds((R, T), i32), vec(i32), vec(i32), vec(i32), self._sds((R, P), i32),
                 vec(f32), vec(i32), vec(f32), vec(i32),
                 *(self._sds(*a) for a in proc_shapes(R, P * cfg.page_size, self.model_cfg.vocab_size)))
@@ -334,11 +335,12 @@ class Engine(Programs):
         """One executable call as `_run` makes it, without mirroring — what a group's follower runs for each call
         its leader sends (`serving.group.follow`)."""
         if kind in ("prefill", "decode"):
-            if kind == "prefill":
-                *out, self.cache, load = self._prefill_exe[key](self.params, self.cache, self.expert_stats.load, *args)
+            if kind == "prefill":   # (no local holds the weights: `update` may move them, freeing the old)
+                *out, self.cache, load = self._prefill_exe[key](*self._param_leaves(), self.cache,
+                                                                self.expert_stats.load, *args)
             else:
                 *out, self._last_tokens, self.cache, load = self._decode_exe[key](
-                    self.params, self.cache, self.expert_stats.load, self._last_tokens, *args)
+                    *self._param_leaves(), self.cache, self.expert_stats.load, self._last_tokens, *args)
             self.expert_stats.update(load)
             return out
         if kind == "extract":

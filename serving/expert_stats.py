@@ -159,9 +159,7 @@ class ExpertStats:
         gain = max((b - a) / b for b, a in zip(before, after))
         if gain < min_gain:
             return {"moved": False, "reason": f"best gain {gain:.3f} < {min_gain}", "imbalance": before}
-        model = nnx.merge(eng.graphdef, eng.params)
-        eplb.rebalance(model, placements)
-        eng.graphdef, eng.params = nnx.split(model)
+        eng.update_weights(lambda model: eplb.rebalance(model, placements))
         self.placements = [np.asarray(p, np.int32) for p in placements]
         self.window[:] = 0
         self.total += self._local()
