@@ -68,7 +68,13 @@ class Programs:
     def _flat(self, fn):
         """`fn(params, cache, load_LE, ...)` jitted over the weights' flat leaves, cache and counts donated."""
         treedef, n = jax.tree.structure(self.params), len(self._param_leaves())
-        return jax.jit(lambda *a: fn(jax.tree.unflatten(treedef, a[:n]), *a[n:]), donate_argnums=(n, n + 1))
+
+        def flat(*a):
+            return fn(jax.tree.unflatten(treedef, a[:n]), *a[n:])
+
+        # named after fn: XLA's module names (jit__decode_fn, ...) are what HLO dumps and profiles are read by
+        flat.__name__ = getattr(fn, "__name__", None) or fn.func.__name__
+        return jax.jit(flat, donate_argnums=(n, n + 1))
 
     # ---- compiled functions (pure; traced once per bucket at start-up) -------------------------------------------
     def _prefill_fn(self, params, cache, load_LE, tokens_RT, start_R, length_R, next_token_R, page_table_RP,
