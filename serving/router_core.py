@@ -56,6 +56,9 @@ class RouterConfig:
     # formula); the local-prefill threshold applies to the tokens the decode worker does not hold cached.
     kv_routing: bool = True
     kv_overlap_weight: float = 1.0
+    # a decode worker that holds a prompt's leading blocks (by the same cost) gets the request, and the prefill
+    # worker offers only the pages after them; if it evicted them meanwhile, it prefills the request itself
+    kv_skip_cached: bool = True
     # the first token goes to the client as soon as the prefill worker offers it (it sampled it), not after the KV
     # transfer and the decode worker's first dispatch; the decode worker's copy of it is then dropped here
     early_first_token: bool = True
@@ -112,6 +115,9 @@ class RReq:
     prompt_lps_sent: bool = False          # prompt logprobs go to the client once (a migration recomputes them)
     trace: str | None = None               # W3C traceparent, passed to every worker of every attempt (tracing)
     skip: int = 0                          # tokens of this attempt already sent from its offer (early first token)
+    blocks: int = 0                        # prompt blocks of the current attempt
+    skip_w: str | None = None              # decode worker holding the leading pages its prefill worker does not offer
+    send_all: bool = False                 # that worker went away: offer every page from now on
 
     def metrics(self) -> dict:
         ttft = None if self.first_token_t is None else self.first_token_t - self.arrival
@@ -292,13 +298,19 @@ class RouterCore:
     def _on_offered(self, r: RReq, msg: dict) -> None:
         offer = msg["offer"]
         r.prefill_s, r.prefill_queue_s = offer.get("prefill_s"), offer.get("queued_s")
-        d = self._pick("decode")
+        skip = offer.get("skip") or 0
+        d = self.workers.get(r.skip_w) if skip else self._pick("decode")
+        if skip and d not in self._usable("decode"):   # only it holds the pages not offered: offer all, elsewhere
+            r.send_all, r.unsent = True, r.unsent + 1
+            self._retry(r, f"decode worker {r.skip_w} holding {skip} cached pages is gone", counted=False)
+            return
         if d is None:
             self._retry(r, "no decode worker alive to receive the KV")
             return
         r.state, r.decode_w, r.offer = "transferring", d.addr, offer
         r.deadline = self._now + self.cfg.step_timeout_s
-        d.inflight[r.rid] = None
+        d.inflight[r.rid] = r.blocks
+        self.metrics["kv_pages_not_sent"] += skip
         r.workers.append(d.addr)
         if not self._send(d, "decode", rid=r.rid, prompt=r.prompt + r.output, sampling=r.sampling,
                           limit=r.limit - len(r.output), offer=offer, trace=r.trace):
@@ -364,9 +376,11 @@ class RouterCore:
         l = w.info.get("load") or {}
         return len(w.inflight) + 0.5 * (l.get("waiting", 0) + l.get("queued", 0))
 
+    def _usable(self, role: str) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.role == role and w.alive and not w.draining and w.reachable]
+
     def _pick(self, role: str) -> WorkerState | None:
-        cands = [w for w in self.workers.values() if w.role == role and w.alive and not w.draining
-                 and w.reachable]
+        cands = self._usable(role)
         if not cands:
             return None
         return min(cands, key=lambda w: (self._load(w), w.addr))
@@ -397,13 +411,15 @@ class RouterCore:
             self.by_rid[r.rid] = r
             if r.dispatch_t is None:
                 r.dispatch_t = now
-            pre = [w for w in self.workers.values() if w.role == "prefill" and w.alive and not w.draining
-                   and w.reachable]
-            free_pre = [w for w in pre if len(w.inflight) < self.cfg.max_prefill_inflight]
+            free_pre = [w for w in self._usable("prefill") if len(w.inflight) < self.cfg.max_prefill_inflight]
             hashes = self._prompt_hashes(prompt, info, r.sampling.get("cache_salt"))
-            blocks = -(-len(prompt) // max(1, int(info.get("page_size") or 16)))
-            local_todo = len(prompt) - self._overlap(d, hashes) * int(info.get("page_size") or 16)
-            if local_todo <= self.cfg.local_prefill_threshold or not free_pre:
+            Z = int(info.get("page_size") or 16)
+            r.blocks = blocks = -(-len(prompt) // Z)
+            held = [w for w in self._usable("decode") if self._overlap(w, hashes)]
+            if held:   # some decode worker caches part of the prompt: the same cost as for prefill workers
+                d = min(held + [d], key=lambda w: self._kv_cost(w, hashes, blocks))
+            hit = self._overlap(d, hashes)
+            if len(prompt) - hit * Z <= self.cfg.local_prefill_threshold or not free_pre:
                 r.local, r.state, r.decode_w, r.prefill_w = True, "decoding", d.addr, None
                 r.deadline = float("inf")
                 d.inflight[r.rid] = blocks
@@ -415,13 +431,15 @@ class RouterCore:
             else:
                 p = self._pick_prefill(free_pre, hashes, blocks)
                 r.local, r.state, r.prefill_w, r.decode_w = False, "prefilling", p.addr, None
+                skip = hit if self.cfg.kv_skip_cached and not r.send_all else 0
+                r.skip_w = d.addr if skip else None
                 r.uuid = next(self._uuid)
                 r.deadline = now + self.cfg.step_timeout_s
                 p.inflight[r.rid] = blocks
                 r.workers.append(p.addr)
                 self.metrics["remote_prefills"] += 1
                 if not self._send(p, "prefill", rid=r.rid, prompt=prompt, sampling=r.sampling, uuid=r.uuid,
-                                  trace=r.trace):
+                                  trace=r.trace, **({"skip": skip} if skip else {})):
                     self._unreachable(r, p)
         return changed
 
@@ -462,14 +480,15 @@ class RouterCore:
             n += 1
         return n
 
+    def _kv_cost(self, w: WorkerState, hashes: list[int], blocks: int) -> tuple:
+        """Weight x blocks it would prefill (prompt blocks minus its cached prefix) + blocks it is already serving
+        (prefilling, or decoding: their prompts)."""
+        active = sum(b or 0 for b in w.inflight.values())
+        return (self.cfg.kv_overlap_weight * (blocks - self._overlap(w, hashes)) + active, len(w.inflight), w.addr)
+
     def _pick_prefill(self, cands: list[WorkerState], hashes: list[int], blocks: int) -> WorkerState:
-        """Least cost: weight x blocks it would prefill (prompt blocks minus its cached prefix) + blocks it is
-        already prefilling. Without cache events this is the least-loaded worker."""
-        def cost(w):
-            active = sum(b or 0 for b in w.inflight.values())
-            return (self.cfg.kv_overlap_weight * (blocks - self._overlap(w, hashes)) + active, len(w.inflight),
-                    w.addr)
-        p = min(cands, key=cost)
+        """Least `_kv_cost`. Without cache events this is the least-loaded worker."""
+        p = min(cands, key=lambda w: self._kv_cost(w, hashes, blocks))
         hit = self._overlap(p, hashes)
         if hit:
             self.metrics["kv_routed_requests"] += 1

@@ -471,15 +471,25 @@ class Scheduler:
     def _insert_after_cached(self, req: Request, prefix: Prefix, n: int) -> bool:
         """(Under the lock.) A prefix sent without its first `skip` pages: take pages with the cached prefix shared
         and write only the pages after it. If the chosen rank no longer holds those blocks (evicted since), prefill
-        the request again, sending every page. False: no rank has room yet."""
+        the request again, sending every page — or, prefilled in another process, prefill it here (colocated, its
+        cached part shared). False: no rank has room yet."""
         hashes = self.pages.hashes(req.prompt_ids, req.salt)
         rank = self._pick_rank(n, hashes)
+        local = self.prefill is None
+        if local and len(self.running) + len(self.prefilling) >= self.max_batch:
+            return False
         got = None if rank is None else self.pages.acquire(req.prompt_ids, n, rank, hashes)
         if got is None:
             return False
         self._ready.popleft()
         pages, cached = got
         held = cached // self.decode.cfg.page_size
+        if held < prefix.skip and local:
+            req.pages, req.cached_tokens, req.status = pages, cached, Status.PREFILLING
+            req.chunks = self.decode.prefill_chunks(len(req.prompt_ids) - cached, cached)
+            self.prefilling.append(req)
+            self.prefill_stats["reprefilled"] += 1
+            return True
         if held < prefix.skip:
             self.pages.release(pages)
             req.send_all = True

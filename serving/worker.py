@@ -159,7 +159,9 @@ class Worker:
                     pages=self.pages.stats(),
                     prefix_cache=self.pages.prefix_cache.stats() if self.pages.prefix_cache else None,
                     kv_events=self.kv_events() if kv_events else None,
-                    invariant_ok=self.invariant_ok, load=load, metrics=dict(self.metrics),
+                    invariant_ok=self.invariant_ok, load=load, metrics={**self.metrics, **{
+                        k: v for k, v in getattr(self.scheduler, "prefill_stats", {}).items()
+                        if k in ("pages_not_sent", "reprefilled")}},
                     experts=self.engine.expert_stats.summary() if self.engine.expert_stats.shape[0] else None,
                     group=None if self.group_info is None else {
                         **self.group_info, "mirror": getattr(self.engine.mirror, "stats", None),
@@ -226,6 +228,10 @@ class Worker:
             self.send(ident, "error", rid=msg["rid"], error="worker draining: retry elsewhere", kind="draining")
         elif self.role == "prefill" and t == "prefill":
             req = self._make_request(msg)
+            skip = msg.get("skip", 0)
+            if not isinstance(skip, int) or skip < 0:
+                raise ProtocolError("malformed", f"skip {skip!r}: must be a count of pages >= 0")
+            req.skip_pages = min(skip, self.engine.pages_needed(len(req.prompt_ids)) - 1)   # the last one always goes
             if any(l.uuid == msg["uuid"] for l in self.leases.values()):
                 raise ProtocolError("malformed", f"uuid {msg['uuid']} is already offered")
             self._jobs.append((ident, req, msg["uuid"]))
@@ -288,7 +294,8 @@ class Worker:
             queued_s = t0 - req.arrival
             self.pages.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids), req.salt)
             self.metrics["cached_tokens"] += cached
-            prefix = eng.extract(pages, len(req.prompt_ids), out)
+            skip = req.skip_pages   # the decode worker holds these in its prefix cache: not offered
+            prefix = eng.extract(pages[skip:], len(req.prompt_ids), out)
             arrays = [offerable(prefix.pages)]
             sums = page_checksums(np.asarray(arrays[0]))
             self.pages.allocator.lease(pages)
@@ -304,7 +311,7 @@ class Worker:
         offer = {"transport": self.transport.name, "addr": self.transport.address, "uuid": uuid,
                  "arrays": [layout_of(a) for a in arrays], "n_pages": prefix.n_pages, "length": prefix.length,
                  "first_token": int(prefix.first_token), "checksums": sums, "prefill_s": prefill_s,
-                 "queued_s": queued_s, "cached_tokens": cached,
+                 "queued_s": queued_s, "cached_tokens": cached, "skip": skip,
                  "draft": int(prefix.draft), "draft_q": None if prefix.draft_q is None else
                  np.asarray(prefix.draft_q, np.float32).tobytes(), **logprobs_to_wire(prefix),
                  "lease_s": self.lease_s, "worker": self.address, "offered_ns": time.time_ns()}
@@ -374,11 +381,13 @@ class Worker:
             want = (self.engine.cache_shape[0], pages.shape[1], *self.engine.cache_shape[2:])
             if tuple(pages.shape) != want or pages.shape[1] not in self.engine.cfg.transfer_buckets:
                 raise ValueError(f"offered pages {list(pages.shape)} do not fit this cache (want {list(want)})")
-            dq = offer.get("draft_q")
+            dq, skip = offer.get("draft_q"), int(offer.get("skip") or 0)
+            if not 0 <= skip < self.engine.pages_needed(int(offer["length"])):
+                raise ValueError(f"offer skips {skip} pages of a {offer['length']}-token prompt")
             prefix = self.engine.receive(Prefix(pages, int(offer["n_pages"]), int(offer["length"]),
                                                 int(offer["first_token"]), int(offer.get("draft") or 0),
                                                 None if dq is None else np.frombuffer(dq, np.float32).copy(),
-                                                **logprobs_from_wire(offer, req.params)))
+                                                skip=skip, **logprobs_from_wire(offer, req.params)))
             self._pulled.put((req, offer, prefix, None, time.perf_counter() - t0))
         except Exception as e:
             self._pulled.put((req, offer, None, f"{type(e).__name__}: {e}", time.perf_counter() - t0))
@@ -421,7 +430,8 @@ class Worker:
                 tracing.worker_spans(r, ev.finished)
                 self.send(ident, "tokens", rid=rid, tokens=[int(t) for t in ev.new_token_ids],
                           finished=ev.finished, reason=r.finish_reason if ev.finished else None, error=r.error,
-                          cached_tokens=r.cached_tokens if ev.finished else None, **lps, **tracing.take(r.trace))
+                          cached_tokens=r.cached_tokens if ev.finished else None, **lps, **tracing.take(r.trace),
+                          **({"kv_events": self.kv_events()} if ev.finished else {}))   # its blocks, now cached
             if ev.finished:
                 self._prompt_lps_sent.discard(rid)
                 self._owner.pop(rid, None)

@@ -269,6 +269,50 @@ def test_kv_aware_routing_sends_a_repeated_prefix_to_the_prefill_worker_that_cac
     P1.kill(), P2.kill()
 
 
+def test_a_decode_worker_caching_the_prompts_blocks_receives_only_the_pages_after_them(ckpt, cluster, colocated):
+    """Multi-turn over PD: turn 2 starts with turn 1 and its answer, which the decode worker (--prefix_caching)
+    cached when turn 1 finished and reported with its last tokens; the router sends turn 2 there and the prefill
+    worker offers only the pages after the cached ones. And a decode worker that does not hold the pages an offer
+    leaves out (evicted since) prefills the request itself. Tokens equal colocated in both."""
+    tmp, P, D1 = cluster["tmp"], cluster["P"], cluster["D1"]
+    D = Proc("decode", ckpt, tmp, "--prefix_caching")
+    cluster["Dpc"] = D
+    wait_ready([D])
+    sp = SamplingParams(max_tokens=N_NEW, ignore_eos=True)
+    turn1 = [(5 * i + 2) % 90 + 5 for i in range(20)]
+    out1 = colocated.generate([turn1], sp)[0].token_ids
+    turn2 = turn1 + out1 + [9, 14, 22, 7, 3]             # 33 tokens: its first 3 blocks of 8 are turn 1's KV
+    want = colocated.generate([turn2], sp)[0].token_ids
+    with LLM(workers=[P.addr, D.addr], router_config=router_cfg()) as llm:
+        assert llm.generate([turn1], sp)[0].token_ids == out1
+        assert llm.generate([turn2], sp)[0].token_ids == want
+        m = llm.backend.router.snapshot()["metrics"]
+    assert m["transfers"] == 2 and m["kv_pages_not_sent"] == 3 and m.get("retries", 0) == 0, m
+    assert control(D.addr, "stats")["metrics"]["pages_not_sent"] == 3
+    # acting as the router: an offer leaving out 3 pages, sent to a decode worker that never cached them
+    wire = {"seed": 0, "max_tokens": N_NEW, "ignore_eos": True}
+    off = control(P.addr, "prefill", rid="fb#0", prompt=turn2, sampling=wire, uuid=737373, skip=3)
+    assert off["type"] == "offered" and off["offer"]["skip"] == 3 and off["offer"]["n_pages"] == 2
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{D1.addr}")
+    s.send(encode_message("decode", TOKEN, rid="fb#0", prompt=turn2, sampling=wire, limit=N_NEW, offer=off["offer"]))
+    toks, done = [], False
+    while not done:
+        assert s.poll(30_000), toks
+        r = decode_message(s.recv(), TOKEN)
+        assert r["type"] != "error" and r.get("ok", True), r
+        if r["type"] == "tokens":
+            toks += r["tokens"]
+            done = r["finished"]
+    s.close(0)
+    assert toks == want
+    assert control(D1.addr, "stats")["metrics"]["reprefilled"] == 1
+    assert control(P.addr, "release", uuid=737373, consumed=True)["type"] == "released"
+    check_drained([P.addr, D1.addr])
+    D.kill()
+
+
 def test_http_server_over_worker_processes(cluster, colocated):
     """The OpenAI server in front of the router and worker processes: the openai client gets the colocated tokens,
     streaming and not, and the workers end drained."""

@@ -91,7 +91,8 @@ class Harness:
         f = prefill_msg
         off = {"transport": "jax", "addr": "127.0.0.1:9000", "uuid": f["uuid"], "arrays": [], "n_pages": 3,
                "length": len(f["prompt"]), "first_token": 42, "checksums": [1, 2, 3], "prefill_s": 0.01,
-               "queued_s": 0.001, "draft": 0, "draft_q": None, "lease_s": 30.0, "worker": addr}
+               "queued_s": 0.001, "draft": 0, "draft_q": None, "lease_s": 30.0, "worker": addr,
+               "skip": f.get("skip", 0)}   # (as the worker: the pages it was told to leave out)
         self.msg(addr, "offered", rid=f["rid"], uuid=f["uuid"], offer=off)
         return off
 
@@ -291,6 +292,48 @@ def test_kv_index_forgets_a_dead_or_restarted_worker_and_cached_tokens_count_for
     assert h.one("decode", D1)[2]["rid"] == "b#0"
     h.health(D1, incarnation="inc1")                      # restarted: its cache is gone
     assert not h.core.kv_index
+
+
+def test_a_decode_worker_caching_the_prompts_blocks_gets_it_and_only_the_pages_after_them_are_offered():
+    h = Harness(workers=(P, D1, D2))
+    h.join(**{P: "prefill", D1: "decode", D2: "decode"})
+    history = list(range(40, 72))                         # turn 1 + its answer: 4 blocks of 8, cached on D2
+    h.msg(D2, "tokens", rid="old", tokens=[], finished=True, reason="stop", error=None,
+          kv_events={"stored": _blocks(history + [1]), "removed": []})   # (a finished stream reports its blocks)
+    h.submit("turn2", history + [5, 6, 7, 8, 9])
+    h.tick()
+    _, _, pre = h.one("prefill", P)
+    assert pre["skip"] == 4
+    h.offer(pre)
+    assert h.one("decode")[0] == D2                       # D1 is as idle (and first by address): D2 holds the pages
+    assert h.core.metrics["kv_pages_not_sent"] == 4
+    h.submit("fresh", list(range(100, 124)))              # nothing cached anywhere: as before, nothing skipped
+    h.tick()
+    _, _, pre = h.one("prefill", P)
+    assert "skip" not in pre
+    h.offer(pre)
+    assert h.one("decode")[0] == D1                       # least loaded when offered (D2 decodes turn2)
+    # the holder goes away between the prefill and the offer: offered again with every page, no attempt lost
+    h.submit("turn2b", history + [3, 3, 3, 3, 3])
+    h.tick()
+    _, _, pre = h.one("prefill", P)
+    assert pre["skip"] == 4
+    h.msg(D2, "health_ok", role="decode", worker=D2, incarnation="inc0", ready=True, engine=ENGINE,
+          load={"queued": 0}, draining=True)
+    h.offer(pre)
+    assert h.one("abort", P)[2]["rid"] == "turn2b#0"      # its lease ends
+    h.tick()
+    _, _, pre = h.one("prefill", P)
+    assert pre["rid"] == "turn2b#1" and "skip" not in pre
+    assert not h.core.reqs["turn2b"].failures
+    # turned off: no page is left out
+    h = Harness(workers=(P, D1), kv_skip_cached=False)
+    h.join(**{P: "prefill", D1: "decode"})
+    h.msg(D1, "tokens", rid="old", tokens=[], finished=True, reason="stop", error=None,
+          kv_events={"stored": _blocks(history + [1]), "removed": []})
+    h.submit("turn2", history + [5, 6, 7, 8, 9])
+    h.tick()
+    assert "skip" not in h.one("prefill", P)[2]
 
 
 # ---- conditional disaggregation ----------------------------------------------------------------------------------------
