@@ -1,6 +1,6 @@
 """Prefix caching, KV tiers and KV-aware routing on shared-prefix workloads, in one run.
 
-    python -m bench.prefix_cache [--part=local,routing] [--json out.json]
+    python -m bench.prefix_cache [--part=local,routing,pd_chat] [--json out.json]
 
 Workloads (random token ids, a random DeepSeek-V3-shaped checkpoint written with `transformers`):
 * system prompts: S long system prompts and many short questions; request i = system[i % S] + question i, sent in
@@ -11,7 +11,9 @@ Workloads (random token ids, a random DeepSeek-V3-shaped checkpoint written with
 Part `local` (one colocated engine, the device cache sized to hold the running requests plus about one system
 prompt): caching off / on (device only) / on + host tier / on + small host tier + disk tier. Part `routing`
 (2 prefill workers with --prefix_caching, each able to keep about half of the system prompts, + 1 decode worker, real
-processes): least-loaded vs KV-aware routing, each on fresh system prompts. Reported per configuration: TTFT
+processes): least-loaded vs KV-aware routing, each on fresh system prompts. Part `pd_chat` (1 prefill + 1 decode
+worker with --prefix_caching): the chat workload with every prompt page sent vs only those the decode worker does not
+cache (`RouterConfig.kv_skip_cached`), plus the transfer time and the pages not sent. Reported per configuration: TTFT
 p50/p99, prompt tokens prefilled (computed) vs served from the cache, hits per tier, wall time.
 """
 
@@ -30,7 +32,9 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-flags.DEFINE_list("part", ["local", "routing"], "local (engine tiers) and/or routing (worker processes)")
+flags.DEFINE_list("part", ["local", "routing", "pd_chat"], "local (engine tiers), routing (worker processes), "
+                 "pd_chat (multi-turn chat over 1P+1D: cached pages sent or not)")
+flags.DEFINE_integer("runs", 3, "pd_chat: runs per side, alternating (worst reported)")
 flags.DEFINE_integer("systems", 8, "distinct system prompts")
 flags.DEFINE_integer("system_len", 192, "tokens per system prompt")
 flags.DEFINE_integer("questions", 32, "requests of the system-prompt workload")
@@ -136,24 +140,12 @@ def part_routing(path) -> list[dict]:
     from serving import LLM, SamplingParams
     from serving.router import RouterConfig
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               PYTHONPATH=root)
     sys_pages = -(-FLAGS.system_len // PAGE)
     # a prefill worker holds the requests it is prefilling / leasing plus about half of the system prompts
     pre_pages = 3 * (sys_pages + 2) + (FLAGS.systems // 2) * sys_pages + 1
-    common = [f"--checkpoint={path}", "--dtype=float32", f"--page_size={PAGE}", f"--max_model_len={MAX_LEN}",
-              "--prefill_buckets=16,64,256", "--decode_buckets=1,2,4", "--decode_steps=4",
-              f"--compilation_cache_dir={os.path.expanduser('~/.cache/tandem/xla_bench_cache')}"]
-    procs, addrs = [], []
-    for role, extra in (("prefill", ["--prefix_caching", f"--num_pages={pre_pages}"]),
-                        ("prefill", ["--prefix_caching", f"--num_pages={pre_pages}"]),
-                        ("decode", ["--num_pages=256"])):
-        port = _free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "serving.worker", f"--role={role}", f"--port={port}",
-                                       *common, *extra], env=env, cwd=root, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        addrs.append(f"127.0.0.1:{port}")
+    procs, addrs = _spawn(path, (("prefill", ["--prefix_caching", f"--num_pages={pre_pages}"]),
+                                 ("prefill", ["--prefix_caching", f"--num_pages={pre_pages}"]),
+                                 ("decode", ["--num_pages=256"])))
     rows = []
     sp = SamplingParams(max_tokens=FLAGS.new_tokens, ignore_eos=True)
     try:
@@ -188,6 +180,74 @@ def part_routing(path) -> list[dict]:
     return rows
 
 
+def _spawn(path, roles) -> tuple[list, list[str]]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=root)
+    common = [f"--checkpoint={path}", "--dtype=float32", f"--page_size={PAGE}", f"--max_model_len={MAX_LEN}",
+              "--prefill_buckets=16,64,256", "--decode_buckets=1,2,4", "--decode_steps=4",
+              f"--compilation_cache_dir={os.path.expanduser('~/.cache/tandem/xla_bench_cache')}"]
+    procs, addrs = [], []
+    for role, extra in roles:
+        port = _free_port()
+        procs.append(subprocess.Popen([sys.executable, "-m", "serving.worker", f"--role={role}", f"--port={port}",
+                                       *common, *extra], env=env, cwd=root, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        addrs.append(f"127.0.0.1:{port}")
+    return procs, addrs
+
+
+def part_pd_chat(path) -> list[dict]:
+    """Multi-turn chat through one prefill and one decode worker (--prefix_caching): each turn resends the history,
+    which the decode worker cached when the last turn ended. `kv_skip_cached` off: every page of each prompt
+    crosses; on: only the pages after the ones it holds. Worst of `--runs` per side, alternating."""
+    from serving import LLM, SamplingParams
+    from serving.router import RouterConfig
+
+    procs, addrs = _spawn(path, (("prefill", ["--num_pages=256"]), ("decode", ["--prefix_caching",
+                                                                                "--num_pages=512"])))
+    sp = SamplingParams(max_tokens=FLAGS.new_tokens, ignore_eos=True)
+    rows = {False: [], True: []}
+    try:
+        for run in range(FLAGS.runs):
+            for skip in (False, True):
+                cfg = RouterConfig(kv_skip_cached=skip, step_timeout_s=120.0)
+                with LLM(workers=addrs, router_config=cfg, ready_timeout_s=600) as llm:
+                    llm.backend.router.wait_until(lambda s: all(w["alive"] for w in s["workers"].values()), 600)
+                    llm.generate([[5] * 40], sp)
+                    rng = np.random.default_rng(1000 + 2 * run + skip)   # fresh conversations: no earlier hits
+                    t0 = time.perf_counter()
+                    outs = _run_chat(llm, rng, sp)
+                    wall = time.perf_counter() - t0
+                    m = llm.backend.router.snapshot()["metrics"]
+                xfer = [o.metrics.transfer_s for o in outs if o.metrics.transfer_s is not None]
+                pages = sum(-(-len(o.prompt_token_ids) // PAGE) for o in outs)
+                row = {"workload": "multi-turn chat, 1P+1D", "config": "cached pages not sent" if skip else
+                       "every page sent", **_summary(outs, wall, {}), "transfer_p50_ms": _pct(xfer, 50),
+                       "transfer_mean_ms": float(np.mean(xfer) * 1e3), "prompt_pages": pages,
+                       "pages_not_sent": m.get("kv_pages_not_sent", 0), "transfers": m.get("transfers", 0),
+                       "e2e_p50_ms": _pct([o.metrics.e2e_s for o in outs], 50)}
+                rows[skip].append(row)
+                print(_fmt(row), f"| transfer p50 {row['transfer_p50_ms']:.2f} ms mean "
+                      f"{row['transfer_mean_ms']:.2f} ms | pages not sent {row['pages_not_sent']} of {pages}"
+                      f" | e2e p50 {row['e2e_p50_ms']:.1f} ms", flush=True)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+    worst = []
+    for skip in (False, True):   # the worst run per figure
+        rs = rows[skip]
+        w = dict(rs[0])
+        for k in ("ttft_p50_ms", "ttft_p99_ms", "transfer_p50_ms", "transfer_mean_ms", "e2e_p50_ms", "wall_s"):
+            w[k] = max(r[k] for r in rs)
+        w["config"] += f" (worst of {len(rs)})"
+        worst.append(w)
+        print(_fmt(w), f"| transfer p50 {w['transfer_p50_ms']:.2f} ms mean {w['transfer_mean_ms']:.2f} ms"
+              f" | e2e p50 {w['e2e_p50_ms']:.1f} ms", flush=True)
+    return rows[False] + rows[True] + worst
+
+
 def _fmt(r) -> str:
     return (f"{r['workload']:<22} {r['config']:<30} TTFT p50 {r['ttft_p50_ms']:7.1f} ms p99 {r['ttft_p99_ms']:7.1f} ms"
             f" | prefilled {r['prefilled_tokens']:6d} of {r['prompt_tokens']:6d} prompt tokens"
@@ -212,6 +272,8 @@ def main(argv):
         rows += part_local(path, checkpoints.load(path, dtype=jnp.float32))
     if "routing" in FLAGS.part:
         rows += part_routing(path)
+    if "pd_chat" in FLAGS.part:
+        rows += part_pd_chat(path)
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(rows, f, indent=1)
