@@ -37,15 +37,17 @@ class _NoFusedExperts:
 def _attn(prefix: str, w: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
     a, o = prefix + "self_attn.", "self_attn."
     out = {}
-    if cfg.q_lora_rank:
-        out[a + "q_a_proj.weight"] = w[o + "q_a_proj"].T
+    if cfg.q_lora_rank:   # the fused q_a / kv_a matrix, split back into HF's two
+        qkv = w[o + "qkv_a_proj"]                               # [D, Q + L + R]
+        out[a + "q_a_proj.weight"] = qkv[:, : cfg.q_lora_rank].T
+        out[a + "kv_a_proj_with_mqa.weight"] = qkv[:, cfg.q_lora_rank:].T
         out[a + "q_a_layernorm.weight"] = w[o + "q_a_layernorm.weight"]
         q = w[o + "q_b_proj"]                                   # [Q, H, K+R]
         out[a + "q_b_proj.weight"] = q.reshape(q.shape[0], -1).T
     else:
         q = w[o + "q_proj"]                                     # [D, H, K+R]
         out[a + "q_proj.weight"] = q.reshape(q.shape[0], -1).T
-    out[a + "kv_a_proj_with_mqa.weight"] = w[o + "kv_a_proj_with_mqa"].T
+        out[a + "kv_a_proj_with_mqa.weight"] = w[o + "kv_a_proj_with_mqa"].T
     out[a + "kv_a_layernorm.weight"] = w[o + "kv_a_layernorm.weight"]
     kvb = np.concatenate([w[o + "w_uk"], w[o + "w_uv"]], axis=-1)   # [H, L, K+V]
     out[a + "kv_b_proj.weight"] = kvb.transpose(0, 2, 1).reshape(-1, kvb.shape[1])

@@ -68,6 +68,8 @@ class _Plan:
             return xs[0]
         if k == "linear":
             return xs[0].T
+        if k == "linear_cat":   # several HF linears reading the same input, concatenated along N
+            return np.concatenate(xs, axis=0).T
         if k == "experts":
             return np.stack([x.T for x in xs])
         if k in ("out_heads", "in_heads"):
@@ -88,7 +90,7 @@ class _Plan:
     @property
     def matrix(self) -> bool:
         """A linear weight kept as a matrix (block-FP8 / FP4 capable): lead experts, K and N axes."""
-        return self.kind in ("linear", "experts", "out_heads", "in_heads")
+        return self.kind in ("linear", "linear_cat", "experts", "out_heads", "in_heads")
 
     @property
     def lead(self) -> int:
@@ -112,13 +114,13 @@ def _attn_plans(prefix: str, cfg: ModelConfig) -> dict[str, _Plan]:
     K, R, V, L = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     a = prefix + "self_attn."
     p = {}
-    if cfg.q_lora_rank:
-        p["self_attn.q_a_proj"] = _linear(a + "q_a_proj.weight")
+    if cfg.q_lora_rank:   # q_a and kv_a as one matrix (model.attention)
+        p["self_attn.qkv_a_proj"] = _Plan((a + "q_a_proj.weight", a + "kv_a_proj_with_mqa.weight"), "linear_cat")
         p["self_attn.q_a_layernorm.weight"] = _copy(a + "q_a_layernorm.weight")
         p["self_attn.q_b_proj"] = _Plan((a + "q_b_proj.weight",), "out_heads", (cfg.q_lora_rank, H, K + R))
     else:
         p["self_attn.q_proj"] = _Plan((a + "q_proj.weight",), "out_heads", (D, H, K + R))
-    p["self_attn.kv_a_proj_with_mqa"] = _linear(a + "kv_a_proj_with_mqa.weight")
+        p["self_attn.kv_a_proj_with_mqa"] = _linear(a + "kv_a_proj_with_mqa.weight")
     p["self_attn.kv_a_layernorm.weight"] = _copy(a + "kv_a_layernorm.weight")
     # kv_b_proj [H*(K+V), L] -> W_uk [H, L, K], W_uv [H, L, V] (model.attention: per-head absorbed einsums)
     p["self_attn.w_uk"] = _Plan((a + "kv_b_proj.weight",), "head_rows", (H, L, K), (0, K, K + V))
@@ -300,8 +302,9 @@ class _Weight:
                     raise CheckpointError(f"tensor {_scale_inv_name(n)!r} in {self.ckpt.file_of(n)} has shape "
                                           f"{list(sc.shape)}, expected {list(want)} for a {list(c.shape)} weight in "
                                           f"{self.block[0]}x{self.block[1]} blocks")
-            w = np.stack(codes) if stacked else codes[0]
-            si = np.stack(scales) if stacked else scales[0]
+            cat = p.kind == "linear_cat"   # (`representation`: every part but the last fills whole blocks)
+            w = np.stack(codes) if stacked else np.concatenate(codes) if cat else codes[0]
+            si = np.stack(scales) if stacked else np.concatenate(scales) if cat else scales[0]
             out = fp8.from_checkpoint(w, si.astype(np.float32), shape, lead=p.lead, k_ndim=p.k_ndim,
                                       block=self.block)
         else:   # quantized here: "fp8" (block FP8) or "fp4" (nvfp4 / mxfp4), on the host CPU
@@ -327,6 +330,13 @@ class _Weight:
                 if tuple(shp) != (N, K):
                     raise CheckpointError(f"tensor {n!r} in {self.ckpt.file_of(n)} has shape {list(shp)}, which "
                                           f"does not fit {self.name} {list(self.shape)} for this config")
+        elif p.kind == "linear_cat":
+            shapes = [tuple(self.ckpt.shape(n)) for n in p.sources]
+            if any(len(x) != 2 or x[1] != self.shape[0] for x in shapes) or sum(x[0] for x in shapes) != \
+                    self.shape[1]:
+                raise CheckpointError(f"tensors {list(p.sources)} have shapes {[list(x) for x in shapes]}, which "
+                                      f"do not fit {self.name} {list(self.shape)} (their rows concatenated) for this "
+                                      "config")
         elif p.kind == "head_rows":
             n = p.sources[0]
             want = (self.shape[0] * p.part[2], self.shape[1])
@@ -468,8 +478,9 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None, quant: s
             return "fp4_stored", _packed_format(ckpt, p.sources[0])
         if fmt is not None and quantized_target(name, dense) and p.kind in ("linear", "experts"):
             return "fp4", fmt
-        if keep_fp8 and fp8_target(name, p) and all(_is_fp8(ckpt, s) for s in p.sources):
-            return "fp8_kept", None
+        if keep_fp8 and fp8_target(name, p) and all(_is_fp8(ckpt, s) for s in p.sources) and (
+                p.kind != "linear_cat" or all(ckpt.shape(s)[0] % block[0] == 0 for s in p.sources[:-1])):
+            return "fp8_kept", None   # (parts of a concatenation must not share a scale block; else dequantized)
         if quant_fp8 and fp8_target(name, p):
             return "fp8", None
         return "plain", None

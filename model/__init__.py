@@ -10,7 +10,8 @@ Axis letters used in tensor names (`q_nope_BTHK`, `kv_BSC`, ...):
   (E + redundant), K replicas of one expert, L MoE layers (`load_LE`).
 
 Logical weight axes (mapped to mesh axes by the rule sets in `sharding/`):
-  vocab, embed, heads, qk_head, kv_head, v_head, q_lora, kv_lora, kv_latent, mlp, experts, expert_mlp.
+  vocab, embed, heads, qk_head, kv_head, v_head, q_lora, kv_lora, kv_latent, qkv_a (q_lora + kv_latent: the fused
+  q_a / kv_a projection), mlp, experts, expert_mlp.
 """
 
 from model.cache import ContiguousCache, NoCache

@@ -40,12 +40,14 @@ class MLA(nnx.Module):
         self.cfg = cfg
         if cfg.q_lora_rank:
             Q = cfg.q_lora_rank
-            self.q_a_proj = param(rngs, (D, Q), ("embed", "q_lora"), dtype)
+            # HF's q_a_proj [D, Q] and kv_a_proj_with_mqa [D, L + R], concatenated at load: both read the same
+            # input, so one matmul instead of two per layer
+            self.qkv_a_proj = param(rngs, (D, Q + L + R), ("embed", "qkv_a"), dtype)
             self.q_a_layernorm = RMSNorm(Q, "q_lora", 1e-6, rngs=rngs, dtype=dtype)
             self.q_b_proj = param(rngs, (Q, H, K + R), ("q_lora", "heads", "qk_head"), dtype)
         else:
             self.q_proj = param(rngs, (D, H, K + R), ("embed", "heads", "qk_head"), dtype)
-        self.kv_a_proj_with_mqa = param(rngs, (D, L + R), ("embed", "kv_latent"), dtype)
+            self.kv_a_proj_with_mqa = param(rngs, (D, L + R), ("embed", "kv_latent"), dtype)
         self.kv_a_layernorm = RMSNorm(L, "kv_lora", 1e-6, rngs=rngs, dtype=dtype)
         # kv_b_proj (HF [H*(K+V), L]) as its two per-head halves, head-major: see below
         self.w_uk = param(rngs, (H, L, K), ("heads", "kv_lora", "qk_head"), dtype)
@@ -63,28 +65,24 @@ class MLA(nnx.Module):
         """W_uk [H, L, K] and W_uv [H, L, V] in `dtype`."""
         return self.w_uk[...].astype(dtype), self.w_uv[...].astype(dtype)
 
-    def queries(self, x_BTD, cos, sin, runtime=DEFAULT_RUNTIME) -> tuple[jax.Array, jax.Array]:
-        """q_nope [B,T,H,K] and roped q_rope [B,T,H,R]."""
+    def project(self, x_BTD, cos, sin, runtime=DEFAULT_RUNTIME) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q_nope [B,T,H,K], roped q_rope [B,T,H,R], and what the cache stores per token: [normed kv latent (L) |
+        roped shared key (R)] = [B,T,C]."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
-        H = cfg.num_attention_heads
+        H, L = cfg.num_attention_heads, cfg.kv_lora_rank
         if cfg.q_lora_rank:
-            q_BTQ = self.q_a_layernorm(linear(x_BTD, self.q_a_proj, runtime))
+            a_BTX = linear(x_BTD, self.qkv_a_proj, runtime)
+            q_BTQ, kv_BTX = self.q_a_layernorm(a_BTX[..., : cfg.q_lora_rank]), a_BTX[..., cfg.q_lora_rank:]
             q_BTHX = linear(q_BTQ, self.q_b_proj, runtime).reshape(B, T, H, cfg.qk_head_dim)
         else:
             q_BTHX = linear(x_BTD, self.q_proj, runtime).reshape(B, T, H, cfg.qk_head_dim)
+            kv_BTX = linear(x_BTD, self.kv_a_proj_with_mqa, runtime)
         q_nope_BTHK = q_BTHX[..., : cfg.qk_nope_head_dim]
         q_rope_BTHR = apply_rope(q_BTHX[..., cfg.qk_nope_head_dim:], cos, sin, cfg.rope_interleave)
-        return q_nope_BTHK, q_rope_BTHR
-
-    def latents(self, x_BTD, cos, sin, runtime=DEFAULT_RUNTIME) -> jax.Array:
-        """What the cache stores per token: [normed kv latent (L) | roped shared key (R)] = [B,T,C]."""
-        cfg = self.cfg
-        kv_BTX = linear(x_BTD, self.kv_a_proj_with_mqa, runtime)
-        c_BTL = rms_norm(kv_BTX[..., : cfg.kv_lora_rank], self.kv_a_layernorm.weight[...],
-                         self.kv_a_layernorm.eps)
-        k_rope_BTR = apply_rope(kv_BTX[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
-        return jnp.concatenate([c_BTL, k_rope_BTR], axis=-1)
+        c_BTL = rms_norm(kv_BTX[..., :L], self.kv_a_layernorm.weight[...], self.kv_a_layernorm.eps)
+        k_rope_BTR = apply_rope(kv_BTX[..., L:], cos, sin, cfg.rope_interleave)
+        return q_nope_BTHK, q_rope_BTHR, jnp.concatenate([c_BTL, k_rope_BTR], axis=-1)
 
     def attend_paged(self, q_nope_BTHK, q_rope_BTHR, cache, state, layer: int, positions_BT,
                      runtime=DEFAULT_RUNTIME) -> jax.Array:

@@ -29,8 +29,7 @@ class DecoderLayer(nnx.Module):
                  runtime: Runtime = DEFAULT_RUNTIME):
         with jax.named_scope("attention"):
             h_BTD = self.input_layernorm(x_BTD)
-            q_nope, q_rope = self.self_attn.queries(h_BTD, cos, sin, runtime)
-            kv_BTC = self.self_attn.latents(h_BTD, cos, sin, runtime)
+            q_nope, q_rope, kv_BTC = self.self_attn.project(h_BTD, cos, sin, runtime)
             caps = check_layout(cache)
             if absorbed and KERNEL_DECODE in caps:   # decode reads run in the layout's kernel
                 state = cache.write(state, cache_layer, kv_BTC, positions_BT)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 # Logical axes of weights (declared once, in `model.layers.param(..., axes=...)`) and of activations (token
 # batches, caches, shard_map specs). Every rule set in `sharding/` must map each of them.
 WEIGHT_AXES = frozenset({"vocab", "embed", "heads", "qk_head", "kv_head", "v_head", "q_lora", "kv_lora",
-                         "kv_latent", "mlp", "experts", "expert_mlp"})
+                         "kv_latent", "qkv_a", "mlp", "experts", "expert_mlp"})
 # "pages": the physical page axis of the paged KV cache (split = data-parallel attention: each rank owns pages).
 ACTIVATION_AXES = frozenset({"batch", "seq", "pages"})
 LOGICAL_AXES = WEIGHT_AXES | ACTIVATION_AXES

@@ -121,7 +121,7 @@ class AxisRules:
 # MLPs and shared experts over tp; routed experts over ep with each expert's FFN width over tp; vocab over tp
 # (embedding gather and head matmul split by vocabulary rows).
 _WEIGHTS = dict(vocab="tp", embed=None, heads="tp", qk_head=None, kv_head=None, v_head=None, q_lora=None,
-                kv_lora=None, kv_latent=None, mlp="tp", experts="ep", expert_mlp="tp")
+                kv_lora=None, kv_latent=None, qkv_a=None, mlp="tp", experts="ep", expert_mlp="tp")
 
 # Prefill: few, long sequences. Batch over dp; the sequence over ep, so ep ranks share the attention work of
 # one prompt instead of repeating it (the MoE splits the same tokens over ep anyway). Its cache is replicated.

@@ -112,6 +112,7 @@ def test_fp8_checkpoint_stays_fp8_and_equals_the_dequantized_model(ckpts):
     deq = checkpoints.load(dst, dtype=jnp.float32, keep_fp8=False)
     leaves = _fp8_leaves(kept)
     assert "layers.1.mlp.experts_gate_proj" in leaves and "layers.0.self_attn.o_proj" in leaves
+    assert "layers.0.self_attn.qkv_a_proj" in leaves   # HF's q_a and kv_a blocks, concatenated (codes and scales)
     assert "mtp.0.block.mlp.experts_down_proj" in leaves and "layers.1.mlp.gate" not in leaves  # router stays f32
     assert not _fp8_leaves(deq)
     np.testing.assert_allclose(np.asarray(_fwd(kept, IDS)), np.asarray(_fwd(deq, IDS)), rtol=0, atol=2e-4)
@@ -120,6 +121,18 @@ def test_fp8_checkpoint_stays_fp8_and_equals_the_dequantized_model(ckpts):
     deq16 = checkpoints.load(dst, dtype=jnp.bfloat16, keep_fp8=False)
     a, b = np.asarray(_fwd(kept16, IDS)), np.asarray(_fwd(deq16, IDS))
     assert np.abs(a - b).max() <= 0.02 * np.abs(b).max()
+
+
+def test_fused_q_kv_a_whose_parts_share_a_scale_block_is_dequantized(ckpts, tmp_path):
+    """q_a (32 rows) and kv_a (48) in 24-row blocks: q_a's last block is partial, so the two blocks' codes cannot
+    be one FP8 matrix; the fused weight loads dequantized (the others stay FP8) and the model equals keep_fp8=False."""
+    src, _ = ckpts
+    hf_reference.to_block_fp8(src, str(tmp_path), block=24)
+    kept = checkpoints.load(str(tmp_path), dtype=jnp.float32)
+    leaves = _fp8_leaves(kept)
+    assert "layers.0.self_attn.o_proj" in leaves and "layers.0.self_attn.qkv_a_proj" not in leaves
+    deq = checkpoints.load(str(tmp_path), dtype=jnp.float32, keep_fp8=False)
+    np.testing.assert_allclose(np.asarray(_fwd(kept, IDS)), np.asarray(_fwd(deq, IDS)), rtol=0, atol=2e-4)
 
 
 @pytest.mark.parametrize("spec,rules", [("ep=2,tp=2", DECODE_RULES), ("tp=2", PREFILL_RULES),
