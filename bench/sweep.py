@@ -2,7 +2,7 @@
 
     python -m bench.sweep --targets colocated=http://127.0.0.1:8000@1,disagg=http://127.0.0.1:8001@2 \\
         [--isl 1024 --osl 1024 --concurrency 1,2,4,...,64] [--json out.json --png out.png]
-    python -m bench.sweep --launch colocated,disagg [--short]     # starts `serving.server`s itself
+    python -m bench.sweep --launch colocated,disagg,pd [--short]  # starts `serving.server`s itself
 
 Protocol: fixed input/output lengths — each prompt has a uniform random length in [0.8 ISL, ISL] (random token
 ids, sent as a token-id prompt), exactly OSL output tokens (`ignore_eos`); concurrency doubles from 1 to the
@@ -10,7 +10,10 @@ maximum; at each point `--prompts_per_concurrency` x concurrency requests (defau
 closed-loop clients after a warm-up of one request per client. Per point: TTFT, TPOT, ITL and end-to-end latency
 (mean / p50 / p90 / p99), output tok/s, tok/s per device (`@devices` of the target), tok/s per user (1 / TPOT),
 and goodput (requests/s meeting the TTFT and TPOT SLOs). Writes JSON and a Pareto plot of tok/s/device against
-tok/s/user with one curve per target.
+tok/s/user with one curve per target. Launched targets: `colocated` (1 device), `disagg` (in-process prefill and
+decode engines, 2 devices), `pd` (a server over one prefill and one decode worker process, 1 device each). From the
+server's /metrics, per point: mean KV transfer per request and mean TTFT (the transfer's share of the time until a
+request's decode starts; with the router's early first token the client's TTFT does not wait for the transfer).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import numpy as np
 from absl import app, flags
 
 flags.DEFINE_list("targets", [], "name=url@devices, e.g. colocated=http://127.0.0.1:8000@1")
-flags.DEFINE_list("launch", [], "start servers for these modes instead (colocated, disagg) on the shipped model")
+flags.DEFINE_list("launch", [], "start servers for these modes instead (colocated, disagg, pd) on the shipped "
+                  "model")
 flags.DEFINE_integer("isl", 256, "input length L (prompts uniform in [0.8L, L])")
 flags.DEFINE_integer("osl", 128, "output tokens per request (ignore_eos)")
 flags.DEFINE_list("concurrency", ["1", "2", "4", "8", "16"], "concurrency points (InferenceX doubles them)")
@@ -110,6 +114,24 @@ async def _point(url: str, model: str, conc: int, n_req: int, rng, headers: dict
             "goodput_req_s": good / dur, "slo_met": good / len(results)}
 
 
+def _scrape(url: str, headers: dict) -> dict[str, float]:
+    """Sums and counts of the server's TTFT and KV-transfer histograms (Prometheus text)."""
+    import httpx
+
+    want = ("tandem_time_to_first_token_seconds_sum", "tandem_time_to_first_token_seconds_count",
+            "tandem_kv_transfer_seconds_sum", "tandem_kv_transfer_seconds_count")
+    out = dict.fromkeys(want, 0.0)
+    try:
+        text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+    except httpx.HTTPError:
+        return out
+    for line in text.splitlines():
+        name, _, v = line.partition(" ")
+        if name in out:
+            out[name] = float(v)
+    return out
+
+
 def _model_of(url: str, headers: dict) -> str:
     import httpx
 
@@ -130,13 +152,20 @@ def sweep(targets: list[tuple[str, str, int]]) -> dict:
         rng = np.random.default_rng(FLAGS.seed)
         points = []
         for c in (int(x) for x in FLAGS.concurrency):
+            before = _scrape(url, headers)
             p = asyncio.run(_point(url, model, c, FLAGS.prompts_per_concurrency * c, rng, headers))
+            after = _scrape(url, headers)
+            d = {k: after[k] - before[k] for k in after}
+            n_x, n_t = d["tandem_kv_transfer_seconds_count"], d["tandem_time_to_first_token_seconds_count"]
+            p["server_transfer_ms_mean"] = d["tandem_kv_transfer_seconds_sum"] / n_x * 1e3 if n_x else None
+            p["server_ttft_ms_mean"] = d["tandem_time_to_first_token_seconds_sum"] / n_t * 1e3 if n_t else None
             p["tok_s_device"] = p["output_tok_s"] / devices
             points.append(p)
             print(f"{name:<10} c={c:3d} | {p['output_tok_s']:8.1f} tok/s ({p['tok_s_device']:8.1f}/device, "
                   f"{p['tok_s_user']:6.1f}/user) | TTFT p50 {p['ttft_ms']['p50']:7.1f} p99 {p['ttft_ms']['p99']:7.1f}"
                   f" ms | TPOT p50 {p['tpot_ms']['p50']:6.1f} ms | goodput {p['goodput_req_s']:5.2f} req/s "
-                  f"({p['slo_met']:.0%} in SLO)", flush=True)
+                  f"({p['slo_met']:.0%} in SLO)" + (f" | transfer mean {p['server_transfer_ms_mean']:.1f} ms"
+                                                   if p["server_transfer_ms_mean"] else ""), flush=True)
         res["targets"][name] = {"url": url, "devices": devices, "model": model, "points": points}
     return res
 
@@ -172,23 +201,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(mode: str) -> tuple[subprocess.Popen, str, int, str]:
-    """Start `python -m serving.server` for `mode` on a free port: (process, url, devices, log path)."""
+def launch(mode: str) -> tuple[subprocess.Popen, str, int, str, list[subprocess.Popen]]:
+    """Start `python -m serving.server` for `mode` on a free port (and, for pd, its worker processes):
+    (server process, url, devices, log path, worker processes)."""
     port = _free_port()
-    args = [sys.executable, "-m", "serving.server", f"--port={port}", "--max_batch=16", "--num_pages=512",
-            "--max_queue=1024"]
-    devices = 1
+    engine = ["--max_batch=16", "--num_pages=512"]
+    args = [sys.executable, "-m", "serving.server", f"--port={port}", "--max_queue=1024", *engine]
+    devices, workers = 1, []
+    env = dict(os.environ)
     if mode == "disagg":
         args += ["--mode=disagg", "--prefill_mesh=tp=1", "--decode_mesh=ep=1"]
         devices = 2
+    elif mode == "pd":   # one prefill and one decode worker process, 1 device each, behind the server's router
+        wenv = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip())
+        addrs = []
+        for role in ("prefill", "decode"):
+            wport = _free_port()
+            wlog = open(os.path.join("runs", f"sweep-worker-{role}.log"), "w")
+            workers.append(subprocess.Popen([sys.executable, "-m", "serving.worker", f"--role={role}",
+                                             f"--port={wport}", *engine], stdout=wlog, stderr=subprocess.STDOUT,
+                                            env=wenv))
+            addrs.append(f"127.0.0.1:{wport}")
+        for w, a in zip(workers, addrs):   # compiled and answering before the server's router waits for them
+            _wait_worker(w, a)
+        args += [f"--workers={','.join(addrs)}"]
+        devices = 2
     elif mode != "colocated":
-        raise ValueError(f"--launch {mode!r}: expected colocated or disagg")
-    env = dict(os.environ)
+        raise ValueError(f"--launch {mode!r}: expected colocated, disagg or pd")
     if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):   # CPU: fake devices for disagg
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     log = os.path.join("runs", f"sweep-server-{mode}.log")
     p = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    return p, f"http://127.0.0.1:{port}", devices, log
+    return p, f"http://127.0.0.1:{port}", devices, log, workers
+
+
+def _wait_worker(p: subprocess.Popen, addr: str, timeout: float = 900.0) -> None:
+    """Until the worker answers a control-plane health request (each probe bounded)."""
+    import zmq
+
+    from serving.protocol import decode_message, encode_message
+
+    token = os.environ.get("TANDEM_TOKEN")
+    end = time.monotonic() + timeout
+    while True:
+        if p.poll() is not None:
+            raise RuntimeError(f"worker {addr} exited with {p.returncode}; see runs/sweep-worker-*.log")
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"tcp://{addr}")
+        try:
+            s.send(encode_message("health", token))
+            if s.poll(2000) and decode_message(s.recv(), token)["type"] == "health_ok":
+                return
+        finally:
+            s.close(0)
+        if time.monotonic() > end:
+            raise TimeoutError(f"worker {addr} not ready within {timeout:.0f} s")
 
 
 def wait_ready(p: subprocess.Popen, url: str, log: str, timeout: float = 900.0) -> None:
@@ -220,9 +288,9 @@ def main(argv):
     procs, targets = [], []
     try:
         launched = [(mode, *launch(mode)) for mode in FLAGS.launch]   # start all, then wait (they compile at once)
-        for mode, p, url, dev, log in launched:
-            procs.append(p)
-        for mode, p, url, dev, log in launched:
+        for mode, p, url, dev, log, workers in launched:
+            procs += [p, *workers]
+        for mode, p, url, dev, log, _ in launched:
             wait_ready(p, url, log)
             targets.append((mode, url, dev))
         for t in FLAGS.targets:
@@ -230,7 +298,7 @@ def main(argv):
             url, _, dev = rest.partition("@")
             targets.append((name, url.rstrip("/"), int(dev or 1)))
         if not targets:
-            raise app.UsageError("give --targets name=url@devices or --launch colocated,disagg")
+            raise app.UsageError("give --targets name=url@devices or --launch colocated,disagg,pd")
         res = sweep(targets)
     finally:
         for p in procs:
