@@ -123,8 +123,7 @@ class Engine(Programs):
                      name, cfg.num_pages, cfg.num_pages * cfg.page_size * per_token / 1e9)
         self.pages_per_rank = cfg.num_pages
         self.cfg = cfg = resolve_decode_buckets(cfg, platform, self.ranks)   # auto: sized from the KV pool
-        # decode buckets in whole rows per rank: every bucket a multiple of the ranks
-        self.decode_buckets = tuple(sorted({-(-b // self.ranks) * self.ranks for b in cfg.decode_buckets}))
+        self.decode_buckets = tuple(sorted({-(-b // self.ranks) * self.ranks for b in cfg.decode_buckets}))  # x ranks
         self.cache_shape = (mc.num_hidden_layers + mc.num_nextn_predict_layers, self.ranks * cfg.num_pages,
                             cfg.page_size, width)
         self._cache_sharding = (NamedSharding(mesh, PartitionSpec(None, self.rank_axes)) if self.ranks > 1
@@ -134,9 +133,9 @@ class Engine(Programs):
             self.cache = jax.ShapeDtypeStruct(self.cache_shape, dtype, sharding=self._cache_sharding)
         else:   # allocated in place on its devices (never whole on one device first)
             self.cache = jax.jit(lambda: jnp.zeros(self.cache_shape, dtype), out_shardings=self._cache_sharding)()
-            # the last dispatch's last token per slot (`_decode_fn`'s prev_M): read by the next dispatch on device
-            self._last_tokens = jax.jit(lambda: jnp.zeros((self.decode_buckets[-1],), jnp.int32),
-                                        out_shardings=self._replicated)()
+            # the last dispatch's rows by slot (`_decode_fn`'s prev_M3, prev_MW): read by the next one on device
+            self._last = jax.jit(lambda: (jnp.zeros((self.max_batch, 3), jnp.int32), jnp.zeros(
+                (self.max_batch, self._q_width), jnp.float32)), out_shardings=self._replicated)()
         self._prev_slot: np.ndarray | None = None   # row -> slot of the last decode dispatch
         self.page_bytes = int(np.prod(self.cache_shape[:1] + self.cache_shape[2:])) * jnp.dtype(dtype).itemsize
         if cfg.tiers:   # spilling to and reloading from the host/disk tiers moves pages with extract / insert
@@ -191,9 +190,9 @@ class Engine(Programs):
     def lower_decode(self, B: int, Pw: int, steps: int):
         i32, f32 = jnp.int32, jnp.float32
         cache_sds = jax.ShapeDtypeStruct(self.cache_shape, self.cache.dtype, sharding=self.cache.sharding)
-        vec = lambda dt: self._sds((B,), dt)
+        M, vec = self.max_batch, lambda dt: self._sds((B,), dt)
         return self._lower(self._flat(functools.partial(self._decode_fn, steps=steps)), *self._param_leaves(),
-                           cache_sds, self._load_sds(), self._sds((self.decode_buckets[-1],), i32),
+                           cache_sds, self._load_sds(), self._sds((M, 3), i32), self._sds((M, self._q_width), f32),
                            vec(i32), vec(i32), vec(i32), self._sds((B, Pw), i32), vec(f32), vec(i32),
                            vec(f32), vec(i32), vec(i32), self._sds((B, self._q_width), f32),
                            *(self._sds(*a) for a in proc_shapes(B, Pw * self.cfg.page_size, self.model_cfg.vocab_size)))
@@ -339,8 +338,9 @@ class Engine(Programs):
                 *out, self.cache, load = self._prefill_exe[key](*self._param_leaves(), self.cache,
                                                                 self.expert_stats.load, *args)
             else:
-                *out, self._last_tokens, self.cache, load = self._decode_exe[key](
-                    *self._param_leaves(), self.cache, self.expert_stats.load, self._last_tokens, *args)
+                *out, last3, lastw, self.cache, load = self._decode_exe[key](
+                    *self._param_leaves(), self.cache, self.expert_stats.load, *self._last, *args)
+                self._last = (last3, lastw)
             self.expert_stats.update(load)
             return out
         if kind == "extract":
@@ -487,8 +487,8 @@ class Engine(Programs):
 
     def dispatch(self, batch: DecodeBatch) -> typing.Callable[[], DecodeOut]:
         """`generate` without waiting: queues the dispatch and returns the call that reads its outputs. Rows with
-        `batch.src[i]` >= 0 start from the last token of row `src[i]` of the previous dispatch, still on the device
-        (its outputs need not have been read), so the host may queue dispatch n+1 before reading dispatch n."""
+        `batch.src[i]` >= 0 continue row `src[i]` of the previous dispatch (its last token, position and MTP draft,
+        on the device: unread), so the host may queue dispatch n+1 before reading n (their positions: a bound)."""
         n, R = len(batch.tokens), self.ranks
         ranks = batch.ranks if batch.ranks is not None else np.zeros(n, np.int64)
         per_rank = np.bincount(ranks, minlength=R)

@@ -116,19 +116,28 @@ class Programs:
         draft_R = draw(q_RW, keys_for(seed_R, start_R + length_R + 1, stream=3))
         return (*self._to_host(token_R, draft_R, q_RW), *self._lp_out(*lps, *plps), cache, load_LE)
 
-    def _decode_fn(self, params, cache, load_LE, prev_M, tokens_B, src_B, positions_B, page_tables_BP, temperature,
-                   top_k, top_p, seed, drafts_B, q_BW, *proc, steps: int):
+    def _decode_fn(self, params, cache, load_LE, prev_M3, prev_MW, tokens_B, src_B, positions_B, page_tables_BP,
+                   temperature, top_k, top_p, seed, drafts_B, q_BW, *proc, steps: int):
         """`steps` decode steps for B rows. `proc` (`serving.logits.Proc`): the rows' logits processors (each step
         writes its token into the history they count) and logprob requests. `load_LE`: the routing counts
-        (`serving.expert_stats`), returned with these steps' added. `prev_M`: the last token of each row of the
-        previous dispatch, by its slot (M = the largest bucket); a row with `src_B` >= 0 starts from
-        `prev_M[src_B]` instead of `tokens_B` — the previous dispatch's output never visits the host, so the host
-        can queue this dispatch before reading that one (`Scheduler`'s overlapped decode). Returned: this
-        dispatch's `last_M`."""
+        (`serving.expert_stats`), returned with these steps' added. `prev_M3`: each row of the previous dispatch, by
+        its slot (M = the largest bucket), as (last token, its position, MTP draft), `prev_MW` the draft's
+        distribution (MTP; W = 1 without); a row with `src_B` >= 0 continues from row `src_B` there instead of its
+        host inputs — the previous dispatch's outputs never visit the host, so the host can queue this dispatch
+        before reading that one (`Scheduler`'s overlapped decode; with MTP the host does not even know how many
+        tokens that one accepted). Returned: this dispatch's (last_M3, last_MW)."""
         proc = Proc(*proc)
-        M = prev_M.shape[0]
-        tokens_B = jnp.where(src_B >= 0, prev_M[jnp.clip(src_B, 0, M - 1)], tokens_B)
-        last_M = lambda tok_B: self._to_host(jnp.zeros((M,), jnp.int32).at[: tok_B.shape[0]].set(tok_B))[0]
+        M = prev_M3.shape[0]
+        at, cont_B = jnp.clip(src_B, 0, M - 1), src_B >= 0
+        tokens_B = jnp.where(cont_B, prev_M3[at, 0], tokens_B)
+        positions_B = jnp.where(cont_B, prev_M3[at, 1], positions_B)
+        drafts_B = jnp.where(cont_B, prev_M3[at, 2], drafts_B)
+        q_BW = jnp.where(cont_B[:, None], prev_MW[at], q_BW)
+
+        def last(tok_B, pos_B, d_B, q_BW):
+            m3 = jnp.stack([tok_B, pos_B, d_B], 1)
+            return self._to_host(jnp.zeros((M, 3), jnp.int32).at[: m3.shape[0]].set(m3),
+                                 jnp.zeros((M, q_BW.shape[1]), q_BW.dtype).at[: q_BW.shape[0]].set(q_BW))
         model = self._model_for(params, tokens_B.shape[0] * (2 if self.cfg.mtp else 1))
         # padding rows have an all-scratch page table (each rank's scratch is its local page 0)
         valid_B1 = (page_tables_BP[:, :1] % self.pages_per_rank != SCRATCH_PAGE)
@@ -184,15 +193,15 @@ class Programs:
         S, B = steps, tokens_B.shape[0]
         row_major = lambda x: jnp.moveaxis(x, 0, 1)   # [S, B, ...] -> [B, S, ...]
         if not self.cfg.mtp:
-            (cache, load_LE, tok_B, *_), (toks_SB, *lps) = jax.lax.scan(
+            (cache, load_LE, tok_B, pos_B, *_), (toks_SB, *lps) = jax.lax.scan(
                 step, (cache, load_LE, tokens_B, positions_B, proc.hist, proc.min_left, jnp.int32(0)), None, length=S)
             return (*self._to_host(toks_SB.T, jnp.zeros((B, S), bool), drafts_B, q_BW),
-                    *self._lp_out(*map(row_major, lps)), last_M(tok_B), cache, load_LE)
-        (cache, load_LE, tok_B, _, d_B, q_BW, *_), (toks_SB2, ok_SB, *lps) = jax.lax.scan(
+                    *self._lp_out(*map(row_major, lps)), *last(tok_B, pos_B, drafts_B, q_BW), cache, load_LE)
+        (cache, load_LE, tok_B, pos_B, d_B, q_BW, *_), (toks_SB2, ok_SB, *lps) = jax.lax.scan(
             spec_step, (cache, load_LE, tokens_B, positions_B, drafts_B, q_BW, proc.hist, proc.min_left, jnp.int32(0)),
             None, length=S)
         return (*self._to_host(row_major(toks_SB2), ok_SB.T, d_B, q_BW), *self._lp_out(*map(row_major, lps)),
-                last_M(tok_B), cache, load_LE)
+                *last(tok_B, pos_B, d_B, q_BW), cache, load_LE)
 
     def _lp_out(self, *xs):
         """Logprob outputs: read only when a row asked, so left where they are computed (a gather on the host

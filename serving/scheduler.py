@@ -238,26 +238,27 @@ class Scheduler:
         self._append(req, [first_token], time.perf_counter(), None if logprobs is None else [logprobs])
 
     def _decode(self) -> None:
-        """One decode dispatch over the running rows. Overlapped (`SchedulerConfig.overlap_decode`; not with MTP nor
-        while a row's next step needs host state: logits processors, a grammar): dispatch n+1 is queued first,
-        starting from dispatch n's last tokens where they lie on the device, and only then are dispatch n's outputs
-        read and booked (tokens, stops, events) — the device never waits for the host between dispatches. Rows that
-        dispatch n ends by length are left out of n+1; a row ending on a stop token runs one dispatch too many
-        (discarded: its pages were reserved up front, the extra KV lies past its end)."""
+        """One decode dispatch over the running rows. Overlapped (`SchedulerConfig.overlap_decode`; not while a row's
+        next step needs host state: logits processors, a grammar): dispatch n+1 is queued first, starting from
+        dispatch n's last tokens, positions and MTP drafts where they lie on the device, and only then are dispatch
+        n's outputs read and booked (tokens, stops, events) — the device never waits for the host between
+        dispatches. Rows that dispatch n may end by length (with MTP it emits S to 2S tokens) are left out of n+1;
+        a row ending on a stop token runs one dispatch too many (discarded: its pages were reserved up front, the
+        extra KV lies past its end)."""
         prev, self._inflight = self._inflight, None
         with self._lock:
             rows = list(self.running)
-        overlap = (self.config.overlap_decode and not self.decode.cfg.mtp
+        overlap = (self.config.overlap_decode
                    and not any(r.matcher is not None or needs_processing(r.params) for r in rows))
         if prev is not None and not overlap:
             self._book(*prev)
             prev = None
             with self._lock:
                 rows = list(self.running)
-        S, src = self.decode.cfg.decode_steps, {}
-        if prev is not None:   # rows in dispatch n continue from its tokens, S positions on
+        ahead, src = self._ahead(), {}
+        if prev is not None:   # rows in dispatch n continue from its tokens, up to `ahead` positions on
             src = {id(r): i for i, r in enumerate(prev[0])}
-            rows = [r for r in rows if id(r) not in src or r.limit - len(r.output_ids) > S]
+            rows = [r for r in rows if id(r) not in src or r.limit - len(r.output_ids) > ahead]
         nxt = (rows, self.decode.dispatch(self._batch(rows, src))) if rows else None
         self.decode_stats["dispatches"] += nxt is not None
         self.decode_stats["overlapped"] += nxt is not None and prev is not None
@@ -269,13 +270,18 @@ class Scheduler:
             else:
                 self._book(*nxt)
 
+    def _ahead(self) -> int:
+        """The most tokens one dispatch emits per row: S steps, each 1 token (with MTP 1 or 2)."""
+        return self.decode.cfg.decode_steps * (2 if self.decode.cfg.mtp else 1)
+
     def _batch(self, rows: list[Request], src: dict[int, int]) -> DecodeBatch:
-        """The decode batch of `rows`; those in `src` (id -> row of the dispatch in flight) start from its tokens."""
-        S = self.decode.cfg.decode_steps
+        """The decode batch of `rows`; those in `src` (id -> row of the dispatch in flight) continue from it (their
+        position here: a bound, for the attention window; the device has the real one)."""
+        ahead = self._ahead()
         batch = DecodeBatch(
             tokens=np.array([0 if id(r) in src else r.output_ids[-1] for r in rows], np.int32),
             src=np.array([src.get(id(r), -1) for r in rows], np.int32),
-            positions=np.array([r.position + (S if id(r) in src else 0) for r in rows], np.int32),
+            positions=np.array([r.position + (ahead if id(r) in src else 0) for r in rows], np.int32),
             page_tables=np.stack([self.decode.page_table(r.pages) for r in rows]),
             sampling=sampling_arrays([r.params for r in rows], [r.seed for r in rows]),
             ranks=np.array([self.decode.rank_of(r.pages[0]) for r in rows], np.int64),

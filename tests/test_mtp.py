@@ -128,3 +128,37 @@ def test_rejection_sampling_preserves_the_target_distribution():
                                    drafts.astype(jnp.int32), keys_for(seeds, pos, stream=1),
                                    keys_for(seeds, pos, stream=2))
     assert bool(ok2.all()) and np.array_equal(np.asarray(tok2), np.asarray(drafts))
+
+
+def test_overlapped_decode_with_mtp_equals_booking_each_dispatch_first(mtp_colocated):
+    """With MTP a dispatch emits S to 2S tokens per row, so the host cannot know where the next one starts: the
+    queued dispatch n+1 takes each row's last token, position and draft from dispatch n on the device. Tokens,
+    finish reasons and draft acceptance equal the host reading every dispatch first (greedy with a stop token,
+    seeded sampling, limits)."""
+    import dataclasses
+
+    llm, s = mtp_colocated, mtp_colocated.scheduler
+    greedy = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=20))[0].token_ids
+    stop = next(t for i, t in enumerate(greedy) if i >= 8 and t not in greedy[:i])
+    params = [SamplingParams(max_tokens=20, stop_token_ids=[stop]),
+              SamplingParams(max_tokens=17, temperature=0.8, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=14, temperature=1.0, top_k=5, seed=9, ignore_eos=True)]
+
+    def run():
+        outs = llm.generate(PROMPTS, params)
+        return [(o.token_ids, o.finish_reason, o.metrics.spec_proposed, o.metrics.spec_accepted) for o in outs]
+
+    n = s.decode_stats["overlapped"]
+    on = run()
+    assert s.decode_stats["overlapped"] > n
+    s.config = dataclasses.replace(s.config, overlap_decode=False)
+    try:
+        n = s.decode_stats["overlapped"]
+        off = run()
+        assert s.decode_stats["overlapped"] == n
+    finally:
+        s.config = dataclasses.replace(s.config, overlap_decode=True)
+    assert on == off
+    assert [r[1] for r in on] == ["stop", "length", "length"] and on[0][0][-1] == stop
+    assert [len(r[0]) for r in on[1:]] == [17, 14] and all(r[2] > 0 for r in on)
+    _check_pages(llm)
