@@ -1,6 +1,6 @@
 """Exposed host time per decode dispatch, the scheduler's overlapped decode off vs on.
 
-    python -m bench.host_overlap [--configs shipped,D,latent-8e] [--batches 1,16,64] [--runs 3]
+    python -m bench.host_overlap [--configs shipped,D,latent-8e] [--batches 1,16,64] [--runs 3] [--mtp]
 
 Per config and batch: B prompts of 32 tokens, 96 new tokens each (ignore_eos), `LLM.generate` with the offline
 prefill budget (every prompt prefilled before decoding starts) and the engine's defaults (f32 on CPU, 4 steps per
@@ -42,6 +42,7 @@ flags.DEFINE_list("configs", ["shipped", "D", "latent-8e"], "shipped, a decode-g
 flags.DEFINE_list("batches", ["1", "16", "64"], "batch sizes")
 flags.DEFINE_integer("runs", 3, "rounds per cell (each: overlap off, on, device-only); the headline is the worst")
 flags.DEFINE_integer("new_tokens", 96, "generated tokens per request")
+flags.DEFINE_bool("mtp", False, "decode with MTP speculation (configs whose checkpoint has an MTP layer: shipped)")
 flags.DEFINE_string("json", None, "write the results here too")
 flags.DEFINE_bool("header", True, "internal: print the table header")
 FLAGS = flags.FLAGS
@@ -124,12 +125,13 @@ def main(_):
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 args = [sys.executable, "-m", "bench.host_overlap", f"--configs={name}", f"--json={f.name}",
                         f"--batches={','.join(FLAGS.batches)}", f"--runs={FLAGS.runs}",
-                        f"--new_tokens={FLAGS.new_tokens}", "--header=false"]
+                        f"--new_tokens={FLAGS.new_tokens}", "--header=false", f"--mtp={FLAGS.mtp}"]
                 subprocess.run(args, check=True, timeout=3600)
                 results += json.load(open(f.name))
     else:
         name = FLAGS.configs[0]
-        llm = LLM(**build(name), scheduler_config=SchedulerConfig(prefill_budget=OFFLINE_PREFILL_BUDGET))
+        llm = LLM(**build(name), scheduler_config=SchedulerConfig(prefill_budget=OFFLINE_PREFILL_BUDGET),
+                  mtp=FLAGS.mtp)
         s = llm.scheduler
         for B in batches:
             V = llm.decode_engine.model_cfg.vocab_size
@@ -142,7 +144,8 @@ def main(_):
                     r[mode] = measure(llm, prompts, sp)
                 rounds += [r] if i else []
             worst = {m: max(rounds, key=lambda r: r[m]["exposed_ms"])[m] for m in (False, True)}
-            print(f"| {name} | {B} | {worst[False]['dispatches']} / {worst[True]['dispatches']} | "
+            label = name + (" + MTP" if FLAGS.mtp else "")
+            print(f"| {label} | {B} | {worst[False]['dispatches']} / {worst[True]['dispatches']} | "
                   f"{worst[False]['period_ms']:.2f} | {worst[False]['exposed_ms']:.2f} | "
                   f"{worst[True]['period_ms']:.2f} | {worst[True]['exposed_ms']:.2f} |", flush=True)
             results.append(dict(config=name, batch=B, rounds=[{str(k): v for k, v in r.items()} for r in rounds]))

@@ -134,3 +134,21 @@ def test_cpu_decode_copies_no_absorbed_weight():
     shapes = "|".join(re.escape(f"f32[{s}]") for s in (f"{H},{K},{L}", f"{H},{L},{V}", f"{L},{H},{K}"))
     moved = re.findall(rf"%(\S*(?:copy|transpose)\S*) = (?:{shapes})", hlo)
     assert moved == [], moved
+
+
+def test_cuda_decode_with_mtp_at_v3_dims_carries_rows_on_the_device():
+    """Overlapped decode with MTP at DeepSeek-V3's dims: the cuda-exported decode takes and returns each slot's (last
+    token, position, draft) and the draft's distribution over the 129,280-token vocabulary, so the next dispatch is
+    queued without the host reading how many drafts were accepted."""
+    cfg = preset("deepseek-v3").replace(num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=1)
+    mesh = Topology.preset("cpu:8/1").allocate("v3-mtp-decode", ep=8)
+    m = checkpoints.abstract_model(cfg, quant="fp8", fp8_linears=True, mesh=mesh, rules=DECODE_RULES,
+                                   runtime=Runtime(platform="cuda"))
+    ec = EngineConfig(page_size=64, num_pages=512, max_model_len=512, decode_buckets=(64,), decode_windows=(8,),
+                      mtp=True)
+    ex = Engine(m, ec, mesh=mesh, roles={"decode"}, compile=False).exported("cuda")[("decode", 64, 8)]
+    carry = [((64, 3), jnp.int32), ((64, cfg.vocab_size), jnp.float32)]
+    ins = [(tuple(a.shape), a.dtype) for a in ex.in_avals]
+    outs = [(tuple(a.shape), a.dtype) for a in ex.out_avals]
+    assert cfg.vocab_size == 129280 and all(ins.count(c) >= 1 for c in carry)
+    assert outs[-4:-2] == carry   # ... last_M3, last_MW, cache, routing counts
