@@ -27,6 +27,9 @@ _SERVE = flags.DEFINE_string("serve", None, "internal: run as the sending child,
 _TTFT = flags.DEFINE_integer("ttft_requests", 16, "requests for the TTFT split (0: skip)")
 _CKPT = flags.DEFINE_string("checkpoint", None, "checkpoint for the TTFT run (default: a tiny one built here)")
 _TRANSPORT = flags.DEFINE_string("ttft_transport", "jax", "transport of the TTFT run's workers")
+_LENGTHS = flags.DEFINE_list("lengths", ["32", "128", "240"], "prompt lengths of the PD-vs-colocated latency table "
+                             "(one request at a time; empty: skip)")
+_REPEATS = flags.DEFINE_integer("length_repeats", 5, "requests per prompt length and side (median reported)")
 
 MB = 1 << 20
 
@@ -212,10 +215,49 @@ def _ttft_split(rows: list[str]) -> None:
             v = np.asarray(v, float) * 1e3
             rows.append(f"| {k} | {v.mean():.1f} | {np.percentile(v, 50):.1f} | {np.percentile(v, 90):.1f} |")
         print("\n".join(rows[-len(parts) - 2:]), flush=True)
+        pd = {}
+        with LLM(workers=addrs, router_config=RouterConfig(), ready_timeout_s=600) as llm:
+            llm.backend.router.wait_until(lambda s: all(w["alive"] for w in s["workers"].values()), 600)
+            pd = _by_length(llm, rng)
     finally:
         for p in procs:
             p.kill()
             p.wait(timeout=30)
+    if not pd:
+        return
+    import checkpoints
+    import jax.numpy as jnp
+    from serving import EngineConfig
+
+    ec = EngineConfig(page_size=16, num_pages=128, max_model_len=256, prefill_buckets=(32, 128), decode_buckets=(4, 8),
+                      decode_steps=4)
+    with LLM(model=checkpoints.load(ckpt, dtype=jnp.float32), engine_config=ec) as llm:
+        co = _by_length(llm, rng)
+    rows += ["", "One request at a time, PD (1 prefill + 1 decode worker process, early first token) vs colocated (one "
+             f"in-process engine, same config), median of {_REPEATS.value}:", "",
+             "| prompt tokens | TTFT colocated | TTFT PD | PD - colocated | 2nd chunk colocated | 2nd chunk PD | "
+             "PD - colocated | KV transfer (PD) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in pd:
+        (t_c, s_c, _), (t_p, s_p, x) = co[n], pd[n]
+        rows.append(f"| {n} | {t_c:.1f} ms | {t_p:.1f} ms | {t_p - t_c:+.1f} ms | {s_c:.1f} ms | {s_p:.1f} ms | "
+                    f"{s_p - s_c:+.1f} ms | {x:.1f} ms |")
+    print("\n".join(rows[-len(pd) - 4:]), flush=True)
+
+
+def _by_length(llm, rng) -> dict[int, tuple[float, float, float]]:
+    """{prompt length: median (TTFT, time to the second streamed chunk, KV transfer) in ms}, one request at a time."""
+    from serving import SamplingParams
+
+    out = {}
+    llm.generate([[1, 2, 3] * 10], SamplingParams(max_tokens=8, ignore_eos=True))   # warm the path
+    for n in (int(x) for x in _LENGTHS.value if x):
+        got = []
+        for _ in range(_REPEATS.value):
+            o = llm.generate([rng.integers(1, 90, n).tolist()], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+            m = o.metrics
+            got.append((m.ttft_s, m.ttft_s + (m.itl_s[0] if m.itl_s else float("nan")), m.transfer_s or 0.0))
+        out[n] = tuple(float(np.median([g[i] for g in got]) * 1e3) for i in range(3))
+    return out
 
 
 def main(argv):

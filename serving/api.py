@@ -66,6 +66,7 @@ class Request:
     transfer_s: float | None = None               # multi-process PD: KV pull + checksum + reshard
     attempts: int | None = None                   # multi-process PD: prefill/decode attempts (migrations + 1)
     workers: list[str] | None = None              # multi-process PD: workers that served it
+    router_metrics: dict | None = None            # multi-process PD: the router's split (queue, prefill, transfer)
     trace: str | None = None                      # W3C traceparent of its `request` span (serving.tracing), if traced
     trace_span: object = dataclasses.field(default=None, repr=False, compare=False)   # frontend: that span
 

@@ -182,6 +182,7 @@ class RemoteBackend:
                 req.prefill_start = req.arrival + m["queue_s"] + (m.get("prefill_queue_s") or 0.0)
                 req.prefill_end = req.prefill_start + (m.get("prefill_s") or 0.0) + (m.get("transfer_s") or 0.0)
                 req.transfer_s, req.attempts, req.workers = m.get("transfer_s"), m.get("attempts"), m.get("workers")
+                req.router_metrics = m
             event, reason = Event(req, [], "", False), None
             if ev.get("prompt_logprobs") is not None:
                 req.prompt_logprobs = logprobs_from_wire({"prompt_logprobs": ev["prompt_logprobs"]})["prompt_logprobs"]

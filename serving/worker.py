@@ -106,6 +106,8 @@ class Worker:
         self._prompt_lps_sent: set[str] = set()   # requests whose prompt logprobs went out (with their first tokens)
         self._pulls: dict[str, dict] = {}              # rid -> pending pull state
         self._pulled: queue.Queue = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()   # a finished pull wakes the loop (it may sit in a poll)
+        os.set_blocking(self._wake_r, False)
 
     # ---- wire -----------------------------------------------------------------------------------------------------
     def send(self, ident: bytes, type_: str, **fields) -> None:
@@ -391,6 +393,11 @@ class Worker:
             self._pulled.put((req, offer, prefix, None, time.perf_counter() - t0))
         except Exception as e:
             self._pulled.put((req, offer, None, f"{type(e).__name__}: {e}", time.perf_counter() - t0))
+        if (w := self._wake_w) >= 0:
+            try:
+                os.write(w, b"w")
+            except OSError:   # closed meanwhile (the worker stopped)
+                pass
 
     def _drain_pulls(self) -> None:
         while True:
@@ -447,10 +454,17 @@ class Worker:
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         while not self._stop.is_set():
             if self.drain_deadline is not None and self._drained():
                 break
-            if poller.poll(0 if self.busy() else 10):
+            ready = dict(poller.poll(0 if self.busy() else 10))
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if self.sock in ready:
                 self._recv_all()
             if self.role == "prefill":
                 if self._jobs:
@@ -501,6 +515,9 @@ class Worker:
 
     def close(self) -> None:
         self.sock.close(0)
+        w, self._wake_w = self._wake_w, -1
+        os.close(self._wake_r)
+        os.close(w)
         self.transport.close()
         self.pages.close()
 
