@@ -11,6 +11,7 @@ import pytest
 
 import checkpoints
 import hf_reference
+import overlap
 from serving import LLM, EngineConfig, SamplingParams
 from serving.sampling import keys_for, speculative_accept
 
@@ -135,8 +136,6 @@ def test_overlapped_decode_with_mtp_equals_booking_each_dispatch_first(mtp_coloc
     queued dispatch n+1 takes each row's last token, position and draft from dispatch n on the device. Tokens,
     finish reasons and draft acceptance equal the host reading every dispatch first (greedy with a stop token,
     seeded sampling, limits)."""
-    import dataclasses
-
     llm, s = mtp_colocated, mtp_colocated.scheduler
     greedy = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=20))[0].token_ids
     stop = next(t for i, t in enumerate(greedy) if i >= 8 and t not in greedy[:i])
@@ -148,16 +147,7 @@ def test_overlapped_decode_with_mtp_equals_booking_each_dispatch_first(mtp_coloc
         outs = llm.generate(PROMPTS, params)
         return [(o.token_ids, o.finish_reason, o.metrics.spec_proposed, o.metrics.spec_accepted) for o in outs]
 
-    n = s.decode_stats["overlapped"]
-    on = run()
-    assert s.decode_stats["overlapped"] > n
-    s.config = dataclasses.replace(s.config, overlap_decode=False)
-    try:
-        n = s.decode_stats["overlapped"]
-        off = run()
-        assert s.decode_stats["overlapped"] == n
-    finally:
-        s.config = dataclasses.replace(s.config, overlap_decode=True)
+    on, off = overlap.on_and_off(s, run)
     assert on == off
     assert [r[1] for r in on] == ["stop", "length", "length"] and on[0][0][-1] == stop
     assert [len(r[0]) for r in on[1:]] == [17, 14] and all(r[2] > 0 for r in on)

@@ -5,7 +5,6 @@ token (two mesh pairs); staggered arrivals == one request at a time; pages all c
 compilation on the request path.
 """
 
-import dataclasses
 import re
 import threading
 import time
@@ -17,6 +16,7 @@ import pytest
 
 import checkpoints
 import hf_reference
+import overlap
 from model.runtime import Runtime
 from serving import LLM, EngineConfig, SamplingParams
 
@@ -269,16 +269,7 @@ def test_overlapped_decode_equals_booking_each_dispatch_first(colocated):
             colocated.step()
         return [(r.output_ids, r.finish_reason, r.output_logprobs) for r in reqs]
 
-    n = s.decode_stats["overlapped"]
-    on = run()
-    assert s.decode_stats["overlapped"] > n
-    s.config = dataclasses.replace(s.config, overlap_decode=False)
-    try:
-        n = s.decode_stats["overlapped"]
-        off = run()
-        assert s.decode_stats["overlapped"] == n
-    finally:
-        s.config = dataclasses.replace(s.config, overlap_decode=True)
+    on, off = overlap.on_and_off(s, run)
     assert [r[:2] for r in on] == [r[:2] for r in off]
     # logprobs: equal up to the batch buckets' float rounding (the two modes batch rows differently at the ends)
     np.testing.assert_allclose([t.logprob for t in on[1][2]], [t.logprob for t in off[1][2]], atol=1e-5)
