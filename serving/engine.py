@@ -44,7 +44,7 @@ from serving.logits import PROC_FILL, Proc, logprob_entry, needs_processing, pro
 from serving.programs import Programs
 from serving.exec_cache import ExecutableCache, fresh_compiles
 from serving.expert_stats import ExpertStats
-from serving.steps import DecodeBatch, DecodeOut, PrefillOut, Prefix
+from serving.steps import DecodeBatch, DecodeOut, DeviceRows, PrefillOut, Prefix
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +542,7 @@ class Engine(Programs):
         lps = None if max(want) < 0 else [
             None if k < 0 else [logprob_entry(lp[i, j, m], top_ids[i, j, m], top_lps[i, j, m], k)
                                 for j in range(S) for m in range(2 if ok[i, j] else 1)] for i, k in enumerate(want)]
-        return DecodeOut(rows, sizes, ok.tolist(), np.asarray(d)[slot], np.asarray(q)[slot], lps)
+        return DecodeOut(rows, sizes, ok.tolist(), np.asarray(d)[slot], DeviceRows(q, slot), lps)
 
     def neutral_proc(self, rows: int, L: int) -> list:
         """The `serving.logits.Proc` inputs of a call of `rows` rows none of which asks for logprobs, processors or a

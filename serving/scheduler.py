@@ -292,7 +292,9 @@ class Scheduler:
             batch.prompt_lens = np.array([len(r.prompt_ids) for r in rows], np.int32)
         if self.decode.cfg.mtp:
             batch.drafts = np.array([r.draft for r in rows], np.int32)
-            batch.draft_q = np.stack([r.draft_q for r in rows])
+            W = self.decode.model_cfg.vocab_size   # rows continuing on the device take theirs there: not read
+            batch.draft_q = np.stack([np.zeros(W, np.float32) if id(r) in src else np.asarray(r.draft_q, np.float32)
+                                      for r in rows])
         return batch
 
     def _book(self, rows: list[Request], pending) -> None:

@@ -39,8 +39,40 @@ class DecodeOut(typing.NamedTuple):
     step_sizes: list[list[int]]   # per row, tokens emitted by each step (all 1 without MTP; 1 or 2 with it)
     accepted: list[list[bool]]    # per row and step, whether the MTP draft was accepted (all False without MTP)
     drafts: np.ndarray | None     # [n] next drafts (MTP)
-    draft_q: np.ndarray | None    # [n, W] their distributions (MTP)
+    draft_q: "DeviceRows | None"  # [n, W] their distributions (MTP; read from the device only if a row needs it)
     logprobs: list | None = None  # per row, a TokenLogprobs per emitted token (None for rows that did not ask)
+
+
+class DeviceRows:
+    """An output of a dispatch left on the device: row i (`rows[i]`) is read to the host when first used as an
+    array, the whole output in one read, once. MTP's draft distributions [B, vocab]: the next dispatch takes them
+    from the device, so the host reads them only for a row that leaves the overlapped chain."""
+
+    reads = 0   # whole-output reads so far (all instances; tests)
+
+    def __init__(self, x, slot: np.ndarray):
+        self._x, self._slot, self._host = x, slot, None
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def __getitem__(self, i: int) -> "_DeviceRow":
+        return _DeviceRow(self, i)
+
+    def host(self) -> np.ndarray:
+        if self._host is None:
+            DeviceRows.reads += 1
+            self._host, self._x = np.asarray(self._x)[self._slot], None
+        return self._host
+
+
+class _DeviceRow:
+    def __init__(self, rows: DeviceRows, i: int):
+        self.rows, self.i = rows, i
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.rows.host()[self.i]
+        return a if dtype is None else a.astype(dtype)
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ import hf_reference
 import overlap
 from serving import LLM, EngineConfig, SamplingParams
 from serving.sampling import keys_for, speculative_accept
+from serving.steps import DeviceRows
 
 EC = EngineConfig(page_size=8, num_pages=48, max_model_len=64, prefill_buckets=(8, 16), decode_buckets=(2, 4),
                   decode_steps=3, decode_windows=(8,), prefill_rows=(1, 2))    # MTP drafts of batched prefill
@@ -143,11 +144,19 @@ def test_overlapped_decode_with_mtp_equals_booking_each_dispatch_first(mtp_coloc
               SamplingParams(max_tokens=17, temperature=0.8, seed=3, ignore_eos=True),
               SamplingParams(max_tokens=14, temperature=1.0, top_k=5, seed=9, ignore_eos=True)]
 
+    d_on0 = s.decode_stats["dispatches"]
+
     def run():
         outs = llm.generate(PROMPTS, params)
         return [(o.token_ids, o.finish_reason, o.metrics.spec_proposed, o.metrics.spec_accepted) for o in outs]
 
-    on, off = overlap.on_and_off(s, run)
+    reads = DeviceRows.reads
+    on, off = overlap.on_and_off(s, lambda: (run(), DeviceRows.reads, s.decode_stats["dispatches"]))
+    (on, r_on, d_on), (off, r_off, d_off) = on, off
+    # the drafts' distributions [rows, vocab] leave the device only for rows that leave the overlapped chain
+    # (overlapped, a row continues from the host only near its length limit, so most dispatches' stay on the
+    # device; not overlapped, every dispatch's is read but the last)
+    assert r_on - reads < 0.5 * (d_on - d_on0) and r_off - r_on >= d_off - d_on - 1
     assert on == off
     assert [r[1] for r in on] == ["stop", "length", "length"] and on[0][0][-1] == stop
     assert [len(r[0]) for r in on[1:]] == [17, 14] and all(r[2] > 0 for r in on)
