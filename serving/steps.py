@@ -53,9 +53,6 @@ class DeviceRows:
     def __init__(self, x, slot: np.ndarray):
         self._x, self._slot, self._host = x, slot, None
 
-    def __len__(self) -> int:
-        return len(self._slot)
-
     def __getitem__(self, i: int) -> "_DeviceRow":
         return _DeviceRow(self, i)
 
