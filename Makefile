@@ -26,9 +26,12 @@ run: $(STAMP)
 	    --mode disagg --prefill_devices 2 --decode_devices 4 --max_batch 8 --print_outputs --noprogress
 
 # two xdist workers, one test file each at a time (module-scoped compiled fixtures stay in one process): the suite
-# mostly waits on single-threaded compiles and on subprocesses, so 2 workers on 2 cores cut its time by ~1/3
+# mostly waits on single-threaded compiles and on subprocesses, so 2 workers on 2 cores cut its time by ~1/3.
+# Two passes: most modules with XLA:CPU's faster-compiling legacy emitters, then the `xla_defaults` ones (FP4/FP8
+# codegen, checks of XLA:CPU's compiled HLO) with its defaults (tests/conftest.py); both run, either failing fails.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	TANDEM_TEST_FAST_CODEGEN=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not xla_defaults" tests; a=$$?; \
+	$(PY) -m pytest -q -n 2 --dist loadfile -m xla_defaults tests; b=$$?; test $$a = 0 && test $$b = 0
 
 # the smoke on the GPU machines' jax (0.11.x, Python >= 3.12; a Debian 13 python3.13 is unpacked when none is on
 # PATH): kernels, cuda lowering, colocated == disaggregated generate (tools/jax_next.py; CI runs it after `test`)

@@ -24,6 +24,8 @@ from serving.config import EngineConfig
 from serving.engine import Engine
 from sharding import DECODE_RULES, Topology
 
+pytestmark = pytest.mark.xla_defaults   # FP4/FP8 codegen or XLA:CPU's compiled HLO (tests/conftest.py)
+
 # DeepSeek's latent (512 + 64 rope), small everything else
 LATENT = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=2, q_lora_rank=64, n_routed_experts=4,

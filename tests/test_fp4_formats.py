@@ -24,6 +24,8 @@ from pallas_kernels.formats import (
     unpack_fp4,
 )
 
+pytestmark = pytest.mark.xla_defaults   # FP4/FP8 codegen or XLA:CPU's compiled HLO (tests/conftest.py)
+
 GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # code magnitudes 0..7; odd index = mantissa bit 1
 
 

@@ -25,6 +25,8 @@ from pallas_kernels.fp4_matmul import (
 )
 from pallas_kernels.triton_check import triton_modules
 
+pytestmark = pytest.mark.xla_defaults   # FP4/FP8 codegen or XLA:CPU's compiled HLO (tests/conftest.py)
+
 FMTS = ["nvfp4", "mxfp4"]
 TRITON_CALL = "__gpu$xla.gpu.triton"
 

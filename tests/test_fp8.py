@@ -26,6 +26,8 @@ from serving.config import parse_mesh_spec
 from sharding import DECODE_RULES, PREFILL_RULES, Topology, data_sharding
 from sharding.rules import RulesError
 
+pytestmark = pytest.mark.xla_defaults   # FP4/FP8 codegen or XLA:CPU's compiled HLO (tests/conftest.py)
+
 # Dims that split over tp=2 in whole 16-blocks: q_b N = 4 x 32, kv_b N = 4 x 32, o_proj K = 4 x 16, experts F = 32.
 CFG = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, kv_lora_rank=32,
            q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=128)

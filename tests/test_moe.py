@@ -11,6 +11,8 @@ from model.config import ModelConfig
 from model.moe import MOE_IMPLS, _LOCAL_IMPLS, capacity, choose_moe_impl, routed_experts
 from pallas_kernels import formats, fp8
 
+pytestmark = pytest.mark.xla_defaults   # FP4/FP8 codegen or XLA:CPU's compiled HLO (tests/conftest.py)
+
 
 def _inputs(N, E=8, X=2, D=32, F=16, seed=0, skew=False):
     rng = np.random.default_rng(seed)

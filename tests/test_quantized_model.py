@@ -22,6 +22,8 @@ from pallas_kernels.formats import QuantizedTensor, dequantize
 from sharding import DECODE_RULES, PREFILL_RULES, Topology, data_sharding, place
 from sharding.rules import RulesError
 
+pytestmark = pytest.mark.xla_defaults   # FP4/FP8 codegen or XLA:CPU's compiled HLO (tests/conftest.py)
+
 # FFN widths of 64 so that expert FFNs split over tp=2 in whole FP4 blocks (nvfp4 16, mxfp4 32).
 OVERRIDES = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
                  max_position_embeddings=128)

@@ -20,6 +20,8 @@ from pallas_kernels.fp4_matmul import fp4_grouped_matmul
 from pallas_kernels.paged_attention import paged_mla_decode
 from serving import LLM, EngineConfig, SamplingParams
 
+pytestmark = pytest.mark.xla_defaults   # FP4/FP8 codegen or XLA:CPU's compiled HLO (tests/conftest.py)
+
 
 def test_kernels_in_the_interpreter_equal_the_xla_path_and_lower_for_cuda():
     rng = np.random.default_rng(0)
