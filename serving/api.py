@@ -54,6 +54,7 @@ class Request:
     cached_tokens: int = 0                        # prompt tokens served from the prefix cache (not prefilled)
     send_all: bool = False                        # disaggregated: send every KV page (the decode cache lost some)
     skip_pages: int = 0                           # prefill worker: leading pages the decode worker holds (not offered)
+    stream_parts: bool = False                    # prefill worker: offer finished pages of a long prompt early
     stop_rules: object = dataclasses.field(default=None, repr=False, compare=False)   # serving.stops.StopRules
     text_stopped: bool = False                    # a stop string ended it (the text stage; reason stays "stop")
     matcher: object = dataclasses.field(default=None, repr=False, compare=False)   # structured output (grammar)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -28,9 +28,11 @@ class PrefillJob:
     start: int = 0                # tokens already in `pages` (a cached prefix)
 
 
-def prefill_many(engine, jobs: list[PrefillJob], stats: collections.Counter | None = None
-                 ) -> Iterator[tuple[int, PrefillOut]]:
-    """Prefill every job; yields (job index, its PrefillOut) as each finishes. `stats` counts calls and rows."""
+def prefill_many(engine, jobs: list[PrefillJob], stats: collections.Counter | None = None,
+                 progress: Callable[[int, int, PrefillOut], None] | None = None) -> Iterator[tuple[int, PrefillOut]]:
+    """Prefill every job; yields (job index, its PrefillOut) as each finishes. `stats` counts calls and rows.
+    `progress(job index, tokens in its pages, out)` runs after each chunk but a job's last (a prefill worker offers
+    the finished pages of a long prompt while the rest computes)."""
     chunks = [engine.prefill_chunks(len(j.prompt) - j.start, j.start) for j in jobs]
     prompt_lps: dict[int, list] = {}
     while any(chunks):
@@ -51,6 +53,8 @@ def prefill_many(engine, jobs: list[PrefillJob], stats: collections.Counter | No
                 for i, out in zip(group, outs):
                     if out.prompt_logprobs is not None:   # prompt logprobs come chunk by chunk
                         prompt_lps.setdefault(i, []).extend(out.prompt_logprobs)
+                    if chunks[i] and progress is not None:
+                        progress(i, chunks[i][0][0], out)   # tokens before the next chunk are in its pages
                     if not chunks[i]:
                         yield i, (out._replace(prompt_logprobs=prompt_lps.pop(i)) if i in prompt_lps else out)
 

@@ -12,6 +12,8 @@ Message types (router <-> worker; see docs/pd_multiprocess.md for the flow):
 
     health      -> health_ok        liveness + load + page counts (also the heartbeat)
     prefill     -> offered | error  prefill worker: prefill, lease the pages, offer them under `uuid`
+    part                            prefill worker -> router: pages of a long prompt already done, offered early
+    prepull                         router -> the decode worker that will get the request: pull that part now
     decode      -> accepted | error decode worker: pull an offer (or prefill locally) then decode; streams `tokens`
     tokens                          decode worker -> router: new tokens of a request, `finished`/`reason`/`error`
     pulled                          decode worker -> router: an offer arrived (or failed: checksum, timeout, peer)
@@ -47,6 +49,8 @@ SCHEMA: dict[str, dict[str, object]] = {
     "health_ok": {"role": _STR, "worker": _STR, "incarnation": _STR},
     "prefill": {"rid": _STR, "prompt": _LIST, "sampling": _DICT, "uuid": _INT},
     "offered": {"rid": _STR, "uuid": _INT, "offer": _DICT},
+    "part": {"rid": _STR, "uuid": _INT, "part": _DICT},
+    "prepull": {"rid": _STR, "part": _DICT},
     "decode": {"rid": _STR, "prompt": _LIST, "sampling": _DICT, "limit": _INT},
     "accepted": {"rid": _STR},
     "tokens": {"rid": _STR, "tokens": _LIST, "finished": _BOOL},

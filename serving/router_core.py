@@ -34,6 +34,8 @@ import logging
 import random
 from typing import Callable, Sequence
 
+from serving.kv_routing import KVRouting
+
 log = logging.getLogger("serving.router")
 
 SendFn = Callable[..., bool]                 # send(addr, type_, **fields) -> bool
@@ -62,6 +64,9 @@ class RouterConfig:
     # the first token goes to the client as soon as the prefill worker offers it (it sampled it), not after the KV
     # transfer and the decode worker's first dispatch; the decode worker's copy of it is then dropped here
     early_first_token: bool = True
+    # KV streamed during prefill: a prefill worker offers the finished pages of a long prompt after each chunk
+    # (`part`), and the decode worker that will get the request pulls them while the rest computes (`prepull`)
+    kv_stream: bool = True
 
 
 @dataclasses.dataclass(eq=False)
@@ -118,6 +123,7 @@ class RReq:
     blocks: int = 0                        # prompt blocks of the current attempt
     skip_w: str | None = None              # decode worker holding the leading pages its prefill worker does not offer
     send_all: bool = False                 # that worker went away: offer every page from now on
+    stream_w: str | None = None            # decode worker pulling this attempt's parts before its offer
 
     def metrics(self) -> dict:
         ttft = None if self.first_token_t is None else self.first_token_t - self.arrival
@@ -128,7 +134,7 @@ class RReq:
                 **({} if self.dispatch_ns is None else {"dispatch_ns": self.dispatch_ns})}
 
 
-class RouterCore:
+class RouterCore(KVRouting):
     """All routing state and decisions. Not thread-safe: one caller (the shell's thread, or a test) drives it.
 
     State: `workers` {addr: WorkerState}; `reqs` {request id: RReq} (in flight only); `by_rid` {attempt id: RReq}
@@ -222,6 +228,9 @@ class RouterCore:
                 self._send(w, "release", uuid=msg["uuid"], consumed=False)   # stale: free the lease now
                 return
             self._on_offered(r, msg)
+        elif t == "part":   # (a stale one: its lease, which ends, covers it)
+            if current and r.state == "prefilling" and self.cfg.kv_stream:
+                self._on_part(r, msg)
         elif t == "accepted":
             if not current:
                 self._send(w, "abort", rid=rid)
@@ -295,11 +304,26 @@ class RouterCore:
         self._emit(r, [], True)
 
     # ---- worker messages --------------------------------------------------------------------------------------------
+    def _streaming_to(self, r: RReq) -> WorkerState | None:
+        """The decode worker pulling `r`'s parts, if it can still take the request."""
+        d = self.workers.get(r.stream_w) if r.stream_w else None
+        return d if d in self._usable("decode") else None
+
+    def _on_part(self, r: RReq, msg: dict) -> None:
+        """Pages of a prompt still prefilling: the decode worker that will get the request pulls them now."""
+        bound = r.stream_w or r.skip_w   # (if it went away, the offer lists the parts for whoever gets it)
+        d = self.workers.get(bound) if bound else self._pick("decode")
+        if d is None or d not in self._usable("decode"):
+            return
+        r.stream_w = d.addr
+        self.metrics["kv_parts_streamed"] += 1
+        self._send(d, "prepull", rid=r.rid, part=msg["part"])
+
     def _on_offered(self, r: RReq, msg: dict) -> None:
         offer = msg["offer"]
         r.prefill_s, r.prefill_queue_s = offer.get("prefill_s"), offer.get("queued_s")
         skip = offer.get("skip") or 0
-        d = self.workers.get(r.skip_w) if skip else self._pick("decode")
+        d = self.workers.get(r.skip_w) if skip else self._streaming_to(r) or self._pick("decode")
         if skip and d not in self._usable("decode"):   # only it holds the pages not offered: offer all, elsewhere
             r.send_all, r.unsent = True, r.unsent + 1
             self._retry(r, f"decode worker {r.skip_w} holding {skip} cached pages is gone", counted=False)
@@ -439,61 +463,10 @@ class RouterCore:
                 r.workers.append(p.addr)
                 self.metrics["remote_prefills"] += 1
                 if not self._send(p, "prefill", rid=r.rid, prompt=prompt, sampling=r.sampling, uuid=r.uuid,
-                                  trace=r.trace, **({"skip": skip} if skip else {})):
+                                  trace=r.trace, **({"skip": skip} if skip else {}),
+                                  **({"stream": True} if self.cfg.kv_stream else {})):
                     self._unreachable(r, p)
         return changed
-
-    # ---- KV-aware routing ------------------------------------------------------------------------------------------
-    def _on_kv_events(self, w: WorkerState, kv) -> None:
-        if not isinstance(kv, dict):
-            return
-        for h in kv.get("stored") or ():
-            if isinstance(h, int):
-                self.kv_index.setdefault(h, set()).add(w.addr)
-                w.kv_blocks.add(h)
-        for h in kv.get("removed") or ():
-            if isinstance(h, int):
-                holders = self.kv_index.get(h)
-                if holders is not None:
-                    holders.discard(w.addr)
-                    if not holders:
-                        del self.kv_index[h]
-                w.kv_blocks.discard(h)
-
-    def _drop_kv(self, w: WorkerState) -> None:
-        self._on_kv_events(w, {"removed": list(w.kv_blocks)})
-
-    def _prompt_hashes(self, prompt: list[int], info: dict, salt: str | None = None) -> list[int]:
-        if not (self.cfg.kv_routing and self.kv_index):
-            return []
-        from serving.prefix_cache import block_hashes   # (numpy + hashlib; kept out of the core's imports)
-        Z = int(info.get("page_size") or 16)
-        return block_hashes(prompt, Z, (len(prompt) - 1) // Z, lookahead=int(info.get("kv_lookahead") or 0),
-                            salt=salt)
-
-    def _overlap(self, w: WorkerState, hashes: list[int]) -> int:
-        """Leading prompt blocks `w` holds cached."""
-        n = 0
-        for h in hashes:
-            if w.addr not in self.kv_index.get(h, ()):
-                break
-            n += 1
-        return n
-
-    def _kv_cost(self, w: WorkerState, hashes: list[int], blocks: int) -> tuple:
-        """Weight x blocks it would prefill (prompt blocks minus its cached prefix) + blocks it is already serving
-        (prefilling, or decoding: their prompts)."""
-        active = sum(b or 0 for b in w.inflight.values())
-        return (self.cfg.kv_overlap_weight * (blocks - self._overlap(w, hashes)) + active, len(w.inflight), w.addr)
-
-    def _pick_prefill(self, cands: list[WorkerState], hashes: list[int], blocks: int) -> WorkerState:
-        """Least `_kv_cost`. Without cache events this is the least-loaded worker."""
-        p = min(cands, key=lambda w: self._kv_cost(w, hashes, blocks))
-        hit = self._overlap(p, hashes)
-        if hit:
-            self.metrics["kv_routed_requests"] += 1
-            self.metrics["kv_routed_blocks"] += hit
-        return p
 
     @staticmethod
     def _why(r: RReq) -> str:
@@ -510,6 +483,9 @@ class RouterCore:
             d.inflight.pop(r.rid, None)
             if d.alive and notify_decode and r.state in ("transferring", "decoding"):
                 self._send(d, "abort", rid=r.rid)
+        s = self.workers.get(r.stream_w) if r.stream_w and r.state == "prefilling" else None
+        if s is not None and s.alive:
+            self._send(s, "abort", rid=r.rid)   # drops the parts it pulled ahead
         self.by_rid.pop(r.rid, None)
 
     def _unreachable(self, r: RReq, w: WorkerState) -> None:
@@ -532,6 +508,7 @@ class RouterCore:
             self._finish(r, "error", f"{why}; gave up after {r.attempt} attempts")
             return
         r.state, r.prefill_w, r.decode_w, r.uuid, r.offer, r.skip = "queued", None, None, None, None, 0
+        r.stream_w = None
         r.deadline = self._now + self.cfg.unavailable_timeout_s
         self.pending[r.id] = r
         self.pending.move_to_end(r.id, last=False)   # retried requests go first

@@ -104,6 +104,17 @@ def offerable(x: jax.Array) -> jax.Array:
 _MASK = (1 << 64) - 1
 
 
+MAX_PARTS = 62   # parts of one offer (KV streamed during prefill); past it the rest goes with the offer
+
+
+def part_uuid(uuid: int, k: int) -> int:
+    """The transport id of part k of offer `uuid` (pages offered while the prompt still runs): k + 1 in bits 57-62
+    of the router's uuid (below 2**57), so parts never collide with offers and stay a positive int64."""
+    if not (0 <= k < MAX_PARTS and 0 <= uuid < 1 << 57):
+        raise ValueError(f"part {k} of offer {uuid}: needs 0 <= k < {MAX_PARTS} and uuid < 2**57")
+    return uuid | (k + 1) << 57
+
+
 def page_checksums(pages: np.ndarray, axis: int = 1) -> list[int]:
     """One 64-bit checksum per page (index `axis`) of its raw bytes: 32-bit word sum, odd-word sum and xor, mixed.
 

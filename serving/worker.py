@@ -30,19 +30,19 @@ import zmq
 from absl import app, flags
 
 from serving.api import Request
+from serving.kv_receive import KVReceiver
 from serving.batched_prefill import PrefillJob, prefill_many
 from serving import flags as serving_flags
 from serving.grammar import Grammars, prefill_row
 from serving.grammar import of_checkpoint as grammar_of_checkpoint
-from serving.logits import event_logprobs_to_wire, logprobs_from_wire, logprobs_to_wire
-from serving.engine import Prefix
+from serving.logits import event_logprobs_to_wire, logprobs_to_wire
 from serving.pages import PagePool
 from serving.protocol import ProtocolError, decode_message, encode_message, sampling_from_wire
 from serving.config import SchedulerConfig
 from serving.scheduler import Scheduler
 from serving import tracing
 from serving.weights_peer import WeightServer
-from serving.transfer import layout_of, make_transport, offerable, page_checksums, spec_from_wire, verify_pages
+from serving.transfer import MAX_PARTS, layout_of, make_transport, offerable, page_checksums, part_uuid
 
 log = logging.getLogger("serving.worker")
 
@@ -60,7 +60,7 @@ class Lease:
     ident: bytes
 
 
-class Worker:
+class Worker(KVReceiver):
     def __init__(self, role: str, engine, *, host: str = "127.0.0.1", port: int = 0, transport=None,
                  token: str | None = None, lease_s: float = 30.0, pull_timeout_s: float = 20.0,
                  verify_checksums: bool = True, eos_ids=(), fault_pull_delay_s: float = 0.0,
@@ -94,6 +94,7 @@ class Worker:
         # prefill role
         self._jobs: collections.deque = collections.deque()
         self.leases: dict[int, Lease] = {}
+        self._parts: dict[int, list[dict]] = {}   # uuid -> parts offered early (`_offer_part`), until its lease ends
         # decode role
         self.scheduler = (Scheduler(engine, None, eos_ids=eos_ids,
                                     config=SchedulerConfig(overlap_decode=overlap_decode))
@@ -105,6 +106,7 @@ class Worker:
         self._owner: dict[str, bytes] = {}
         self._prompt_lps_sent: set[str] = set()   # requests whose prompt logprobs went out (with their first tokens)
         self._pulls: dict[str, dict] = {}              # rid -> pending pull state
+        self._early: dict[str, dict] = {}   # rid -> parts pulled before its offer ({"t", part uuid -> Early})
         self._pulled: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()   # a finished pull wakes the loop (it may sit in a poll)
         os.set_blocking(self._wake_r, False)
@@ -150,7 +152,7 @@ class Worker:
 
     # ---- state ----------------------------------------------------------------------------------------------------
     def health(self, kv_events: bool = False) -> dict:
-        load = {"queued": len(self._jobs), "leases": len(self.leases)}
+        load = {"queued": len(self._jobs), "leases": len(self.leases), "offers": self.transport.outstanding()}
         if self.scheduler is not None:
             st = self.scheduler.stats()
             load.update(running=st["running"], waiting=st["waiting"] + st["ready"] + st["prefilling"],
@@ -234,6 +236,7 @@ class Worker:
             if not isinstance(skip, int) or skip < 0:
                 raise ProtocolError("malformed", f"skip {skip!r}: must be a count of pages >= 0")
             req.skip_pages = min(skip, self.engine.pages_needed(len(req.prompt_ids)) - 1)   # the last one always goes
+            req.stream_parts = bool(msg.get("stream"))
             if any(l.uuid == msg["uuid"] for l in self.leases.values()):
                 raise ProtocolError("malformed", f"uuid {msg['uuid']} is already offered")
             self._jobs.append((ident, req, msg["uuid"]))
@@ -242,6 +245,8 @@ class Worker:
             self.send(ident, "released", uuid=msg["uuid"])
         elif self.role == "decode" and t == "decode":
             self._start_decode(ident, msg)
+        elif self.role == "decode" and t == "prepull":
+            self._prepull(msg["rid"], msg["part"])
         else:
             raise ProtocolError("malformed", f"{t!r} is not a request a {self.role} worker serves")
 
@@ -255,6 +260,7 @@ class Worker:
             p = self._pulls.get(rid)
             if p is not None:
                 p["aborted"] = True
+            self._early.pop(rid, None)
             self.scheduler.abort(rid)
             self._owner.pop(rid, None)
 
@@ -279,16 +285,41 @@ class Worker:
         t0, done = time.perf_counter(), set()
         jobs = [PrefillJob(req.prompt_ids, pages, prefill_row(req, self.engine.model_cfg.vocab_size), cached)
                 for _, req, _, pages, cached in taken]
+        progress = lambda i, done, out: self._offer_part(*taken[i][:4], done, out)   # noqa: E731
         try:
-            for i, out in prefill_many(eng, jobs, self.metrics):
+            for i, out in prefill_many(eng, jobs, self.metrics, progress):
                 done.add(i)
                 self._offer(*taken[i], out, t0)
         except Exception as e:
             log.exception("batched prefill of %s failed", [t[1].id for t in taken])
-            for i, (ident, req, _, pages, _) in enumerate(taken):
+            for i, (ident, req, uuid, pages, _) in enumerate(taken):
                 if i not in done:
+                    self._drop_parts(uuid)
                     self.pages.allocator.release(pages)
                     self.send(ident, "error", rid=req.id, error=f"prefill failed: {e}", kind="prefill")
+
+    def _offer_part(self, ident: bytes, req, uuid: int, pages: list[int], done: int, out) -> None:
+        """After a chunk of a long prompt (not its last): offer the pages it finished — wholly before token `done`,
+        past what the decode worker holds or was offered already — as the next part, and tell the router, which
+        has the decode worker pull it while the rest of the prompt computes (KV streamed during prefill)."""
+        parts = self._parts.setdefault(uuid, [])
+        a = parts[-1]["end"] if parts else req.skip_pages
+        b = min(done // self.engine.cfg.page_size, len(pages) - 1)   # the last page always goes with the offer
+        if not req.stream_parts or b <= a or len(parts) >= MAX_PARTS:
+            return
+        arrays = [offerable(self.engine.extract(pages[a:b], len(req.prompt_ids), out).pages)]
+        part = {"uuid": part_uuid(uuid, len(parts)), "start": a, "end": b, "arrays": [layout_of(x) for x in arrays],
+                "checksums": page_checksums(np.asarray(arrays[0])), "addr": self.transport.address}
+        self.transport.offer(part["uuid"], arrays)
+        parts.append(part)
+        self.metrics["parts_offered"] += 1
+        self.send(ident, "part", rid=req.id, uuid=uuid, part=part)
+
+    def _drop_parts(self, uuid: int) -> list[dict]:
+        parts = self._parts.pop(uuid, [])
+        for p in parts:
+            self.transport.release(p["uuid"], consumed=False)
+        return parts
 
     def _offer(self, ident: bytes, req, uuid: int, pages: list[int], cached: int, out, t0: float) -> None:
         eng = self.engine
@@ -297,13 +328,15 @@ class Worker:
             self.pages.cache_prefix(pages, np.append(req.prompt_ids, out.token), len(req.prompt_ids), req.salt)
             self.metrics["cached_tokens"] += cached
             skip = req.skip_pages   # the decode worker holds these in its prefix cache: not offered
-            prefix = eng.extract(pages[skip:], len(req.prompt_ids), out)
+            parts = self._parts.get(uuid, [])   # offered while the prompt ran: the offer lists them, has the rest
+            prefix = eng.extract(pages[parts[-1]["end"] if parts else skip:], len(req.prompt_ids), out)
             arrays = [offerable(prefix.pages)]
             sums = page_checksums(np.asarray(arrays[0]))
             self.pages.allocator.lease(pages)
             self.transport.offer(uuid, arrays)
             prefill_s = time.perf_counter() - t0
         except Exception as e:
+            self._drop_parts(uuid)
             self.pages.allocator.release(pages)
             log.exception("prefill of %s failed", req.id)
             self.send(ident, "error", rid=req.id, error=f"prefill failed: {e}", kind="prefill")
@@ -313,7 +346,7 @@ class Worker:
         offer = {"transport": self.transport.name, "addr": self.transport.address, "uuid": uuid,
                  "arrays": [layout_of(a) for a in arrays], "n_pages": prefix.n_pages, "length": prefix.length,
                  "first_token": int(prefix.first_token), "checksums": sums, "prefill_s": prefill_s,
-                 "queued_s": queued_s, "cached_tokens": cached, "skip": skip,
+                 "queued_s": queued_s, "cached_tokens": cached, "skip": skip, "parts": parts,
                  "draft": int(prefix.draft), "draft_q": None if prefix.draft_q is None else
                  np.asarray(prefix.draft_q, np.float32).tobytes(), **logprobs_to_wire(prefix),
                  "lease_s": self.lease_s, "worker": self.address, "offered_ns": time.time_ns()}
@@ -326,6 +359,7 @@ class Worker:
         if l is None:
             return
         self.transport.release(uuid, consumed=consumed)
+        self._drop_parts(uuid)
         self.pages.allocator.release(l.pages)   # drops the lease and frees the pages
         self.metrics[f"leases_ended_{why}"] += 1
 
@@ -361,43 +395,9 @@ class Worker:
                                     f"{self.transport.name!r}")
             state = {"aborted": False}
             self._pulls[rid] = state
-            threading.Thread(target=self._pull, args=(req, offer, state), name=f"pull-{rid}", daemon=True).start()
+            threading.Thread(target=self._pull, args=(req, offer, state, self._early.pop(rid, None)),
+                             name=f"pull-{rid}", daemon=True).start()
         self.send(ident, "accepted", rid=rid)
-
-    def _pull(self, req, offer: dict, state: dict) -> None:
-        """Pull thread: transport -> offered layout -> checksum -> reshard onto the decode mesh."""
-        t0 = time.perf_counter()
-        try:
-            if self.fault_pull_delay_s:
-                time.sleep(self.fault_pull_delay_s)  # fault injection (tests): widen the transfer window
-            specs = [spec_from_wire(d) for d in offer["arrays"]]
-            if len(specs) != 1:
-                raise ValueError(f"an offer holds one array (the latent pages), got {len(specs)}")
-            (pages,) = self.transport.pull(offer["addr"], int(offer["uuid"]), specs, self.pull_timeout_s)
-            if self.verify:
-                host = np.asarray(pages)
-                if self.fault_corrupt_pages and np.random.random() < self.fault_corrupt_pages:   # chaos
-                    host = host.copy()
-                    host.reshape(-1).view(np.uint8)[host.nbytes // 8 * 4 + 3] ^= 0x40   # a high exponent bit
-                verify_pages(host, offer["checksums"])
-            want = (self.engine.cache_shape[0], pages.shape[1], *self.engine.cache_shape[2:])
-            if tuple(pages.shape) != want or pages.shape[1] not in self.engine.cfg.transfer_buckets:
-                raise ValueError(f"offered pages {list(pages.shape)} do not fit this cache (want {list(want)})")
-            dq, skip = offer.get("draft_q"), int(offer.get("skip") or 0)
-            if not 0 <= skip < self.engine.pages_needed(int(offer["length"])):
-                raise ValueError(f"offer skips {skip} pages of a {offer['length']}-token prompt")
-            prefix = self.engine.receive(Prefix(pages, int(offer["n_pages"]), int(offer["length"]),
-                                                int(offer["first_token"]), int(offer.get("draft") or 0),
-                                                None if dq is None else np.frombuffer(dq, np.float32).copy(),
-                                                skip=skip, **logprobs_from_wire(offer, req.params)))
-            self._pulled.put((req, offer, prefix, None, time.perf_counter() - t0))
-        except Exception as e:
-            self._pulled.put((req, offer, None, f"{type(e).__name__}: {e}", time.perf_counter() - t0))
-        if (w := self._wake_w) >= 0:
-            try:
-                os.write(w, b"w")
-            except OSError:   # closed meanwhile (the worker stopped)
-                pass
 
     def _drain_pulls(self) -> None:
         while True:
@@ -472,6 +472,8 @@ class Worker:
                 self._expire_leases()
             else:
                 self._drain_pulls()
+                for rid in [r for r, e in self._early.items() if e["t"] < time.monotonic() - self.lease_s]:
+                    del self._early[rid]   # parts pulled for an offer that never came (its prefill failed)
                 if self.scheduler.has_work():
                     self._engine_work(self._decode_step)
             try:

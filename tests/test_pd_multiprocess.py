@@ -313,6 +313,29 @@ def test_a_decode_worker_caching_the_prompts_blocks_receives_only_the_pages_afte
     D.kill()
 
 
+def test_kv_streamed_during_prefill_equals_colocated(cluster, colocated):
+    """A long prompt's pages leave while it still prefills: after each chunk but the last the prefill worker offers
+    the pages that chunk finished (`part`), the router has the decode worker that will get the request pull them
+    (`prepull`), and the offer carries only the pages after them. Tokens equal colocated, every part was pulled
+    ahead, nothing stays offered; with kv_stream off nothing is streamed and the tokens are the same."""
+    P, D = cluster["P"], cluster["D1"]
+    long = [(7 * i + 3) % 90 + 5 for i in range(50)]    # chunks 16/16/16/2: parts of pages 0-1, 2-3, 4-5; offer: 6
+    prompts, sp = [long, PROMPTS[0]], SamplingParams(max_tokens=N_NEW, ignore_eos=True)   # (20 tokens: 1 part)
+    want = [o.token_ids for o in colocated.generate(prompts, sp)]
+    for stream in (True, False):
+        before = [control(w.addr, "stats")["metrics"] for w in (P, D)]
+        with LLM(workers=[P.addr, D.addr], router_config=router_cfg(kv_stream=stream)) as llm:
+            assert [o.token_ids for o in llm.generate(prompts, sp)] == want, stream
+            m = llm.backend.router.snapshot()["metrics"]
+        after = [control(w.addr, "stats")["metrics"] for w in (P, D)]
+        offered, early = (after[i].get(k, 0) - before[i].get(k, 0) for i, k in ((0, "parts_offered"),
+                                                                                   (1, "parts_pulled_early")))
+        assert m["transfers"] == 2 and m.get("retries", 0) == 0, m
+        assert (m.get("kv_parts_streamed", 0), offered, early) == ((4, 4, 4) if stream else (0, 0, 0)), (m, stream)
+        check_drained([P.addr, D.addr])
+    assert control(P.addr, "stats")["load"]["offers"] == 0   # every part's transport offer ended with its lease
+
+
 def test_http_server_over_worker_processes(cluster, colocated):
     """The OpenAI server in front of the router and worker processes: the openai client gets the colocated tokens,
     streaming and not, and the workers end drained."""

@@ -337,6 +337,50 @@ def test_a_decode_worker_caching_the_prompts_blocks_gets_it_and_only_the_pages_a
 
 
 # ---- conditional disaggregation ----------------------------------------------------------------------------------------
+def test_parts_offered_during_prefill_are_pulled_ahead_by_the_decode_worker_that_gets_the_offer():
+    """KV streamed during prefill: each `part` the prefill worker reports while the prompt runs becomes a `prepull`
+    to one decode worker, and the offer goes to that worker although another became less loaded meanwhile; a
+    failed attempt tells it to drop what it pulled ahead, and a stale part is not forwarded; with kv_stream off the
+    prefill worker is not asked to stream and a part goes nowhere."""
+    h = Harness()
+    h.join(**{P: "prefill", D1: "decode", D2: "decode"})
+    h.health(D2, "decode", load={"waiting": 4, "queued": 0})   # D1 is the least loaded
+    h.submit("a")
+    h.tick()
+    _, _, pre = h.one("prefill", P)
+    assert pre["stream"] is True
+    part = {"uuid": pre["uuid"] | 1 << 57, "start": 0, "end": 2, "arrays": [], "checksums": [1, 2],
+            "addr": "127.0.0.1:9000"}
+    h.msg(P, "part", rid=pre["rid"], uuid=pre["uuid"], part=part)
+    assert h.one("prepull", D1)[2] == {"rid": "a#0", "part": part}
+    h.health(D1, load={"waiting": 8, "queued": 0})
+    h.health(D2, load={"waiting": 0, "queued": 0})             # D2 is now the lighter one
+    part2 = {**part, "uuid": pre["uuid"] | 2 << 57, "start": 2, "end": 4}
+    h.msg(P, "part", rid=pre["rid"], uuid=pre["uuid"], part=part2)
+    assert h.one("prepull", D1)[2]["part"] == part2
+    h.offer(pre)
+    assert h.one("decode")[0] == D1 and h.core.metrics["kv_parts_streamed"] == 2
+    # a failed attempt: the worker that pulled ahead drops it; a part of that attempt arriving late goes nowhere
+    h.submit("b")
+    h.tick()
+    _, _, pre_b = h.one("prefill", P)
+    h.msg(P, "part", rid=pre_b["rid"], uuid=pre_b["uuid"], part={**part, "uuid": pre_b["uuid"] | 1 << 57})
+    (sw, _, _), = h.take("prepull")
+    h.msg(P, "error", rid=pre_b["rid"], error="prefill failed: boom", kind="prefill")
+    assert (sw, "abort", {"rid": "b#0"}) in h.take("abort")
+    h.msg(P, "part", rid=pre_b["rid"], uuid=pre_b["uuid"], part={**part, "uuid": pre_b["uuid"] | 2 << 57})
+    assert h.take("prepull") == []
+    # off
+    h2 = Harness(kv_stream=False)
+    h2.join(**{P: "prefill", D1: "decode"})
+    h2.submit("c")
+    h2.tick()
+    _, _, pre_c = h2.one("prefill", P)
+    assert "stream" not in pre_c
+    h2.msg(P, "part", rid=pre_c["rid"], uuid=pre_c["uuid"], part={**part, "uuid": pre_c["uuid"] | 1 << 57})
+    assert h2.take("prepull") == []
+
+
 def test_short_prompt_prefills_locally_on_the_decode_worker():
     h = Harness(local_prefill_threshold=4)
     h.join(**{P: "prefill", D1: "decode"})

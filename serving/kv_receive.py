@@ -1,0 +1,116 @@
+"""The decode worker's side of a KV transfer (`serving.worker.Worker` mixes it in): pull an offer's pages —
+after the parts offered while its prompt still ran, most of them pulled ahead (`prepull`) — check them, and move
+them onto the decode mesh as one `Prefix`, on a thread; the worker's loop takes the result from `_pulled`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+
+import numpy as np
+
+from serving.steps import Prefix
+from serving.logits import logprobs_from_wire
+from serving.transfer import spec_from_wire, verify_pages
+
+
+@dataclasses.dataclass
+class Early:
+    """A part pulled ahead of its offer (`Worker._prepull`)."""
+    done: threading.Event
+    pages: np.ndarray | None = None
+    error: str | None = None
+
+
+class KVReceiver:
+    """Uses the worker's engine, transport, verify, pull_timeout_s, metrics, fault_* settings, drain_deadline,
+    `_early` (rid -> parts pulled ahead), `_pulled` (results for the loop) and `_wake_w` (the loop's wake pipe)."""
+
+    def _prepull(self, rid: str, part: dict) -> None:
+        """The router's early notice of a part of a request's offer (its prompt still prefilling): pull it now, on
+        a thread, so the offer finds it here. Kept until the request's `decode`, an abort, or `lease_s`."""
+        if self.drain_deadline is not None or not isinstance(part, dict) or not isinstance(part.get("uuid"), int):
+            return
+        held = self._early.setdefault(rid, {"t": time.monotonic()})
+        if part["uuid"] not in held:
+            held[part["uuid"]] = e = Early(threading.Event())
+            threading.Thread(target=self._pull_part, args=(part, e), name=f"prepull-{rid}", daemon=True).start()
+
+    def _pull_part(self, part: dict, e: "Early | None" = None) -> np.ndarray:
+        """One part's real pages [L, end - start, Z, C] on the host, checksummed. With `e`: into it, never raising."""
+        try:
+            specs = [spec_from_wire(d) for d in part["arrays"]]
+            (pages,) = self.transport.pull(part["addr"], int(part["uuid"]), specs, self.pull_timeout_s)
+            host = np.asarray(pages)
+            if self.verify:
+                verify_pages(host, part["checksums"])
+            host = host[:, : int(part["end"]) - int(part["start"])]
+            if e is None:
+                return host
+            e.pages = host
+        except Exception as x:
+            if e is None:
+                raise
+            e.error = f"{type(x).__name__}: {x}"
+        finally:
+            if e is not None:
+                e.done.set()
+
+    def _part_pages(self, offer: dict, early: dict | None) -> list[np.ndarray]:
+        """The pages of the offer's parts, in order: pulled early when the router said so, else now (or again, if
+        that pull failed)."""
+        out = []
+        for part in offer.get("parts") or ():
+            e = (early or {}).get(part.get("uuid"))
+            if e is not None and e.done.wait(self.pull_timeout_s) and e.pages is not None:
+                self.metrics["parts_pulled_early"] += 1
+                out.append(e.pages)
+            else:
+                out.append(self._pull_part(part))
+        return out
+
+    def _pull(self, req, offer: dict, state: dict, early: dict | None = None) -> None:
+        """Pull thread: transport -> offered layout -> checksum -> reshard onto the decode mesh. An offer with parts
+        (offered while its prompt ran) is their pages, then its own."""
+        t0 = time.perf_counter()
+        try:
+            if self.fault_pull_delay_s:
+                time.sleep(self.fault_pull_delay_s)  # fault injection (tests): widen the transfer window
+            specs = [spec_from_wire(d) for d in offer["arrays"]]
+            if len(specs) != 1:
+                raise ValueError(f"an offer holds one array (the latent pages), got {len(specs)}")
+            parts = self._part_pages(offer, early)
+            (pages,) = self.transport.pull(offer["addr"], int(offer["uuid"]), specs, self.pull_timeout_s)
+            if self.verify:
+                host = np.asarray(pages)
+                if self.fault_corrupt_pages and np.random.random() < self.fault_corrupt_pages:   # chaos
+                    host = host.copy()
+                    host.reshape(-1).view(np.uint8)[host.nbytes // 8 * 4 + 3] ^= 0x40   # a high exponent bit
+                verify_pages(host, offer["checksums"])
+            if parts:   # one prefix: the parts' pages, the offer's, padded to a transfer bucket
+                last = np.asarray(pages)[:, : int(offer["n_pages"])]
+                n = sum(p.shape[1] for p in parts) + last.shape[1]
+                b = next((b for b in self.engine.cfg.transfer_buckets if b >= n), n)
+                pages = np.zeros((last.shape[0], b, *last.shape[2:]), last.dtype)
+                pages[:, :n] = np.concatenate(parts + [last], axis=1)
+                offer = {**offer, "n_pages": n}
+            want = (self.engine.cache_shape[0], pages.shape[1], *self.engine.cache_shape[2:])
+            if tuple(pages.shape) != want or pages.shape[1] not in self.engine.cfg.transfer_buckets:
+                raise ValueError(f"offered pages {list(pages.shape)} do not fit this cache (want {list(want)})")
+            dq, skip = offer.get("draft_q"), int(offer.get("skip") or 0)
+            if not 0 <= skip < self.engine.pages_needed(int(offer["length"])):
+                raise ValueError(f"offer skips {skip} pages of a {offer['length']}-token prompt")
+            prefix = self.engine.receive(Prefix(pages, int(offer["n_pages"]), int(offer["length"]),
+                                                int(offer["first_token"]), int(offer.get("draft") or 0),
+                                                None if dq is None else np.frombuffer(dq, np.float32).copy(),
+                                                skip=skip, **logprobs_from_wire(offer, req.params)))
+            self._pulled.put((req, offer, prefix, None, time.perf_counter() - t0))
+        except Exception as e:
+            self._pulled.put((req, offer, None, f"{type(e).__name__}: {e}", time.perf_counter() - t0))
+        if (w := self._wake_w) >= 0:
+            try:
+                os.write(w, b"w")
+            except OSError:   # closed meanwhile (the worker stopped)
+                pass
