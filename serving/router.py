@@ -305,7 +305,8 @@ def main(argv):
                        dead_after_s=F.dead_after_s, step_timeout_s=F.step_timeout_s, max_retries=F.max_retries,
                        unavailable_timeout_s=F.unavailable_timeout_s, token=read_token(F.token_file),
                        kv_routing=F.kv_routing, kv_overlap_weight=F.kv_overlap_weight,
-                       early_first_token=F.early_first_token, kv_skip_cached=F.kv_skip_cached)
+                       early_first_token=F.early_first_token, kv_skip_cached=F.kv_skip_cached,
+                       kv_stream=F.kv_stream)
     if F.otlp_traces_endpoint:   # clients' traced requests: their workers' spans are exported from here
         tracing.configure("tandem-router", endpoint=F.otlp_traces_endpoint)
     r = Router(F.workers, cfg, bind=f"{F.host}:{F.port}")
@@ -342,6 +343,8 @@ if __name__ == "__main__":
                        "load (higher: follow the cache more, balance less)")
     flags.DEFINE_bool("kv_skip_cached", True, "a decode worker caching a prompt's leading blocks gets the request "
                       "and the prefill worker sends only the pages after them (off: every page is sent)")
+    flags.DEFINE_bool("kv_stream", True, "a long prompt's KV leaves while it prefills: the prefill worker offers each "
+                      "chunk's finished pages, the decode worker pulls them before the offer (off: all after it)")
     flags.DEFINE_bool("early_first_token", True, "send the first token when the prefill worker offers it, before "
                       "the KV transfer and the first decode dispatch (off: it comes from the decode worker)")
     flags.DEFINE_string("otlp_traces_endpoint", None, "OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces): "
