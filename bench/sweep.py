@@ -35,6 +35,9 @@ flags.DEFINE_list("launch", [], "start servers for these modes instead (colocate
                   "model")
 flags.DEFINE_integer("isl", 256, "input length L (prompts uniform in [0.8L, L])")
 flags.DEFINE_integer("osl", 128, "output tokens per request (ignore_eos)")
+flags.DEFINE_float("long_share", 0.0, "mixed load: this share of the prompts (a seeded draw) has length in "
+                   "[0.8 long_isl, long_isl] instead")
+flags.DEFINE_integer("long_isl", 1024, "input length of the long prompts of a mixed load")
 flags.DEFINE_list("concurrency", ["1", "2", "4", "8", "16"], "concurrency points (InferenceX doubles them)")
 flags.DEFINE_integer("prompts_per_concurrency", 10, "requests per point = this x concurrency")
 flags.DEFINE_float("slo_ttft_ms", 2000.0, "goodput SLO: time to first token")
@@ -87,8 +90,11 @@ async def _one(client, url: str, model: str, prompt: list[int], osl: int, header
 async def _point(url: str, model: str, conc: int, n_req: int, rng, headers: dict) -> dict:
     import httpx
 
-    L = FLAGS.isl
+    L, LL = FLAGS.isl, FLAGS.long_isl
     lens = rng.integers(int(0.8 * L), L + 1, n_req + conc)
+    if FLAGS.long_share > 0:   # mixed load: long prompts among the short ones
+        long = rng.random(n_req + conc) < FLAGS.long_share
+        lens[long] = rng.integers(int(0.8 * LL), LL + 1, int(long.sum()))
     prompts = [rng.integers(2, 4000, int(n)).tolist() for n in lens]
     limits = httpx.Limits(max_connections=conc + 4)
     async with httpx.AsyncClient(timeout=FLAGS.request_timeout_s, limits=limits) as client:
@@ -144,6 +150,7 @@ def sweep(targets: list[tuple[str, str, int]]) -> dict:
     key = FLAGS.api_key or os.environ.get("TANDEM_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     res = {"protocol": {"isl": FLAGS.isl, "osl": FLAGS.osl, "isl_range": [int(0.8 * FLAGS.isl), FLAGS.isl],
+                        "long_share": FLAGS.long_share, "long_isl": FLAGS.long_isl,
                         "prompts_per_concurrency": FLAGS.prompts_per_concurrency, "ignore_eos": True,
                         "slo_ttft_ms": FLAGS.slo_ttft_ms, "slo_tpot_ms": FLAGS.slo_tpot_ms},
            "machine": f"{os.cpu_count()} CPU cores", "targets": {}}
