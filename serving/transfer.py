@@ -190,6 +190,7 @@ class JaxTransport(KVTransport):
         self._conns: dict[str, object] = {}
         self._lock = threading.Lock()
         self._stuck_drains = 0
+        self.drains = 0   # offers released unpulled (each drained by a self-pull)
 
     def offer(self, uuid, arrays):
         with self._lock:
@@ -244,6 +245,7 @@ class JaxTransport(KVTransport):
         if arrays is None or consumed:
             return
         # Not pulled (or the ack was lost): drain our own rendezvous entry so the server drops its reference.
+        self.drains += 1
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in arrays]
 
         def drain():

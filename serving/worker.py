@@ -152,7 +152,8 @@ class Worker(KVReceiver):
 
     # ---- state ----------------------------------------------------------------------------------------------------
     def health(self, kv_events: bool = False) -> dict:
-        load = {"queued": len(self._jobs), "leases": len(self.leases), "offers": self.transport.outstanding()}
+        load = {"queued": len(self._jobs), "leases": len(self.leases), "offers": self.transport.outstanding(),
+                "drains": getattr(self.transport, "drains", 0)}
         if self.scheduler is not None:
             st = self.scheduler.stats()
             load.update(running=st["running"], waiting=st["waiting"] + st["ready"] + st["prefilling"],
@@ -307,19 +308,24 @@ class Worker(KVReceiver):
         b = min(done // self.engine.cfg.page_size, len(pages) - 1)   # the last page always goes with the offer
         if not req.stream_parts or b <= a or len(parts) >= MAX_PARTS:
             return
-        arrays = [offerable(self.engine.extract(pages[a:b], len(req.prompt_ids), out).pages)]
-        part = {"uuid": part_uuid(uuid, len(parts)), "start": a, "end": b, "arrays": [layout_of(x) for x in arrays],
-                "checksums": page_checksums(np.asarray(arrays[0])), "addr": self.transport.address}
-        self.transport.offer(part["uuid"], arrays)
+        try:
+            arrays = [offerable(self.engine.extract(pages[a:b], len(req.prompt_ids), out).pages)]
+            part = {"uuid": part_uuid(uuid, len(parts)), "start": a, "end": b, "addr": self.transport.address,
+                    "arrays": [layout_of(x) for x in arrays], "checksums": page_checksums(np.asarray(arrays[0]))}
+            self.transport.offer(part["uuid"], arrays)
+        except Exception:   # the offer then carries these pages: streaming is an optimisation, never a failure
+            log.exception("offering part %d of %s failed; its pages go with the offer", len(parts), req.id)
+            req.stream_parts = False
+            return
         parts.append(part)
         self.metrics["parts_offered"] += 1
         self.send(ident, "part", rid=req.id, uuid=uuid, part=part)
 
-    def _drop_parts(self, uuid: int) -> list[dict]:
-        parts = self._parts.pop(uuid, [])
-        for p in parts:
-            self.transport.release(p["uuid"], consumed=False)
-        return parts
+    def _drop_parts(self, uuid: int, consumed: bool = False) -> None:
+        """End the transport offers of `uuid`'s parts: consumed with the offer (a good pull took every part), else
+        drained like an abandoned offer."""
+        for p in self._parts.pop(uuid, []):
+            self.transport.release(p["uuid"], consumed=consumed)
 
     def _offer(self, ident: bytes, req, uuid: int, pages: list[int], cached: int, out, t0: float) -> None:
         eng = self.engine
@@ -359,7 +365,7 @@ class Worker(KVReceiver):
         if l is None:
             return
         self.transport.release(uuid, consumed=consumed)
-        self._drop_parts(uuid)
+        self._drop_parts(uuid, consumed)
         self.pages.allocator.release(l.pages)   # drops the lease and frees the pages
         self.metrics[f"leases_ended_{why}"] += 1
 

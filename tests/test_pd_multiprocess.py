@@ -322,6 +322,7 @@ def test_kv_streamed_during_prefill_equals_colocated(cluster, colocated):
     long = [(7 * i + 3) % 90 + 5 for i in range(50)]    # chunks 16/16/16/2: parts of pages 0-1, 2-3, 4-5; offer: 6
     prompts, sp = [long, PROMPTS[0]], SamplingParams(max_tokens=N_NEW, ignore_eos=True)   # (20 tokens: 1 part)
     want = [o.token_ids for o in colocated.generate(prompts, sp)]
+    drains = control(P.addr, "stats")["load"]["drains"]
     for stream in (True, False):
         before = [control(w.addr, "stats")["metrics"] for w in (P, D)]
         with LLM(workers=[P.addr, D.addr], router_config=router_cfg(kv_stream=stream)) as llm:
@@ -333,7 +334,9 @@ def test_kv_streamed_during_prefill_equals_colocated(cluster, colocated):
         assert m["transfers"] == 2 and m.get("retries", 0) == 0, m
         assert (m.get("kv_parts_streamed", 0), offered, early) == ((4, 4, 4) if stream else (0, 0, 0)), (m, stream)
         check_drained([P.addr, D.addr])
-    assert control(P.addr, "stats")["load"]["offers"] == 0   # every part's transport offer ended with its lease
+    load = control(P.addr, "stats")["load"]
+    assert load["offers"] == 0   # every part's transport offer ended with its lease ...
+    assert load["drains"] == drains   # ... as consumed (pulled), not drained as abandoned
 
 
 def test_http_server_over_worker_processes(cluster, colocated):
