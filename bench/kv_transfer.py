@@ -31,6 +31,7 @@ _TRANSPORT = flags.DEFINE_string("ttft_transport", "jax", "transport of the TTFT
 _LENGTHS = flags.DEFINE_list("lengths", ["32", "128", "240"], "prompt lengths of the PD-vs-colocated latency table "
                              "(one request at a time; empty: skip)")
 _REPEATS = flags.DEFINE_integer("length_repeats", 5, "requests per prompt length and side (median reported)")
+_ROUNDS = flags.DEFINE_integer("stream_rounds", 2, "alternating rounds of PD with KV streaming off / on")
 _OVERRIDES = flags.DEFINE_string("ckpt_overrides", "{}", "JSON config overrides of the tiny checkpoint built here "
                                  "(e.g. DeepSeek's latent: '{\"kv_lora_rank\": 512, \"qk_rope_head_dim\": 64}')")
 _MML = flags.DEFINE_integer("max_model_len", 256, "the workers' and the colocated engine's max_model_len")
@@ -225,7 +226,7 @@ def _ttft_split(rows: list[str]) -> None:
             rows.append(f"| {k} | {v.mean():.1f} | {np.percentile(v, 50):.1f} | {np.percentile(v, 90):.1f} |")
         print("\n".join(rows[-len(parts) - 2:]), flush=True)
         pd = {False: [], True: []}   # KV streamed during prefill off / on, alternating rounds
-        for _ in range(2):
+        for _ in range(_ROUNDS.value):
             for stream in (False, True):
                 with LLM(workers=addrs, router_config=RouterConfig(kv_stream=stream), ready_timeout_s=600) as llm:
                     llm.backend.router.wait_until(lambda s: all(w["alive"] for w in s["workers"].values()), 600)
@@ -244,17 +245,19 @@ def _ttft_split(rows: list[str]) -> None:
                       prefill_buckets=tuple(int(b) for b in _BUCKETS.value))
     with LLM(model=checkpoints.load(ckpt, dtype=jnp.float32), engine_config=ec) as llm:
         co = _by_length(llm, rng)
-    worst = {k: {n: tuple(max(r[n][i] for r in v) for i in range(3)) for n in v[0]} for k, v in pd.items()}
-    rows += ["", "One request at a time, PD (1 prefill + 1 decode worker process, early first token; KV streamed "
-             "during prefill off / on) vs colocated (one in-process engine, same config); PD: worst of 2 alternating "
-             f"rounds of the median of {_REPEATS.value}, colocated: median of {_REPEATS.value}:", "",
-             "| prompt tokens | TTFT colocated | TTFT PD off / on | 2nd chunk colocated | 2nd chunk PD off / on | "
-             "PD - colocated off / on | KV pull on the decode worker off / on |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    for n in co:
-        (t_c, s_c, _), (t_0, s_0, x_0), (t_1, s_1, x_1) = co[n], worst[False][n], worst[True][n]
-        rows.append(f"| {n} | {t_c:.1f} ms | {t_0:.1f} / {t_1:.1f} ms | {s_c:.1f} ms | {s_0:.1f} / {s_1:.1f} ms | "
-                    f"{s_0 - s_c:+.1f} / {s_1 - s_c:+.1f} ms | {x_0:.1f} / {x_1:.1f} ms |")
-    print("\n".join(rows[-len(co) - 4:]), flush=True)
+    for how, pick in (("worst", max), ("median", np.median)):
+        by = {k: {n: tuple(float(pick([r[n][i] for r in v])) for i in range(3)) for n in v[0]} for k, v in pd.items()}
+        rows += ["", "One request at a time, PD (1 prefill + 1 decode worker process, early first token; KV streamed "
+                 f"during prefill off / on) vs colocated (one in-process engine, same config); PD: {how} of "
+                 f"{_ROUNDS.value} alternating rounds of the median of {_REPEATS.value}, colocated: median of "
+                 f"{_REPEATS.value}:", "",
+                 "| prompt tokens | TTFT colocated | TTFT PD off / on | 2nd chunk colocated | 2nd chunk PD off / on | "
+                 "PD - colocated off / on | KV pull on the decode worker off / on |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in co:
+            (t_c, s_c, _), (t_0, s_0, x_0), (t_1, s_1, x_1) = co[n], by[False][n], by[True][n]
+            rows.append(f"| {n} | {t_c:.1f} ms | {t_0:.1f} / {t_1:.1f} ms | {s_c:.1f} ms | {s_0:.1f} / {s_1:.1f} ms | "
+                        f"{s_0 - s_c:+.1f} / {s_1 - s_c:+.1f} ms | {x_0:.1f} / {x_1:.1f} ms |")
+        print("\n".join(rows[-len(co) - 4:]), flush=True)
 
 
 def _by_length(llm, rng) -> dict[int, tuple[float, float, float]]:
