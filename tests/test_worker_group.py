@@ -109,6 +109,7 @@ def test_prefill_group_to_decode_group_equals_colocated(ckpt, group, colocated):
     try:
         wait_ready(pre[:1], timeout=240)
         L = group["leader"]
+        early = control(L.addr, "stats")["metrics"].get("parts_pulled_early", 0)
         with LLM(workers=[pre[0].addr, L.addr], router_config=router_cfg()) as llm:
             # 4 requests (the leader's ranks 0-3), then 8 (the rest reach the follower's ranks 4-7)
             for prompts in (PROMPTS, PROMPTS + [p[::-1] for p in PROMPTS]):
@@ -117,6 +118,10 @@ def test_prefill_group_to_decode_group_equals_colocated(ckpt, group, colocated):
                 assert [o.token_ids for o in got] == [o.token_ids for o in want]
             m = llm.backend.router.snapshot()["metrics"]
         assert m["transfers"] == m["remote_prefills"] >= 8, m   # the rest prefilled on the decode group
+        # a 20-token prompt (or its reverse) prefilled remotely runs in 2 chunks: its first 2 pages stream group ->
+        # group, pulled ahead by the decode group's leader
+        n = m.get("kv_parts_streamed", 0)
+        assert n >= 1 and control(L.addr, "stats")["metrics"].get("parts_pulled_early", 0) - early == n, m
         check_drained([pre[0].addr, L.addr])
         # each prefix's pages went only to the process owning its rank: the follower got the pages of its own
         # ranks, and zeros (shape only) for the leader's
