@@ -461,16 +461,16 @@ class Engine(Programs):
     def receive(self, prefix: Prefix) -> Prefix:
         """Move a Prefix produced on another mesh onto this engine's devices (device_put reshards). A group's
         leader keeps it on the host: `insert` sends it to every member with the call."""
-        if self.multiprocess:
-            return dataclasses.replace(prefix, pages=np.asarray(prefix.pages))
-        return dataclasses.replace(prefix, pages=jax.device_put(prefix.pages, self._replicated))
+        move = np.asarray if self.multiprocess else lambda x: jax.device_put(x, self._replicated)
+        return dataclasses.replace(prefix, pages=move(prefix.pages), rest=tuple((move(a), k) for a, k in prefix.rest))
 
     def insert(self, prefix: Prefix, pages: list[int]) -> None:
-        """Write a received prefix into this engine's pages (the first prefix.n_pages of `pages`)."""
-        n = prefix.pages.shape[1]
-        ids = np.full(n, self.scratch(self.rank_of(pages[0])), np.int32)
-        ids[: prefix.n_pages] = pages[: prefix.n_pages]
-        self._run("insert", n, ids, prefix.pages)
+        """Write a received prefix into this engine's pages: each piece's real pages into the next of `pages`."""
+        at = 0
+        for data, k in ((prefix.pages, prefix.n_pages), *prefix.rest):
+            ids = np.full(data.shape[1], self.scratch(self.rank_of(pages[0])), np.int32)
+            ids[:k], at = pages[at: at + k], at + k
+            self._run("insert", data.shape[1], ids, data)
 
     def window_for(self, positions: np.ndarray) -> int:
         """The decode window (pages) for rows at `positions`: every position the dispatch writes (MTP: up to 2

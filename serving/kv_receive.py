@@ -38,18 +38,20 @@ class KVReceiver:
             held[part["uuid"]] = e = Early(threading.Event())
             threading.Thread(target=self._pull_part, args=(part, e), name=f"prepull-{rid}", daemon=True).start()
 
-    def _pull_part(self, part: dict, e: "Early | None" = None) -> np.ndarray:
-        """One part's real pages [L, end - start, Z, C] on the host, checksummed. With `e`: into it, never raising."""
+    def _pull_part(self, part: dict, e: "Early | None" = None) -> tuple:
+        """One part: (its pages as pulled [L, bucket, Z, C], checksummed; how many are real). With `e`: into it,
+        never raising."""
         try:
             specs = [spec_from_wire(d) for d in part["arrays"]]
             (pages,) = self.transport.pull(part["addr"], int(part["uuid"]), specs, self.pull_timeout_s)
-            host = np.asarray(pages)
             if self.verify:
-                verify_pages(host, part["checksums"])
-            host = host[:, : int(part["end"]) - int(part["start"])]
+                verify_pages(np.asarray(pages), part["checksums"])
+            got = (pages, int(part["end"]) - int(part["start"]))
+            if not 0 < got[1] <= pages.shape[1]:
+                raise ValueError(f"part of pages {part['start']}-{part['end']} in an array of {pages.shape[1]}")
             if e is None:
-                return host
-            e.pages = host
+                return got
+            e.pages = got
         except Exception as x:
             if e is None:
                 raise
@@ -58,7 +60,7 @@ class KVReceiver:
             if e is not None:
                 e.done.set()
 
-    def _part_pages(self, offer: dict, early: dict | None) -> list[np.ndarray]:
+    def _part_pages(self, offer: dict, early: dict | None) -> list[tuple]:
         """The pages of the offer's parts, in order: pulled early when the router said so, else now (or again, if
         that pull failed)."""
         out = []
@@ -89,23 +91,19 @@ class KVReceiver:
                     host = host.copy()
                     host.reshape(-1).view(np.uint8)[host.nbytes // 8 * 4 + 3] ^= 0x40   # a high exponent bit
                 verify_pages(host, offer["checksums"])
-            if parts:   # one prefix: the parts' pages, the offer's, padded to a transfer bucket
-                last = np.asarray(pages)[:, : int(offer["n_pages"])]
-                n = sum(p.shape[1] for p in parts) + last.shape[1]
-                b = next((b for b in self.engine.cfg.transfer_buckets if b >= n), n)
-                pages = np.zeros((last.shape[0], b, *last.shape[2:]), last.dtype)
-                pages[:, :n] = np.concatenate(parts + [last], axis=1)
-                offer = {**offer, "n_pages": n}
-            want = (self.engine.cache_shape[0], pages.shape[1], *self.engine.cache_shape[2:])
-            if tuple(pages.shape) != want or pages.shape[1] not in self.engine.cfg.transfer_buckets:
-                raise ValueError(f"offered pages {list(pages.shape)} do not fit this cache (want {list(want)})")
+            pieces = parts + [(pages, int(offer["n_pages"]))]   # (the parts' pages, then the offer's)
+            for data, _ in pieces:
+                want = (self.engine.cache_shape[0], data.shape[1], *self.engine.cache_shape[2:])
+                if tuple(data.shape) != want or data.shape[1] not in self.engine.cfg.transfer_buckets:
+                    raise ValueError(f"offered pages {list(data.shape)} do not fit this cache (want {list(want)})")
             dq, skip = offer.get("draft_q"), int(offer.get("skip") or 0)
             if not 0 <= skip < self.engine.pages_needed(int(offer["length"])):
                 raise ValueError(f"offer skips {skip} pages of a {offer['length']}-token prompt")
-            prefix = self.engine.receive(Prefix(pages, int(offer["n_pages"]), int(offer["length"]),
-                                                int(offer["first_token"]), int(offer.get("draft") or 0),
+            prefix = self.engine.receive(Prefix(*pieces[0], int(offer["length"]), int(offer["first_token"]),
+                                                int(offer.get("draft") or 0),
                                                 None if dq is None else np.frombuffer(dq, np.float32).copy(),
-                                                skip=skip, **logprobs_from_wire(offer, req.params)))
+                                                skip=skip, **logprobs_from_wire(offer, req.params),
+                                                rest=tuple(pieces[1:])))
             self._pulled.put((req, offer, prefix, None, time.perf_counter() - t0))
         except Exception as e:
             self._pulled.put((req, offer, None, f"{type(e).__name__}: {e}", time.perf_counter() - t0))

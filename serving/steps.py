@@ -24,6 +24,9 @@ class Prefix:
     skip: int = 0             # leading pages not sent: the receiver's prefix cache holds them (`pages` starts after)
     logprobs: typing.Any = None          # first_token's `TokenLogprobs` (when the request asked for logprobs)
     prompt_logprobs: list | None = None  # the prompt's tokens' (prompt_logprobs; the first is None)
+    # further pieces (pages like `pages`, real pages), written after its n_pages in order: KV streamed during
+    # prefill arrives as parts + the offer, each its own transfer bucket, inserted as it came (never concatenated)
+    rest: tuple = ()
 
 
 class PrefillOut(typing.NamedTuple):
