@@ -5,6 +5,7 @@ them onto the decode mesh as one `Prefix`, on a thread; the worker's loop takes 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -15,12 +16,14 @@ from serving.steps import Prefix
 from serving.logits import logprobs_from_wire
 from serving.transfer import spec_from_wire, verify_pages
 
+log = logging.getLogger("serving.worker")
+
 
 @dataclasses.dataclass
 class Early:
     """A part pulled ahead of its offer (`Worker._prepull`)."""
     done: threading.Event
-    pages: np.ndarray | None = None
+    pages: tuple | None = None   # (the array as pulled, real pages)
     error: str | None = None
 
 
@@ -70,6 +73,9 @@ class KVReceiver:
                 self.metrics["parts_pulled_early"] += 1
                 out.append(e.pages)
             else:
+                self.metrics["parts_pulled_late"] += 1   # not told of it, or its early pull failed
+                if e is not None and e.error:
+                    log.warning("early pull of part %s failed (%s); pulling it again", part.get("uuid"), e.error)
                 out.append(self._pull_part(part))
         return out
 

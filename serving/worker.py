@@ -303,10 +303,12 @@ class Worker(KVReceiver):
         """After a chunk of a long prompt (not its last): offer the pages it finished — wholly before token `done`,
         past what the decode worker holds or was offered already — as the next part, and tell the router, which
         has the decode worker pull it while the rest of the prompt computes (KV streamed during prefill)."""
+        if not req.stream_parts:
+            return
         parts = self._parts.setdefault(uuid, [])
         a = parts[-1]["end"] if parts else req.skip_pages
         b = min(done // self.engine.cfg.page_size, len(pages) - 1)   # the last page always goes with the offer
-        if not req.stream_parts or b <= a or len(parts) >= MAX_PARTS:
+        if b <= a or len(parts) >= MAX_PARTS:
             return
         try:
             arrays = [offerable(self.engine.extract(pages[a:b], len(req.prompt_ids), out).pages)]
