@@ -178,9 +178,10 @@ class Engine(Programs):
         """The processes whose devices hold attention rank `rank`'s pages (a worker group: usually one)."""
         if self.ranks == 1 or self.mesh is None:
             return {d.process_index for d in (self.mesh.devices.flat if self.mesh is not None else jax.devices())}
-        sh = NamedSharding(self.mesh, PartitionSpec(self.rank_axes))
-        return {d.process_index for d, idx in sh.devices_indices_map((self.ranks,)).items()
-                if (idx[0].start or 0) == rank}
+        if not hasattr(self, "_rank_procs"):   # (cached: the scheduler asks per insert)
+            m = NamedSharding(self.mesh, PartitionSpec(self.rank_axes)).devices_indices_map((self.ranks,)).items()
+            self._rank_procs = [{d.process_index for d, i in m if (i[0].start or 0) == r} for r in range(self.ranks)]
+        return self._rank_procs[rank]
 
     @property
     def max_batch(self) -> int:
@@ -323,11 +324,10 @@ class Engine(Programs):
     def _run(self, kind: str, key, *args):
         """Run compiled executable (kind, key) on host inputs; a group's leader first hands the same call to its
         followers (`serving.group.Mirror`). Updates the cache; returns the other outputs."""
-        if self.mirror is not None:
-            args = tuple(np.asarray(a) for a in args)
-            # inserted pages go only to the processes owning their rank (the others' devices write nothing)
+        if self.mirror is not None:   # inserted pages go only to the processes owning their rank (the others'
+            # devices write nothing); pages a member pulled itself (`Held`) stay there: it gets a reference
             owners = self.rank_processes(self.rank_of(int(args[0][0]))) if kind == "insert" else None
-            self.mirror(kind, key, args, data_owners=owners)
+            args = self.mirror(kind, key, args, data_owners=owners)
         return self.execute(kind, key, args)
 
     def execute(self, kind: str, key, args):

@@ -180,6 +180,8 @@ def define_worker_flags():
     f.DEFINE_float("group_timeout_s", 120.0, "worker group: forming the group must finish within this")
     f.DEFINE_float("group_step_timeout_s", 120.0, "worker group: the leader's engine step stuck this long (a "
                    "collective that never completes) fences the group")
+    f.DEFINE_enum("group_kv", "member", ["member", "leader"], "decode group: KV pulled by the member owning the "
+                  "request's attention rank (member), or by the leader and relayed with the insert (leader)")
     f.DEFINE_string("otlp_traces_endpoint", None, "OTLP/HTTP traces URL: export this worker's spans of traced "
                     "requests itself (default: they go back to the router on the control plane)")
     f.DEFINE_bool("allow_cross_domain", False, "let EP/TP groups span hosts (domains) when the mesh needs it")

@@ -39,6 +39,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from typing import Callable
 
 import msgpack
@@ -147,6 +148,8 @@ class Group:
         self.busy_since: float | None = None   # the engine work in flight started then (`busy`)
         self.compiles = 0                      # XLA compiles in this process since `count_compiles`
         self.member_compiles: dict[int, int] = {}   # the other members' counts, from their heartbeats
+        self.report: Callable[[], dict] = dict   # sent with the heartbeats: this member's KV service counters
+        self.member_kv: dict[int, dict] = {}      # the other members' (serving.group_kv: pieces held, pulls)
 
     def count_compiles(self) -> None:
         """From now on count this process's XLA compiles; they travel with its heartbeats (after start-up there
@@ -215,14 +218,14 @@ class Group:
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_beat:
-                pub.send(f"{self.spec.process_id}:{self.compiles}".encode())
+                pub.send(f"{self.spec.process_id}:{self.compiles}:{json.dumps(self.report())}".encode())
                 next_beat = now + period
             if sub.poll(int(period * 1000 / 2)):
                 while True:
                     try:
-                        pid, n = sub.recv(zmq.NOBLOCK).split(b":")
+                        pid, n, rep = sub.recv(zmq.NOBLOCK).split(b":", 2)
                         seen[int(pid)] = time.monotonic()
-                        self.member_compiles[int(pid)] = int(n)
+                        self.member_compiles[int(pid)], self.member_kv[int(pid)] = int(n), json.loads(rep)
                     except zmq.Again:
                         break
                     except ValueError:
@@ -261,9 +264,9 @@ class Group:
         assert self.spec.leader
         return Mirror(self, host)
 
-    def receiver(self) -> "Receiver":
+    def receiver(self, store=None) -> "Receiver":
         assert not self.spec.leader
-        return Receiver(self)
+        return Receiver(self, store)
 
 
 def _exit_fenced(why: str) -> None:
@@ -272,18 +275,40 @@ def _exit_fenced(why: str) -> None:
     os._exit(FENCED_EXIT_CODE)
 
 
+class Held:
+    """Leader side of KV pages a follower pulled itself and keeps (`serving.group_kv`): their shape and dtype, and
+    where they are. Written by reference (`Mirror`); dropped there if the leader lets it go uninserted."""
+
+    def __init__(self, owner: int, key: str, index: int, shape, dtype, on_drop: Callable[[int, str], None]):
+        self.owner, self.key, self.index = owner, key, index
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self._fin = weakref.finalize(self, on_drop, owner, key)   # aborted, failed, re-sent: the member frees it
+        self._fin.atexit = False
+
+    def consumed(self) -> None:
+        self._fin.detach()
+
+
+def dtype_name(dt) -> str:
+    """A dtype on the wire: numpy's code, or the name for ml_dtypes' (bfloat16, float8_*: numpy's code is '<V2')."""
+    dt = np.dtype(dt)
+    return dt.name if dt.kind == "V" else dt.str
+
+
 def _encode_arg(a) -> dict | None:
     if a is None:
         return None
     a = np.ascontiguousarray(a)
-    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+    return {"dtype": dtype_name(a.dtype), "shape": list(a.shape), "data": a.tobytes()}
 
 
-def _decode_arg(d) -> np.ndarray | None:
+def _decode_arg(d, store=None) -> np.ndarray | None:
     if d is None:
         return None
     if d.get("zeros"):   # data this process's devices do not use (pages of another process's rank)
         return np.zeros(d["shape"], np.dtype(d["dtype"]))
+    if "held" in d:   # pages this process pulled itself (serving.group_kv)
+        return store.take(*d["held"])
     return np.frombuffer(d["data"], np.dtype(d["dtype"])).reshape(d["shape"])
 
 
@@ -303,7 +328,9 @@ class Mirror:
         group._put("steps", self.address)
         want = {f"m{p}".encode() for p in range(1, group.spec.num_processes)}
         self.followers = sorted(want)
-        self.stats = {"calls": 0, "bytes": {f.decode(): 0 for f in want}, "data_skipped": 0, "data_sent": 0}
+        self.stats = {"calls": 0, "bytes": {f.decode(): 0 for f in want}, "data_skipped": 0, "data_sent": 0,
+                      "held_sent": 0}
+        self._zeros: dict[tuple, np.ndarray] = {}
         end = time.monotonic() + group.spec.init_timeout_s
         got: set[bytes] = set()
         while got != want:
@@ -315,21 +342,38 @@ class Mirror:
         for f in self.followers:
             self.sock.send_multipart([f, msgpack.packb({"kind": "start", "seq": 0})])
 
-    def __call__(self, kind: str, key, args: tuple, data_owners: set[int] | None = None) -> None:
-        """Send one call to every follower. `data_owners`: only these processes get the last argument's values
-        (the pages of an insert); the others get its shape and dtype, and use zeros."""
+    def __call__(self, kind: str, key, args: tuple, data_owners: set[int] | None = None) -> tuple:
+        """Send one call to every follower; returns the arguments the leader runs it with. `data_owners`: only
+        these processes get the last argument's values (the pages of an insert); the others get its shape and
+        dtype, and use zeros. A `Held` last argument is already on its owner: it gets a reference, the rest
+        (the leader too) zeros."""
         self.seq += 1
         self.stats["calls"] += 1
+        held = args[-1] if args and isinstance(args[-1], Held) else None
+        args = tuple(np.asarray(a) for a in (args[:-1] if held is not None else args))
         head = {"kind": kind, "key": list(key) if isinstance(key, tuple) else key, "seq": self.seq}
-        full = msgpack.packb({**head, "args": [_encode_arg(a) for a in args]})
+        if held is not None:
+            if data_owners != {held.owner}:   # the scheduler places a held prefix on its owner's ranks only
+                raise GroupError(f"pages held by process {held.owner} inserted into the ranks of {data_owners}")
+            shape = {"dtype": dtype_name(held.dtype), "shape": list(held.shape)}
+            full = msgpack.packb({**head, "args": [_encode_arg(a) for a in args] + [
+                {"held": [held.key, held.index], **shape}]})
+            held.consumed()
+            self.stats["held_sent"] += 1
+            z = (held.shape, dtype_name(held.dtype))
+            if z not in self._zeros:
+                self._zeros[z] = np.zeros(held.shape, held.dtype)
+            args += (self._zeros[z],)
+        else:
+            full = msgpack.packb({**head, "args": [_encode_arg(a) for a in args]})
         lean = full
         if data_owners is not None and args:
-            last = np.asarray(args[-1])
+            last = args[-1]
             lean = msgpack.packb({**head, "args": [_encode_arg(a) for a in args[:-1]] + [
-                {"zeros": True, "dtype": last.dtype.str, "shape": list(last.shape)}]})
+                {"zeros": True, "dtype": dtype_name(last.dtype), "shape": list(last.shape)}]})
         for f in self.followers:
             msg = full if data_owners is None or int(f[1:]) in data_owners else lean
-            if data_owners is not None:   # pages to insert: to this follower, or zeros
+            if data_owners is not None and held is None:   # pages to insert: to this follower, or zeros
                 self.stats["data_sent" if msg is full else "data_skipped"] += 1
             self.stats["bytes"][f.decode()] += len(msg)
             try:
@@ -337,6 +381,7 @@ class Mirror:
             except zmq.ZMQError as e:
                 self.group.on_fence(f"step {self.seq} could not reach follower {f.decode()}: {e}")
                 raise
+        return args
 
     def stop(self) -> None:
         """Followers leave `follow` (the group shuts down in order)."""
@@ -353,8 +398,9 @@ class Mirror:
 class Receiver:
     """Follower side of the step channel."""
 
-    def __init__(self, group: Group):
-        self.group, self.seq = group, 0
+    def __init__(self, group: Group, store=None):
+        """store: the pages this member pulled itself (`serving.group_kv.MemberKV`), for inserts by reference."""
+        self.group, self.seq, self.store = group, 0, store
         self.sock = group.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, f"m{group.spec.process_id}".encode())
@@ -377,8 +423,12 @@ class Receiver:
             self.group.on_fence(f"step channel out of order: got step {msg['seq']}, expected {self.seq}")
             raise GroupError("step channel out of order")
         key = msg.get("key")
-        return msg["kind"], tuple(key) if isinstance(key, list) else key, [_decode_arg(a) for a in
-                                                                          msg.get("args") or []]
+        try:
+            args = [_decode_arg(a, self.store) for a in msg.get("args") or []]
+        except (KeyError, AttributeError) as e:   # a held piece this member does not have: the group disagrees
+            self.group.on_fence(f"step {msg['seq']}: pages held here are missing ({e})")
+            raise GroupError("held pages missing") from None
+        return msg["kind"], tuple(key) if isinstance(key, list) else key, args
 
     def close(self) -> None:
         self.sock.close(0)

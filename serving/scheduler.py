@@ -166,17 +166,35 @@ class Scheduler:
     def _pages_for(self, req: Request) -> int:
         return self.decode.pages_needed(len(req.prompt_ids) + req.limit)
 
-    def _pick_rank(self, n_pages: int, hashes: list[int] | None = None) -> int | None:
+    def _pick_rank(self, n_pages: int, hashes: list[int] | None = None, among=None) -> int | None:
         """The attention rank for a new request: one with a free row and room for `n_pages` (less the blocks of
         its prompt it holds cached), the longest cached prefix first, then the most free pages (KV-aware,
-        balances both); None when no rank has room."""
+        balances both); None when no rank has room. `among`: only these ranks (a prefix a group member holds)."""
         a = self.pages.allocator
         load = np.bincount([a.rank_of(r.pages[0]) for r in self.running + self.prefilling if r.pages],
                            minlength=self.decode.ranks)
         hit = [a.match(hashes, r) if hashes else 0 for r in range(self.decode.ranks)]
-        ok = [r for r in range(self.decode.ranks)
+        ok = [r for r in (range(self.decode.ranks) if among is None else among)
               if load[r] < self.rank_batch and a.can_allocate(n_pages - hit[r], r)]
         return max(ok, key=lambda r: (hit[r], a.free_in(r), -load[r], -r)) if ok else None
+
+    def owner_for(self, n_pages: int, owners: dict[int, list[int]], pending: collections.Counter,
+                  hashes: list[int] | None = None) -> int | None:
+        """A worker group pulling KV straight into a member: the process (`owners`: process -> its ranks) whose
+        ranks should take a request of `n_pages` — the one holding most of its cached prefix, then the fewest rows
+        per rank (running, plus `pending`: pulled or pulling for it), then the most free pages; None when no rank
+        has room now (the leader pulls; any rank takes it)."""
+        with self._lock:
+            a = self.pages.allocator
+            load = np.bincount([a.rank_of(r.pages[0]) for r in self.running + self.prefilling if r.pages],
+                               minlength=self.decode.ranks)
+            hit = [a.match(hashes, r) if hashes else 0 for r in range(self.decode.ranks)]
+            fits = {p: [r for r in rs if load[r] < self.rank_batch and a.can_allocate(n_pages - hit[r], r)]
+                    for p, rs in owners.items()}
+            ok = [p for p, rs in fits.items() if rs]
+            return min(ok, key=lambda p: (-max(hit[r] for r in fits[p]),
+                                          (sum(load[r] for r in owners[p]) + pending[p]) / len(owners[p]),
+                                          -sum(a.free_in(r) for r in fits[p]), p)) if ok else None
 
     def _admit_colocated(self) -> None:
         with self._lock:
@@ -453,6 +471,17 @@ class Scheduler:
             if not self._ready:
                 self._ready_cv.wait(timeout=1.0)
 
+    def ready_owners(self) -> list[int | None]:
+        """The group member holding each prefix waiting for decode pages (`Prefix.owner`)."""
+        with self._lock:
+            return [p.owner for _, p, _ in self._ready if p is not None]
+
+    def _ranks_of(self, prefix: Prefix) -> list[int] | None:
+        """The ranks that may take `prefix`: those of the group member holding its pages, or any (None)."""
+        if prefix.owner is None:
+            return None
+        return [r for r in range(self.decode.ranks) if self.decode.rank_processes(r) == {prefix.owner}]
+
     def _insert_ready(self) -> None:
         with self._lock:
             while self._ready and len(self.running) < self.max_batch:
@@ -466,7 +495,7 @@ class Scheduler:
                     if not self._insert_after_cached(req, prefix, n):
                         break
                     continue
-                rank = self._pick_rank(n)
+                rank = self._pick_rank(n, among=self._ranks_of(prefix))
                 if rank is None:
                     break
                 self._ready.popleft()
@@ -482,7 +511,7 @@ class Scheduler:
         the request again, sending every page — or, prefilled in another process, prefill it here (colocated, its
         cached part shared). False: no rank has room yet."""
         hashes = self.pages.hashes(req.prompt_ids, req.salt)
-        rank = self._pick_rank(n, hashes)
+        rank = self._pick_rank(n, hashes, among=self._ranks_of(prefix))
         local = self.prefill is None
         if local and len(self.running) + len(self.prefilling) >= self.max_batch:
             return False

@@ -27,6 +27,7 @@ class Prefix:
     # further pieces (pages like `pages`, real pages), written after its n_pages in order: KV streamed during
     # prefill arrives as parts + the offer, each its own transfer bucket, inserted as it came (never concatenated)
     rest: tuple = ()
+    owner: int | None = None   # a worker group: the member process holding the pages (`serving.group_kv.Held`)
 
 
 class PrefillOut(typing.NamedTuple):

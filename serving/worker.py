@@ -170,8 +170,9 @@ class Worker(KVReceiver):
                     experts=self.engine.expert_stats.summary() if self.engine.expert_stats.shape[0] else None,
                     group=None if self.group_info is None else {
                         **self.group_info, "mirror": getattr(self.engine.mirror, "stats", None),
-                        "member_compiles": {str(k): v for k, v in getattr(
-                            getattr(self.engine.mirror, "group", None), "member_compiles", {}).items()}},
+                        **{f"member_{x}": {str(k): v for k, v in getattr(getattr(
+                            self.engine.mirror, "group", None), f"member_{x}", {}).items()} for x in ("compiles", "kv")},
+                        "kv_into": "members" if self.members is not None else "leader"},
                     engine={"page_size": ec.page_size, "max_model_len": ec.max_model_len,
                             "prefix_caching": ec.prefix_caching, "kv_lookahead": 1 if ec.mtp else 0,
                             "cache_shape": list(self.engine.cache_shape), "cache_dtype": str(self.engine.cache.dtype),
@@ -261,7 +262,7 @@ class Worker(KVReceiver):
             p = self._pulls.get(rid)
             if p is not None:
                 p["aborted"] = True
-            self._early.pop(rid, None)
+            self._forget_early(rid)
             self.scheduler.abort(rid)
             self._owner.pop(rid, None)
 
@@ -401,10 +402,10 @@ class Worker(KVReceiver):
                 self._owner.pop(rid, None)
                 raise ProtocolError("malformed", f"offer over {offer.get('transport')!r}; this worker speaks "
                                     f"{self.transport.name!r}")
-            state = {"aborted": False}
-            self._pulls[rid] = state
-            threading.Thread(target=self._pull, args=(req, offer, state, self._early.pop(rid, None)),
-                             name=f"pull-{rid}", daemon=True).start()
+            early = self._early.pop(rid, None)
+            state = self._pulls[rid] = {"aborted": False, "owner": self._member_for(req, offer, early)}
+            threading.Thread(target=self._pull, args=(req, offer, state, early), name=f"pull-{rid}",
+                             daemon=True).start()
         self.send(ident, "accepted", rid=rid)
 
     def _drain_pulls(self) -> None:
@@ -481,7 +482,7 @@ class Worker(KVReceiver):
             else:
                 self._drain_pulls()
                 for rid in [r for r, e in self._early.items() if e["t"] < time.monotonic() - self.lease_s]:
-                    del self._early[rid]   # parts pulled for an offer that never came (its prefill failed)
+                    self._forget_early(rid)   # parts pulled for an offer that never came (its prefill failed)
                 if self.scheduler.has_work():
                     self._engine_work(self._decode_step)
             try:

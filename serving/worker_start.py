@@ -19,6 +19,7 @@ from serving import tracing
 from serving.build import build_engine, resolve_dtype
 from serving.config import default_mesh, parse_mesh_spec
 from serving.protocol import read_token
+from serving.group_kv import MemberKV, MemberPulls, owner_ranks
 from serving.transfer import make_transport
 from serving.weights_peer import pull_weights
 from serving.worker import ROLE_EXECUTABLES, Worker
@@ -54,7 +55,8 @@ def start(FLAGS, role: str) -> "Worker | None":
     ecfg = serving_flags.engine_config(mcfg, FLAGS)
     if group is not None:
         group.agree(group_mod.settings_of(role=role, mesh=mesh_spec, model=mcfg, engine=ecfg, dtype=FLAGS.dtype,
-                                          quant=FLAGS.quant, devices=FLAGS.devices, transport=FLAGS.transport))
+                                          quant=FLAGS.quant, devices=FLAGS.devices, transport=FLAGS.transport,
+                                          group_kv=FLAGS.group_kv))
     topo = Topology.from_devices()
     mesh = topo.allocate(role, **parse_mesh_spec(mesh_spec), allow_cross_domain=FLAGS.allow_cross_domain)
     domains = sorted({topo.domain_of[i] for i in topo.placement(role).device_ids.ravel()})
@@ -75,16 +77,23 @@ def start(FLAGS, role: str) -> "Worker | None":
                           kv_memory_fraction=FLAGS.kv_memory_fraction, device_memory_gb=FLAGS.device_memory_gb,
                           progress=True)
     group_info = None
+    owners = owner_ranks(engine) if group is not None and role == "decode" and FLAGS.group_kv == "member" else None
     if group is not None:
+        member_kv = None
+        if owners and not spec.leader:   # pulls the KV of its own ranks (before the barrier: the leader asks)
+            member_kv = MemberKV(group, engine, transport, host=FLAGS.host, pull_timeout_s=FLAGS.pull_timeout_s,
+                                 verify_checksums=FLAGS.verify_checksums, lease_s=FLAGS.lease_s)
         group.start_heartbeats(FLAGS.host)   # also a barrier: returns once every member has built its engine
         if not spec.leader:
             print("TANDEM_GROUP_MEMBER_READY " + json.dumps({"process_id": spec.process_id, "mesh": mesh_spec,
                                                              "startup_s": round(time.perf_counter() - t0, 2)}),
                   flush=True)
-            rx = group.receiver()
+            rx = group.receiver(member_kv)
             group.count_compiles()   # reported with its heartbeats: the leader's health shows every member's
             n = group_mod.follow(engine, rx)
             log.info("follower %d ran %d calls; exiting", spec.process_id, n)
+            if member_kv is not None:
+                member_kv.close()
             group.close()
             return None
         engine.mirror = group.mirror(FLAGS.host)
@@ -105,6 +114,10 @@ def start(FLAGS, role: str) -> "Worker | None":
     w.fault_corrupt_pages = FLAGS.fault_corrupt_pages
     if group is not None:
         w.busy_hook = group.busy
+        if owners:   # KV straight into the member owning the request's rank (serving.group_kv)
+            w.members = MemberPulls(group, owners)
+            log.info("KV into this group: pulled by the member owning each request's rank (ranks per process: %s)",
+                     {p: len(r) for p, r in owners.items()})
     tracing.configure(f"tandem-{role}-worker", endpoint=FLAGS.otlp_traces_endpoint, forward=True)
     w.count_compiles()   # from here on, any XLA compile is on the request path (reported in health_ok)
     w.startup_s = round(time.perf_counter() - t0, 2)

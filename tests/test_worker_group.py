@@ -118,15 +118,24 @@ def test_prefill_group_to_decode_group_equals_colocated(ckpt, group, colocated):
                 assert [o.token_ids for o in got] == [o.token_ids for o in want]
             m = llm.backend.router.snapshot()["metrics"]
         assert m["transfers"] == m["remote_prefills"] >= 8, m   # the rest prefilled on the decode group
-        # a 20-token prompt (or its reverse) prefilled remotely runs in 2 chunks: its first 2 pages stream group ->
-        # group, pulled ahead by the decode group's leader
-        n = m.get("kv_parts_streamed", 0)
-        assert n >= 1 and control(L.addr, "stats")["metrics"].get("parts_pulled_early", 0) - early == n, m
         check_drained([pre[0].addr, L.addr])
-        # each prefix's pages went only to the process owning its rank: the follower got the pages of its own
-        # ranks, and zeros (shape only) for the leader's
-        mirror = control(L.addr, "stats")["group"]["mirror"]
-        assert mirror["data_sent"] > 0 and mirror["data_skipped"] > 0, mirror
+        # KV straight into the member owning each request's rank: the follower pulled the prefixes of its own ranks
+        # from the prefill group (checked, kept) and their inserts carried a reference; the leader relayed nothing
+        h = control(L.addr, "stats")
+        mirror, got = h["group"]["mirror"], h["metrics"].get("member_pulls", 0)
+        assert h["group"]["kv_into"] == "members" and got >= 1, h
+        assert mirror["held_sent"] >= got and mirror["data_sent"] == 0 and mirror["data_skipped"] > 0, mirror
+        # a 20-token prompt (or its reverse) prefilled remotely runs in 2 chunks: its first 2 pages stream group ->
+        # group, pulled ahead by the member that takes the request; the follower holds nothing afterwards
+        n, end = m.get("kv_parts_streamed", 0), time.monotonic() + 10
+        while True:   # (the follower's counters come with its heartbeats)
+            fk = control(L.addr, "stats")["group"]["member_kv"].get("1", {})
+            ahead = h["metrics"].get("parts_pulled_early", 0) - early + fk.get("parts_pulled_early", 0)
+            if (fk.get("pulls") == got and fk.get("held") == 0) or time.monotonic() > end:
+                break
+            time.sleep(0.2)
+        assert n >= 1 and ahead == n and fk.get("parts_pulled_late", 0) == 0, (m, fk)
+        assert fk["pulls"] == got and fk["held"] == 0 and fk["pieces_inserted"] >= got, fk
         assert control(pre[0].addr, "stats")["metrics"].get("compiles", 0) == 0
     finally:
         for w in pre:
