@@ -127,7 +127,9 @@ class KVReceiver:
                 host = host.copy()
                 host.reshape(-1).view(np.uint8)[host.nbytes // 8 * 4 + 3] ^= 0x40   # a high exponent bit
             verify_pages(host, offer["checksums"])
-        return parts + [(pages, int(offer["n_pages"]))]
+        out = parts + [(pages, int(offer["n_pages"]))]
+        self.metrics["pulled_bytes"] += sum(int(a.nbytes) for a, _ in out)
+        return out
 
     def _pull(self, req, offer: dict, state: dict, early: dict | None = None) -> None:
         """Pull thread: the offer's pieces (`_pull_pieces`; in a group with `state["owner"]` a follower, that member
