@@ -69,6 +69,7 @@ def main(argv):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import hf_reference
     from serving import LLM, SamplingParams
+    from serving.router import RouterConfig
 
     tmp = tempfile.mkdtemp(prefix="groupkv-")
     ckpt = os.path.join(tmp, "ckpt")
@@ -97,9 +98,11 @@ def main(argv):
     try:
         for _ in range(_ROUNDS.value):
             for mode, addr in groups.items():
-                with LLM(workers=[pre, addr], ready_timeout_s=900) as llm:
+                with LLM(workers=[pre, addr], router_config=RouterConfig(max_prefill_inflight=1 << 20),
+                         ready_timeout_s=900) as llm:   # (every prompt prefilled on the prefill worker)
                     llm.backend.router.wait_until(lambda s: all(w["alive"] for w in s["workers"].values()), 900)
-                    llm.generate([[1, 2, 3] * 60], SamplingParams(max_tokens=2))   # warm the path
+                    llm.generate([[1, 2, k] * 60 for k in range(4)], SamplingParams(max_tokens=2))   # warm: both
+                    # members' connections to the prefill worker's transfer server
                     before = _counters(addr)
                     lens = rng.integers(int(_LEN.value * 0.9), int(_LEN.value * 1.1) + 1, _N.value)
                     prompts = [rng.integers(1, 90, int(n)).tolist() for n in lens]

@@ -33,6 +33,7 @@ from serving.kv_receive import KVReceiver
 from serving.transfer import TransferError, TransferTimeout
 
 log = logging.getLogger("serving.group_kv")
+_UUID_MASK = (1 << 57) - 1   # a part's uuid -> its offer's (`serving.transfer.part_uuid`)
 
 
 def owner_ranks(engine) -> dict[int, list[int]] | None:
@@ -111,6 +112,7 @@ class MemberKV(KVReceiver):
         self._early: dict[str, dict] = {}
         self._store: dict[str, list] = {}
         self._dropped: collections.deque = collections.deque(maxlen=4096)   # keys dropped before their pull ended
+        self._offers_seen: collections.OrderedDict[int, None] = collections.OrderedDict()   # uuids pulled (recent)
         self._lock = threading.Lock()
         self.ctx = group.ctx
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -164,8 +166,16 @@ class MemberKV(KVReceiver):
     def _handle(self, ident: bytes, msg: dict) -> None:
         op = msg.get("op")
         if op == "part":
+            # each message comes on its own connection: a part may arrive after its offer's pull began, which
+            # pulls it itself then (a second pull of the same part would wait for an offer served already)
+            if int(msg["part"]["uuid"]) & _UUID_MASK in self._offers_seen:
+                self.metrics["parts_after_offer"] += 1
+                return
             self._prepull(msg["rid"], msg["part"])
         elif op == "pull":
+            self._offers_seen[int(msg["offer"]["uuid"])] = None
+            while len(self._offers_seen) > 4096:
+                self._offers_seen.popitem(last=False)
             threading.Thread(target=self._pull_held, args=(ident, msg, self._early.pop(msg["rid"], None)),
                              name=f"member-pull-{msg['rid']}", daemon=True).start()
         elif op == "drop":

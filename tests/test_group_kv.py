@@ -156,3 +156,18 @@ def test_the_step_channel_sends_a_reference_to_the_owner_and_zeros_to_the_rest()
         mirror.close()
         for r in rx.values():
             r.close()
+
+
+def test_a_part_arriving_after_its_offers_pull_began_is_not_pulled_twice(members):
+    """Each message to a member comes on its own connection, so a part can trail its offer's pull:
+    then the pull takes the part itself and the late notice is ignored (a second pull of the same part would wait
+    for an offer the prefill worker served already)."""
+    _, svc, src = members
+    part, rest = np.full((2, 2, 4, 8), 3.0, np.float32), np.full((2, 2, 4, 8), 5.0, np.float32)
+    p = _part(src, 12, 0, part, 0, 2)
+    svc._handle(b"nobody", {"op": "pull", "rid": "r6", "key": "r6/12/0", "offer": _offer(src, 12, rest, 2, [p])})
+    svc._handle(b"nobody", {"op": "part", "rid": "r6", "part": p})
+    assert _wait(lambda: svc.report()["held"] == 1), svc.report()
+    rep = svc.report()
+    assert rep["parts_after_offer"] == 1 and rep["parts_pulled_late"] == 1 and "r6" not in svc._early, rep
+    np.testing.assert_array_equal(svc.take("r6/12/0", 0), part)
