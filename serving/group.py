@@ -218,7 +218,11 @@ class Group:
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_beat:
-                pub.send(f"{self.spec.process_id}:{self.compiles}:{json.dumps(self.report())}".encode())
+                try:
+                    rep = json.dumps(self.report())
+                except Exception:   # a report is never worth a missed beat (a missed beat fences the group)
+                    rep = "{}"
+                pub.send(f"{self.spec.process_id}:{self.compiles}:{rep}".encode())
                 next_beat = now + period
             if sub.poll(int(period * 1000 / 2)):
                 while True:

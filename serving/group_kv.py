@@ -108,7 +108,10 @@ class MemberKV(KVReceiver):
         self.engine, self.transport, self.pull_timeout_s, self.verify = engine, transport, pull_timeout_s, \
             verify_checksums
         self.lease_s, self.fault_pull_delay_s, self.fault_corrupt_pages, self.drain_deadline = lease_s, 0.0, 0.0, None
-        self.metrics: collections.Counter = collections.Counter()
+        # every key present from the start: `report` (the heartbeat thread) copies it while pull threads count
+        self.metrics: collections.Counter = collections.Counter(dict.fromkeys(
+            ("pulls", "pull_failures", "pulled_bytes", "parts_pulled_early", "parts_pulled_late", "parts_after_offer",
+             "pieces_inserted", "dropped"), 0))
         self._early: dict[str, dict] = {}
         self._store: dict[str, list] = {}
         self._dropped: collections.deque = collections.deque(maxlen=4096)   # keys dropped before their pull ended
