@@ -166,17 +166,24 @@ class Scheduler:
     def _pages_for(self, req: Request) -> int:
         return self.decode.pages_needed(len(req.prompt_ids) + req.limit)
 
-    def _pick_rank(self, n_pages: int, hashes: list[int] | None = None, among=None) -> int | None:
-        """The attention rank for a new request: one with a free row and room for `n_pages` (less the blocks of
-        its prompt it holds cached), the longest cached prefix first, then the most free pages (KV-aware,
-        balances both); None when no rank has room. `among`: only these ranks (a prefix a group member holds)."""
+    def _room(self, n_pages: int, hashes: list[int] | None) -> tuple[np.ndarray, list[int], list[bool]]:
+        """Per rank: rows running, leading blocks of `hashes` it holds, whether it has a free row and room for
+        `n_pages` less those blocks."""
         a = self.pages.allocator
         load = np.bincount([a.rank_of(r.pages[0]) for r in self.running + self.prefilling if r.pages],
                            minlength=self.decode.ranks)
         hit = [a.match(hashes, r) if hashes else 0 for r in range(self.decode.ranks)]
-        ok = [r for r in (range(self.decode.ranks) if among is None else among)
-              if load[r] < self.rank_batch and a.can_allocate(n_pages - hit[r], r)]
-        return max(ok, key=lambda r: (hit[r], a.free_in(r), -load[r], -r)) if ok else None
+        return load, hit, [load[r] < self.rank_batch and a.can_allocate(n_pages - hit[r], r)
+                           for r in range(self.decode.ranks)]
+
+    def _pick_rank(self, n_pages: int, hashes: list[int] | None = None, among=None) -> int | None:
+        """The attention rank for a new request: one with a free row and room for `n_pages` (less the blocks of
+        its prompt it holds cached), the longest cached prefix first, then the most free pages (KV-aware,
+        balances both); None when no rank has room. `among`: only these ranks (a prefix a group member holds)."""
+        load, hit, fits = self._room(n_pages, hashes)
+        ok = [r for r in (range(self.decode.ranks) if among is None else among) if fits[r]]
+        free = self.pages.allocator.free_in
+        return max(ok, key=lambda r: (hit[r], free(r), -load[r], -r)) if ok else None
 
     def owner_for(self, n_pages: int, owners: dict[int, list[int]], pending: collections.Counter,
                   hashes: list[int] | None = None) -> int | None:
@@ -185,16 +192,13 @@ class Scheduler:
         per rank (running, plus `pending`: pulled or pulling for it), then the most free pages; None when no rank
         has room now (the leader pulls; any rank takes it)."""
         with self._lock:
-            a = self.pages.allocator
-            load = np.bincount([a.rank_of(r.pages[0]) for r in self.running + self.prefilling if r.pages],
-                               minlength=self.decode.ranks)
-            hit = [a.match(hashes, r) if hashes else 0 for r in range(self.decode.ranks)]
-            fits = {p: [r for r in rs if load[r] < self.rank_batch and a.can_allocate(n_pages - hit[r], r)]
-                    for p, rs in owners.items()}
-            ok = [p for p, rs in fits.items() if rs]
-            return min(ok, key=lambda p: (-max(hit[r] for r in fits[p]),
+            load, hit, fits = self._room(n_pages, hashes)
+            ok = {p: [r for r in rs if fits[r]] for p, rs in owners.items()}
+            ok = {p: rs for p, rs in ok.items() if rs}
+            free = self.pages.allocator.free_in
+            return min(ok, key=lambda p: (-max(hit[r] for r in ok[p]),
                                           (sum(load[r] for r in owners[p]) + pending[p]) / len(owners[p]),
-                                          -sum(a.free_in(r) for r in fits[p]), p)) if ok else None
+                                          -sum(free(r) for r in ok[p]), p)) if ok else None
 
     def _admit_colocated(self) -> None:
         with self._lock:
