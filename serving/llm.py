@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import threading
 import time
 from typing import Iterator, Sequence
 
@@ -181,8 +182,14 @@ class LLM:
     def step(self, timeout: float = 1.0, text: bool = True) -> list[Event]:
         """Make progress (local: one scheduler step; remote: wait up to `timeout` for router events). text=False:
         the events carry tokens only; the caller runs `apply_text` on them (elsewhere, e.g. another thread)."""
-        events = self.backend.events(timeout)
+        with self._steps():
+            events = self.backend.events(timeout)
         return self.apply_text(events) if text else events
+
+    def _steps(self) -> threading.RLock:
+        """Held around each step, and around a whole `generate`: an LLM that a server's engine thread steps and
+        that is also used directly (tests) is never stepped from two threads, nor its events taken by the other."""
+        return self.__dict__.setdefault("_step_lock", threading.RLock())
 
     def apply_text(self, events: list[Event], abort=None) -> list[Event]:
         """Detokenize and apply stop strings (`serving.stops.TextStage`); a stop string aborts the rest of its
@@ -219,9 +226,10 @@ class LLM:
 
     def generate(self, prompts: Sequence, sampling_params=None) -> list[RequestOutput]:
         """Outputs in prompt order, each with text, token ids, finish reason and metrics."""
-        reqs = self._submit_all(prompts, sampling_params)
-        for _ in self._stream(reqs):
-            pass
+        with self._steps():
+            reqs = self._submit_all(prompts, sampling_params)
+            for _ in self._stream(reqs):
+                pass
         return [output_of(r) for r in reqs]
 
     def page_pools(self) -> dict:
