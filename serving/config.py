@@ -171,9 +171,13 @@ class EngineConfig:
 
 # Offline use (`LLM` without a scheduler_config, the batch job): every request is known up front and only throughput
 # counts, so a step may prefill many prompts before the next decode dispatch (fewer dispatches at partial batch).
-# The online default (256) bounds the stall a burst of prompts puts between two decode steps instead.
+# Online (the server), each step prefills backlog / PREFILL_DRAIN_STEPS tokens, at least ONLINE_PREFILL_BUDGET (the
+# stall a lone prompt puts between two decode dispatches) and at most ONLINE_PREFILL_BUDGET_MAX: a fixed 256 kept a
+# 119 ms ITL at 64 clients of 512-token prompts but left 3 of 4 rows prefilling and a 44 s TTFT (docs/BENCHMARKS.md).
 OFFLINE_PREFILL_BUDGET = 2048
 ONLINE_PREFILL_BUDGET = 256
+ONLINE_PREFILL_BUDGET_MAX = 2048
+PREFILL_DRAIN_STEPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,15 +185,26 @@ class SchedulerConfig:
     """Batching policy (the engine's buckets bound what can run; this decides what does)."""
 
     max_batch: int | None = None   # running requests at once; None = the decode engine's largest bucket
-    prefill_budget: int = ONLINE_PREFILL_BUDGET   # colocated: prompt tokens prefilled per step (at least one chunk)
+    # colocated: prompt tokens prefilled per step (at least one chunk): the admitted prompts' tokens left over
+    # prefill_drain_steps, within [prefill_budget, prefill_budget_max] (a max <= prefill_budget: fixed at it)
+    prefill_budget: int = ONLINE_PREFILL_BUDGET
+    prefill_budget_max: int = ONLINE_PREFILL_BUDGET_MAX
+    prefill_drain_steps: int = PREFILL_DRAIN_STEPS
     # queue decode dispatch n+1 (from dispatch n's tokens on the device) before reading dispatch n (Scheduler._decode)
     overlap_decode: bool = True
 
     def __post_init__(self):
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch={self.max_batch} must be >= 1")
-        if self.prefill_budget < 1:
-            raise ValueError(f"prefill_budget={self.prefill_budget} must be >= 1")
+        for name in ("prefill_budget", "prefill_budget_max", "prefill_drain_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    def step_budget(self, backlog: int) -> int:
+        """Prompt tokens one step prefills when `backlog` admitted prompt tokens are left: a backlog drains within
+        about prefill_drain_steps decode dispatches (so prefill keeps pace with arrivals and rows do not sit
+        prefilling while the decode batch runs part-empty), never below prefill_budget nor above prefill_budget_max."""
+        return max(self.prefill_budget, min(self.prefill_budget_max, -(-backlog // self.prefill_drain_steps)))
 
 
 # The batch limit when none is given: as many rows as the KV pool holds requests of AUTO_BATCH_TOKENS tokens (a

@@ -10,8 +10,8 @@ from __future__ import annotations
 from absl import flags
 
 from serving.config import (AUTO_BATCH_CAP, AUTO_BATCH_TOKENS, DEFAULT_AUTO_BATCH_CAP, DEFAULT_CHECKPOINT,
-                            ONLINE_PREFILL_BUDGET, EngineConfig, SchedulerConfig, decode_buckets_up_to,
-                            default_max_model_len, default_mesh)
+                            ONLINE_PREFILL_BUDGET, ONLINE_PREFILL_BUDGET_MAX, PREFILL_DRAIN_STEPS, EngineConfig,
+                            SchedulerConfig, decode_buckets_up_to, default_max_model_len, default_mesh)
 
 QUANTS = ["fp8", "nvfp4", "mxfp4", "nvfp4+dense", "mxfp4+dense"]
 
@@ -53,7 +53,13 @@ def define_engine_flags() -> None:
                      "prefill bucket if more); a dedicated prefill worker may take more")
     f.DEFINE_integer("decode_steps", EngineConfig.decode_steps, "decode steps per dispatch")
     f.DEFINE_integer("prefill_budget", 0, "colocated: prompt tokens prefilled per scheduler step (0: the entry "
-                     f"point's policy: the batch job 2048, throughput; the server {ONLINE_PREFILL_BUDGET}, latency)")
+                     f"point's policy: the batch job 2048, throughput; the server {ONLINE_PREFILL_BUDGET}, latency); the "
+                     "least a step prefills when the budget grows with the backlog")
+    f.DEFINE_integer("prefill_budget_max", ONLINE_PREFILL_BUDGET_MAX, "colocated: the most prompt tokens a step "
+                     "prefills: each step takes the admitted prompts' tokens left / --prefill_drain_steps within "
+                     "[--prefill_budget, this] (at or below --prefill_budget: a fixed budget)")
+    f.DEFINE_integer("prefill_drain_steps", PREFILL_DRAIN_STEPS, "colocated: decode dispatches a prefill backlog "
+                     "is spread over (see --prefill_budget_max)")
     f.DEFINE_bool("overlap_decode", True, "queue decode dispatch n+1 from dispatch n's tokens on the device before "
                   "the host reads dispatch n (off: read each dispatch first; always off with MTP, logits processors "
                   "or grammars in the batch)")
@@ -115,6 +121,7 @@ def engine_config(mcfg, F=flags.FLAGS) -> EngineConfig:
 
 def scheduler_config(default_budget: int, F=flags.FLAGS) -> SchedulerConfig:
     return SchedulerConfig(max_batch=F.max_batch or None, prefill_budget=F.prefill_budget or default_budget,
+                           prefill_budget_max=F.prefill_budget_max, prefill_drain_steps=F.prefill_drain_steps,
                            overlap_decode=F.overlap_decode)
 
 

@@ -1,7 +1,8 @@
 """Continuous batching over one decode engine, with prefill colocated or disaggregated onto its own engine.
 
 Colocated (`prefill_engine is None`): each `step()` admits waiting requests whose pages fit, prefills chunks of
-the admitted prompts until `SchedulerConfig.prefill_budget` prompt tokens are spent (at least one chunk), then runs
+the admitted prompts until this step's prompt-token budget is spent (`SchedulerConfig.step_budget`: grows with the
+admitted prompts' tokens left, between `prefill_budget` and `prefill_budget_max`; at least one chunk), then runs
 one decode dispatch — long prompts are interleaved with decoding instead of stalling it.
 
 Disaggregated: a prefill thread owns the prefill engine (its own mesh, weights and cache). It prefills a request
@@ -220,7 +221,8 @@ class Scheduler:
         """Prefill chunks of the admitted requests, in order, until this step's token budget is spent (at least
         one chunk), so a burst of short prompts starts decoding together while a long prompt is still chunked.
         Next chunks of the same bucket from several requests go in one batched call (`Engine.prefill_batch`)."""
-        budget = self.config.prefill_budget
+        budget = self.config.step_budget(sum(c[1] for r in self.prefilling for c in r.chunks))
+        self.prefill_stats["colocated_budget"] = budget
         while self.prefilling and budget > 0:
             budget -= self._prefill_group(budget)
 

@@ -5,6 +5,7 @@ trace and memory stays flat; every page comes back.
 """
 
 import collections
+import dataclasses
 import gc
 import tracemalloc
 
@@ -140,3 +141,37 @@ def test_first_token_leaves_before_the_next_decode_dispatch_and_decode_is_never_
             assert len(calls) == (i + 1) // 2
         else:                                       # q{i} waits one step: this one decodes
             assert len(calls) == i // 2 + 1 and calls[-1] >= 2
+
+
+def test_prefill_budget_grows_with_the_backlog_and_falls_back():
+    """Each colocated step prefills the admitted prompts' tokens left / prefill_drain_steps, within [prefill_budget,
+    prefill_budget_max]: a burst of long prompts drains in a few decode dispatches instead of one chunk per step
+    (rows would sit prefilling while the decode batch runs part-empty), and a lone prompt stalls decode no longer
+    than the floor allows."""
+    cfg = SchedulerConfig(prefill_budget=8, prefill_budget_max=64, prefill_drain_steps=2)
+    assert [cfg.step_budget(n) for n in (0, 8, 17, 100, 1000)] == [8, 8, 9, 50, 64]
+    assert SchedulerConfig(prefill_budget=2048).step_budget(10**6) == 2048          # the offline default: fixed
+    with pytest.raises(ValueError, match="prefill_drain_steps"):
+        SchedulerConfig(prefill_drain_steps=0)
+
+    def first_steps(config):
+        eng = FakeEngine()
+        tokens, batch = [], eng.prefill_batch
+        eng.prefill_batch = lambda items: tokens.append(sum(c[1] for _, c, _, _ in items)) or batch(items)
+        s = Scheduler(eng, config=config)
+        for i in range(8):                          # 8 prompts of 24 tokens: 192 tokens, 3 chunks of 8 each
+            s.add(Request(id=f"p{i}", prompt_ids=np.arange(24, dtype=np.int32) % V,
+                          params=SamplingParams(max_tokens=3), seed=0, limit=3))
+        per_step = []
+        while s.has_work():
+            n = len(tokens)
+            s.step()
+            per_step.append(sum(tokens[n:]))
+        return per_step, s.prefill_stats["colocated_budget"]
+
+    adaptive, last = first_steps(dataclasses.replace(cfg, max_batch=8))
+    # 192 left: the cap; 128 left: 64; first tokens out, then the decode dispatch; 64 left: 32; then 16, ...
+    assert adaptive[:5] == [64, 64, 0, 32, 16], adaptive
+    assert sum(adaptive) == 192 and last == 8                              # drained: back to the floor
+    fixed, _ = first_steps(SchedulerConfig(max_batch=8, prefill_budget=8, prefill_budget_max=8))
+    assert fixed[0] == 8 and sum(fixed) == 192 and len(fixed) > 2 * len(adaptive)

@@ -103,7 +103,8 @@ def test_every_entry_point_has_the_same_engine_flags_and_defaults():
     blocks = {m: _blocks(_engine_flag_help(m)) for m in ENTRY_POINTS}
     engine = {"checkpoint", "dtype", "quant", "cache_dtype", "page_size", "num_pages", "kv_memory_fraction",
               "device_memory_gb", "max_model_len", "max_batch", "decode_buckets", "prefill_buckets", "decode_steps",
-              "prefill_budget", "mtp", "prefix_caching", "kv_host_pages", "kv_disk_pages", "kv_disk_dir"}
+              "prefill_budget", "prefill_budget_max", "prefill_drain_steps", "mtp", "prefix_caching", "kv_host_pages",
+              "kv_disk_pages", "kv_disk_dir"}
     first = blocks["serving.batch"]
     assert "(default: '0')" in first["num_pages"] and "float32 on CPU" in first["dtype"]
     for m, b in blocks.items():
