@@ -33,6 +33,8 @@ class Metrics:
         self.queue = Gauge("tandem_num_requests_in_flight", "requests admitted and not finished", registry=r)
         self.running = Gauge("tandem_num_requests_running", "requests decoding", registry=r)
         self.waiting = Gauge("tandem_num_requests_waiting", "requests waiting or prefilling", registry=r)
+        self.prefill_budget = Gauge("tandem_prefill_budget_tokens", "prompt tokens the last colocated step could "
+                                    "prefill (grows with the prefill backlog)", registry=r)
         self.pages = Gauge("tandem_kv_pages", "KV pages by state", ["engine", "state"], registry=r)
         self.features = Counter("tandem_feature_requests", "finished requests that used a feature", ["feature"],
                                 registry=r)

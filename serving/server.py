@@ -196,6 +196,7 @@ class EngineLoop:
             st = s.stats()
             m.running.set(st["running"])
             m.waiting.set(st["waiting"] + st["prefilling"] + st["in_prefill"] + st["ready"])
+            m.prefill_budget.set(getattr(s, "prefill_stats", {}).get("colocated_budget", 0))
         try:
             for eng, st in llm.page_stats().items():
                 for k in ("free", "used", "leased", "cached"):

@@ -322,6 +322,7 @@ def test_api_key_health_ready_models_metrics(served):
     value = lambda name: float(next(l for l in text.splitlines() if l.startswith(name)).split()[-1])  # noqa: E731
     mc = llm.decode_engine.model_cfg
     copies = value('tandem_expert_routed_copies{engine="decode"}')
+    assert value("tandem_prefill_budget_tokens") >= llm.scheduler.config.prefill_budget   # colocated: sampled
     assert copies > 0 and copies % mc.num_experts_per_tok == 0, copies
     assert value('tandem_expert_load_imbalance{engine="decode",layer="0"}') >= 1.0
     assert value('tandem_eplb_rebalances{engine="decode"}') == 0
