@@ -54,6 +54,15 @@ def default_mesh(role: str, n: int, num_attention_heads: int, n_routed_experts: 
 DEFAULT_PREFILL_TOKENS = 256
 
 
+def default_prefill_buckets(max_model_len: int) -> tuple[int, ...]:
+    """Prefill chunk lengths by default: powers of two from 16 up to max_model_len / 8, within [128, 512]. Each chunk
+    attends over (naive prefill: decompresses) every key before it again, so long prompts prefill faster in longer
+    chunks — latent-32e, 2 Zen 4 cores, a 2,048-token prompt: 6.0 s in 128-token chunks, 3.6 s up to 512
+    (docs/BENCHMARKS.md); short contexts keep 128, as a chunk is also the stall it puts between two decode steps."""
+    top = min(512, max(128, max_model_len // 8))
+    return tuple(1 << i for i in range(4, 10) if (1 << i) <= top)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16
@@ -61,7 +70,8 @@ class EngineConfig:
     # memory (`serving.build`: kv_memory_fraction 0.9), elsewhere `auto_num_pages` (a host KV budget)
     num_pages: int | None = None
     max_model_len: int = 512                   # prompt + generated tokens per request
-    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128)   # chunk lengths; longer prompts are chunked
+    # chunk lengths; longer prompts are chunked (None: `default_prefill_buckets(max_model_len)`)
+    prefill_buckets: tuple[int, ...] | None = None
     # batched prefill: rows (requests) per prefill call. A (rows, T) executable exists for every rows x T within
     # `prefill_tokens` (default: DEFAULT_PREFILL_TOKENS or the largest bucket's tokens if more — the bound on what
     # one call holds: activations, the stall before the next decode step): with the defaults 4 prompts of <= 64
@@ -98,6 +108,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.max_model_len % self.page_size:
             raise ValueError(f"max_model_len={self.max_model_len} must be a multiple of page_size={self.page_size}")
+        if self.prefill_buckets is None:
+            object.__setattr__(self, "prefill_buckets", default_prefill_buckets(self.max_model_len))
         if sorted(set(self.prefill_buckets)) != list(self.prefill_buckets) or not self.prefill_buckets:
             raise ValueError(f"prefill_buckets={self.prefill_buckets} must be strictly increasing")
         if sorted(set(self.prefill_rows)) != list(self.prefill_rows) or self.prefill_rows[:1] != (1,):

@@ -46,7 +46,8 @@ def define_engine_flags() -> None:
                      f"tokens / {AUTO_BATCH_TOKENS}, at most {AUTO_BATCH_CAP['cpu']} on CPU and "
                      f"{DEFAULT_AUTO_BATCH_CAP} on GPU")
     f.DEFINE_list("decode_buckets", None, "decode batch buckets (default: powers of two up to --max_batch)")
-    f.DEFINE_list("prefill_buckets", [str(b) for b in EngineConfig.prefill_buckets], "prefill chunk lengths")
+    f.DEFINE_list("prefill_buckets", None, "prefill chunk lengths (default: powers of two from 16 up to "
+                  "max_model_len / 8, within [128, 512])")
     f.DEFINE_list("prefill_rows", [str(r) for r in EngineConfig.prefill_rows], "row buckets of batched prefill "
                   "(requests per prefill call; colocated and on prefill engines/workers)")
     f.DEFINE_integer("prefill_tokens", 0, "most prompt tokens one prefill call holds (0: 256 or the largest "
@@ -108,7 +109,7 @@ def engine_config(mcfg, F=flags.FLAGS) -> EngineConfig:
     return EngineConfig(
         page_size=F.page_size, num_pages=F.num_pages or None,
         max_model_len=F.max_model_len or default_max_model_len(mcfg.max_position_embeddings, F.page_size),
-        prefill_buckets=tuple(int(b) for b in F.prefill_buckets),
+        prefill_buckets=tuple(int(b) for b in F.prefill_buckets) if F.prefill_buckets else None,
         prefill_rows=tuple(int(r) for r in F.prefill_rows), prefill_tokens=F.prefill_tokens or None,
         decode_buckets=(tuple(int(b) for b in F.decode_buckets) if F.decode_buckets
                         else decode_buckets_up_to(F.max_batch) if F.max_batch else None),
