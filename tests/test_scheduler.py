@@ -108,6 +108,20 @@ def test_ten_thousand_requests_leave_no_trace_and_memory_stays_flat():
     assert max(s.decode.prefill_rows) == 4 and sum(k * v for k, v in s.decode.prefill_rows.items()) == 10_000
 
 
+def test_long_context_engines_prefill_in_longer_chunks():
+    """Default chunk buckets grow with max_model_len (max_model_len / 8 within [128, 512]): a 2,048-token prompt on a
+    4,096-token engine is 4 chunks, not 16; short-context engines and explicit buckets are unchanged."""
+    chunks = lambda ec, n: Engine.prefill_chunks(type("E", (), {"cfg": ec})(), n)
+    long = EngineConfig(max_model_len=4096)
+    assert long.prefill_buckets == (16, 32, 64, 128, 256, 512)
+    assert [c[1] for c in chunks(long, 2048)] == [512] * 4
+    assert [c[1:] for c in chunks(long, 600)] == [(512, 512), (88, 128)]
+    assert EngineConfig(max_model_len=2048).prefill_buckets[-1] == 256
+    assert EngineConfig(max_model_len=1024).prefill_buckets == EngineConfig().prefill_buckets == (16, 32, 64, 128)
+    assert EngineConfig(max_model_len=4096, prefill_buckets=(16, 128)).prefill_buckets == (16, 128)
+    assert len(chunks(EngineConfig(max_model_len=1024), 2048)) == 16
+
+
 def test_prefill_shapes_stay_within_the_token_cap():
     ec = EngineConfig(max_model_len=128, prefill_buckets=(32, 128), prefill_rows=(1, 4, 16))
     assert ec.prefill_shapes == ((1, 32), (4, 32), (1, 128))                    # cap: 256 tokens
