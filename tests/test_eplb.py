@@ -93,13 +93,17 @@ def test_redundant_experts_give_the_same_logits_and_balanced_placements_stay_equ
     model, tokens, ref = skewed
     wide = eplb.expand(model, 16)
     assert wide.cfg.n_physical_experts == 32
-    assert jnp.array_equal(wide(tokens), ref)                        # uniform placement: exact
+    # uniform placement: the same weights per token copy, so equal up to summation order — with twice the physical
+    # experts the routed-expert dots get other shapes, and XLA:CPU's YNNPACK dots (Zen 4) tile K by shape: the last
+    # bit moves (a wrong replica table moves everything)
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # noqa: E731
+    close(wide(tokens), ref)
     load_LE = _counts(model, tokens)
     assert load_LE.shape == (3, 16) and load_LE[:2].sum() == 2 * 4 * 48 * 4       # 2 MoE layers + MTP's
     rows = [eplb.balanced_placement(c, 32, 8) for c in load_LE]
     eplb.rebalance(wide, rows)
     assert [np.asarray(m.expert_logical[...]).tolist() for m in eplb.moe_layers(wide)] == [r.tolist() for r in rows]
-    assert jnp.array_equal(wide(tokens), ref)                        # moved weights follow their tables
+    close(wide(tokens), ref)                                         # moved weights follow their tables
     before = [eplb.imbalance(uniform_placement(16, 32), c, 8) for c in load_LE[:2]]
     after = [eplb.imbalance(r, c, 8) for r, c in zip(rows, load_LE[:2])]
     assert max(after) < 1.3 < min(before), (before, after)
