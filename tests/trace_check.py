@@ -55,7 +55,9 @@ def check_trace(spans, path: str, ttft_s: float, services: set[str]) -> tuple[di
         gap = by["prefill_queue"].start_time - by["queue"].end_time
         assert abs(gap) < 20_000, ("queue -> prefill_queue", gap)
     total = sum(s.end_time - s.start_time for s in tile) / 1e9
-    if abs(total - ttft_s) <= 0.1 * ttft_s:
+    # 10%, or 5 ms: the client's own part of the TTFT (httpx's request and its read of the first SSE chunk, outside
+    # every span) is ~3-5 ms, over 10% of a ~20 ms TTFT on a fast CPU (Zen 4)
+    if abs(total - ttft_s) <= max(0.1 * ttft_s, 0.005):
         return by, None
     t0 = root.start_time
     return by, (f"spans {total * 1e3:.2f} ms vs TTFT {ttft_s * 1e3:.2f} ms: " +
