@@ -57,7 +57,7 @@ DEFAULT_PREFILL_TOKENS = 256
 def default_prefill_buckets(max_model_len: int) -> tuple[int, ...]:
     """Prefill chunk lengths by default: powers of two from 16 up to max_model_len / 8, within [128, 512]. Each chunk
     attends over (naive prefill: decompresses) every key before it again, so long prompts prefill faster in longer
-    chunks — latent-32e, 2 Zen 4 cores, a 2,048-token prompt: 6.0 s in 128-token chunks, 3.6 s up to 512
+    chunks — latent-32e, 2 Zen 4 cores, a 2,048-token prompt: 6.2 s in 128-token chunks, 3.2 s up to 512
     (docs/BENCHMARKS.md); short contexts keep 128, as a chunk is also the stall it puts between two decode steps."""
     top = min(512, max(128, max_model_len // 8))
     return tuple(1 << i for i in range(4, 10) if (1 << i) <= top)
