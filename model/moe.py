@@ -118,10 +118,15 @@ def gather_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "
     """`routed_experts` by gathering each token copy's expert weights: exactly the top-k work (N x X x 3 matmuls
     of [D] x [D, F]) but it reads one weight matrix per copy — fast while copies are few (decode, small batches)."""
     dt = x_ND.dtype
+    N, X = idx_NX.shape
     g_NXDF = _take_experts(gate_EDF, idx_NX).astype(dt)
     u_NXDF = _take_experts(up_EDF, idx_NX).astype(dt)
     d_NXFD = _take_experts(down_EFD, idx_NX).astype(dt)
-    h_NXF = jax.nn.silu(jnp.einsum("nd,nxdf->nxf", x_ND, g_NXDF)) * jnp.einsum("nd,nxdf->nxf", x_ND, u_NXDF)
+    # the token row once per copy, so every product is a batched [1, D] x [D, F] with (n, x) leading: contracting
+    # "nd,nxdf" instead made XLA:CPU copy each gathered gate/up weight into a [D, X*F] layout every step (latent-32e
+    # batch 1: 6 of 15 ms per step; latent-8e 5x slower MoE, `bench.step_profile`)
+    x_NXD = jnp.broadcast_to(x_ND[:, None], (N, X, x_ND.shape[-1]))
+    h_NXF = jax.nn.silu(jnp.einsum("nxd,nxdf->nxf", x_NXD, g_NXDF)) * jnp.einsum("nxd,nxdf->nxf", x_NXD, u_NXDF)
     y_NXD = jnp.einsum("nxf,nxfd->nxd", h_NXF, d_NXFD)
     return jnp.einsum("nxd,nx->nd", y_NXD, w_NX.astype(dt))
 
