@@ -33,6 +33,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch", 1, "decode batch")
     flags.DEFINE_integer("new_tokens", 32, "greedy tokens per request in the profiled call")
     flags.DEFINE_integer("top", 25, "ops printed")
+    flags.DEFINE_string("moe_impl", None, "routed-expert implementation (model.moe.MOE_IMPLS; default: chosen per "
+                        "shape)")
 
 
 def hlo_ops(hlo_text: str) -> dict[str, str]:
@@ -75,11 +77,12 @@ def main(argv):
     from bench.vllm_peer import DECODE_PROMPT_LEN, prompt_ids
     from serving import LLM, SamplingParams
     from serving.config import EngineConfig
+    from model.runtime import Runtime
 
     ckpt = FLAGS.checkpoint or vs_vllm.prepare(FLAGS.config, FLAGS.workdir)
     info = vs_vllm.model_info(ckpt)
     llm = LLM(ckpt, engine_config=EngineConfig(max_model_len=min(info["max_pos"], 4096) // 16 * 16),
-              dtype=FLAGS.dtype)
+              dtype=FLAGS.dtype, runtime=Runtime(moe_impl=FLAGS.moe_impl) if FLAGS.moe_impl else None)
     B, N = FLAGS.batch, FLAGS.new_tokens
     sp = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
     for w in range(2):
