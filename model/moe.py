@@ -221,9 +221,10 @@ def capacity_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str =
 # A cost model of XLA:CPU, fitted to `bench/decode_grid.py --moe_only` on the 2-core development machine
 # (docs/BENCHMARKS.md, "Decode speed grid"): streaming expert weights ~35 GB/s, dense matmul work ~80 GMAC/s,
 # gathering per-copy weight matrices ~5 GB/s, and ragged_dot executed as a dot over every expert group.
-# The segment loop also copies each item's expert weights (a dynamic slice is a copy before XLA:CPU's dot):
-# ~20 GB/s on a 2-core Zen 4 (`bench.step_profile`, latent-8e batch 16: 2.3 of 24 ms per step), which made it
-# 2x slower than capacity there while the model without the copy ranked it first.
+# The segment loop also copies each item's expert weights (a dynamic slice is a copy before XLA:CPU's dot): on a
+# 2-core Zen 4 the copies ran ~20 GB/s (`bench.step_profile`, latent-8e batch 16: 2.3 of 24 ms per step) and made
+# segment 2x slower than capacity there, while the model without them ranked segment first. Charged at 40 GB/s:
+# at 20 the model picked dense for latent-32e at batch 8-16, measured 1.5x slower than segment.
 CPU_COSTS = dict(weight_gbps=35.0, gmacs=80.0, gather_gbps=5.0, loop_us=5.0, slice_copy_gbps=40.0)
 GATHER_CACHE_BYTES = 32 << 20   # gathered expert weights up to this size: gather's fast regime on this CPU
 
