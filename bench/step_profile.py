@@ -2,6 +2,7 @@
 
     python -m bench.step_profile --config latent-8e --dtype float32 --batch 1
     python -m bench.step_profile --checkpoint assets/shakespeare-moe --dtype bfloat16 --batch 16
+    python -m bench.step_profile --config latent-32e --prefill_len 512     # one prompt's prefill instead
 
 Runs `LLM.generate` (B 32-token prompts, --new_tokens greedy tokens, two warm-ups) under `jax.profiler.trace` with
 XLA:CPU's per-thunk trace events on (`--xla_cpu_enable_xprof_traceme`), sums each thunk's time over the timed call,
@@ -33,6 +34,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch", 1, "decode batch")
     flags.DEFINE_integer("new_tokens", 32, "greedy tokens per request in the profiled call")
     flags.DEFINE_integer("top", 25, "ops printed")
+    flags.DEFINE_integer("prefill_len", 0, "> 0: profile the prefill of one prompt of this many tokens instead "
+                         "(ops of the prefill executables, per call)")
     flags.DEFINE_string("moe_impl", None, "routed-expert implementation (model.moe.MOE_IMPLS; default: chosen per "
                         "shape)")
 
@@ -84,19 +87,29 @@ def main(argv):
     llm = LLM(ckpt, engine_config=EngineConfig(max_model_len=min(info["max_pos"], 4096) // 16 * 16),
               dtype=FLAGS.dtype, runtime=Runtime(moe_impl=FLAGS.moe_impl) if FLAGS.moe_impl else None)
     B, N = FLAGS.batch, FLAGS.new_tokens
+    P = FLAGS.prefill_len or DECODE_PROMPT_LEN
+    if FLAGS.prefill_len:
+        B, N = 1, 1
     sp = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
     for w in range(2):
-        llm.generate(prompt_ids(B, DECODE_PROMPT_LEN, 1000 * (w + 1) + B, info["vocab_size"]), sp)
-    prompts = prompt_ids(B, DECODE_PROMPT_LEN, B, info["vocab_size"])
+        llm.generate(prompt_ids(B, P, 1000 * (w + 1) + B, info["vocab_size"]), sp)
+    prompts = prompt_ids(B, P, B, info["vocab_size"])
     d = tempfile.mkdtemp(prefix="step-profile-")
     with jax.profiler.trace(d):
         t0 = time.perf_counter()
         llm.generate(prompts, sp)
         wall = time.perf_counter() - t0
     eng = llm.decode_engine
-    exes = {k: v for k, v in eng._decode_exe.items() if k[0] >= B}
-    key = min(exes)
-    desc = hlo_ops(exes[key].as_text())
+    if FLAGS.prefill_len:   # every prefill executable's ops (the prompt's chunks may use several)
+        eng = llm.prefill_engine or eng
+        key = sorted(eng._prefill_exe)
+        desc = {}
+        for exe in eng._prefill_exe.values():
+            desc.update(hlo_ops(exe.as_text()))
+    else:
+        exes = {k: v for k, v in eng._decode_exe.items() if k[0] >= B}
+        key = min(exes)
+        desc = hlo_ops(exes[key].as_text())
     pb = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
     tot: collections.Counter = collections.Counter()
     cnt: collections.Counter = collections.Counter()
@@ -106,7 +119,7 @@ def main(argv):
                 if ev.name in desc:
                     tot[ev.name] += ev.duration_ns
                     cnt[ev.name] += 1
-    steps = N - 1   # the first token comes from prefill
+    steps = max(1, N - 1)   # the first token comes from prefill (a prefill profile: per call)
     per_step = sum(tot.values()) / 1e6 / steps
     wbytes = sum(x.nbytes for x in jax.tree.leaves(eng.params))
     print(f"checkpoint {ckpt}, dtype {FLAGS.dtype}, batch {B}, decode executable {key}; wall {wall:.3f} s for "
