@@ -100,12 +100,13 @@ def main(argv):
         llm.generate(prompts, sp)
         wall = time.perf_counter() - t0
     eng = llm.decode_engine
-    if FLAGS.prefill_len:   # every prefill executable's ops (the prompt's chunks may use several)
-        eng = llm.prefill_engine or eng
-        key = sorted(eng._prefill_exe)
+    if FLAGS.prefill_len:   # the one-row executable that holds the prompt in one chunk; else every prefill one's
+        eng = llm.prefill_engine or eng   # ops (op names repeat across executables: descriptions then approximate)
+        whole = sorted(k for k in eng._prefill_exe if k[0] == 1 and k[1] >= P)
+        key = whole[:1] or sorted(eng._prefill_exe)
         desc = {}
-        for exe in eng._prefill_exe.values():
-            desc.update(hlo_ops(exe.as_text()))
+        for k in key:
+            desc.update(hlo_ops(eng._prefill_exe[k].as_text()))
     else:
         exes = {k: v for k, v in eng._decode_exe.items() if k[0] >= B}
         key = min(exes)
@@ -122,10 +123,16 @@ def main(argv):
     steps = max(1, N - 1)   # the first token comes from prefill (a prefill profile: per call)
     per_step = sum(tot.values()) / 1e6 / steps
     wbytes = sum(x.nbytes for x in jax.tree.leaves(eng.params))
-    print(f"checkpoint {ckpt}, dtype {FLAGS.dtype}, batch {B}, decode executable {key}; wall {wall:.3f} s for "
-          f"{steps} decode steps + prefill = {1e3 * wall / steps:.2f} ms/step; traced ops {per_step:.2f} ms/step"
-          f"; weights {wbytes / 2**20:.1f} MiB (embeddings included)")
-    print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  op")
+    if FLAGS.prefill_len:
+        print(f"checkpoint {ckpt}, dtype {FLAGS.dtype}, one {P}-token prompt, prefill executables {key}; wall "
+              f"{wall:.3f} s for the prefill and its first token; traced ops {per_step:.2f} ms (may exceed the wall: "
+              f"quote shares); weights {wbytes / 2**20:.1f} MiB (embeddings included)")
+    else:
+        print(f"checkpoint {ckpt}, dtype {FLAGS.dtype}, batch {B}, decode executable {key}; wall {wall:.3f} s for "
+              f"{steps} decode steps + prefill = {1e3 * wall / steps:.2f} ms/step; traced ops {per_step:.2f} "
+              f"ms/step; weights {wbytes / 2**20:.1f} MiB (embeddings included)")
+    unit = "ms" if FLAGS.prefill_len else "ms/step"
+    print(f"{unit:>8} {'share':>6} {'calls/step' if not FLAGS.prefill_len else 'calls':>10}  op")
     for name, ns in tot.most_common(FLAGS.top):
         print(f"{ns / 1e6 / steps:8.3f} {ns / 1e6 / steps / per_step:6.1%} {cnt[name] / steps:10.1f}  "
               f"{name}: {desc[name][:150]}")

@@ -124,7 +124,8 @@ def gather_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str = "
     d_NXFD = _take_experts(down_EFD, idx_NX).astype(dt)
     # the token row once per copy, so every product is a batched [1, D] x [D, F] with (n, x) leading: contracting
     # "nd,nxdf" instead made XLA:CPU copy each gathered gate/up weight into a [D, X*F] layout every step (latent-32e
-    # batch 1: 6 of 15 ms per step; latent-8e 5x slower MoE, `bench.step_profile`)
+    # batch 1: six 4 MB copies, 3.4 of 15 ms per step in `bench.step_profile`; latent-8e's layer 0.64 -> 0.13 ms in
+    # a microbenchmark)
     x_NXD = jnp.broadcast_to(x_ND[:, None], (N, X, x_ND.shape[-1]))
     h_NXF = jax.nn.silu(jnp.einsum("nxd,nxdf->nxf", x_NXD, g_NXDF)) * jnp.einsum("nxd,nxdf->nxf", x_NXD, u_NXDF)
     y_NXD = jnp.einsum("nxf,nxfd->nxd", h_NXF, d_NXFD)
