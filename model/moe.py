@@ -225,8 +225,12 @@ def capacity_experts(x_ND, w_NX, idx_NX, gate_EDF, up_EDF, down_EFD, impl: str =
 # The segment loop also copies each item's expert weights (a dynamic slice is a copy before XLA:CPU's dot): on a
 # 2-core Zen 4 the copies ran ~20 GB/s (`bench.step_profile`, latent-8e batch 16: 2.3 of 24 ms per step) and made
 # segment 2x slower than capacity there, while the model without them ranked segment first. Charged at 40 GB/s:
-# at 20 the model picked dense for latent-32e at batch 8-16, measured 1.5x slower than segment.
-CPU_COSTS = dict(weight_gbps=35.0, gmacs=80.0, gather_gbps=5.0, loop_us=5.0, slice_copy_gbps=40.0)
+# at 20 the model picked dense for latent-32e at batch 8-16, measured 1.5x slower than segment. An expert whose
+# three weights fit a core's L2 (`slice_copy_free_bytes`) is copied at cache speed and not charged: the shipped
+# model's 0.3 MB experts at 128 rows ran segment 0.95 vs capacity 1.24 ms a layer (Zen 4), as the model without
+# the charge predicts.
+CPU_COSTS = dict(weight_gbps=35.0, gmacs=80.0, gather_gbps=5.0, loop_us=5.0, slice_copy_gbps=40.0,
+                 slice_copy_free_bytes=1 << 20)
 GATHER_CACHE_BYTES = 32 << 20   # gathered expert weights up to this size: gather's fast regime on this CPU
 
 
@@ -260,8 +264,9 @@ def moe_costs(cfg: ModelConfig, n_tokens: int, itemsize: int = 4, costs: dict = 
     C = capacity(M, E)
     t = _segment_tile(M, E)
     items = _expected_items(M, E, t)
-    segment = items * (t * w / (costs["gmacs"] * 1e9) + w * itemsize / (costs["weight_gbps"] * 1e9)
-                       + w * itemsize / (costs["slice_copy_gbps"] * 1e9) + costs["loop_us"] * 1e-6)
+    copy = 0.0 if w * itemsize <= costs["slice_copy_free_bytes"] else w * itemsize / (costs["slice_copy_gbps"] * 1e9)
+    segment = items * (t * w / (costs["gmacs"] * 1e9) + w * itemsize / (costs["weight_gbps"] * 1e9) + copy
+                       + costs["loop_us"] * 1e-6)
     out = {"dense": dense, "gather": M * w * itemsize / (costs["gather_gbps"] * 1e9), "segment": segment,
            "capacity": stream + E * C * w / (costs["gmacs"] * 1e9) + _overflow_probability(M, E, C) * segment,
            "ragged": stream + E * M * w / (costs["gmacs"] * 1e9)}
