@@ -154,3 +154,21 @@ def test_cuda_decode_with_mtp_at_v3_dims_carries_rows_on_the_device():
     outs = [(tuple(a.shape), a.dtype) for a in ex.out_avals]
     assert cfg.vocab_size == 129280 and all(ins.count(c) >= 1 for c in carry)
     assert outs[-4:-2] == carry   # ... last_M3, last_MW, cache, routing counts
+
+
+def test_cpu_blockwise_decode_at_v3_dims_absorbs_values_with_heads_leading():
+    """XLA:CPU's decode at DeepSeek-V3's dims (abstract f32 weights, 128 heads, the 576-wide latent, blockwise
+    attention): each layer absorbs W_uv as one head-batched [128, B, 512] x [128, 512, 128] dot — the heads-leading
+    form XLA:CPU runs as plain matmuls, not the strided batched dot of "bthl,hlv" (docs/serving.md)."""
+    cfg = preset("deepseek-v3").replace(num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
+    mesh = Topology.preset("cpu:8/1").allocate("v3-cpu-decode", ep=1)
+    m = checkpoints.abstract_model(cfg, dtype=jnp.float32, mesh=mesh, rules=DECODE_RULES,
+                                   runtime=Runtime(platform="cpu"))
+    ec = EngineConfig(page_size=16, num_pages=256, max_model_len=512, decode_buckets=(16,), decode_windows=(32,),
+                      decode_steps=1)
+    eng = Engine(m, ec, mesh=mesh, roles={"decode"}, compile=False)
+    assert eng.ranks == 1 and eng.cache_shape[2:] == (16, 576)
+    text = eng.lower_decode(16, 32, 1).as_text()
+    absorb = re.findall(r"stablehlo\.dot_general .*batching_dims = \[0\] x \[0\], contracting_dims = \[2\] x \[1\].*"
+                        r"\(tensor<128x16x512xf32>, tensor<128x512x128xf32>\) -> tensor<128x16x128xf32>", text)
+    assert len(absorb) == cfg.num_hidden_layers, absorb
